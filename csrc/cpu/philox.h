@@ -1,0 +1,149 @@
+// genfast's noise stream on the CPU: element i of a call is Triton's
+// tl.randn(seed, offset + i) / tl.rand(seed, offset + i), i.e. Philox4x32-10
+// keyed by the 64-bit seed on the counter (lo32(c), hi32(c), 0, 0), then
+// Box-Muller on the first two output words. See genfast/reference/rng.py.
+//
+// Cost: 10 rounds of two 32x32->64 multiplies and four xors per element. With
+// AVX-512 the rounds run on 16 counters per register (about 10 instructions
+// per element); elsewhere a plain loop the compiler vectorizes. log, sqrt and
+// cos run on at::vec with SLEEF's 1-ulp functions.
+#pragma once
+
+#include "common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace genfast::cpu {
+
+// Noise is produced in blocks of this many elements into stack buffers.
+constexpr int kBlock = 256;
+
+struct PhiloxKey {
+  uint32_t k0[10], k1[10];  // the key of every round, precomputed
+  explicit PhiloxKey(int64_t seed) {
+    uint32_t a = static_cast<uint32_t>(static_cast<uint64_t>(seed));
+    uint32_t b = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+    for (int r = 0; r < 10; ++r, a += 0x9E3779B9u, b += 0xBB67AE85u) {
+      k0[r] = a;
+      k1[r] = b;
+    }
+  }
+};
+
+// Output words 0 and 1 of Philox4x32-10 for counters first .. first + n - 1.
+// Portable form, written so that the compiler vectorizes it (AVX2: vpmuludq on
+// 4 x 64-bit lanes).
+inline void philox_words(const PhiloxKey& key, uint64_t first, int n, uint32_t* w0, uint32_t* w1) {
+  for (int j = 0; j < n; ++j) {
+    const uint64_t ctr = first + static_cast<uint64_t>(j);
+    uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
+#pragma GCC unroll 10
+    for (int r = 0; r < 10; ++r) {
+      const uint64_t pa = 0xD2511F53ull * c0;
+      const uint64_t pb = 0xCD9E8D57ull * c2;
+      c0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ key.k0[r];
+      c2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ key.k1[r];
+      c1 = static_cast<uint32_t>(pb);
+      c3 = static_cast<uint32_t>(pa);
+    }
+    w0[j] = c0;
+    w1[j] = c1;
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Sixteen counters at once in 32-bit lanes: the compiler's 64-bit-lane form
+// needs ~4x the instructions. vpmuludq multiplies the even lanes into 64-bit
+// products; the odd lanes are moved down first. Lane moves use dword shuffles
+// (port 5) rather than 64-bit shifts, which share port 0 with the multiplies.
+inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a, _MM_PERM_DDBB), m);
+  hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);  // even lanes <- high dword of even
+  lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);  // odd lanes <- low dword of odd
+}
+
+// Words 0 and 1 for the 16 counters first .. first + 15.
+inline void philox16(const PhiloxKey& key, uint64_t first, __m512i& w0, __m512i& w1) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first))), lane);
+  __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
+  c1 = _mm512_mask_add_epi32(c1, _mm512_cmplt_epu32_mask(c0, lane), c1, _mm512_set1_epi32(1));  // carry
+  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  const __m512i ma = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i mb = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+#pragma GCC unroll 10
+  for (int r = 0; r < 10; ++r) {
+    __m512i hi_a, lo_a, hi_b, lo_b;
+    mulhilo16(c0, ma, hi_a, lo_a);
+    mulhilo16(c2, mb, hi_b, lo_b);
+    // 0x96: a ^ b ^ c in one instruction
+    c0 = _mm512_ternarylogic_epi32(hi_b, c1, _mm512_set1_epi32(static_cast<int>(key.k0[r])), 0x96);
+    c2 = _mm512_ternarylogic_epi32(hi_a, c3, _mm512_set1_epi32(static_cast<int>(key.k1[r])), 0x96);
+    c1 = lo_b;
+    c3 = lo_a;
+  }
+  w0 = c0;
+  w1 = c1;
+}
+
+inline Vec words_to_uniform16(__m512i w) {
+  w = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));
+  return Vec(_mm512_mul_ps(_mm512_cvtepi32_ps(w), _mm512_set1_ps(4.6566127342e-10f)));
+}
+#endif
+
+inline Vec cos_1ulp(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512) && !defined(_MSC_VER)
+  return Vec(Sleef_cosf16_u10(x));
+#elif defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  return Vec(Sleef_cosf8_u10(x));
+#else
+  return x.map([](float v) { return std::cos(v); });
+#endif
+}
+
+// Box-Muller in fp32 with Triton's formula and constants (cosine branch).
+inline Vec box_muller(const Vec& u1, const Vec& u2) {
+  const Vec r = (Vec(-2.0f) * at::vec::maximum(Vec(1.0e-7f), u1).log()).sqrt();
+  return r * cos_1ulp(Vec(6.283185307179586f) * u2);
+}
+
+// Standard normals for counters first .. first + n - 1 (n <= kBlock); out has
+// room for kBlock floats.
+inline void normals(const PhiloxKey& key, uint64_t first, int n, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  for (int j = 0; j < n; j += 16) {
+    __m512i w0, w1;
+    philox16(key, first + j, w0, w1);
+    box_muller(words_to_uniform16(w0), words_to_uniform16(w1)).store(out + j);
+  }
+#else
+  alignas(64) uint32_t w0[kBlock], w1[kBlock];
+  alignas(64) float u1[kBlock], u2[kBlock];
+  philox_words(key, first, n, w0, w1);
+  for (int j = 0; j < n; ++j) {
+    u1[j] = word_to_uniform(w0[j]);
+    u2[j] = word_to_uniform(w1[j]);
+  }
+  vec_steps(n, [&](int j, int m) { box_muller(Vec::loadu(u1 + j, m), Vec::loadu(u2 + j, m)).store(out + j, m); });
+#endif
+}
+
+inline void uniforms(const PhiloxKey& key, uint64_t first, int n, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  for (int j = 0; j < n; j += 16) {
+    __m512i w0, w1;
+    philox16(key, first + j, w0, w1);
+    words_to_uniform16(w0).store(out + j);
+  }
+#else
+  alignas(64) uint32_t w0[kBlock], w1[kBlock];
+  philox_words(key, first, n, w0, w1);
+  for (int j = 0; j < n; ++j) out[j] = word_to_uniform(w0[j]);
+#endif
+}
+
+}  // namespace genfast::cpu

@@ -1,0 +1,91 @@
+"""The op registry: every genfast op is defined once in the torch.library
+namespace ``genfast``.
+
+Each op gets a fake (meta) implementation, so ``torch.ops.genfast.*`` traces
+inside ``torch.compile(fullgraph=True)`` without a graph break, and one
+dispatching implementation that picks the backend for the tensors' device and
+dtype (``backends.select``) and calls
+
+- ``genfast.kernels.<family>.<name>``   (Triton),
+- ``torch.ops.genfast_cpu.<name>``      (C++, registered by ``csrc/ops.cpp``),
+- ``genfast.reference.<family>.<name>`` (PyTorch).
+
+All three take the op's arguments in schema order; the public functions
+(``genfast/<family>.py``) validate and normalize the arguments first (contiguous
+tensors, matching shapes and dtypes), so the implementations do not re-check.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from . import backends
+
+lib = torch.library.Library("genfast", "DEF")
+_impls: dict[tuple[str, str], Callable] = {}
+
+
+def implementation(name: str, family: str, backend: str) -> Callable:
+    """The function that runs op ``name`` on ``backend``."""
+    key = (name, backend)
+    fn = _impls.get(key)
+    if fn is None:
+        if backend == "cpp":
+            fn = getattr(torch.ops.genfast_cpu, name)
+        else:
+            package = "genfast.kernels" if backend == "triton" else "genfast.reference"
+            fn = getattr(importlib.import_module(f"{package}.{family}"), name)
+        _impls[key] = fn
+    return fn
+
+
+def _first_tensor(args) -> torch.Tensor:
+    return next(a for a in args if isinstance(a, torch.Tensor))
+
+
+def define(schema: str, family: str, fake: Callable, *, backward: Callable | None = None,
+           setup_context: Callable | None = None):
+    """Define ``genfast::<schema>`` with its fake impl, device dispatch and autograd."""
+    name = schema.split("(", 1)[0]
+    lib.define(schema)
+
+    def dispatch(*args):
+        t = _first_tensor(args)
+        return implementation(name, family, backends.select(t.device, t.dtype))(*args)
+
+    lib.impl(name, dispatch, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"genfast::{name}", fake, lib=lib)
+    if backward is not None:
+        torch.library.register_autograd(f"genfast::{name}", backward, setup_context=setup_context, lib=lib)
+    return getattr(torch.ops.genfast, name)
+
+
+# ---- argument checks shared by the public functions -------------------------
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(fn: str, name: str, x, *, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{fn}: {name} must have dtype in ({allowed}), got {str(x.dtype).replace('torch.', '')}")
+    return x
+
+
+def check_like(fn: str, name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, *, dtype: bool = True) -> None:
+    """x must match ref in shape, device and (optionally) dtype."""
+    if x.shape != ref.shape:
+        raise ValueError(f"{fn}: {name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"{fn}: {name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
+    if dtype and x.dtype != ref.dtype:
+        raise TypeError(f"{fn}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+
+
+def check_choice(fn: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{fn}: {name} must be one of {tuple(choices)}, got {value!r}")

@@ -1,0 +1,73 @@
+"""Shared test setup.
+
+Without a GPU, Triton kernels run in the interpreter on CPU tensors
+(TRITON_INTERPRET=1 must be set before triton is imported). Every test runs
+with uninitialized memory poisoned (torch.empty returns NaN), so an output
+element a kernel forgets to write fails the comparison.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import genfast  # noqa: E402  (after TRITON_INTERPRET)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def live_backends() -> list[tuple[str, str]]:
+    """(backend, device) pairs this machine can run."""
+    status = genfast.backends()
+    pairs = [("reference", DEVICE)]
+    if status["cpp"][0]:
+        pairs.append(("cpp", "cpu"))
+    if status["triton"][0]:
+        pairs.append(("triton", DEVICE))
+    return pairs
+
+
+BACKENDS = live_backends()
+BACKEND_IDS = [f"{b}-{d}" for b, d in BACKENDS]
+
+
+@pytest.fixture(params=BACKENDS, ids=BACKEND_IDS)
+def backend(request):
+    """Yields the device; genfast ops inside the test run on the backend."""
+    name, device = request.param
+    with genfast.use_backend(name):
+        yield device
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def assert_close(out, ref64, ref_lowp, *, atol, name: str = "out"):
+    """The accuracy rule of DESIGN.md, as flash-attn applies it: the kernel's
+    error may be at most twice PyTorch's own worst error in the same precision
+    (measured relative to 1 + |ref|, so large and small elements are held to
+    the same standard), plus the output's rounding and a small stated atol
+    (a float or a per-element tensor):
+
+        |out - ref64| <= (1 + |ref64|) * 2 max(|ref_lowp - ref64| / (1 + |ref64|))
+                         + eps(dtype) |ref64| + atol
+    """
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert not torch.isnan(out).any(), f"{name}: NaN in the output (an element was not written?)"
+    out64, ref64, lowp64 = out.double().cpu(), ref64.double().cpu(), ref_lowp.double().cpu()
+    scale = 1 + ref64.abs()
+    torch_error = ((lowp64 - ref64).abs() / scale).max() if ref64.numel() else 0.0
+    bound = 2 * torch_error * scale + torch.finfo(out.dtype).eps * ref64.abs() + atol
+    err = (out64 - ref64).abs()
+    bad = err > bound
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} of {bad.numel()} elements off; worst error {err.max().item():.3g} "
+        f"(bound there {bound.flatten()[err.flatten().argmax()].item():.3g})")
