@@ -1,6 +1,7 @@
 // genfast.randn / genfast.rand on the CPU: the noise stream of philox.h.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #include "ops.h"
 #include "philox.h"
@@ -10,6 +11,8 @@ namespace genfast::cpu {
 int64_t resolve_seed(int64_t seed, const OptTensor& seed_tensor) {
   return seed_tensor.has_value() ? seed_tensor->item<int64_t>() : seed;
 }
+
+namespace {
 
 void fill_noise_(Tensor out, int64_t seed, const OptTensor& seed_tensor, int64_t offset, bool normal) {
   const PhiloxKey key(resolve_seed(seed, seed_tensor));
@@ -27,5 +30,9 @@ void fill_noise_(Tensor out, int64_t seed, const OptTensor& seed_tensor, int64_t
     });
   });
 }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) { m.def("fill_noise_", &fill_noise_); }
 
 }  // namespace genfast::cpu

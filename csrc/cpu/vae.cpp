@@ -14,6 +14,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/util/string_view.h>
+#include <torch/library.h>
 
 #include <numeric>
 #include <vector>
@@ -99,8 +101,6 @@ Tensor reduced(double sum, c10::string_view reduction, const Tensor& mu) {
   *out.data_ptr<float>() = static_cast<float>(sum * reduction_scale(reduction, mu));
   return out;
 }
-
-}  // namespace
 
 Tensor reparameterize(const Tensor& mu, const Tensor& logvar, const OptTensor& noise, int64_t seed,
                       const OptTensor& seed_tensor, int64_t offset) {
@@ -252,6 +252,17 @@ std::tuple<Tensor, Tensor> reparameterize_with_kl_backward(const Tensor& grad_z,
     });
   });
   return {grad_mu, grad_logvar};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) {
+  m.def("reparameterize", &reparameterize);
+  m.def("reparameterize_backward", &reparameterize_backward);
+  m.def("gaussian_kl", &gaussian_kl);
+  m.def("gaussian_kl_backward", &gaussian_kl_backward);
+  m.def("reparameterize_with_kl", &reparameterize_with_kl);
+  m.def("reparameterize_with_kl_backward", &reparameterize_with_kl_backward);
 }
 
 }  // namespace genfast::cpu
