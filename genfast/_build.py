@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 _status: tuple[bool, str] | None = None
+_library: Path | None = None  # the loaded library, once status() has loaded one
 
 _ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
@@ -103,13 +104,20 @@ def build(verbose: bool = False) -> Path:
 def _load() -> str:
     import torch
 
+    global _library
     cap = cpu_capability()
     prebuilt = _prebuilt(cap)
     if prebuilt is not None:
         torch.ops.load_library(str(prebuilt))
+        _library = prebuilt
         return f"prebuilt for {cap}: {prebuilt.name}"
-    lib = build()  # cpp.load already loaded it into the process
-    return f"built for {cap} in {lib.parent}"
+    _library = build()  # cpp.load already loaded it into the process
+    return f"built for {cap} in {_library.parent}"
+
+
+def library() -> Path | None:
+    """Path of the loaded C++ library (None when the C++ backend is not live)."""
+    return _library if status()[0] else None
 
 
 def status() -> tuple[bool, str]:

@@ -105,10 +105,38 @@ inline Vec cos_1ulp(const Vec& x) {
 #endif
 }
 
-// Box-Muller in fp32 with Triton's formula and constants (cosine branch).
-inline Vec box_muller(const Vec& u1, const Vec& u2) {
-  const Vec r = (Vec(-2.0f) * at::vec::maximum(Vec(1.0e-7f), u1).log()).sqrt();
-  return r * cos_1ulp(Vec(6.283185307179586f) * u2);
+#if defined(CPU_CAPABILITY_AVX512)
+// log(x) for normal positive x, which is all Box-Muller feeds it
+// (x in [1e-7, 1)): SLEEF's general logf spends half of the noise time on
+// special cases. x = m * 2^e with m in (sqrt(1/2), sqrt(2)], and
+// log(x) = e ln2 + log1p(f), f = m - 1, with the classic minimax polynomial
+// for log1p on that range (about 1 ulp) and ln2 split in two so e ln2 stays
+// exact.
+inline Vec log_positive(const Vec& x) {
+  __m512 e = _mm512_getexp_ps(x);
+  __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
+  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
+  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+  e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0f));
+  const Vec f = Vec(m) - Vec(1.0f), z = f * f, ev(e);
+  Vec p(7.0376836292e-2f);
+  for (float c : {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f, -1.6668057665e-1f,
+                  2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f}) {
+    p = at::vec::fmadd(p, f, Vec(c));
+  }
+  Vec y = f * z * p;
+  y = at::vec::fmadd(ev, Vec(-2.12194440e-4f), y);
+  y = at::vec::fmadd(z, Vec(-0.5f), y);
+  return at::vec::fmadd(ev, Vec(0.693359375f), f + y);
+}
+#else
+inline Vec log_positive(const Vec& x) { return x.log(); }
+#endif
+
+// Box-Muller radius and angle in fp32 with Triton's formula and constants
+// (cosine branch: normal = radius * cos(angle)).
+inline Vec box_muller_radius(const Vec& u1) {
+  return (Vec(-2.0f) * log_positive(at::vec::maximum(Vec(1.0e-7f), u1))).sqrt();
 }
 
 // Standard normals for counters first .. first + n - 1 (n <= kBlock); out has
@@ -118,7 +146,8 @@ inline void normals(const PhiloxKey& key, uint64_t first, int n, float* out) {
   for (int j = 0; j < n; j += 16) {
     __m512i w0, w1;
     philox16(key, first + j, w0, w1);
-    box_muller(words_to_uniform16(w0), words_to_uniform16(w1)).store(out + j);
+    const Vec r = box_muller_radius(words_to_uniform16(w0));
+    (r * cos_1ulp(Vec(6.283185307179586f) * words_to_uniform16(w1))).store(out + j);
   }
 #else
   alignas(64) uint32_t w0[kBlock], w1[kBlock];
@@ -128,7 +157,10 @@ inline void normals(const PhiloxKey& key, uint64_t first, int n, float* out) {
     u1[j] = word_to_uniform(w0[j]);
     u2[j] = word_to_uniform(w1[j]);
   }
-  vec_steps(n, [&](int j, int m) { box_muller(Vec::loadu(u1 + j, m), Vec::loadu(u2 + j, m)).store(out + j, m); });
+  vec_steps(n, [&](int j, int m) {
+    const Vec r = box_muller_radius(Vec::loadu(u1 + j, m));
+    (r * cos_1ulp(Vec(6.283185307179586f) * Vec::loadu(u2 + j, m))).store(out + j, m);
+  });
 #endif
 }
 
