@@ -32,8 +32,15 @@ _ISA_FLAGS = {
 
 
 def cpu_capability() -> str:
-    """The best ISA of this CPU that ATen's vectorized code supports: avx512, avx2 or default."""
+    """The best ISA of this CPU that ATen's vectorized code supports: avx512, avx2 or default.
+
+    ``GENFAST_CPU_CAPABILITY`` lowers it (to test the portable builds).
+    """
     import torch
+
+    forced = os.environ.get("GENFAST_CPU_CAPABILITY", "").lower()
+    if forced in _ISA_FLAGS:
+        return forced
 
     cap = torch.backends.cpu.get_cpu_capability().lower()
     if cap.startswith("avx512"):
@@ -130,7 +137,9 @@ def status() -> tuple[bool, str]:
             try:
                 _status = (True, _load())
             except Exception as e:  # no compiler, failed build, missing sources
-                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                lines = str(e).strip().splitlines() or [""]
+                # A failed compile ends with ninja's summary; the compiler's first error says why.
+                reason = f"{type(e).__name__}: {next((l for l in lines if 'error' in l), lines[-1]).strip()}"
                 warnings.warn(f"genfast: C++ CPU kernels unavailable, CPU ops use the reference: {reason}",
                               RuntimeWarning, stacklevel=3)
                 _status = (False, reason)
