@@ -92,7 +92,7 @@ step versions 20 320 bash -c versions
 step install 90 280 bash -c install
 step build 120 240 "$PY" -m genfast build
 step info 30 220 "$PY" -m genfast info
-step tests 240 120 "$PY" -m pytest tests -x -q
+step tests 240 120 "$PY" -m pytest tests -q --maxfail=25 -rf
 step bench 180 0 "$PY" -m genfast bench --quick --device cuda \
     --json "$OUT/bench.json" --csv "$OUT/bench.csv" --plot "$OUT/bench.png"
 
