@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rng import counters, load_seed
+from .rng import load_seed, stream_block, stream_positions
 
 # 8 elements per thread: one or two 16-byte accesses per tensor, and enough
 # independent Philox work per thread to keep the loads in flight.
@@ -67,14 +67,14 @@ def _grad_kl(grad_kl_ptr, idx, mask, scale, KL_ELEMENTWISE: tl.constexpr):
 @triton.jit(do_not_specialize=["seed", "offset"])  # a new seed/offset every step must not recompile
 def _reparameterize_kernel(mu_ptr, logvar_ptr, noise_ptr, z_ptr, numel, seed, seed_ptr, offset,
                            HAS_NOISE: tl.constexpr, SEED_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
-    idx, ctr = counters(offset, tl.program_id(0), BLOCK)
-    mask = idx < numel
+    first, idx = stream_positions(offset, tl.program_id(0), BLOCK)
+    mask = (idx >= 0) & (idx < numel)
     mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_NOISE:
         eps = tl.load(noise_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     else:
-        eps = tl.randn(load_seed(seed, seed_ptr, SEED_FROM_PTR), ctr)
+        eps = stream_block(load_seed(seed, seed_ptr, SEED_FROM_PTR), first, BLOCK, True)
     z = mu + tl.exp(0.5 * lv) * eps
     tl.store(z_ptr + idx, z.to(z_ptr.dtype.element_ty), mask=mask)
 
@@ -83,14 +83,14 @@ def _reparameterize_kernel(mu_ptr, logvar_ptr, noise_ptr, z_ptr, numel, seed, se
 def _reparameterize_backward_kernel(grad_z_ptr, logvar_ptr, noise_ptr, grad_logvar_ptr, numel, seed, seed_ptr,
                                     offset, HAS_NOISE: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
                                     BLOCK: tl.constexpr):
-    idx, ctr = counters(offset, tl.program_id(0), BLOCK)
-    mask = idx < numel
+    first, idx = stream_positions(offset, tl.program_id(0), BLOCK)
+    mask = (idx >= 0) & (idx < numel)
     gz = tl.load(grad_z_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_NOISE:
         eps = tl.load(noise_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     else:
-        eps = tl.randn(load_seed(seed, seed_ptr, SEED_FROM_PTR), ctr)
+        eps = stream_block(load_seed(seed, seed_ptr, SEED_FROM_PTR), first, BLOCK, True)
     g = 0.5 * gz * tl.exp(0.5 * lv) * eps
     tl.store(grad_logvar_ptr + idx, g.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
 
@@ -127,11 +127,11 @@ def _gaussian_kl_backward_kernel(grad_kl_ptr, mu_ptr, logvar_ptr, grad_mu_ptr, g
 def _reparameterize_with_kl_kernel(mu_ptr, logvar_ptr, z_ptr, kl_ptr, numel, seed, seed_ptr, offset,
                                    SEED_FROM_PTR: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    idx, ctr = counters(offset, pid, BLOCK)
-    mask = idx < numel
+    first, idx = stream_positions(offset, pid, BLOCK)
+    mask = (idx >= 0) & (idx < numel)
     mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    eps = tl.randn(load_seed(seed, seed_ptr, SEED_FROM_PTR), ctr)
+    eps = stream_block(load_seed(seed, seed_ptr, SEED_FROM_PTR), first, BLOCK, True)
     z = mu + tl.exp(0.5 * lv) * eps
     tl.store(z_ptr + idx, z.to(z_ptr.dtype.element_ty), mask=mask)
     kl = _kl(mu, lv)
@@ -146,13 +146,13 @@ def _reparameterize_with_kl_backward_kernel(grad_z_ptr, grad_kl_ptr, mu_ptr, log
                                             grad_logvar_ptr, numel, scale, seed, seed_ptr, offset,
                                             SEED_FROM_PTR: tl.constexpr, KL_ELEMENTWISE: tl.constexpr,
                                             BLOCK: tl.constexpr):
-    idx, ctr = counters(offset, tl.program_id(0), BLOCK)
-    mask = idx < numel
+    first, idx = stream_positions(offset, tl.program_id(0), BLOCK)
+    mask = (idx >= 0) & (idx < numel)
     g = _grad_kl(grad_kl_ptr, idx, mask, scale, KL_ELEMENTWISE)
     gz = tl.load(grad_z_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    eps = tl.randn(load_seed(seed, seed_ptr, SEED_FROM_PTR), ctr)
+    eps = stream_block(load_seed(seed, seed_ptr, SEED_FROM_PTR), first, BLOCK, True)
     g_mu, g_lv = _kl_grads(g, mu, lv)
     g_mu = g_mu + gz
     g_lv = g_lv + 0.5 * gz * tl.exp(0.5 * lv) * eps
@@ -161,6 +161,11 @@ def _reparameterize_with_kl_backward_kernel(grad_z_ptr, grad_kl_ptr, mu_ptr, log
 
 
 # ---- launchers (argument order = the op schemas in genfast/vae.py) -----------
+
+def _noise_grid(numel: int, offset: int) -> int:
+    """Programs for numel elements whose stream positions start at offset (see stream_positions)."""
+    return triton.cdiv(numel + offset % 4, BLOCK)
+
 
 def _reduction_scale(reduction: str, x: torch.Tensor) -> float:
     """d(reduced KL)/d(elementwise KL); x is non-empty."""
@@ -181,7 +186,7 @@ def reparameterize(mu, logvar, noise, seed, seed_tensor, offset):
     numel = mu.numel()
     if numel == 0:
         return z
-    _reparameterize_kernel[(triton.cdiv(numel, BLOCK),)](
+    _reparameterize_kernel[(_noise_grid(numel, offset),)](
         mu, logvar, noise if noise is not None else mu, z, numel, seed,
         seed_tensor if seed_tensor is not None else mu, offset,
         HAS_NOISE=noise is not None, SEED_FROM_PTR=seed_tensor is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
@@ -193,7 +198,7 @@ def reparameterize_backward(grad_z, logvar, noise, seed, seed_tensor, offset):
     numel = logvar.numel()
     if numel == 0:
         return grad_logvar
-    _reparameterize_backward_kernel[(triton.cdiv(numel, BLOCK),)](
+    _reparameterize_backward_kernel[(_noise_grid(numel, offset),)](
         grad_z, logvar, noise if noise is not None else logvar, grad_logvar, numel, seed,
         seed_tensor if seed_tensor is not None else logvar, offset,
         HAS_NOISE=noise is not None, SEED_FROM_PTR=seed_tensor is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
@@ -228,7 +233,7 @@ def reparameterize_with_kl(mu, logvar, seed, seed_tensor, offset, reduction):
     reduce = reduction != "none"
     if numel == 0:
         return z, (mu.new_zeros((), dtype=torch.float32) if reduce else torch.empty_like(mu))
-    grid = triton.cdiv(numel, BLOCK)
+    grid = _noise_grid(numel, offset)
     kl = mu.new_empty((grid,), dtype=torch.float32) if reduce else torch.empty_like(mu)
     _reparameterize_with_kl_kernel[(grid,)](
         mu, logvar, z, kl, numel, seed, seed_tensor if seed_tensor is not None else mu, offset,
@@ -241,7 +246,7 @@ def reparameterize_with_kl_backward(grad_z, grad_kl, mu, logvar, seed, seed_tens
     numel = mu.numel()
     if numel == 0:
         return grad_mu, grad_logvar
-    _reparameterize_with_kl_backward_kernel[(triton.cdiv(numel, BLOCK),)](
+    _reparameterize_with_kl_backward_kernel[(_noise_grid(numel, offset),)](
         grad_z, grad_kl, mu, logvar, grad_mu, grad_logvar, numel, _reduction_scale(reduction, mu), seed,
         seed_tensor if seed_tensor is not None else mu, offset,
         SEED_FROM_PTR=seed_tensor is not None, KL_ELEMENTWISE=reduction == "none", BLOCK=BLOCK,

@@ -14,8 +14,8 @@ SEEDS = [0, 42, -1, 2**62 + 3, -(2**63)]
 def test_backends_agree_with_the_reference(backend, n, seed, offset):
     out = genfast.randn(n, seed=seed, offset=offset, device=backend)
     uni = genfast.rand(n, seed=seed, offset=offset, device=backend)
-    ref = ref_rng.randn_flat(n, seed, offset, "cpu")
-    ref_uni = ref_rng.rand_flat(n, seed, offset, "cpu")
+    ref = ref_rng.normal_stream(n, seed, offset, "cpu")
+    ref_uni = ref_rng.uniform_stream(n, seed, offset, "cpu")
     assert (out.cpu() - ref).abs().max().item() <= 1e-6
     # The uniform is exact integer arithmetic and one conversion: bit-identical.
     assert torch.equal(uni.cpu(), ref_uni)
@@ -24,7 +24,7 @@ def test_backends_agree_with_the_reference(backend, n, seed, offset):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_is_the_rounded_fp32_stream(backend, dtype):
     out = genfast.randn(2, 3, 37, seed=7, offset=11, dtype=dtype, device=backend)
-    ref = ref_rng.randn_flat(out.numel(), 7, 11, "cpu").view(out.shape)
+    ref = ref_rng.normal_stream(out.numel(), 7, 11, "cpu").view(out.shape)
     assert out.dtype == dtype and out.shape == (2, 3, 37)
     # A 1e-6 difference before rounding can flip the last bit, never more.
     ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(2.0**-14)

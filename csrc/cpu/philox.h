@@ -76,8 +76,8 @@ inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
   lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);  // odd lanes <- low dword of odd
 }
 
-// Words 0 and 1 for the 16 counters first .. first + 15.
-inline void philox16(const PhiloxKey& key, uint64_t first, __m512i& w0, __m512i& w1) {
+// The four words of the 16 counters first .. first + 15.
+inline void philox16x4(const PhiloxKey& key, uint64_t first, __m512i w[4]) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first))), lane);
   __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
@@ -96,8 +96,18 @@ inline void philox16(const PhiloxKey& key, uint64_t first, __m512i& w0, __m512i&
     c1 = lo_b;
     c3 = lo_a;
   }
-  w0 = c0;
-  w1 = c1;
+  w[0] = c0;
+  w[1] = c1;
+  w[2] = c2;
+  w[3] = c3;
+}
+
+// Words 0 and 1 for the 16 counters first .. first + 15.
+inline void philox16(const PhiloxKey& key, uint64_t first, __m512i& w0, __m512i& w1) {
+  __m512i w[4];
+  philox16x4(key, first, w);
+  w0 = w[0];
+  w1 = w[1];
 }
 
 inline Vec words_to_uniform16(__m512i w) {
@@ -112,7 +122,7 @@ inline Vec words_to_uniform16(__m512i w) {
 // x = k * pi/2 + t with |t| <= pi/4 (pi/2 in three parts, so t is exact to
 // ~1e-14), then +-cos(t) or +-sin(t) by the quadrant, each from the classic
 // minimax polynomial on [-pi/4, pi/4] (about 1 ulp).
-inline Vec cos_angle(const Vec& x) {
+inline void sincos_angle(const Vec& x, Vec& sin_x, Vec& cos_x) {
   const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.63661977236f)), _MM_FROUND_TO_NEAREST_INT);
   const Vec kv(k);
   Vec t = at::vec::fmadd(kv, Vec(-1.5707962513e+00f), x);
@@ -125,17 +135,34 @@ inline Vec cos_angle(const Vec& x) {
   Vec cos_t = at::vec::fmadd(Vec(2.443315711809948e-5f), z, Vec(-1.388731625493765e-3f));
   cos_t = at::vec::fmadd(cos_t, z, Vec(4.166664568298827e-2f));
   cos_t = at::vec::fmadd(cos_t * z, z, at::vec::fmadd(z, Vec(-0.5f), Vec(1.0f)));
-  // quadrant q = k mod 4: cos, -sin, -cos, sin
+  // quadrant q = k mod 4: cos x = cos t, -sin t, -cos t, sin t; sin x = sin t, cos t, -sin t, -cos t
   const __m512i q = _mm512_cvtps_epi32(k);
   const __mmask16 odd = _mm512_test_epi32_mask(q, _mm512_set1_epi32(1));
-  const __m512 v = _mm512_mask_blend_ps(odd, cos_t, sin_t);
-  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(_mm512_add_epi32(q, _mm512_set1_epi32(1)), _mm512_set1_epi32(2)), 30);
-  return Vec(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign)));
+  const __m512i two = _mm512_set1_epi32(2);
+  const __m512i cos_sign = _mm512_slli_epi32(_mm512_and_si512(_mm512_add_epi32(q, _mm512_set1_epi32(1)), two), 30);
+  const __m512i sin_sign = _mm512_slli_epi32(_mm512_and_si512(q, two), 30);
+  const __m512 c = _mm512_mask_blend_ps(odd, cos_t, sin_t), s = _mm512_mask_blend_ps(odd, sin_t, cos_t);
+  cos_x = Vec(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(c), cos_sign)));
+  sin_x = Vec(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(s), sin_sign)));
+}
+
+inline Vec cos_angle(const Vec& x) {
+  Vec s, c;
+  sincos_angle(x, s, c);
+  return c;
 }
 #elif defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
 inline Vec cos_angle(const Vec& x) { return Vec(Sleef_cosf8_u10(x)); }  // at::vec's cos is the 3.5-ulp one
+inline void sincos_angle(const Vec& x, Vec& sin_x, Vec& cos_x) {
+  sin_x = Vec(Sleef_sinf8_u10(x));
+  cos_x = Vec(Sleef_cosf8_u10(x));
+}
 #else
 inline Vec cos_angle(const Vec& x) { return x.map([](float v) { return std::cos(v); }); }
+inline void sincos_angle(const Vec& x, Vec& sin_x, Vec& cos_x) {
+  sin_x = x.map([](float v) { return std::sin(v); });
+  cos_x = cos_angle(x);
+}
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -210,5 +237,121 @@ inline void uniforms(const PhiloxKey& key, uint64_t first, int n, float* out) {
   for (int j = 0; j < n; ++j) out[j] = word_to_uniform(w0[j]);
 #endif
 }
+
+// ---- the stream: position p is component p % 4 of Philox at counter p / 4 ----
+//
+// One Philox call gives four uniforms, or four normals by Box-Muller on its
+// word pairs (cosine and sine branch): Triton's tl.rand4x / tl.randn4x. Runs
+// of consecutive positions therefore cost a quarter of the Philox rounds and
+// half the log/sqrt of drawing each position on its own counter.
+
+// The four words of counter c, one at a time (the portable path and single positions).
+inline void philox4(const PhiloxKey& key, uint64_t c, uint32_t w[4]) {
+  uint32_t c0 = static_cast<uint32_t>(c), c1 = static_cast<uint32_t>(c >> 32), c2 = 0, c3 = 0;
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t pa = 0xD2511F53ull * c0;
+    const uint64_t pb = 0xCD9E8D57ull * c2;
+    c0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ key.k0[r];
+    c2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ key.k1[r];
+    c1 = static_cast<uint32_t>(pb);
+    c3 = static_cast<uint32_t>(pa);
+  }
+  w[0] = c0;
+  w[1] = c1;
+  w[2] = c2;
+  w[3] = c3;
+}
+
+// Uniform at one stream position.
+inline float uniform_at(const PhiloxKey& key, uint64_t p) {
+  uint32_t w[4];
+  philox4(key, p >> 2, w);
+  return word_to_uniform(w[p & 3]);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// From four vectors holding component q of 16 consecutive counters to four
+// vectors of 16 consecutive positions: pair up (0, 1) and (2, 3) lane by
+// lane, then the pairs as 64-bit units.
+inline void interleave4(const __m512 v[4], float* out) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i qlo = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+  const __m512i qhi = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  const __m512d a_lo = _mm512_castps_pd(_mm512_permutex2var_ps(v[0], lo, v[1]));
+  const __m512d a_hi = _mm512_castps_pd(_mm512_permutex2var_ps(v[0], hi, v[1]));
+  const __m512d b_lo = _mm512_castps_pd(_mm512_permutex2var_ps(v[2], lo, v[3]));
+  const __m512d b_hi = _mm512_castps_pd(_mm512_permutex2var_ps(v[2], hi, v[3]));
+  _mm512_storeu_pd(reinterpret_cast<double*>(out), _mm512_permutex2var_pd(a_lo, qlo, b_lo));
+  _mm512_storeu_pd(reinterpret_cast<double*>(out + 16), _mm512_permutex2var_pd(a_lo, qhi, b_lo));
+  _mm512_storeu_pd(reinterpret_cast<double*>(out + 32), _mm512_permutex2var_pd(a_hi, qlo, b_hi));
+  _mm512_storeu_pd(reinterpret_cast<double*>(out + 48), _mm512_permutex2var_pd(a_hi, qhi, b_hi));
+}
+#endif
+
+// The stream for positions base .. base + count - 1, base a multiple of 4,
+// into out (room for count rounded up to 64).
+template <bool kNormal>
+inline void stream_aligned(const PhiloxKey& key, uint64_t base, int count, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  for (int j = 0; j < count; j += 64) {
+    __m512i w[4];
+    philox16x4(key, (base + j) >> 2, w);
+    __m512 v[4];
+    if constexpr (kNormal) {
+      for (int pair = 0; pair < 2; ++pair) {
+        const Vec r = box_muller_radius(words_to_uniform16(w[2 * pair]));
+        Vec sin_t, cos_t;
+        sincos_angle(Vec(6.283185307179586f) * words_to_uniform16(w[2 * pair + 1]), sin_t, cos_t);
+        v[2 * pair] = r * cos_t;
+        v[2 * pair + 1] = r * sin_t;
+      }
+    } else {
+      for (int q = 0; q < 4; ++q) v[q] = words_to_uniform16(w[q]);
+    }
+    interleave4(v, out + j);
+  }
+#else
+  constexpr int kMax = kBlock + 64;
+  alignas(64) float u[4][kMax / 4];
+  const int counters = (count + 3) / 4;
+  for (int c = 0; c < counters; ++c) {
+    uint32_t w[4];
+    philox4(key, (base >> 2) + c, w);
+    for (int q = 0; q < 4; ++q) u[q][c] = word_to_uniform(w[q]);
+  }
+  if constexpr (kNormal) {
+    for (int pair = 0; pair < 2; ++pair) {
+      vec_steps(counters, [&](int c, int m) {
+        const Vec r = box_muller_radius(Vec::loadu(u[2 * pair] + c, m));
+        Vec sin_t, cos_t;
+        sincos_angle(Vec(6.283185307179586f) * Vec::loadu(u[2 * pair + 1] + c, m), sin_t, cos_t);
+        (r * cos_t).store(u[2 * pair] + c, m);
+        (r * sin_t).store(u[2 * pair + 1] + c, m);
+      });
+    }
+  }
+  for (int c = 0; c < counters; ++c) {
+    for (int q = 0; q < 4; ++q) out[4 * c + q] = u[q][c];
+  }
+#endif
+}
+
+// Positions first .. first + n - 1 of the normal (kNormal) or uniform stream
+// into out[0 .. n), n <= kBlock; out has room for kBlock floats.
+template <bool kNormal>
+inline void stream(const PhiloxKey& key, uint64_t first, int n, float* out) {
+  const int skip = static_cast<int>(first & 3);
+  if (skip == 0) {
+    stream_aligned<kNormal>(key, first, n, out);
+    return;
+  }
+  alignas(64) float buf[kBlock + 64];
+  stream_aligned<kNormal>(key, first - skip, n + skip, buf);
+  std::copy(buf + skip, buf + skip + n, out);
+}
+
+inline void stream_normals(const PhiloxKey& key, uint64_t first, int n, float* out) { stream<true>(key, first, n, out); }
+inline void stream_uniforms(const PhiloxKey& key, uint64_t first, int n, float* out) { stream<false>(key, first, n, out); }
 
 }  // namespace genfast::cpu

@@ -24,7 +24,7 @@ void fill_noise_(Tensor out, int64_t seed, const OptTensor& seed_tensor, int64_t
       for (int64_t b = begin; b < end; b += kBlock) {
         const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
         const uint64_t first = static_cast<uint64_t>(offset + b);
-        normal ? normals(key, first, n, buf) : uniforms(key, first, n, buf);
+        normal ? stream_normals(key, first, n, buf) : stream_uniforms(key, first, n, buf);
         vec_steps(n, [&](int j, int m) { store_float(dst + b + j, Vec::loadu(buf + j, m), m); });
       }
     });

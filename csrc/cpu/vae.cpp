@@ -61,7 +61,7 @@ double run_blocks(int64_t numel, const Noise* noise, Body&& body) {
         if (noise != nullptr && noise->given != nullptr) {
           eps = noise->given + b;
         } else if (noise != nullptr) {
-          normals(noise->key, static_cast<uint64_t>(noise->offset + b), n, buf);
+          stream_normals(noise->key, static_cast<uint64_t>(noise->offset + b), n, buf);
           eps = buf;
         }
         sum += body(b, n, eps);

@@ -1,10 +1,14 @@
 """The noise stream in integer tensor arithmetic.
 
-Element ``i`` of a call is Triton's ``tl.randn(seed, offset + i)`` (or
-``tl.rand``): Philox4x32 with 10 rounds, keyed by the 64-bit seed, counter
-``(lo32(offset + i), hi32(offset + i), 0, 0)``; the first output word gives a
-uniform, the first two a normal by Box-Muller. This file reproduces it bit for
-bit in the integer part; the float part follows Triton's fp32 formulas.
+Stream position ``p`` is component ``p % 4`` of Triton's
+``tl.randn4x(seed, p // 4)`` (normals) or ``tl.rand4x(seed, p // 4)``
+(uniforms): Philox4x32 with 10 rounds, keyed by the 64-bit seed, on the
+counter ``(lo32(c), hi32(c), 0, 0)``, c = p // 4. Its four output words give
+four uniforms, or by Box-Muller on the pairs (w0, w1) and (w2, w3) four
+normals (cosine then sine branch). Element ``i`` of a call is position
+``offset + i``. This file reproduces the integer part bit for bit; the float
+part follows Triton's fp32 formulas, with log/sqrt/cos/sin in fp64 rounded
+once, the oracle for the kernels' fp32 approximations.
 """
 from __future__ import annotations
 
@@ -57,6 +61,37 @@ def normal_from_bits(b0: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
     return (r * torch.cos(theta.double())).float()
 
 
+def _words_at(seed, positions: torch.Tensor) -> torch.Tensor:
+    """The four Philox output words of each position's counter, shape (..., 4)."""
+    return torch.stack(philox(seed, positions >> 2), dim=-1)
+
+
+def uniform_at(seed, positions: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [0, 1) at stream positions (int64 tensor)."""
+    words = _words_at(seed, positions)
+    return uniform_from_bits(words.gather(-1, (positions & 3).unsqueeze(-1)).squeeze(-1))
+
+
+def normal_at(seed, positions: torch.Tensor) -> torch.Tensor:
+    """Standard normals at stream positions (int64 tensor), fp32."""
+    words = _words_at(seed, positions)
+    first = ((positions & 3) >> 1 << 1).unsqueeze(-1)  # the pair: words 0, 1 or words 2, 3
+    u1 = uniform_from_bits(words.gather(-1, first).squeeze(-1)).clamp_min(1.0e-7)
+    theta = (uniform_from_bits(words.gather(-1, first + 1).squeeze(-1)) * torch.tensor(TWO_PI)).double()
+    r = torch.sqrt(-2.0 * torch.log(u1.double()))
+    return torch.where((positions & 1) == 1, r * torch.sin(theta), r * torch.cos(theta)).float()
+
+
+def normal_stream(numel: int, seed, offset: int, device) -> torch.Tensor:
+    """Positions offset .. offset + numel - 1 of the normal stream."""
+    return normal_at(seed, counters(numel, offset, device))
+
+
+def uniform_stream(numel: int, seed, offset: int, device) -> torch.Tensor:
+    """Positions offset .. offset + numel - 1 of the uniform stream."""
+    return uniform_at(seed, counters(numel, offset, device))
+
+
 def counters(numel: int, offset: int, device) -> torch.Tensor:
     return torch.arange(numel, dtype=torch.int64, device=device) + offset
 
@@ -75,5 +110,5 @@ def resolve_seed(seed: int, seed_tensor: torch.Tensor | None):
 
 
 def fill_noise_(out: torch.Tensor, seed: int, seed_tensor: torch.Tensor | None, offset: int, normal: bool) -> None:
-    draw = randn_flat if normal else rand_flat
+    draw = normal_stream if normal else uniform_stream
     out.copy_(draw(out.numel(), resolve_seed(seed, seed_tensor), offset, out.device).view(out.shape))

@@ -2,13 +2,14 @@
 
 Arithmetic in fp32 (fp64 for fp64 inputs); z and elementwise KL come back in
 the input dtype, reduced KL in the compute dtype. The noise of element i is
-``randn(seed, offset + i)`` over the row-major index, as in every backend.
+position ``offset + i`` of the normal stream (``reference/rng.py``) over the
+row-major index, as in every backend.
 """
 from __future__ import annotations
 
 import torch
 
-from .rng import randn_flat, resolve_seed
+from .rng import normal_stream, resolve_seed
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,7 +32,7 @@ def _eps(like: torch.Tensor, noise, seed, seed_tensor, offset) -> torch.Tensor:
     cdt = compute_dtype(like.dtype)
     if noise is not None:
         return noise.to(cdt)
-    return randn_flat(like.numel(), resolve_seed(seed, seed_tensor), offset, like.device).view(like.shape).to(cdt)
+    return normal_stream(like.numel(), resolve_seed(seed, seed_tensor), offset, like.device).view(like.shape).to(cdt)
 
 
 def _kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
