@@ -31,3 +31,172 @@ class Reparameterize(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"return_kl={self.return_kl}, reduction={self.reduction!r}, sample_in_eval={self.sample_in_eval}"
+
+
+# ---- normalization + activation blocks (genfast.conv) --------------------------------
+
+from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
+from torch.nn.modules.instancenorm import _InstanceNorm  # noqa: E402
+
+from . import conv as _conv  # noqa: E402
+
+
+def activation_of(act) -> tuple[str, float | None]:
+    """(name, negative_slope or None) of an activation module, name or None.
+
+    Accepts nn.SiLU, nn.GELU (exact), nn.ReLU, nn.LeakyReLU, nn.Identity, None
+    and genfast's names; raises ValueError for anything genfast cannot reproduce
+    exactly (e.g. nn.GELU(approximate="tanh")).
+    """
+    if act is None or isinstance(act, torch.nn.Identity):
+        return "none", None
+    if isinstance(act, str):
+        if act not in _conv.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {_conv.ACTIVATIONS}, got {act!r}")
+        return act, None
+    if type(act) is torch.nn.SiLU:
+        return "silu", None
+    if type(act) is torch.nn.GELU and act.approximate == "none":
+        return "gelu", None
+    if type(act) is torch.nn.ReLU:
+        return "relu", None
+    if type(act) is torch.nn.LeakyReLU:
+        return "leaky_relu", float(act.negative_slope)
+    raise ValueError(f"activation {act!r} has no fused equivalent in genfast")
+
+
+def _copy_params(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, t in list(src.named_parameters(recurse=False)) + list(src.named_buffers(recurse=False)):
+            if t is not None and getattr(dst, name, None) is not None:
+                getattr(dst, name).copy_(t)
+
+
+class GroupNormAct(torch.nn.Module):
+    """``act(nn.GroupNorm(x + add) * (1 + scale) + shift) + residual`` (genfast.group_norm_act).
+
+    Parameters and state_dict keys are nn.GroupNorm's (``weight``, ``bias``).
+    ``forward(x, add=None, scale_shift=None, residual=None)``: x (N, C, *S);
+    add (N, C); scale_shift (N, 2C); residual like x.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, *,
+                 activation: str = "silu", negative_slope: float = 0.01, device=None, dtype=None):
+        super().__init__()
+        if num_channels % num_groups != 0:
+            raise ValueError(f"GroupNormAct: num_groups ({num_groups}) must divide num_channels ({num_channels})")
+        _conv._check_activation("GroupNormAct", activation, negative_slope)
+        self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
+        self.activation, self.negative_slope = activation, float(negative_slope)
+        if affine:
+            self.weight = torch.nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
+            self.bias = torch.nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_module(cls, norm: torch.nn.GroupNorm, act=None) -> "GroupNormAct":
+        """The fused twin of ``act(norm(x))``, sharing nothing with ``norm`` (parameters copied)."""
+        if not isinstance(norm, torch.nn.GroupNorm):
+            raise TypeError(f"GroupNormAct.from_module: norm must be an nn.GroupNorm, got {type(norm).__name__}")
+        name, slope = activation_of(act)
+        p = norm.weight if norm.weight is not None else None
+        m = cls(norm.num_groups, norm.num_channels, norm.eps, norm.affine, activation=name,
+                negative_slope=0.01 if slope is None else slope,
+                device=p.device if p is not None else None, dtype=p.dtype if p is not None else None)
+        _copy_params(m, norm)
+        return m
+
+    def forward(self, x, add=None, scale_shift=None, residual=None):
+        return _conv.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation,
+                                    negative_slope=self.negative_slope, add=add, scale_shift=scale_shift,
+                                    residual=residual)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"activation={self.activation!r}" +
+                (f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""))
+
+
+class BatchNormAct(_BatchNorm):
+    """``act(nn.BatchNorm(x))`` (genfast.batch_norm_act): nn.BatchNorm's parameters,
+    buffers, state_dict and running-statistics rules, for x of shape (N, C, *S)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, *, activation: str = "relu", negative_slope: float = 0.2,
+                 device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        _conv._check_activation("BatchNormAct", activation, negative_slope)
+        self.activation, self.negative_slope = activation, float(negative_slope)
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"BatchNormAct: expected input of shape (N, C, *S), got {tuple(input.shape)}")
+
+    @classmethod
+    def from_module(cls, norm: _BatchNorm, act=None) -> "BatchNormAct":
+        if not isinstance(norm, _BatchNorm):
+            raise TypeError(f"BatchNormAct.from_module: norm must be an nn.BatchNorm*d, got {type(norm).__name__}")
+        name, slope = activation_of(act)
+        ref = norm.weight if norm.weight is not None else norm.running_mean
+        m = cls(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats,
+                activation=name, negative_slope=0.2 if slope is None else slope,
+                device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+        _copy_params(m, norm)
+        m.train(norm.training)
+        return m
+
+    def forward(self, x):
+        self._check_input_dim(x)
+        # nn.BatchNorm's rules: momentum None is a cumulative average; eval without running stats uses the batch.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        training = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return _conv.batch_norm_act(x, self.running_mean if track else None, self.running_var if track else None,
+                                    self.weight, self.bias, training=training, momentum=factor, eps=self.eps,
+                                    activation=self.activation, negative_slope=self.negative_slope)
+
+
+class InstanceNormAct(_InstanceNorm):
+    """``act(nn.InstanceNorm(x))`` (genfast.instance_norm_act): fused whenever instance
+    statistics are used (training, or no running statistics), forward and backward."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
+                 track_running_stats: bool = False, *, activation: str = "relu", negative_slope: float = 0.2,
+                 device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        _conv._check_activation("InstanceNormAct", activation, negative_slope)
+        self.activation, self.negative_slope = activation, float(negative_slope)
+
+    def _check_input_dim(self, input):
+        if input.dim() < 3:
+            raise ValueError(f"InstanceNormAct: expected input of shape (N, C, *S), got {tuple(input.shape)}")
+
+    def _get_no_batch_dim(self):
+        return -1  # batched input only
+
+    @classmethod
+    def from_module(cls, norm: _InstanceNorm, act=None) -> "InstanceNormAct":
+        if not isinstance(norm, _InstanceNorm):
+            raise TypeError(f"InstanceNormAct.from_module: norm must be an nn.InstanceNorm*d, got "
+                            f"{type(norm).__name__}")
+        name, slope = activation_of(act)
+        ref = norm.weight if norm.weight is not None else norm.running_mean
+        m = cls(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats,
+                activation=name, negative_slope=0.2 if slope is None else slope,
+                device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+        _copy_params(m, norm)
+        m.train(norm.training)
+        return m
+
+    def forward(self, x):
+        self._check_input_dim(x)
+        use_input_stats = self.training or not self.track_running_stats
+        return _conv.instance_norm_act(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                       use_input_stats=use_input_stats,
+                                       momentum=self.momentum if self.momentum is not None else 0.1, eps=self.eps,
+                                       activation=self.activation, negative_slope=self.negative_slope)

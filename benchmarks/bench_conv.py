@@ -1,0 +1,136 @@
+"""Conv-block family: GroupNorm + SiLU, the block of every UNet and VAE decoder.
+
+The baseline is written the way diffusers' ResnetBlock2D writes it,
+``nonlinearity(norm(hidden_states))`` with ``nn.GroupNorm`` and ``F.silu``, run
+eagerly and through ``torch.compile`` of the same function.
+
+Bytes each op must move, for x of N elements of s bytes:
+
+==================  ======================================================  =====
+case                traffic                                                 bytes
+==================  ======================================================  =====
+fwd                 read x, write out (the minimum: a group that fits on    2·N·s
+                    chip is read once; the CPU kernel reads x twice, 3·N·s)
+fwd+bwd             fwd; then read grad_out and x, write grad_x             5·N·s
+==================  ======================================================  =====
+
+``nbytes`` counts these minima for every implementation alike. Eager PyTorch
+moves about 4·N·s forward (norm: read twice and write; silu: read and write).
+
+Shapes: SD1.5 UNet (batch 2; C 320/640/1280 at 64/32/16/8), the SDXL VAE
+decoder (batch 1; C 512 at 128 and 256, C 256 at 512, C 128 at 1024), a video
+VAE (5D, batch 1) and, in both layouts, NCHW ("nchw") and channels_last ("cl").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import genfast
+from harness import Case
+
+FAMILY = "conv"
+GROUPS = 32
+SHAPES = {
+    "unet 2x320x64x64": (2, 320, 64, 64),
+    "unet 2x640x32x32": (2, 640, 32, 32),
+    "unet 2x1280x16x16": (2, 1280, 16, 16),
+    "unet 2x1280x8x8": (2, 1280, 8, 8),
+    "vae 1x512x128x128": (1, 512, 128, 128),
+    "vae 1x512x256x256": (1, 512, 256, 256),
+    "vae 1x256x512x512": (1, 256, 512, 512),
+    "vae 1x128x1024x1024": (1, 128, 1024, 1024),
+    "video 1x512x5x64x64": (1, 512, 5, 64, 64),
+}
+
+
+def eager_group_norm_silu(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """diffusers' ResnetBlock2D: ``self.nonlinearity(self.norm1(hidden_states))``."""
+    return F.silu(norm(x))
+
+
+def _compile(fn):
+    # Static shapes: the best case for torch.compile, each case compiled for its own shape.
+    return torch.compile(fn, dynamic=False)
+
+
+def _inputs(shape, layout, dtype, device, requires_grad=False):
+    norm = torch.nn.GroupNorm(GROUPS, shape[1]).to(device, dtype)
+    with torch.no_grad():  # trained affine parameters are not ones and zeros
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.2)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return norm.requires_grad_(requires_grad), x.requires_grad_(requires_grad)
+
+
+def _genfast(norm, x):
+    return genfast.group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation="silu")
+
+
+def _forward(shape, layout, dtype, device):
+    norm, x = _inputs(shape, layout, dtype, device)
+    compiled = _compile(eager_group_norm_silu)
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                return fn(norm, x)
+        return run
+
+    return {"genfast": no_grad(_genfast), "eager": no_grad(eager_group_norm_silu),
+            "torch.compile": no_grad(compiled)}
+
+
+def _forward_backward(shape, layout, dtype, device):
+    """Forward, then the gradients of x, weight and bias for a random grad_out."""
+    norm, x = _inputs(shape, layout, dtype, device, requires_grad=True)
+    grad = torch.randn_like(x)
+    compiled = _compile(eager_group_norm_silu)
+    params = (x, norm.weight, norm.bias)
+
+    def run(fn):
+        return lambda: torch.autograd.grad(fn(norm, x), params, grad)
+
+    return {"genfast": run(_genfast), "eager": run(eager_group_norm_silu), "torch.compile": run(compiled)}
+
+
+# (mode, elements moved per element of x, elements touched per element of x, builder)
+MODES = [("fwd", 2, 2, _forward), ("fwd+bwd", 5, 4, _forward_backward)]
+
+
+def _plan(quick: bool, device: torch.device):
+    """(mode, size, layout, dtype) tuples."""
+    if quick:
+        sizes = ["unet 2x320x64x64", "vae 1x512x256x256"]
+        dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
+        plan = [("fwd", s, layout, d) for s in sizes for layout in ("nchw", "cl") for d in dtypes]
+        return plan + [("fwd+bwd", "unet 2x320x64x64", layout, torch.float32) for layout in ("nchw", "cl")]
+    plan = []
+    for mode, *_ in MODES:
+        for size in SHAPES:
+            for layout in ("nchw", "cl"):
+                for dtype in (torch.float32, torch.bfloat16):
+                    plan.append((mode, size, layout, dtype))
+    return plan
+
+
+def cases(quick: bool, device) -> list[Case]:
+    """quick: the UNet's first shape and the SDXL VAE's (1, 512, 256, 256) in both layouts,
+    fp32 (bf16 too on a GPU), forward, plus forward+backward at the UNet shape; full:
+    every shape, layout, fp32/bf16, forward and forward+backward."""
+    device = torch.device(device)
+    modes = {m: (moved, touched, build) for m, moved, touched, build in MODES}
+    out = []
+    for mode, size, layout, dtype in _plan(quick, device):
+        moved, touched, build = modes[mode]
+        shape = SHAPES[size]
+        numel = torch.Size(shape).numel()
+        out.append(Case(
+            family=FAMILY, op="group_norm_act", mode=mode, size=f"{size} {layout}", dtype=dtype, device=device,
+            nbytes=moved * numel * dtype.itemsize, footprint=touched * numel * dtype.itemsize,
+            impls=("genfast", "eager", "torch.compile"),
+            build=lambda build=build, shape=shape, layout=layout, dtype=dtype: build(shape, layout, dtype, device),
+        ))
+    return out

@@ -1,0 +1,714 @@
+// Normalization + activation blocks on the CPU: GroupNorm + (add, FiLM)
+// + activation + residual, forward and backward, NCHW and channels_last.
+//
+// Everything after the statistics is a per-(n, c) affine map of x followed by
+// the activation, so the kernels fold weight, bias, add and scale_shift into
+// three fp32 numbers per (n, c) and apply y = (x + d) * a + b in one pass;
+// x + d = h - mean is formed first so that a large mean cancels exactly as in
+// PyTorch's (h - mean) * rstd.
+//
+// Bytes per element of x (fp32, s = 4): forward reads x for the statistics,
+// reads x again and writes out: 12 (+4 with a residual). Eager PyTorch
+// (nn.GroupNorm then F.silu, + residual) moves 8 + 8 (+12). The backward reads
+// grad_out and x for the per-channel sums and again for grad_x, and writes
+// grad_x: 20 bytes, where eager autograd moves about 40.
+//
+// NCHW: a group's Cg * S elements are contiguous. With enough (n, group) pairs
+// for the threads, one task computes a group's statistics and applies the
+// normalization right away, so the second read of a group that fits in L2
+// (UNet shapes: 160 KB) comes from L2, not from memory. Otherwise the groups
+// are split between threads and the statistics combined before the apply.
+// channels_last: a row of C channels per spatial position; statistics are
+// per-channel vectors over blocks of rows, reduced to groups afterwards.
+//
+// Statistics: exact two-pass mean and M2 per chunk of <= kChunk elements (the
+// second pass reads L1), chunks merged with Chan's formula, groups in double:
+// no E[x^2] - E[x]^2 cancellation, whatever the mean.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/string_view.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "ops.h"
+
+namespace genfast::cpu {
+namespace {
+
+// Elements per statistics chunk: 8 KB of fp32, re-read from L1 by the second pass.
+constexpr int64_t kChunk = 2048;
+
+enum class Act { kNone, kSilu, kGelu, kRelu, kLeakyRelu };
+
+template <Act A>
+struct ActTag {
+  static constexpr Act value = A;
+};
+
+Act parse_activation(c10::string_view name) {
+  if (name == "silu") return Act::kSilu;
+  if (name == "gelu") return Act::kGelu;
+  if (name == "relu") return Act::kRelu;
+  if (name == "leaky_relu") return Act::kLeakyRelu;
+  TORCH_CHECK(name == "none", "group_norm_act: unknown activation ", name);
+  return Act::kNone;
+}
+
+// Instantiates the hot loops once per activation: no branch per element.
+template <typename F>
+void dispatch_act(Act act, F&& f) {
+  switch (act) {
+    case Act::kSilu: return f(ActTag<Act::kSilu>{});
+    case Act::kGelu: return f(ActTag<Act::kGelu>{});
+    case Act::kRelu: return f(ActTag<Act::kRelu>{});
+    case Act::kLeakyRelu: return f(ActTag<Act::kLeakyRelu>{});
+    case Act::kNone: return f(ActTag<Act::kNone>{});
+  }
+}
+
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+
+template <Act A>
+inline Vec activate(const Vec& y, const Vec& slope) {
+  if constexpr (A == Act::kSilu) {
+    return y / (Vec(1.f) + y.neg().exp());
+  } else if constexpr (A == Act::kGelu) {
+    return Vec(0.5f) * y * (Vec(1.f) + (y * Vec(kSqrtHalf)).erf());
+  } else if constexpr (A == Act::kRelu) {
+    return at::vec::maximum(y, Vec(0.f));  // propagates NaN like F.relu
+  } else if constexpr (A == Act::kLeakyRelu) {
+    return Vec::blendv(y * slope, y, y > Vec(0.f));
+  } else {
+    return y;
+  }
+}
+
+// d activate(y) / dy.
+template <Act A>
+inline Vec activate_grad(const Vec& y, const Vec& slope) {
+  if constexpr (A == Act::kSilu) {
+    const Vec s = Vec(1.f) / (Vec(1.f) + y.neg().exp());
+    return s * (Vec(1.f) + y * (Vec(1.f) - s));
+  } else if constexpr (A == Act::kGelu) {
+    const Vec cdf = Vec(0.5f) * (Vec(1.f) + (y * Vec(kSqrtHalf)).erf());
+    return cdf + y * (Vec(-0.5f) * y * y).exp() * Vec(kInvSqrt2Pi);
+  } else if constexpr (A == Act::kRelu) {
+    return Vec::blendv(Vec(0.f), Vec(1.f), y > Vec(0.f));
+  } else if constexpr (A == Act::kLeakyRelu) {
+    return Vec::blendv(slope, Vec(1.f), y > Vec(0.f));
+  } else {
+    return Vec(1.f);
+  }
+}
+
+float lane_sum(const Vec& v) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float s = 0.f;
+  for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
+  return s;
+}
+
+// Count, mean and M2 (sum of squared deviations) of a set, merged with Chan's formula.
+struct Moments {
+  double count = 0, mean = 0, m2 = 0;
+
+  void merge(double n, double mean_b, double m2_b) {
+    if (n == 0) return;
+    const double total = count + n, delta = mean_b - mean;
+    mean += delta * (n / total);
+    m2 += m2_b + delta * delta * (count * n / total);
+    count = total;
+  }
+};
+
+// Mean and M2 of p[0, len), len <= kChunk: the exact two-pass formula, the
+// second pass from L1. Four accumulators hide the add latency.
+template <typename T>
+inline void chunk_moments(const T* p, int64_t len, float& mean, float& m2) {
+  constexpr int V = Vec::size();
+  Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+  int64_t j = 0;
+  for (; j + 4 * V <= len; j += 4 * V) {
+    a0 = a0 + load_float(p + j, V);
+    a1 = a1 + load_float(p + j + V, V);
+    a2 = a2 + load_float(p + j + 2 * V, V);
+    a3 = a3 + load_float(p + j + 3 * V, V);
+  }
+  for (; j < len; j += V) a0 = a0 + load_float(p + j, std::min<int64_t>(V, len - j));  // tail lanes load 0
+  mean = lane_sum((a0 + a1) + (a2 + a3)) / static_cast<float>(len);
+  const Vec m(mean);
+  a0 = a1 = a2 = a3 = Vec(0.f);
+  j = 0;
+  for (; j + 4 * V <= len; j += 4 * V) {
+    const Vec d0 = load_float(p + j, V) - m, d1 = load_float(p + j + V, V) - m;
+    const Vec d2 = load_float(p + j + 2 * V, V) - m, d3 = load_float(p + j + 3 * V, V) - m;
+    a0 = at::vec::fmadd(d0, d0, a0);
+    a1 = at::vec::fmadd(d1, d1, a1);
+    a2 = at::vec::fmadd(d2, d2, a2);
+    a3 = at::vec::fmadd(d3, d3, a3);
+  }
+  for (; j < len; j += V) {
+    const int k = static_cast<int>(std::min<int64_t>(V, len - j));
+    const Vec d = Vec::set(Vec(0.f), load_float(p + j, k) - m, k);
+    a0 = at::vec::fmadd(d, d, a0);
+  }
+  m2 = lane_sum((a0 + a1) + (a2 + a3));
+}
+
+// Shapes and the optional per-channel inputs, all fp32 (the Python layer
+// converted weight, bias, add and scale_shift).
+struct Problem {
+  int64_t N, C, G, Cg, S;
+  const float *weight, *bias, *add, *scale_shift;
+  float eps, slope;
+  Act act;
+  bool channels_last;
+
+  float w(int64_t c) const { return weight ? weight[c] : 1.f; }
+  float b(int64_t c) const { return bias ? bias[c] : 0.f; }
+  float scale1(int64_t n, int64_t c) const { return scale_shift ? 1.f + scale_shift[n * 2 * C + c] : 1.f; }
+  float shift(int64_t n, int64_t c) const { return scale_shift ? scale_shift[n * 2 * C + C + c] : 0.f; }
+  float add_of(int64_t n, int64_t c) const { return add ? add[n * C + c] : 0.f; }
+};
+
+Problem make_problem(const Tensor& x, int64_t num_groups, const OptTensor& weight, const OptTensor& bias,
+                     const OptTensor& add, const OptTensor& scale_shift, double eps, double slope,
+                     c10::string_view activation) {
+  auto ptr = [](const OptTensor& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; };
+  Problem p{};
+  p.N = x.size(0);
+  p.C = x.size(1);
+  p.G = num_groups;
+  p.Cg = p.C / num_groups;
+  p.S = x.numel() / std::max<int64_t>(p.N * p.C, 1);
+  p.weight = ptr(weight);
+  p.bias = ptr(bias);
+  p.add = ptr(add);
+  p.scale_shift = ptr(scale_shift);
+  p.eps = static_cast<float>(eps);
+  p.slope = static_cast<float>(slope);
+  p.act = parse_activation(activation);
+  // After the Python layer, x is contiguous or channels_last(_3d); a tensor
+  // that is both (S == 1, or C == 1) is read as NCHW, which is then the same.
+  p.channels_last = !x.is_contiguous();
+  return p;
+}
+
+// The per-(n, c) folded normalization: y = (x + d) * a + b.
+struct Coefs {
+  std::vector<float> a, d, b;
+  explicit Coefs(int64_t nc) : a(nc), d(nc), b(nc) {}
+};
+
+void fold_group(const Problem& p, int64_t n, int64_t g, float mean, float rstd, Coefs& k) {
+  for (int64_t c = g * p.Cg; c < (g + 1) * p.Cg; ++c) {
+    const int64_t i = n * p.C + c;
+    const float s1 = p.scale1(n, c);
+    k.a[i] = rstd * p.w(c) * s1;
+    k.d[i] = p.add_of(n, c) - mean;
+    k.b[i] = p.b(c) * s1 + p.shift(n, c);
+  }
+}
+
+void finish_group(const Problem& p, int64_t n, int64_t g, const Moments& m, float* mean, float* rstd, Coefs& k) {
+  const double var = m.count > 0 ? m.m2 / m.count : std::numeric_limits<double>::quiet_NaN();
+  const float mu = static_cast<float>(m.mean), r = static_cast<float>(1.0 / std::sqrt(var + p.eps));
+  mean[n * p.G + g] = mu;
+  rstd[n * p.G + g] = r;
+  fold_group(p, n, g, mu, r, k);
+}
+
+// ---- NCHW -------------------------------------------------------------------
+
+// Moments of h over [begin, end) of group (n, g)'s flat Cg * S elements.
+template <typename T>
+Moments nchw_moments(const Problem& p, const T* x, int64_t n, int64_t g, int64_t begin, int64_t end) {
+  const T* base = x + (n * p.C + g * p.Cg) * p.S;
+  Moments m;
+  for (int64_t i = begin; i < end;) {
+    int64_t stop = std::min(end, i + kChunk);
+    float shift = 0.f;
+    if (p.add) {  // add shifts each channel's mean: chunks stop at channel ends
+      const int64_t c = i / p.S;
+      stop = std::min(stop, (c + 1) * p.S);
+      shift = p.add_of(n, g * p.Cg + c);
+    }
+    float mean, m2;
+    chunk_moments(base + i, stop - i, mean, m2);
+    m.merge(static_cast<double>(stop - i), static_cast<double>(mean) + shift, m2);
+    i = stop;
+  }
+  return m;
+}
+
+template <typename T, Act A>
+void nchw_apply(const Problem& p, const Coefs& k, const T* x, const T* res, T* out, int64_t n, int64_t g,
+                int64_t begin, int64_t end) {
+  const int64_t offset = (n * p.C + g * p.Cg) * p.S;
+  const Vec slope(p.slope);
+  for (int64_t i = begin; i < end;) {
+    const int64_t c = i / p.S, stop = std::min(end, (c + 1) * p.S);
+    const int64_t ki = n * p.C + g * p.Cg + c;
+    const Vec a(k.a[ki]), d(k.d[ki]), b(k.b[ki]);
+    const T* xp = x + offset + i;
+    const T* rp = res ? res + offset + i : nullptr;
+    T* op = out + offset + i;
+    vec_steps(static_cast<int>(stop - i), [&](int j, int m) {
+      Vec y = activate<A>(at::vec::fmadd(load_float(xp + j, m) + d, a, b), slope);
+      if (rp) y = y + load_float(rp + j, m);
+      store_float(op + j, y, m);
+    });
+    i = stop;
+  }
+}
+
+// Splits [0, total) into `parts` near-equal pieces; returns piece q's begin.
+inline int64_t piece(int64_t total, int64_t parts, int64_t q) { return total * q / parts; }
+
+template <typename T, Act A>
+void nchw_forward(const Problem& p, const T* x, const T* res, T* out, float* mean, float* rstd, Coefs& k) {
+  const int64_t groups = p.N * p.G, M = p.Cg * p.S, threads = at::get_num_threads();
+  if (groups >= 2 * threads) {
+    // Statistics then apply in one task: the group is still in L2 for the second read.
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t n = ng / p.G, g = ng % p.G;
+        finish_group(p, n, g, nchw_moments(p, x, n, g, 0, M), mean, rstd, k);
+        nchw_apply<T, A>(p, k, x, res, out, n, g, 0, M);
+      }
+    });
+    return;
+  }
+  // Few groups: split each into pieces of at least a few chunks.
+  const int64_t parts = std::max<int64_t>(1, std::min((4 * threads + groups - 1) / groups, M / (4 * kChunk)));
+  std::vector<Moments> partial(groups * parts);
+  at::parallel_for(0, groups * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t ng = t / parts, q = t % parts;
+      partial[t] = nchw_moments(p, x, ng / p.G, ng % p.G, piece(M, parts, q), piece(M, parts, q + 1));
+    }
+  });
+  for (int64_t ng = 0; ng < groups; ++ng) {
+    Moments m;
+    for (int64_t q = 0; q < parts; ++q) m.merge(partial[ng * parts + q].count, partial[ng * parts + q].mean,
+                                                 partial[ng * parts + q].m2);
+    finish_group(p, ng / p.G, ng % p.G, m, mean, rstd, k);
+  }
+  at::parallel_for(0, groups * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t ng = t / parts, q = t % parts;
+      nchw_apply<T, A>(p, k, x, res, out, ng / p.G, ng % p.G, piece(M, parts, q), piece(M, parts, q + 1));
+    }
+  });
+}
+
+// ---- channels_last ----------------------------------------------------------
+
+// Rows of C channels per block: the block is re-read from L1/L2 by the second pass.
+inline int64_t rows_per_block(int64_t C) { return std::max<int64_t>(1, 4 * kChunk / C); }
+
+// Rows [r0, r1) of image n: per-channel mean and M2 (count r1 - r0) into mean_c, m2_c.
+template <typename T>
+void nhwc_moments(const Problem& p, const T* x, int64_t n, int64_t r0, int64_t r1, float* mean_c, float* m2_c) {
+  const int64_t C = p.C, R = rows_per_block(C);
+  std::vector<float> bm(C), bm2(C);
+  std::fill(mean_c, mean_c + C, 0.f);
+  std::fill(m2_c, m2_c + C, 0.f);
+  int64_t count = 0;
+  for (int64_t r = r0; r < r1; r += R) {
+    const int64_t rows = std::min(R, r1 - r);
+    const T* base = x + (n * p.S + r) * C;
+    const Vec inv(1.f / static_cast<float>(rows));
+    vec_steps(static_cast<int>(C), [&](int j, int k) {
+      Vec s(0.f);
+      for (int64_t i = 0; i < rows; ++i) s = s + load_float(base + i * C + j, k);
+      (s * inv).store(bm.data() + j, k);
+    });
+    vec_steps(static_cast<int>(C), [&](int j, int k) {
+      const Vec m = Vec::loadu(bm.data() + j, k);
+      Vec s(0.f);
+      for (int64_t i = 0; i < rows; ++i) {
+        const Vec dv = load_float(base + i * C + j, k) - m;
+        s = at::vec::fmadd(dv, dv, s);
+      }
+      // Chan's merge of (count, mean_c, m2_c) with (rows, m, s); the counts are the same for every channel.
+      const float total = static_cast<float>(count + rows);
+      const Vec ma = Vec::loadu(mean_c + j, k), delta = m - ma;
+      (ma + delta * Vec(rows / total)).store(mean_c + j, k);
+      (Vec::loadu(m2_c + j, k) + s + delta * delta * Vec(static_cast<float>(count) * rows / total)).store(m2_c + j, k);
+    });
+    count += rows;
+  }
+}
+
+template <typename T, Act A>
+void nhwc_apply(const Problem& p, const Coefs& k, const T* x, const T* res, T* out, int64_t n, int64_t r0,
+                int64_t r1) {
+  const int64_t C = p.C;
+  const float *a = k.a.data() + n * C, *d = k.d.data() + n * C, *b = k.b.data() + n * C;
+  const Vec slope(p.slope);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = (n * p.S + r) * C;
+    vec_steps(static_cast<int>(C), [&](int j, int m) {
+      const Vec y0 = at::vec::fmadd(load_float(x + off + j, m) + Vec::loadu(d + j, m), Vec::loadu(a + j, m),
+                                    Vec::loadu(b + j, m));
+      Vec y = activate<A>(y0, slope);
+      if (res) y = y + load_float(res + off + j, m);
+      store_float(out + off + j, y, m);
+    });
+  }
+}
+
+// Row pieces per image so that N * parts tasks keep every thread busy.
+inline int64_t row_parts(const Problem& p) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t want = (4 * threads + p.N - 1) / p.N;
+  return std::max<int64_t>(1, std::min(want, p.S / rows_per_block(p.C)));
+}
+
+template <typename T, Act A>
+void nhwc_forward(const Problem& p, const T* x, const T* res, T* out, float* mean, float* rstd, Coefs& k) {
+  const int64_t parts = row_parts(p), C = p.C;
+  std::vector<float> pm(p.N * parts * C), pm2(p.N * parts * C);
+  at::parallel_for(0, p.N * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / parts, q = t % parts;
+      nhwc_moments(p, x, n, piece(p.S, parts, q), piece(p.S, parts, q + 1), pm.data() + t * C, pm2.data() + t * C);
+    }
+  });
+  // Group moments from (part, channel) moments: the exact two-level formula in double.
+  at::parallel_for(0, p.N * p.G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / p.G, g = ng % p.G;
+      double sum = 0;
+      for (int64_t q = 0; q < parts; ++q) {
+        const double cnt = static_cast<double>(piece(p.S, parts, q + 1) - piece(p.S, parts, q));
+        for (int64_t c = g * p.Cg; c < (g + 1) * p.Cg; ++c) sum += cnt * (pm[(n * parts + q) * C + c] + p.add_of(n, c));
+      }
+      Moments m;
+      m.count = static_cast<double>(p.Cg * p.S);
+      m.mean = sum / m.count;
+      for (int64_t q = 0; q < parts; ++q) {
+        const double cnt = static_cast<double>(piece(p.S, parts, q + 1) - piece(p.S, parts, q));
+        for (int64_t c = g * p.Cg; c < (g + 1) * p.Cg; ++c) {
+          const int64_t i = (n * parts + q) * C + c;
+          const double dev = pm[i] + p.add_of(n, c) - m.mean;
+          m.m2 += pm2[i] + cnt * dev * dev;
+        }
+      }
+      finish_group(p, n, g, m, mean, rstd, k);
+    }
+  });
+  at::parallel_for(0, p.N * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / parts, q = t % parts;
+      nhwc_apply<T, A>(p, k, x, res, out, n, piece(p.S, parts, q), piece(p.S, parts, q + 1));
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_act(const Tensor& x, int64_t num_groups, const OptTensor& weight,
+                                                  const OptTensor& bias, double eps, c10::string_view activation,
+                                                  double negative_slope, const OptTensor& add,
+                                                  const OptTensor& scale_shift, const OptTensor& residual) {
+  const Problem p = make_problem(x, num_groups, weight, bias, add, scale_shift, eps, negative_slope, activation);
+  Tensor out = at::empty_like(x);
+  Tensor mean = at::empty({p.N, p.G}, x.options().dtype(at::kFloat));
+  Tensor rstd = at::empty({p.N, p.G}, x.options().dtype(at::kFloat));
+  if (p.N * p.C == 0) return {out, mean, rstd};
+  if (p.S == 0) {
+    mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {out, mean, rstd};
+  }
+  TORCH_CHECK(p.S < (int64_t(1) << 31) && p.C < (int64_t(1) << 31), "group_norm_act: spatial size too large");
+  Coefs k(p.N * p.C);
+  dispatch_float(x.scalar_type(), "group_norm_act", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    const T* rp = residual.has_value() ? residual->data_ptr<T>() : nullptr;
+    T* op = out.data_ptr<T>();
+    dispatch_act(p.act, [&](auto act) {
+      constexpr Act A = decltype(act)::value;
+      if (p.channels_last) {
+        nhwc_forward<T, A>(p, xp, rp, op, mean.data_ptr<float>(), rstd.data_ptr<float>(), k);
+      } else {
+        nchw_forward<T, A>(p, xp, rp, op, mean.data_ptr<float>(), rstd.data_ptr<float>(), k);
+      }
+    });
+  });
+  return {out, mean, rstd};
+}
+
+// ---- backward ---------------------------------------------------------------
+//
+// With dy = grad_out * act'(y) and xhat = (h - mean) * rstd, the per-(n, c)
+// sums S1 = sum dy, S2 = sum dy * xhat and S3 = sum xhat give every gradient:
+// the parameter gradients directly, and grad_h = dy * P + (h - mean) * Q + R
+// with P, Q, R per (n, c) from the group sums of dxhat = dy * w * (1 + scale).
+
+struct Sums {
+  std::vector<double> s1, s2, s3;  // per (n, c); s2, s3 without the factor rstd
+  explicit Sums(int64_t nc) : s1(nc, 0.0), s2(nc, 0.0), s3(nc, 0.0) {}
+};
+
+// Sums of dy, dy * (h - mean) and (h - mean) over len contiguous elements of one channel.
+template <typename T, Act A>
+inline void channel_sums(const T* x, const T* gout, int64_t len, float a, float d, float b, float slope, double& s1,
+                         double& s2, double& s3) {
+  const Vec va(a), vd(d), vb(b), vs(slope);
+  for (int64_t i0 = 0; i0 < len; i0 += kChunk) {  // fp32 per chunk, double across chunks
+    const int n = static_cast<int>(std::min(kChunk, len - i0));
+    Vec a1(0.f), a2(0.f), a3(0.f);
+    vec_steps(n, [&](int j, int m) {
+      const Vec xc = Vec::set(Vec(0.f), load_float(x + i0 + j, m) + vd, m);
+      const Vec dy = load_float(gout + i0 + j, m) * activate_grad<A>(at::vec::fmadd(xc, va, vb), vs);
+      a1 = a1 + dy;  // dy's tail lanes are 0: gout loads 0 there
+      a2 = at::vec::fmadd(dy, xc, a2);
+      a3 = a3 + xc;
+    });
+    s1 += lane_sum(a1);
+    s2 += lane_sum(a2);
+    s3 += lane_sum(a3);
+  }
+}
+
+// Per-(n, c) backward coefficients of one group, and the gradients of the
+// per-(n, c) inputs, from the sums.
+struct BackCoefs {
+  std::vector<float> p, q, r;
+  explicit BackCoefs(int64_t nc) : p(nc), q(nc), r(nc) {}
+};
+
+void finish_group_backward(const Problem& p, int64_t n, int64_t g, const Sums& s, const float* rstd, BackCoefs& bc,
+                           float* grad_wpart, float* grad_bpart, float* grad_add, float* grad_ss) {
+  const double r = rstd[n * p.G + g], M = static_cast<double>(p.Cg * p.S);
+  double sd = 0, sdx = 0;  // sums of dxhat and dxhat * xhat over the group
+  for (int64_t c = g * p.Cg; c < (g + 1) * p.Cg; ++c) {
+    const int64_t i = n * p.C + c;
+    const double kc = static_cast<double>(p.w(c)) * p.scale1(n, c);
+    sd += kc * s.s1[i];
+    sdx += kc * s.s2[i] * r;
+  }
+  const double m1 = sd / M, m2 = sdx / M;
+  for (int64_t c = g * p.Cg; c < (g + 1) * p.Cg; ++c) {
+    const int64_t i = n * p.C + c;
+    const double s1 = p.scale1(n, c), kc = static_cast<double>(p.w(c)) * s1;
+    const double S1 = s.s1[i], S2 = s.s2[i] * r, S3 = s.s3[i] * r;
+    bc.p[i] = static_cast<float>(r * kc);
+    bc.q[i] = static_cast<float>(-r * r * m2);
+    bc.r[i] = static_cast<float>(-r * m1);
+    grad_add[i] = static_cast<float>(r * (kc * S1 - static_cast<double>(p.S) * m1 - m2 * S3));
+    grad_ss[n * 2 * p.C + c] = static_cast<float>(p.w(c) * S2 + p.b(c) * S1);
+    grad_ss[n * 2 * p.C + p.C + c] = static_cast<float>(S1);
+    grad_wpart[i] = static_cast<float>(s1 * S2);
+    grad_bpart[i] = static_cast<float>(s1 * S1);
+  }
+}
+
+template <Act A>
+inline Vec grad_h(const Vec& xv, const Vec& gv, const Vec& a, const Vec& d, const Vec& b, const Vec& P, const Vec& Q,
+                  const Vec& R, const Vec& slope) {
+  const Vec xc = xv + d;
+  const Vec dy = gv * activate_grad<A>(at::vec::fmadd(xc, a, b), slope);
+  return at::vec::fmadd(dy, P, at::vec::fmadd(xc, Q, R));
+}
+
+template <typename T, Act A>
+void nchw_grad_apply(const Problem& p, const Coefs& k, const BackCoefs& bc, const T* x, const T* gout, T* gx,
+                     int64_t nc, int64_t begin, int64_t end) {
+  const Vec a(k.a[nc]), d(k.d[nc]), b(k.b[nc]), P(bc.p[nc]), Q(bc.q[nc]), R(bc.r[nc]), slope(p.slope);
+  const int64_t off = nc * p.S + begin;
+  vec_steps(static_cast<int>(end - begin), [&](int j, int m) {
+    store_float(gx + off + j,
+                grad_h<A>(load_float(x + off + j, m), load_float(gout + off + j, m), a, d, b, P, Q, R, slope), m);
+  });
+}
+
+struct GradOut {
+  float *wpart, *bpart, *add, *ss;
+};
+
+template <typename T, Act A>
+void nchw_backward(const Problem& p, const Coefs& k, const float* rstd, const T* x, const T* gout, T* gx,
+                   GradOut go) {
+  const int64_t groups = p.N * p.G, threads = at::get_num_threads();
+  Sums s(p.N * p.C);
+  BackCoefs bc(p.N * p.C);
+  auto sums_of = [&](int64_t nc, int64_t begin, int64_t end, double& s1, double& s2, double& s3) {
+    channel_sums<T, A>(x + nc * p.S + begin, gout + nc * p.S + begin, end - begin, k.a[nc], k.d[nc], k.b[nc],
+                       p.slope, s1, s2, s3);
+  };
+  auto finish = [&](int64_t n, int64_t g) {
+    finish_group_backward(p, n, g, s, rstd, bc, go.wpart, go.bpart, go.add, go.ss);
+  };
+  if (groups >= 2 * threads) {  // a group's two passes in one task: the second reads L2
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t n = ng / p.G, g = ng % p.G, c0 = n * p.C + g * p.Cg;
+        for (int64_t nc = c0; nc < c0 + p.Cg; ++nc) sums_of(nc, 0, p.S, s.s1[nc], s.s2[nc], s.s3[nc]);
+        finish(n, g);
+        for (int64_t nc = c0; nc < c0 + p.Cg; ++nc) nchw_grad_apply<T, A>(p, k, bc, x, gout, gx, nc, 0, p.S);
+      }
+    });
+    return;
+  }
+  const int64_t rows = p.N * p.C;
+  const int64_t parts = std::max<int64_t>(1, std::min((4 * threads + rows - 1) / rows, p.S / (4 * kChunk)));
+  std::vector<double> part(rows * parts * 3, 0.0);
+  at::parallel_for(0, rows * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nc = t / parts, q = t % parts;
+      sums_of(nc, piece(p.S, parts, q), piece(p.S, parts, q + 1), part[3 * t], part[3 * t + 1], part[3 * t + 2]);
+    }
+  });
+  for (int64_t t = 0; t < rows * parts; ++t) {
+    s.s1[t / parts] += part[3 * t];
+    s.s2[t / parts] += part[3 * t + 1];
+    s.s3[t / parts] += part[3 * t + 2];
+  }
+  for (int64_t ng = 0; ng < groups; ++ng) finish(ng / p.G, ng % p.G);
+  at::parallel_for(0, rows * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nc = t / parts, q = t % parts;
+      nchw_grad_apply<T, A>(p, k, bc, x, gout, gx, nc, piece(p.S, parts, q), piece(p.S, parts, q + 1));
+    }
+  });
+}
+
+// Rows [r0, r1) of image n: per-channel sums added into s1, s2, s3 (C doubles each).
+template <typename T, Act A>
+void nhwc_sums(const Problem& p, const Coefs& k, const T* x, const T* gout, int64_t n, int64_t r0, int64_t r1,
+               double* s1, double* s2, double* s3) {
+  const int64_t C = p.C, R = rows_per_block(C);
+  const float *a = k.a.data() + n * C, *d = k.d.data() + n * C, *b = k.b.data() + n * C;
+  const Vec slope(p.slope);
+  alignas(64) float t1[Vec::size()], t2[Vec::size()], t3[Vec::size()];
+  for (int64_t r = r0; r < r1; r += R) {  // fp32 within a block of rows, double across blocks
+    const int64_t rows = std::min(R, r1 - r);
+    const int64_t off = (n * p.S + r) * C;
+    vec_steps(static_cast<int>(C), [&](int j, int m) {
+      const Vec va = Vec::loadu(a + j, m), vd = Vec::loadu(d + j, m), vb = Vec::loadu(b + j, m);
+      Vec a1(0.f), a2(0.f), a3(0.f);
+      for (int64_t i = 0; i < rows; ++i) {
+        const Vec xc = load_float(x + off + i * C + j, m) + vd;
+        const Vec dy = load_float(gout + off + i * C + j, m) * activate_grad<A>(at::vec::fmadd(xc, va, vb), slope);
+        a1 = a1 + dy;
+        a2 = at::vec::fmadd(dy, xc, a2);
+        a3 = a3 + xc;
+      }
+      a1.store(t1);
+      a2.store(t2);
+      a3.store(t3);
+      for (int l = 0; l < m; ++l) {
+        s1[j + l] += t1[l];
+        s2[j + l] += t2[l];
+        s3[j + l] += t3[l];
+      }
+    });
+  }
+}
+
+template <typename T, Act A>
+void nhwc_backward(const Problem& p, const Coefs& k, const float* rstd, const T* x, const T* gout, T* gx,
+                   GradOut go) {
+  const int64_t parts = row_parts(p), C = p.C;
+  std::vector<double> part(p.N * parts * 3 * C, 0.0);
+  at::parallel_for(0, p.N * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / parts, q = t % parts;
+      double* base = part.data() + t * 3 * C;
+      nhwc_sums<T, A>(p, k, x, gout, n, piece(p.S, parts, q), piece(p.S, parts, q + 1), base, base + C,
+                      base + 2 * C);
+    }
+  });
+  Sums s(p.N * C);
+  for (int64_t t = 0; t < p.N * parts; ++t) {
+    const int64_t n = t / parts;
+    const double* base = part.data() + t * 3 * C;
+    for (int64_t c = 0; c < C; ++c) {
+      s.s1[n * C + c] += base[c];
+      s.s2[n * C + c] += base[C + c];
+      s.s3[n * C + c] += base[2 * C + c];
+    }
+  }
+  BackCoefs bc(p.N * C);
+  for (int64_t ng = 0; ng < p.N * p.G; ++ng)
+    finish_group_backward(p, ng / p.G, ng % p.G, s, rstd, bc, go.wpart, go.bpart, go.add, go.ss);
+  const Vec slope(p.slope);
+  at::parallel_for(0, p.N * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / parts, q = t % parts;
+      const float *a = k.a.data() + n * C, *d = k.d.data() + n * C, *b = k.b.data() + n * C;
+      const float *P = bc.p.data() + n * C, *Q = bc.q.data() + n * C, *R = bc.r.data() + n * C;
+      for (int64_t r = piece(p.S, parts, q); r < piece(p.S, parts, q + 1); ++r) {
+        const int64_t off = (n * p.S + r) * C;
+        vec_steps(static_cast<int>(C), [&](int j, int m) {
+          store_float(gx + off + j,
+                      grad_h<A>(load_float(x + off + j, m), load_float(gout + off + j, m), Vec::loadu(a + j, m),
+                                Vec::loadu(d + j, m), Vec::loadu(b + j, m), Vec::loadu(P + j, m),
+                                Vec::loadu(Q + j, m), Vec::loadu(R + j, m), slope),
+                      m);
+        });
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_backward(
+    const Tensor& grad_out, const Tensor& x, int64_t num_groups, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& mean, const Tensor& rstd, c10::string_view activation, double negative_slope,
+    const OptTensor& add, const OptTensor& scale_shift) {
+  const Problem p = make_problem(x, num_groups, weight, bias, add, scale_shift, 0.0, negative_slope, activation);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor grad_x = at::empty_like(x);
+  Tensor grad_add = at::zeros({p.N, p.C}, f32), grad_ss = at::zeros({p.N, 2 * p.C}, f32);
+  Tensor wpart = at::zeros({p.N, p.C}, f32), bpart = at::zeros({p.N, p.C}, f32);
+  if (p.N * p.C > 0 && p.S > 0) {
+    TORCH_CHECK(p.S < (int64_t(1) << 31) && p.C < (int64_t(1) << 31), "group_norm_act: spatial size too large");
+    // grad_out arrives in x's layout and dtype (autograd gives the output's dtype, which is x's).
+    const Tensor g = grad_out.to(x.scalar_type()).contiguous(x.suggest_memory_format());
+    const Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+    Coefs k(p.N * p.C);
+    for (int64_t n = 0; n < p.N; ++n)
+      for (int64_t gi = 0; gi < p.G; ++gi)
+        fold_group(p, n, gi, mean_c.data_ptr<float>()[n * p.G + gi], rstd_c.data_ptr<float>()[n * p.G + gi], k);
+    GradOut go{wpart.data_ptr<float>(), bpart.data_ptr<float>(), grad_add.data_ptr<float>(),
+               grad_ss.data_ptr<float>()};
+    dispatch_float(x.scalar_type(), "group_norm_act_backward", [&](auto tag) {
+      using T = decltype(tag);
+      dispatch_act(p.act, [&](auto act) {
+        constexpr Act A = decltype(act)::value;
+        if (p.channels_last) {
+          nhwc_backward<T, A>(p, k, rstd_c.data_ptr<float>(), x.data_ptr<T>(), g.data_ptr<T>(),
+                              grad_x.data_ptr<T>(), go);
+        } else {
+          nchw_backward<T, A>(p, k, rstd_c.data_ptr<float>(), x.data_ptr<T>(), g.data_ptr<T>(),
+                              grad_x.data_ptr<T>(), go);
+        }
+      });
+    });
+  } else {
+    grad_x.zero_();
+  }
+  return {grad_x, wpart.sum(0), bpart.sum(0), grad_add, grad_ss};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) {
+  m.def("group_norm_act", &group_norm_act);
+  m.def("group_norm_act_backward", &group_norm_act_backward);
+}
+
+}  // namespace genfast::cpu

@@ -1,0 +1,200 @@
+// Diffusion sampler steps on the CPU: one pass per step, guidance inside.
+//
+// Every supported sampler step is the affine map documented in
+// genfast/reference/diffusion.py, with the step's coefficients in one row of
+// an fp32 table (columns: ax am an | px pm p0 pn p1 p2 | h1x h1m h10 h11 h12 |
+// h2x h2m h20 h21 h22 | pd on x0 - h1). Tensors are walked in memory order (the Python
+// layer guarantees dense tensors with identical strides).
+//
+// Bytes per element of s bytes: Euler/DDIM/flow-match with guidance read u, c,
+// x and write prev: 4s (16 in fp32); DPM++ 2M also reads and writes its
+// history: 6s. diffusers' step plus the pipeline's guidance ops run ~15-25
+// full passes over fp32 temporaries. Noise for stochastic steps is drawn into
+// a 256-float stack buffer per block, never through memory.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "ops.h"
+#include "philox.h"
+
+namespace genfast::cpu {
+namespace {
+
+constexpr int kCoef = 20;
+constexpr int64_t kChunk = 16 * kBlock;  // elements per parallel work item: 64 KiB of fp32 per input
+
+enum Col { AX, AM, AN, PX, PM, P0, PN, P1, P2, H1X, H1M, H10, H11, H12, H2X, H2M, H20, H21, H22, PD };
+
+template <typename T>
+const T* ptr_or_null(const OptTensor& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+std::tuple<Tensor, Tensor> sampler_step(const Tensor& sample, const Tensor& model_output, const OptTensor& cond,
+                                        const OptTensor& noise, const OptTensor& history, const OptTensor& history2,
+                                        const Tensor& coeffs, int64_t row, const OptTensor& row_tensor,
+                                        double guidance_scale, const OptTensor& guidance_factor, double clip,
+                                        bool draw_noise, int64_t seed, const OptTensor& seed_tensor, int64_t offset,
+                                        bool return_x0) {
+  Tensor prev = at::empty_like(sample);
+  Tensor x0_out = return_x0 ? at::empty_like(sample) : at::empty({0}, sample.options());
+  const int64_t numel = sample.numel();
+  if (numel == 0) return {prev, x0_out};
+  const int64_t r = row_tensor.has_value() ? row_tensor->item<int64_t>() : row;
+  float k[kCoef];
+  std::copy_n(coeffs.data_ptr<float>() + r * kCoef, kCoef, k);
+  const bool has_noise = noise.has_value(), draw = draw_noise && !has_noise;
+  const bool has_h1 = history.has_value(), has_h2 = history2.has_value(), has_cond = cond.has_value();
+  const bool do_clip = clip > 0;
+  const float g = static_cast<float>(guidance_scale), lim = static_cast<float>(clip);
+  const PhiloxKey key(draw ? resolve_seed(seed, seed_tensor) : 0);
+  const uint64_t first_counter = static_cast<uint64_t>(offset) + static_cast<uint64_t>(r) * numel;
+  const float* nz = has_noise ? noise->data_ptr<float>() : nullptr;
+  const float* gf = guidance_factor.has_value() ? guidance_factor->data_ptr<float>() : nullptr;
+  const int64_t nbatch = guidance_factor.has_value() ? guidance_factor->numel() : 1;
+  const int64_t inner = numel / nbatch;
+  const int64_t chunks = (inner + kChunk - 1) / kChunk;
+
+  dispatch_float(sample.scalar_type(), "sampler_step", [&](auto tag) {
+    using T = decltype(tag);
+    const T *xp = sample.data_ptr<T>(), *up = model_output.data_ptr<T>(), *cp = ptr_or_null<T>(cond);
+    T *h1p = has_h1 ? history->data_ptr<T>() : nullptr, *h2p = has_h2 ? history2->data_ptr<T>() : nullptr;
+    T *pp = prev.data_ptr<T>(), *x0p = return_x0 ? x0_out.data_ptr<T>() : nullptr;
+    const Vec ax(k[AX]), am(k[AM]), an(k[AN]), px(k[PX]), pm(k[PM]), p0(k[P0]), pn(k[PN]), p1(k[P1]), p2(k[P2]), pd(k[PD]);
+    const Vec w1x(k[H1X]), w1m(k[H1M]), w10(k[H10]), w11(k[H11]), w12(k[H12]);
+    const Vec w2x(k[H2X]), w2m(k[H2M]), w20(k[H20]), w21(k[H21]), w22(k[H22]);
+    const Vec gv(g), lo(-lim), hi(lim);
+    at::parallel_for(0, nbatch * chunks, 1, [&](int64_t item_begin, int64_t item_end) {
+      alignas(64) float buf[kBlock];
+      for (int64_t item = item_begin; item < item_end; ++item) {
+        const int64_t b = item / chunks;
+        const int64_t start = b * inner + (item % chunks) * kChunk;
+        const int64_t stop = std::min(b * inner + inner, start + kChunk);
+        const Vec scale(gf != nullptr ? gf[b] : 1.0f);
+        for (int64_t s = start; s < stop; s += kBlock) {
+          const int n = static_cast<int>(std::min<int64_t>(kBlock, stop - s));
+          const float* eps = nullptr;
+          if (has_noise) {
+            eps = nz + s;
+          } else if (draw) {
+            stream_normals(key, first_counter + static_cast<uint64_t>(s), n, buf);
+            eps = buf;
+          }
+          vec_steps(n, [&](int j, int w) {
+            const int64_t i = s + j;
+            const Vec x = load_float(xp + i, w);
+            Vec m = load_float(up + i, w);
+            if (has_cond) m = m + gv * (load_float(cp + i, w) - m);
+            if (gf != nullptr) m = m * scale;
+            // Fused multiply-adds: one rounding per term. The coefficients of x and m
+            // are often large and of opposite sign (x0 = (x - sigma m) / alpha), where
+            // separate roundings would double the error of diffusers' own formula.
+            Vec x0 = at::vec::fmadd(am, m, ax * x);
+            Vec out = at::vec::fmadd(pm, m, px * x);
+            if (eps != nullptr) {
+              const Vec e = Vec::loadu(eps + j, w);
+              x0 = at::vec::fmadd(an, e, x0);
+              out = at::vec::fmadd(pn, e, out);
+            }
+            if (do_clip) x0 = at::vec::minimum(at::vec::maximum(x0, lo), hi);
+            out = at::vec::fmadd(p0, x0, out);
+            Vec h1(0.0f), h2(0.0f);
+            if (has_h1) h1 = load_float(h1p + i, w);
+            if (has_h2) h2 = load_float(h2p + i, w);
+            // consecutive x0 predictions nearly agree: difference them before scaling
+            out = at::vec::fmadd(pd, x0 - h1, out);  // h1 is 0 without a history
+            if (has_h1) out = at::vec::fmadd(p1, h1, out);
+            if (has_h2) out = at::vec::fmadd(p2, h2, out);
+            if (has_h1) store_float(h1p + i, w1x * x + w1m * m + w10 * x0 + w11 * h1 + w12 * h2, w);
+            if (has_h2) store_float(h2p + i, w2x * x + w2m * m + w20 * x0 + w21 * h1 + w22 * h2, w);
+            store_float(pp + i, out, w);
+            if (x0p != nullptr) store_float(x0p + i, x0, w);
+          });
+        }
+      }
+    });
+  });
+  return {prev, x0_out};
+}
+
+// Per sample: phi * std(cond) / std(cfg) + (1 - phi), unbiased std over the
+// sample's elements. Sums of d and d^2 with d shifted by the sample's first
+// element (no cancellation when the mean is large), per fixed-size chunk in
+// fp64, then summed in chunk order: the result does not depend on threads.
+Tensor guidance_rescale_factor(const Tensor& uncond, const Tensor& cond, double guidance_scale,
+                               double guidance_rescale) {
+  const int64_t nbatch = uncond.size(0);
+  const int64_t inner = uncond.numel() / nbatch;
+  const int64_t chunks = (inner + kChunk - 1) / kChunk;
+  std::vector<double> part(nbatch * chunks * 4, 0.0);
+  const float g = static_cast<float>(guidance_scale);
+  dispatch_float(uncond.scalar_type(), "guidance_rescale_factor", [&](auto tag) {
+    using T = decltype(tag);
+    const T *up = uncond.data_ptr<T>(), *cp = cond.data_ptr<T>();
+    at::parallel_for(0, nbatch * chunks, 1, [&](int64_t item_begin, int64_t item_end) {
+      for (int64_t item = item_begin; item < item_end; ++item) {
+        const int64_t b = item / chunks;
+        const int64_t start = b * inner + (item % chunks) * kChunk;
+        const int64_t stop = std::min(b * inner + inner, start + kChunk);
+        const float u0 = static_cast<float>(up[b * inner]), c0 = static_cast<float>(cp[b * inner]);
+        const Vec gv(g), c_shift(c0), g_shift(u0 + g * (c0 - u0));
+        double* acc = part.data() + item * 4;
+        for (int64_t s = start; s < stop; s += kBlock) {
+          const int n = static_cast<int>(std::min<int64_t>(kBlock, stop - s));
+          Vec s1c(0.0f), s2c(0.0f), s1g(0.0f), s2g(0.0f);
+          vec_steps(n, [&](int j, int w) {
+            const Vec u = load_float(up + s + j, w), c = load_float(cp + s + j, w);
+            // masked lanes load as 0: zero their shifted values too
+            const Vec dc = Vec::set(Vec(0.0f), c - c_shift, w);
+            const Vec dg = Vec::set(Vec(0.0f), u + gv * (c - u) - g_shift, w);
+            s1c = s1c + dc;
+            s2c = s2c + dc * dc;
+            s1g = s1g + dg;
+            s2g = s2g + dg * dg;
+          });
+          const Vec* sums[4] = {&s1c, &s2c, &s1g, &s2g};
+          for (int q = 0; q < 4; ++q) {
+            alignas(64) float lanes[Vec::size()];
+            sums[q]->store(lanes);
+            double t = 0.0;
+            for (int l = 0; l < Vec::size(); ++l) t += lanes[l];
+            acc[q] += t;
+          }
+        }
+      }
+    });
+  });
+  Tensor out = at::empty({nbatch}, uncond.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const double n = static_cast<double>(inner);
+  for (int64_t b = 0; b < nbatch; ++b) {
+    double s[4] = {0, 0, 0, 0};
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int q = 0; q < 4; ++q) s[q] += part[(b * chunks + c) * 4 + q];
+    const double var_c = (s[1] - s[0] * s[0] / n) / (n - 1), var_g = (s[3] - s[2] * s[2] / n) / (n - 1);
+    o[b] = static_cast<float>(guidance_rescale * std::sqrt(var_c / var_g) + (1.0 - guidance_rescale));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) {
+  // Explicit schema: the history buffers are updated in place.
+  m.def("sampler_step(Tensor sample, Tensor model_output, Tensor? cond, Tensor? noise, Tensor(a!)? history, "
+        "Tensor(b!)? history2, Tensor coeffs, int row, Tensor? row_tensor, float guidance_scale, "
+        "Tensor? guidance_factor, float clip, bool draw_noise, int seed, Tensor? seed_tensor, int offset, "
+        "bool return_x0) -> (Tensor, Tensor)",
+        &sampler_step);
+  m.def("guidance_rescale_factor", &guidance_rescale_factor);
+}
+
+}  // namespace genfast::cpu

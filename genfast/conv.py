@@ -1,0 +1,311 @@
+"""Normalization + activation blocks of conv nets (UNets, VAE decoders, GAN
+generators), fused: one read of x for the statistics, one read and one write
+for normalize + affine + FiLM + activation + residual, forward and backward.
+
+Layouts: NCHW-contiguous (any x of shape (N, C, *S)) and channels_last
+(4D ``torch.channels_last``, 5D ``torch.channels_last_3d``); the output keeps
+the input's memory format. Other strides are made contiguous first.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _ops
+from .reference.conv import ACTIVATIONS, activate, compute_dtype
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout genfast keeps for x: contiguous, or channels_last(_3d) when x is in it."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _stats_like(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], num_groups), dtype=compute_dtype(x.dtype))
+
+
+def _params_like(x: torch.Tensor, *shape: int) -> torch.Tensor:
+    return x.new_empty(shape, dtype=compute_dtype(x.dtype))
+
+
+# ---- registered ops ---------------------------------------------------------
+
+group_norm_act_backward_op = _ops.define(
+    "group_norm_act_backward(Tensor grad_out, Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor mean, "
+    "Tensor rstd, str activation, float negative_slope, Tensor? add, Tensor? scale_shift) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "conv",
+    lambda grad_out, x, num_groups, *_: (
+        torch.empty_like(x), _params_like(x, x.shape[1]), _params_like(x, x.shape[1]),
+        _params_like(x, x.shape[0], x.shape[1]), _params_like(x, x.shape[0], 2 * x.shape[1])),
+)
+
+
+def _group_norm_act_setup(ctx, inputs, output):
+    x, num_groups, weight, bias, _, activation, negative_slope, add, scale_shift, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, add, scale_shift, mean, rstd)
+    ctx.num_groups, ctx.activation, ctx.negative_slope = num_groups, activation, negative_slope
+
+
+def _group_norm_act_backward(ctx, grad_out, grad_mean, grad_rstd):
+    # mean and rstd are returned for the backward only: their gradients are not propagated.
+    x, weight, bias, add, scale_shift, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = [None] * 10
+    if any(need[i] for i in (0, 2, 3, 7, 8)):
+        g = grad_out.contiguous(memory_format=memory_format(x))
+        gx, gw, gb, gadd, gss = group_norm_act_backward_op(
+            g, x, ctx.num_groups, weight, bias, mean, rstd, ctx.activation, ctx.negative_slope, add, scale_shift)
+        for i, t in ((0, gx), (2, gw), (3, gb), (7, gadd), (8, gss)):
+            if need[i]:
+                grads[i] = t
+    if need[9]:
+        grads[9] = grad_out
+    return tuple(grads)
+
+
+group_norm_act_op = _ops.define(
+    "group_norm_act(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, str activation, "
+    "float negative_slope, Tensor? add, Tensor? scale_shift, Tensor? residual) -> (Tensor, Tensor, Tensor)",
+    "conv",
+    lambda x, num_groups, *_: (torch.empty_like(x), _stats_like(x, num_groups), _stats_like(x, num_groups)),
+    backward=_group_norm_act_backward,
+    setup_context=_group_norm_act_setup,
+)
+
+
+# ---- public functions -------------------------------------------------------
+
+def _check_activation(fn: str, activation: str, negative_slope) -> float:
+    _ops.check_choice(fn, "activation", activation, ACTIVATIONS)
+    if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
+        raise TypeError(f"{fn}: negative_slope must be a float, got {type(negative_slope).__name__}")
+    return float(negative_slope)
+
+
+def _check_param(fn: str, name: str, t, shape: tuple, x: torch.Tensor):
+    """A small float tensor of exactly ``shape`` on x's device, returned in the compute
+    dtype (autograd casts its gradient back) and contiguous; None passes."""
+    if t is None:
+        return None
+    _ops.check_tensor(fn, name, t)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{fn}: {name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{fn}: {name} must be on the device of x ({x.device}), got {t.device}")
+    return t.to(compute_dtype(x.dtype)).contiguous()
+
+
+def _group_norm_act(fn, x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift, residual):
+    """Checks, then the op: (out, mean, rstd)."""
+    _ops.check_tensor(fn, "x", x)
+    if x.dim() < 2:
+        raise ValueError(f"{fn}: x must have shape (N, C, *spatial), got {tuple(x.shape)}")
+    n, c = x.shape[:2]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
+    if c % num_groups != 0:
+        raise ValueError(f"{fn}: num_groups ({num_groups}) must divide the channel count C = {c}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+        raise ValueError(f"{fn}: eps must be a float >= 0, got {eps!r}")
+    negative_slope = _check_activation(fn, activation, negative_slope)
+    weight = _check_param(fn, "weight", weight, (c,), x)
+    bias = _check_param(fn, "bias", bias, (c,), x)
+    add = _check_param(fn, "add", add, (n, c), x)
+    scale_shift = _check_param(fn, "scale_shift", scale_shift, (n, 2 * c), x)
+    fmt = memory_format(x)
+    if residual is not None:
+        _ops.check_tensor(fn, "residual", residual)
+        _ops.check_like(fn, "residual", residual, "x", x)
+        residual = residual.contiguous(memory_format=fmt)
+    return group_norm_act_op(x.contiguous(memory_format=fmt), num_groups, weight, bias, float(eps), activation,
+                             negative_slope, add, scale_shift, residual)
+
+
+def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5, *, activation: str = "silu",
+                   negative_slope: float = 0.01, add: torch.Tensor | None = None,
+                   scale_shift: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(GroupNorm(x + add) * (1 + scale) + shift) + residual`` in one fused op.
+
+    Equals ``act(nn.GroupNorm(num_groups, C, eps)(x + add[..., None, None]))`` (plus the
+    optional FiLM and residual) within twice PyTorch's own rounding error.
+
+    Parameters
+    ----------
+    x : Tensor (N, C, *S), fp32/fp16/bf16 (fp64 runs on the reference)
+        Images (N, C, H, W), video (N, C, T, H, W) or any (N, C, ...); NCHW or
+        channels_last (4D) / channels_last_3d (5D): the output keeps the layout.
+    num_groups : int
+        G, dividing C. Statistics (mean, biased variance) per (n, group) in fp32.
+    weight, bias : Tensor (C,), optional
+        The per-channel affine of nn.GroupNorm (ones / zeros when absent).
+    eps : float
+        Added to the variance.
+    activation : "silu" | "gelu" | "relu" | "leaky_relu" | "none"
+        "gelu" is the exact (erf) GELU of nn.GELU().
+    negative_slope : float
+        Slope of "leaky_relu" for negative inputs (nn.LeakyReLU's default 0.01).
+    add : Tensor (N, C), optional
+        Added to x before the statistics (diffusers' ``hidden_states + temb[:, :, None, None]``).
+    scale_shift : Tensor (N, 2C), optional
+        FiLM after the norm: ``y * (1 + scale) + shift`` with ``scale, shift = scale_shift.chunk(2, 1)``
+        (diffusers' ``time_embedding_norm="scale_shift"``).
+    residual : Tensor, x's shape and dtype, optional
+        Added after the activation.
+
+    Returns
+    -------
+    out : Tensor, x's shape, dtype and memory format. Differentiable in x, weight,
+        bias, add, scale_shift and residual.
+    """
+    out, _, _ = _group_norm_act("group_norm_act", x, num_groups, weight, bias, eps, activation, negative_slope,
+                                add, scale_shift, residual)
+    return out
+
+
+def instance_norm_act(x: torch.Tensor, running_mean: torch.Tensor | None = None,
+                      running_var: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None, *, use_input_stats: bool = True, momentum: float = 0.1,
+                      eps: float = 1e-5, activation: str = "relu", negative_slope: float = 0.2) -> torch.Tensor:
+    """``act(F.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps))``.
+
+    With ``use_input_stats`` (training, or nn.InstanceNorm without running
+    statistics) it is group_norm_act with one group per channel: fused, forward
+    and backward; ``running_mean`` / ``running_var`` (C,), when given, are
+    updated in place as F.instance_norm does (momentum over the batch mean of the
+    per-instance mean and unbiased variance). Without input statistics it
+    normalizes with the running ones (PyTorch ops, not fused yet).
+
+    Parameters
+    ----------
+    x : Tensor (N, C, *S), fp32/fp16/bf16, NCHW or channels_last
+    running_mean, running_var : Tensor (C,), optional
+    weight, bias : Tensor (C,), optional
+    use_input_stats : bool
+    momentum, eps : float
+    activation : "silu" | "gelu" | "relu" | "leaky_relu" | "none"
+    negative_slope : float
+        Slope of "leaky_relu" (0.2, the GAN convention).
+
+    Returns
+    -------
+    out : Tensor, x's shape, dtype and memory format.
+    """
+    fn = "instance_norm_act"
+    _ops.check_tensor(fn, "x", x)
+    if x.dim() < 3:
+        raise ValueError(f"{fn}: x must have shape (N, C, *spatial) with at least one spatial dim, "
+                         f"got {tuple(x.shape)}")
+    c = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None:
+            _ops.check_tensor(fn, name, t)
+            if tuple(t.shape) != (c,):
+                raise ValueError(f"{fn}: {name} must have shape ({c},), got {tuple(t.shape)}")
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError(f"{fn}: use_input_stats=False needs running_mean and running_var")
+        negative_slope = _check_activation(fn, activation, negative_slope)
+        y = torch.nn.functional.instance_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
+        return activate(y, activation, negative_slope)
+    out, mean, rstd = _group_norm_act(fn, x, c, weight, bias, eps, activation, negative_slope, None, None, None)
+    if running_mean is not None or running_var is not None:
+        with torch.no_grad():
+            s = x[0, 0].numel() if x.shape[0] else 1
+            var = (rstd.double().pow(-2) - eps).clamp_min(0) * (s / max(s - 1, 1))
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
+            if running_var is not None:
+                running_var.mul_(1 - momentum).add_(var.mean(0).to(running_var.dtype), alpha=momentum)
+    return out
+
+
+def batch_norm_act(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, *, training: bool = False,
+                   momentum: float = 0.1, eps: float = 1e-5, activation: str = "relu",
+                   negative_slope: float = 0.2) -> torch.Tensor:
+    """``act(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``.
+
+    Not fused yet: PyTorch's batch_norm (one pass in eval mode) followed by the
+    activation; running statistics are updated in place exactly as
+    nn.BatchNorm2d does in training mode. The signature is the stable one.
+
+    Parameters
+    ----------
+    x : Tensor (N, C, *S)
+    running_mean, running_var : Tensor (C,) or None (None: always batch statistics)
+    weight, bias : Tensor (C,), optional
+    training : bool
+        Normalize with the batch statistics (and update the running ones).
+    momentum, eps : float
+    activation : "silu" | "gelu" | "relu" | "leaky_relu" | "none"
+    negative_slope : float
+        Slope of "leaky_relu" (0.2, DCGAN's).
+
+    Returns
+    -------
+    out : Tensor, x's shape and dtype.
+    """
+    fn = "batch_norm_act"
+    _ops.check_tensor(fn, "x", x)
+    if x.dim() < 2:
+        raise ValueError(f"{fn}: x must have shape (N, C, *spatial), got {tuple(x.shape)}")
+    c = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is not None:
+            _ops.check_tensor(fn, name, t)
+            if tuple(t.shape) != (c,):
+                raise ValueError(f"{fn}: {name} must have shape ({c},), got {tuple(t.shape)}")
+    negative_slope = _check_activation(fn, activation, negative_slope)
+    y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return activate(y, activation, negative_slope)
+
+
+def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+               dilation=1, groups: int = 1, *, activation: str = "none", negative_slope: float = 0.01,
+               residual: torch.Tensor | None = None, output_scale: float = 1.0) -> torch.Tensor:
+    """``act((conv2d(x, weight) + bias + residual) * output_scale)``.
+
+    The convolution is PyTorch's (cuDNN / oneDNN; channels_last kept). With
+    activation "none" this is diffusers' ResnetBlock2D output
+    ``(input_tensor + hidden_states) / output_scale_factor`` with
+    ``output_scale = 1 / output_scale_factor``. Not fused yet: the epilogue
+    runs as PyTorch ops; the signature is the stable one.
+
+    Parameters
+    ----------
+    x : Tensor (N, C_in, H, W)
+    weight : Tensor (C_out, C_in / groups, kH, kW)
+    bias : Tensor (C_out,), optional
+    stride, padding, dilation, groups : as F.conv2d
+    activation : "silu" | "gelu" | "relu" | "leaky_relu" | "none"
+    negative_slope : float
+    residual : Tensor, the convolution output's shape, optional
+    output_scale : float
+
+    Returns
+    -------
+    out : Tensor (N, C_out, H_out, W_out) in x's dtype and memory format.
+    """
+    fn = "conv2d_act"
+    _ops.check_tensor(fn, "x", x)
+    _ops.check_tensor(fn, "weight", weight)
+    negative_slope = _check_activation(fn, activation, negative_slope)
+    y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        _ops.check_tensor(fn, "residual", residual)
+        if residual.shape != y.shape:
+            raise ValueError(f"{fn}: residual must have the convolution output's shape {tuple(y.shape)}, "
+                             f"got {tuple(residual.shape)}")
+        y = y + residual
+    if output_scale != 1.0:
+        y = y * output_scale
+    return activate(y, activation, negative_slope)

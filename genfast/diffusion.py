@@ -1,0 +1,534 @@
+"""Diffusion sampler steps: one fused kernel per step, classifier-free guidance inside.
+
+A diffusers scheduler step launches 6-20 small elementwise kernels, upcasts
+the latent and looks up its coefficients on the host; the pipeline adds
+guidance (chunk, subtract, scale, add) on top. Every one of those samplers is,
+per step, an affine map of (sample, uncond, cond, noise, multistep history)
+whose coefficients depend only on the schedule: genfast computes them for all
+steps in fp64 when the schedule is set, keeps them as an fp32 table
+``(num_steps, NCOEF)`` on the device, and runs each step as one kernel that
+reads its row (``genfast/reference/diffusion.py`` states the map).
+
+Coefficients and CUDA graphs
+----------------------------
+``sampler_step(..., coefficients, step)`` takes the table and the row: an int,
+or a 0-d int64 tensor on the device that the kernel reads (a captured step
+replays for every row when the caller advances that tensor in place). The
+stochastic samplers draw noise at stream positions ``offset + row * numel + i`` of
+genfast's stream (``genfast.rng``), so the noise changes with the row, not
+with host state; ``seed`` may be a 0-d int64 device tensor for the same reason.
+Nothing in a step allocates more than its outputs or reads a device value on
+the host.
+
+Multistep state (DPM++ 2M) lives in ``history`` buffers the kernel updates in
+place (each element is read and rewritten by the same thread): fixed
+addresses from step to step, as a CUDA graph needs. Zero them (or fill with
+any finite values) before the first step: its coefficients on them are 0.
+
+Bytes per step for N latent elements of s bytes, guidance in the step:
+read uncond, cond, sample, write prev: 4Ns (6Ns for DPM++ 2M with its
+history read and written, +Ns when x0 is returned). diffusers' step with the
+pipeline's guidance moves ~20 passes of fp32 temporaries (see
+``kernels/diffusion.py`` for the count per sampler).
+
+The per-sampler table builders (``euler_coefficients``, ``ddim_coefficients``,
+``dpm_solver_coefficients``, ``flow_match_euler_coefficients``) and the
+scalar-argument steps (``euler_step``, ``ddim_step``, ``dpmpp_2m_step``,
+``flow_match_euler_step``) follow diffusers' formulas; ``genfast.schedulers``
+uses them for drop-in diffusers schedulers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from . import _ops
+from .reference.diffusion import COEF, NCOEF, compute_dtype
+from .rng import check_offset, normalize_seed
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _fake_sampler_step(sample, model_output, cond, noise, history, history2, coeffs, row, row_tensor,
+                       guidance_scale, guidance_factor, clip, draw_noise, seed, seed_tensor, offset, return_x0):
+    return torch.empty_like(sample), (torch.empty_like(sample) if return_x0 else sample.new_empty((0,)))
+
+
+sampler_step_op = _ops.define(
+    "sampler_step(Tensor sample, Tensor model_output, Tensor? cond, Tensor? noise, Tensor(a!)? history, "
+    "Tensor(b!)? history2, Tensor coeffs, int row, Tensor? row_tensor, float guidance_scale, "
+    "Tensor? guidance_factor, float clip, bool draw_noise, int seed, Tensor? seed_tensor, int offset, "
+    "bool return_x0) -> (Tensor, Tensor)",
+    "diffusion",
+    _fake_sampler_step,
+)
+
+guidance_rescale_factor_op = _ops.define(
+    "guidance_rescale_factor(Tensor uncond, Tensor cond, float guidance_scale, float guidance_rescale) -> Tensor",
+    "diffusion",
+    lambda uncond, cond, g, phi: uncond.new_empty((uncond.shape[0],), dtype=compute_dtype(uncond.dtype)),
+)
+
+
+# ---- layout helpers ---------------------------------------------------------
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """No gaps and no overlaps: the elements fill numel consecutive slots in some order."""
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _batch_outermost(t: torch.Tensor) -> bool:
+    return t.dim() == 0 or t.shape[0] == 1 or t.stride(0) * t.shape[0] == t.numel()
+
+
+def _like(t: torch.Tensor, layout: torch.Tensor, dtype=None) -> torch.Tensor:
+    """t with layout's strides (and dtype), copied only when they differ."""
+    dtype = dtype or t.dtype
+    if t.stride() == layout.stride() and t.dtype == dtype:
+        return t
+    return torch.empty_like(layout, dtype=dtype).copy_(t)
+
+
+# ---- the fused step ---------------------------------------------------------
+
+def _split_guidance(fn: str, model_output):
+    if isinstance(model_output, (tuple, list)):
+        if len(model_output) != 2:
+            raise ValueError(f"{fn}: model_output as a sequence must be (uncond, cond), got {len(model_output)} items")
+        uncond, cond = model_output
+        _ops.check_tensor(fn, "model_output[0] (uncond)", uncond)
+        _ops.check_tensor(fn, "model_output[1] (cond)", cond)
+        _ops.check_like(fn, "model_output[1] (cond)", cond, "model_output[0] (uncond)", uncond)
+        return uncond, cond
+    _ops.check_tensor(fn, "model_output", model_output)
+    return model_output, None
+
+
+def _check_step(fn: str, step, rows: int, device: torch.device):
+    if isinstance(step, torch.Tensor):
+        if step.dtype != torch.int64 or step.dim() != 0:
+            raise TypeError(f"{fn}: step must be an int or a 0-d int64 tensor, got {step.dtype} of shape "
+                            f"{tuple(step.shape)}")
+        if step.device != device:
+            raise ValueError(f"{fn}: step must be on the device of sample ({device}), got {step.device}")
+        return 0, step
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"{fn}: step must be an int or a 0-d int64 tensor, got {type(step).__name__}")
+    if not 0 <= step < rows:
+        raise ValueError(f"{fn}: step must be in [0, {rows}) (rows of coefficients), got {step}")
+    return step, None
+
+
+def sampler_step(sample: torch.Tensor, model_output, coefficients: torch.Tensor, step=0, *,
+                 guidance_scale: float = 1.0, guidance_rescale: float = 0.0, stochastic: bool = False,
+                 noise: torch.Tensor | None = None, seed=None, offset: int = 0,
+                 history: torch.Tensor | None = None, history2: torch.Tensor | None = None,
+                 clip: float = 0.0, return_x0: bool = False):
+    """One sampler step as one kernel: guidance, prediction conversion, update, noise.
+
+    Parameters
+    ----------
+    sample : Tensor, any shape (B, ...), fp32/fp16/bf16 (fp64 runs on the reference)
+        x_t. Contiguous or any dense layout (channels_last): the step runs in memory order.
+    model_output : Tensor of sample's shape and dtype, or a pair (uncond, cond)
+        The model's prediction; a pair applies classifier-free guidance
+        ``uncond + guidance_scale * (cond - uncond)`` inside the kernel.
+    coefficients : Tensor (S, NCOEF) or (NCOEF,), fp32, on sample's device
+        The step's affine map, one row per step (``*_coefficients`` build them).
+    step : int or 0-d int64 tensor on sample's device
+        The row to use; a tensor is read on the device (CUDA-graph replay).
+    guidance_scale : float
+    guidance_rescale : float in [0, 1]
+        diffusers' ``rescale_noise_cfg`` factor (needs a pair); costs a reduction pass.
+    stochastic : bool
+        Whether the coefficients use noise; then ``noise`` or the stream (seed, offset) supplies it.
+    noise : Tensor of sample's shape, any float dtype, optional
+        Use this noise (e.g. diffusers' ``variance_noise``) instead of drawing it.
+    seed : int, 0-d int64 tensor or None
+        Noise key (``genfast.rng``); element i in memory order uses ``offset + row * numel + i``.
+    offset : int
+    history, history2 : Tensor of sample's shape, dtype and strides, optional
+        Multistep state, updated in place.
+    clip : float
+        > 0 clamps the predicted x0 to [-clip, clip] (diffusers' clip_sample).
+    return_x0 : bool
+        Also return the predicted clean sample (diffusers' pred_original_sample).
+
+    Returns
+    -------
+    prev : Tensor, shape, dtype and layout of sample; or (prev, x0) when return_x0.
+    """
+    fn = "sampler_step"
+    _ops.check_tensor(fn, "sample", sample)
+    uncond, cond = _split_guidance(fn, model_output)
+    _ops.check_like(fn, "model_output", uncond, "sample", sample)
+    _ops.check_tensor(fn, "coefficients", coefficients, dtypes=(torch.float32,))
+    if coefficients.dim() == 1:
+        coefficients = coefficients.unsqueeze(0)
+    if coefficients.dim() != 2 or coefficients.shape[1] != NCOEF:
+        raise ValueError(f"{fn}: coefficients must have shape (steps, {NCOEF}), got {tuple(coefficients.shape)}")
+    if coefficients.device != sample.device:
+        raise ValueError(f"{fn}: coefficients must be on the device of sample ({sample.device}), "
+                         f"got {coefficients.device}")
+    row, row_tensor = _check_step(fn, step, coefficients.shape[0], sample.device)
+    if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
+        raise TypeError(f"{fn}: guidance_scale must be a float, got {type(guidance_scale).__name__}")
+    if not isinstance(guidance_rescale, (int, float)) or not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"{fn}: guidance_rescale must be a float in [0, 1], got {guidance_rescale!r}")
+    if guidance_rescale > 0 and cond is None:
+        raise ValueError(f"{fn}: guidance_rescale > 0 needs model_output as a pair (uncond, cond)")
+    if not isinstance(clip, (int, float)) or clip < 0 or math.isnan(clip):
+        raise ValueError(f"{fn}: clip must be a float >= 0 (0: no clipping), got {clip!r}")
+    numel = sample.numel()
+    if guidance_rescale > 0 and (sample.dim() < 2 or numel // max(sample.shape[0], 1) < 2):
+        raise ValueError(f"{fn}: guidance_rescale needs a batch dimension and >= 2 elements per sample, "
+                         f"got shape {tuple(sample.shape)}")
+    for name, h in (("history", history), ("history2", history2)):
+        if h is not None:
+            _ops.check_tensor(fn, name, h)
+            _ops.check_like(fn, name, h, "sample", sample)
+    if noise is not None:
+        _ops.check_tensor(fn, "noise", noise)
+        _ops.check_like(fn, "noise", noise, "sample", sample, dtype=False)
+    draw = bool(stochastic) and noise is None
+    seed_int, seed_tensor = normalize_seed(fn, seed, sample.device) if draw else (0, None)
+    offset = check_offset(fn, offset, numel * coefficients.shape[0])
+
+    # One memory order for every tensor; history (updated in place) cannot be re-laid.
+    layout = sample
+    if not _is_dense(sample) or (guidance_rescale > 0 and not _batch_outermost(sample)):
+        layout = sample.contiguous()
+    for name, h in (("history", history), ("history2", history2)):
+        if h is not None and h.stride() != layout.stride():
+            raise ValueError(f"{fn}: {name} must have the strides of a dense sample {layout.stride()} "
+                             f"(allocate it with torch.zeros_like(sample)), got {h.stride()}")
+    uncond = _like(uncond, layout)
+    cond = _like(cond, layout) if cond is not None else None
+    noise = _like(noise, layout, torch.float32 if sample.dtype != torch.float64 else torch.float64) \
+        if noise is not None else None
+    coefficients = coefficients.contiguous()
+    factor = None
+    if guidance_rescale > 0:
+        factor = guidance_rescale_factor_op(uncond, cond, float(guidance_scale), float(guidance_rescale))
+    prev, x0 = sampler_step_op(layout, uncond, cond, noise, history, history2, coefficients, row, row_tensor,
+                               float(guidance_scale), factor, float(clip), draw, seed_int, seed_tensor, offset,
+                               bool(return_x0))
+    return (prev, x0) if return_x0 else prev
+
+
+def guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0):
+    """Classifier-free guidance alone, ``uncond + g (cond - uncond)`` (then rescaled),
+    through the same kernel (an identity step): for pipelines whose step is not fused."""
+    table = identity_coefficients().to(uncond.device)
+    zeros = torch.zeros_like(table)
+    zeros[0, COEF["pm"]] = 1.0
+    return sampler_step(uncond, (uncond, cond), zeros, guidance_scale=guidance_scale,
+                        guidance_rescale=guidance_rescale)
+
+
+# ---- coefficient tables -----------------------------------------------------
+
+def _f64(v, device=None) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=torch.float64, device=device)
+
+
+def _table(rows: int, device, **cols) -> torch.Tensor:
+    """An fp64 (rows, NCOEF) table with the named columns set (scalars broadcast)."""
+    table = torch.zeros((rows, NCOEF), dtype=torch.float64, device=device)
+    for name, v in cols.items():
+        table[:, COEF[name]] = v
+    return table
+
+
+def identity_coefficients() -> torch.Tensor:
+    """prev = sample, x0 = sample: a (1, NCOEF) fp32 table."""
+    return _table(1, None, ax=1.0, px=1.0).float()
+
+
+def x0_coefficients(prediction_type: str, alpha, sigma):
+    """(ax, am) with x0 = ax x + am m for x = alpha x0 + sigma eps (variance-preserving
+    alpha^2 + sigma^2 = 1, or flow alpha = 1 - sigma): epsilon, v_prediction, sample, flow_prediction."""
+    alpha, sigma = _f64(alpha), _f64(sigma, alpha.device)
+    if prediction_type == "epsilon":
+        return 1.0 / alpha, -sigma / alpha
+    if prediction_type == "v_prediction":
+        return alpha, -sigma
+    if prediction_type in ("sample", "original_sample"):
+        return torch.zeros_like(alpha), torch.ones_like(alpha)
+    if prediction_type == "flow_prediction":
+        return torch.ones_like(alpha), -sigma
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES + ('flow_prediction',)}, "
+                     f"got {prediction_type!r}")
+
+
+def euler_coefficients(sigma, sigma_next, prediction_type: str = "epsilon", gamma=0.0, s_noise: float = 1.0):
+    """EulerDiscrete (k-diffusion ``sample_euler``) on sigmas: one row per step.
+
+    sigma, sigma_next : 1-D (steps,) the noise levels of the step; gamma (churn,
+    ``min(s_churn / steps, sqrt 2 - 1)`` where applied) raises sigma to
+    sigma_hat = sigma (1 + gamma) with noise ``s_noise * sqrt(sigma_hat^2 - sigma^2)``
+    first. Returns fp64 (steps, NCOEF); x0 is diffusers' pred_original_sample.
+    """
+    sigma = _f64(sigma).reshape(-1)
+    sigma_next = _f64(sigma_next, sigma.device).reshape(-1)
+    gamma = _f64(gamma, sigma.device).expand_as(sigma)
+    s_hat = sigma * (gamma + 1.0)
+    k = s_noise * torch.sqrt((s_hat**2 - sigma**2).clamp_min(0.0))
+    dt = sigma_next - s_hat
+    if prediction_type == "epsilon":
+        ax, am, px, pm = torch.ones_like(sigma), -s_hat, torch.ones_like(sigma), dt
+    elif prediction_type == "v_prediction":
+        s2 = sigma**2 + 1.0
+        ax, am = 1.0 / s2, -sigma / torch.sqrt(s2)
+        ratio = dt / s_hat  # prev = x + (x - x0) dt / sigma_hat
+        px, pm = 1.0 + ratio * (1.0 - ax), -ratio * am
+    elif prediction_type in ("sample", "original_sample"):
+        ax, am = torch.zeros_like(sigma), torch.ones_like(sigma)
+        ratio = dt / s_hat
+        px, pm = 1.0 + ratio, -ratio
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    # the churn noise enters x before the prediction: x' = x + k n
+    return _table(sigma.numel(), sigma.device, ax=ax, am=am, an=ax * k, px=px, pm=pm, pn=px * k)
+
+
+def euler_ancestral_coefficients(sigma, sigma_next, prediction_type: str = "epsilon"):
+    """EulerAncestralDiscrete: an Euler step to sigma_down, then noise of std sigma_up."""
+    sigma = _f64(sigma).reshape(-1)
+    sigma_next = _f64(sigma_next, sigma.device).reshape(-1)
+    sigma_up = torch.sqrt((sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).clamp_min(0.0))
+    sigma_down = torch.sqrt((sigma_next**2 - sigma_up**2).clamp_min(0.0))
+    table = euler_coefficients(sigma, sigma_down, prediction_type)
+    table[:, COEF["pn"]] = sigma_up
+    return table
+
+
+def ddim_coefficients(alpha_prod_t, alpha_prod_t_prev, prediction_type: str = "epsilon", eta: float = 0.0,
+                      clip: bool = False, use_clipped_model_output: bool = False):
+    """DDIM: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - std^2) eps + std n, std = eta sigma_t.
+
+    alpha_prod_t, alpha_prod_t_prev : 1-D (steps,) cumulative alphas of the step.
+    clip : whether the kernel clamps x0 (then x0 enters the update through p0).
+    """
+    a = _f64(alpha_prod_t).reshape(-1)
+    ap = _f64(alpha_prod_t_prev, a.device).reshape(-1)
+    beta = 1.0 - a
+    variance = (1.0 - ap) / beta * (1.0 - a / ap)
+    std = eta * torch.sqrt(variance.clamp_min(0.0))
+    direction = torch.sqrt((1.0 - ap - std**2).clamp_min(0.0))
+    sa, sb, sap = torch.sqrt(a), torch.sqrt(beta), torch.sqrt(ap)
+    ax, am = x0_coefficients(prediction_type, sa, sb)
+    if prediction_type == "epsilon":
+        ex, em = torch.zeros_like(a), torch.ones_like(a)
+    elif prediction_type == "v_prediction":
+        ex, em = sb, sa
+    else:  # sample
+        ex, em = 1.0 / sb, -sa / sb
+    cols = dict(ax=ax, am=am, pn=std)
+    if not clip:
+        cols.update(px=sap * ax + direction * ex, pm=sap * am + direction * em)
+    elif use_clipped_model_output:  # eps re-derived from the clipped x0
+        cols.update(px=direction / sb, p0=sap - direction * sa / sb)
+    else:
+        cols.update(px=direction * ex, pm=direction * em, p0=sap)
+    return _table(a.numel(), a.device, **cols)
+
+
+def dpm_solver_coefficients(alpha_t, sigma_t, alpha_s0, sigma_s0, alpha_s1, sigma_s1, order, *,
+                            x0_ax, x0_am, algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint"):
+    """DPM-Solver++ (2M) and SDE-DPM-Solver++ (2M SDE), data-prediction form.
+
+    alpha/sigma : 1-D (steps,) at the target t, the current s0 and the previous s1.
+    order : 1-D (steps,) 1 or 2 per step. x0_ax, x0_am : the model-output
+    conversion at s0 (``x0_coefficients``). The history buffer holds the previous
+    step's x0; the kernel writes the current one into it.
+    """
+    at, st = _f64(alpha_t).reshape(-1), _f64(sigma_t).reshape(-1)
+    as0, ss0 = _f64(alpha_s0).reshape(-1), _f64(sigma_s0).reshape(-1)
+    as1, ss1 = _f64(alpha_s1).reshape(-1), _f64(sigma_s1).reshape(-1)
+    order = torch.as_tensor(order, device=at.device).reshape(-1)
+    with torch.no_grad():
+        lam_t, lam_s0, lam_s1 = torch.log(at) - torch.log(st), torch.log(as0) - torch.log(ss0), \
+            torch.log(as1) - torch.log(ss1)
+    h, h0 = lam_t - lam_s0, lam_s0 - lam_s1
+    second = order >= 2
+    inv_r0 = torch.where(second, h / torch.where(second, h0, 1.0), 0.0)  # 1 / r0, 0 on first-order rows
+    if algorithm_type == "dpmsolver++":
+        em1 = torch.expm1(-h)  # e^-h - 1 without cancellation at small h
+        px, pn = st / ss0, torch.zeros_like(at)
+        d0 = -at * em1
+        if solver_type == "midpoint":
+            d1 = -0.5 * at * em1
+        elif solver_type == "heun":
+            d1 = at * (em1 / h + 1.0)
+        else:
+            raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    elif algorithm_type == "sde-dpmsolver++":
+        one_m = -torch.expm1(-2.0 * h)  # 1 - e^-2h
+        px, pn = st / ss0 * torch.exp(-h), st * torch.sqrt(one_m)
+        d0 = at * one_m
+        if solver_type == "midpoint":
+            d1 = 0.5 * at * one_m
+        elif solver_type == "heun":
+            d1 = at * (one_m / (-2.0 * h) + 1.0)
+        else:
+            raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    else:
+        raise ValueError(f"algorithm_type must be 'dpmsolver++' or 'sde-dpmsolver++', got {algorithm_type!r}")
+    # D1 = (x0 - h1) / r0 goes to the kernel's difference term, as diffusers computes it.
+    pd = torch.where(second, d1 * inv_r0, 0.0)
+    px = torch.nan_to_num(px)  # sigma_t = 0 at the end of a "zero" schedule: 0 / s, no inf
+    return _table(at.numel(), at.device, ax=_f64(x0_ax, at.device).reshape(-1),
+                  am=_f64(x0_am, at.device).reshape(-1), px=px, p0=d0, pn=pn, pd=pd, h10=1.0)
+
+
+def flow_match_euler_coefficients(sigma, sigma_next, stochastic: bool = False):
+    """FlowMatchEulerDiscrete: prev = x + (sigma_next - sigma) v, or with
+    stochastic sampling prev = (1 - sigma_next) x0 + sigma_next n, x0 = x - sigma v."""
+    sigma = _f64(sigma).reshape(-1)
+    sigma_next = _f64(sigma_next, sigma.device).reshape(-1)
+    if stochastic:
+        keep = 1.0 - sigma_next
+        return _table(sigma.numel(), sigma.device, ax=1.0, am=-sigma, px=keep, pm=-keep * sigma, pn=sigma_next)
+    return _table(sigma.numel(), sigma.device, ax=1.0, am=-sigma, px=1.0, pm=sigma_next - sigma)
+
+
+# ---- steps with scalar coefficients -----------------------------------------
+
+def _device_of(sample: torch.Tensor, *values) -> torch.device:
+    """Where to compute coefficients: on the device of a tensor argument (no host
+    sync for 0-d device tensors), else on the host."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                raise ValueError(f"scalar coefficients must be floats or 1-element tensors, got shape {tuple(v.shape)}")
+            return v.device
+    return torch.device("cpu")
+
+
+def _row_to(table: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    return table.to(device=sample.device, dtype=torch.float32)
+
+
+def euler_step(sample, model_output, sigma, sigma_next, *, prediction_type: str = "epsilon", gamma: float = 0.0,
+               s_noise: float = 1.0, **kwargs):
+    """One EulerDiscrete step from sigma to sigma_next (floats or 0-d tensors).
+
+    ``model_output`` may be (uncond, cond); ``kwargs`` are those of :func:`sampler_step`
+    (guidance_scale, guidance_rescale, noise, seed, offset, return_x0). gamma > 0 is
+    diffusers' churn (``s_churn``): noise is then drawn or taken from ``noise``.
+    """
+    dev = _device_of(sample, sigma, sigma_next)
+    table = euler_coefficients(_f64(sigma, dev), _f64(sigma_next, dev), prediction_type, gamma, s_noise)
+    return sampler_step(sample, model_output, _row_to(table, sample), stochastic=float(gamma) > 0, **kwargs)
+
+
+def euler_ancestral_step(sample, model_output, sigma, sigma_next, *, prediction_type: str = "epsilon", **kwargs):
+    """One EulerAncestralDiscrete step (always stochastic)."""
+    dev = _device_of(sample, sigma, sigma_next)
+    table = euler_ancestral_coefficients(_f64(sigma, dev), _f64(sigma_next, dev), prediction_type)
+    return sampler_step(sample, model_output, _row_to(table, sample), stochastic=True, **kwargs)
+
+
+def ddim_step(sample, model_output, alpha_prod_t, alpha_prod_t_prev, *, prediction_type: str = "epsilon",
+              eta: float = 0.0, clip_sample_range: float | None = None, use_clipped_model_output: bool = False,
+              **kwargs):
+    """One DDIM step between cumulative alphas (floats or 0-d tensors); eta > 0 adds noise."""
+    dev = _device_of(sample, alpha_prod_t, alpha_prod_t_prev)
+    clip = clip_sample_range is not None
+    table = ddim_coefficients(_f64(alpha_prod_t, dev), _f64(alpha_prod_t_prev, dev), prediction_type, eta, clip,
+                              use_clipped_model_output)
+    return sampler_step(sample, model_output, _row_to(table, sample), stochastic=eta > 0,
+                        clip=float(clip_sample_range) if clip else 0.0, **kwargs)
+
+
+def vp_alpha_sigma(sigma):
+    """(alpha_t, sigma_t) of a variance-preserving model at Karras sigma: alpha = 1 / sqrt(sigma^2 + 1)."""
+    sigma = _f64(sigma)
+    alpha = 1.0 / torch.sqrt(sigma**2 + 1.0)
+    return alpha, sigma * alpha
+
+
+def dpmpp_2m_step(sample, model_output, history, sigma, sigma_next, sigma_prev=None, *,
+                  prediction_type: str = "epsilon", sde: bool = False, solver_type: str = "midpoint", **kwargs):
+    """One DPM++ 2M (or 2M SDE) step on Karras sigmas of a variance-preserving model.
+
+    history : Tensor of sample's shape/dtype: the previous step's x0, replaced by this
+    step's. sigma_prev None makes the step first order (the first step). sigmas are
+    floats or 0-d tensors; ``kwargs`` as for :func:`sampler_step`.
+    """
+    dev = _device_of(sample, sigma, sigma_next, sigma_prev)
+    first = sigma_prev is None
+    at, st = vp_alpha_sigma(_f64(sigma_next, dev))
+    a0, s0 = vp_alpha_sigma(_f64(sigma, dev))
+    a1, s1 = (a0, s0) if first else vp_alpha_sigma(_f64(sigma_prev, dev))
+    ax, am = x0_coefficients(prediction_type, a0, s0)
+    table = dpm_solver_coefficients(at, st, a0, s0, a1, s1, torch.tensor([1 if first else 2], device=dev),
+                                    x0_ax=ax, x0_am=am, solver_type=solver_type,
+                                    algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++")
+    return sampler_step(sample, model_output, _row_to(table, sample), stochastic=sde, history=history, **kwargs)
+
+
+def flow_match_euler_step(sample, model_output, sigma, sigma_next, *, stochastic: bool = False, **kwargs):
+    """One FlowMatchEulerDiscrete step (SD3, FLUX): prev = x + (sigma_next - sigma) v."""
+    dev = _device_of(sample, sigma, sigma_next)
+    table = flow_match_euler_coefficients(_f64(sigma, dev), _f64(sigma_next, dev), stochastic)
+    return sampler_step(sample, model_output, _row_to(table, sample), stochastic=stochastic, **kwargs)
+
+
+# ---- a k-diffusion-style loop -----------------------------------------------
+
+SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde")
+
+
+def sample(model_fn: Callable[[torch.Tensor, torch.Tensor], object], x: torch.Tensor, sigmas: Sequence[float] |
+           torch.Tensor, sampler: str = "dpmpp_2m", *, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+           seed=None, offset: int = 0, callback: Callable | None = None) -> torch.Tensor:
+    """k-diffusion-style sampling: ``model_fn(x, sigma)`` returns the denoised x0
+    (or a pair (uncond, cond) of them, guided in the step), x = x0 + sigma eps.
+
+    sigmas : 1-D (steps + 1,), decreasing, usually ending in 0. The coefficient
+    table is built once; each step is one kernel launch.
+    """
+    fn = "sample"
+    _ops.check_choice(fn, "sampler", sampler, SAMPLERS)
+    sig = _f64(torch.as_tensor(sigmas).detach().cpu()).reshape(-1)
+    if sig.numel() < 2:
+        raise ValueError(f"{fn}: sigmas needs at least 2 values, got {sig.numel()}")
+    cur, nxt = sig[:-1], sig[1:]
+    history = None
+    stochastic = sampler in ("euler_ancestral", "dpmpp_2m_sde")
+    if sampler == "euler":
+        table = euler_coefficients(cur, nxt, "sample")
+    elif sampler == "euler_ancestral":
+        table = euler_ancestral_coefficients(cur, nxt, "sample")
+    else:
+        ones = torch.ones_like(cur)
+        # k-diffusion's variance-exploding form: alpha = 1, sigma_t = sigma; the last
+        # step to sigma = 0 and the first step are first order, as in k-diffusion.
+        prev = torch.cat([cur[:1], cur[:-1]])
+        order = torch.full_like(cur, 2, dtype=torch.int64)
+        order[0] = 1
+        order[nxt == 0] = 1
+        table = dpm_solver_coefficients(ones, nxt, ones, cur, ones, prev, order, x0_ax=0.0, x0_am=1.0,
+                                        algorithm_type="sde-dpmsolver++" if sampler == "dpmpp_2m_sde"
+                                        else "dpmsolver++")
+        history = torch.zeros_like(x)
+    table = table.to(device=x.device, dtype=torch.float32)
+    if stochastic and seed is None:
+        seed = normalize_seed(fn, seed, x.device)[0]  # one key for the whole loop; the row moves the counters
+    sig_dev = sig.to(device=x.device, dtype=x.dtype if x.dtype != torch.float64 else torch.float64)
+    for i in range(cur.numel()):
+        out = model_fn(x, sig_dev[i])
+        x = sampler_step(x, out, table, i, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                         stochastic=stochastic, seed=seed if stochastic else None, offset=offset, history=history)
+        if callback is not None:
+            callback(i, x)
+    return x

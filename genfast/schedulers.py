@@ -1,0 +1,520 @@
+"""Drop-in twins of diffusers' schedulers whose ``step()`` is one fused kernel.
+
+    pipe.scheduler = genfast.schedulers.from_diffusers(pipe.scheduler)
+
+Each twin subclasses the diffusers scheduler of the same name, so the
+constructor, ``from_config`` (both ways), ``set_timesteps``, ``timesteps``,
+``sigmas``, ``init_noise_sigma``, ``scale_model_input`` and ``add_noise`` are
+diffusers' own. ``step()`` keeps diffusers' signature and return type and runs
+``genfast.diffusion.sampler_step`` instead: guidance (``step_with_guidance``),
+prediction conversion, the update and the noise in one kernel.
+
+Coefficients: after ``set_timesteps`` the twin computes every step's
+coefficients in fp64 on the host from diffusers' own schedule, once, and keeps
+them as an fp32 table on the sample's device (re-built only when a per-call
+option that changes them, such as ``eta`` or ``s_churn``, changes). A step
+passes its row; with ``device_step_counter = True`` the row is a 0-d int64
+device tensor the kernel reads and the step advances in place, so one captured
+step replays for the whole loop. No step reads a device value on the host,
+except diffusers' own lookup of the first step's timestep in the schedule
+(skipped when ``set_begin_index`` was called, as pipelines do).
+
+Noise: ``generator`` or ``variance_noise`` produce exactly diffusers' noise
+(the same ``randn_tensor`` call), so results match diffusers; without them the
+kernel draws from genfast's stream with a seed drawn from torch's default
+generator at ``set_timesteps`` (``torch.manual_seed`` governs it; ``noise_seed``
+may be set to an int or a 0-d int64 device tensor).
+
+Multistep state (DPM++ 2M) is one buffer of the previous x0 that the kernel
+updates in place; ``model_outputs`` (diffusers' list) is not maintained.
+
+Configurations the kernel does not cover (dynamic thresholding, third-order
+DPM-Solver, noise-prediction DPM-Solver, learned variance, per-token
+timesteps) run diffusers' own ``step`` unchanged: a twin is never wrong, only
+sometimes not faster (``fused`` says which).
+
+diffusers is an optional dependency: the twin classes are created on first
+access, which imports it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import diffusion as D
+
+SUPPORTED = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler",
+             "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler")
+_classes: dict[str, type] = {}
+
+
+def __getattr__(name: str):
+    if name in SUPPORTED:
+        if name not in _classes:
+            _classes[name] = _BUILDERS[name]()
+        return _classes[name]
+    raise AttributeError(f"module 'genfast.schedulers' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(SUPPORTED))
+
+
+def from_diffusers(scheduler):
+    """The fused twin of a diffusers scheduler instance, with its config and state.
+
+    Raises ValueError for a scheduler class without a twin (see ``SUPPORTED``).
+    """
+    name = type(scheduler).__name__
+    if getattr(type(scheduler), "_genfast_twin", False):
+        return scheduler
+    if name not in SUPPORTED:
+        raise ValueError(f"from_diffusers: no fused twin for {name}; supported: {SUPPORTED}")
+    cls = __getattr__(name)
+    twin = cls.__new__(cls)
+    twin.__dict__.update(scheduler.__dict__)
+    twin._gf_reset()
+    return twin
+
+
+# ---- the shared machinery ---------------------------------------------------
+
+class _Fused:
+    """Mixed into every twin: table cache, checks, the fused call, step counters."""
+
+    _genfast_twin = True
+    device_step_counter = False  # True: the row is a device tensor the step advances (CUDA-graph replay)
+
+    def _gf_reset(self):
+        self._gf_tables = {}
+        self._gf_history = None
+        self._gf_row = None
+        self._gf_host = None  # host fp64 copies of the schedule, taken at set_timesteps
+        self.noise_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._gf_reset()
+
+    @property
+    def fused(self) -> bool:
+        """Whether step() runs the fused kernel for this config (else diffusers' step)."""
+        return self._gf_supported() is None
+
+    def _gf_supported(self):
+        """None, or the reason this config falls back to diffusers' step."""
+        return None
+
+    def _gf_check(self, model_output, sample, name="model_output"):
+        fn = f"{type(self).__name__}.step"
+        if getattr(self, "num_inference_steps", None) is None:
+            raise ValueError(f"{fn}: call set_timesteps before step")
+        for arg, t in ((name, model_output), ("sample", sample)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"{fn}: {name} must have the shape of sample {tuple(sample.shape)}, "
+                             f"got {tuple(model_output.shape)}")
+        if model_output.device != sample.device:
+            raise ValueError(f"{fn}: {name} must be on the device of sample ({sample.device}), "
+                             f"got {model_output.device}")
+
+    def _gf_index_of(self, timestep) -> int:
+        """The row of ``timestep`` in the schedule (diffusers' rule: the second match
+        if it appears twice); ValueError if it is not in the schedule."""
+        schedule = self.timesteps
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(schedule.device)
+        indices = (schedule == timestep).nonzero()  # one host sync, at the first step only
+        if len(indices) == 0:
+            t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+            raise ValueError(f"{type(self).__name__}.step: timestep {t} is not in the schedule "
+                             f"(scheduler.timesteps)")
+        return int(indices[1 if len(indices) > 1 else 0].item())
+
+    def _gf_init_step_index(self, timestep) -> None:
+        if self.step_index is None:
+            self._step_index = self._begin_index if self.begin_index is not None else self._gf_index_of(timestep)
+
+    def _gf_table(self, key, device, build):
+        """The fp32 coefficient table on ``device`` (built once per schedule and key) and
+        the host-side facts about its rows that build returned (plain Python values,
+        so step() never inspects a tensor on the host)."""
+        entry = self._gf_tables.get((key, device))
+        if entry is None:
+            table, meta = build()
+            entry = (table.to(device=device, dtype=torch.float32), meta)
+            self._gf_tables[(key, device)] = entry
+        return entry
+
+    def _gf_step_arg(self, row: int, device):
+        if not self.device_step_counter:
+            return row
+        if self._gf_row is None or self._gf_row.device != device:
+            self._gf_row = torch.tensor(row, dtype=torch.int64, device=device)
+        return self._gf_row
+
+    def _gf_advance(self):
+        if self.device_step_counter and self._gf_row is not None:
+            self._gf_row.add_(1)
+
+    def _gf_run(self, model_output, sample, table, row, *, guidance=None, stochastic=False, noise=None,
+                history=None, clip=0.0, return_x0=False):
+        """The fused step; model_output is a tensor or (uncond, cond); guidance = (scale, rescale)."""
+        out_dtype = (model_output[0] if isinstance(model_output, tuple) else model_output).dtype
+        if out_dtype != sample.dtype:  # diffusers computes in fp32 and returns the model's dtype
+            sample = sample.to(out_dtype)
+        scale, rescale = guidance if guidance is not None else (1.0, 0.0)
+        result = D.sampler_step(sample, model_output, table, self._gf_step_arg(row, sample.device),
+                                guidance_scale=scale, guidance_rescale=rescale, stochastic=stochastic,
+                                noise=noise, seed=self.noise_seed, history=history, clip=clip, return_x0=return_x0)
+        self._gf_advance()
+        return result
+
+    def _gf_noise(self, shape, generator, device, dtype):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def step_with_guidance(self, noise_uncond, noise_cond, timestep, sample, guidance_scale,
+                           guidance_rescale: float = 0.0, **kwargs):
+        """``step()`` on ``uncond + guidance_scale (cond - uncond)`` (rescaled as diffusers'
+        ``rescale_noise_cfg`` when guidance_rescale > 0), guidance fused into the step.
+        ``kwargs`` are ``step()``'s (generator, return_dict, eta, ...)."""
+        fn = f"{type(self).__name__}.step_with_guidance"
+        for arg, t in (("noise_uncond", noise_uncond), ("noise_cond", noise_cond)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if noise_cond.shape != noise_uncond.shape:
+            raise ValueError(f"{fn}: noise_cond must have the shape of noise_uncond {tuple(noise_uncond.shape)}, "
+                             f"got {tuple(noise_cond.shape)}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"{fn}: guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        if not self.fused:  # the pipeline's ops, then diffusers' step
+            guided = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            if guidance_rescale > 0:
+                dims = list(range(1, guided.dim()))
+                factor = noise_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+                guided = guidance_rescale * guided * factor + (1 - guidance_rescale) * guided
+            return self.step(guided, timestep, sample, **kwargs)
+        return self._step(_Guided(noise_uncond, noise_cond, guidance_scale, guidance_rescale), timestep, sample,
+                          **kwargs)
+
+
+class _Guided:
+    """A (uncond, cond) model output with its guidance parameters, passed to _step."""
+
+    def __init__(self, uncond, cond, scale, rescale):
+        self.uncond, self.cond, self.scale, self.rescale = uncond, cond, float(scale), float(rescale)
+        self.shape, self.device, self.dtype = uncond.shape, uncond.device, uncond.dtype
+
+
+def _unpack(model_output):
+    """(model_output for sampler_step, guidance or None, a tensor for shape/dtype checks)."""
+    if isinstance(model_output, _Guided):
+        return (model_output.uncond, model_output.cond), (model_output.scale, model_output.rescale), \
+            model_output.uncond
+    return model_output, None, model_output
+
+
+def _host(t) -> torch.Tensor:
+    return torch.as_tensor(t).detach().to("cpu", torch.float64)
+
+
+# ---- EulerDiscrete ----------------------------------------------------------
+
+def _euler_class():
+    import diffusers
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+
+    class EulerDiscreteScheduler(_Fused, diffusers.EulerDiscreteScheduler):
+        """diffusers' EulerDiscreteScheduler with a fused ``step()``."""
+
+        def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, return_dict: bool = True):
+            return self._step(model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator,
+                              return_dict)
+
+        def _step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+                  s_noise=1.0, generator=None, return_dict=True):
+            mo, guidance, probe = _unpack(model_output)
+            if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+                raise ValueError("EulerDiscreteScheduler.step: pass one of scheduler.timesteps as timestep, "
+                                 "not an integer index")
+            self._gf_check(probe, sample)
+            self._gf_init_step_index(timestep)
+
+            def build():
+                sigmas = _host(self.sigmas)
+                gammas = torch.where((s_tmin <= sigmas[:-1]) & (sigmas[:-1] <= s_tmax),
+                                     min(s_churn / (len(sigmas) - 1), 2**0.5 - 1), 0.0)
+                table = D.euler_coefficients(sigmas[:-1], sigmas[1:], self.config.prediction_type, gammas, s_noise)
+                return table, (gammas > 0).tolist()
+
+            table, stochastic_rows = self._gf_table(("euler", s_churn, s_tmin, s_tmax, s_noise), sample.device,
+                                                    build)
+            row = self.step_index
+            stochastic = stochastic_rows[row]
+            noise = self._gf_noise(probe.shape, generator, probe.device, probe.dtype) \
+                if stochastic and generator is not None else None
+            prev, x0 = self._gf_run(mo, sample, table, row, guidance=guidance, stochastic=stochastic, noise=noise,
+                                    return_x0=True)
+            self._step_index += 1
+            if not return_dict:
+                return prev, x0
+            return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    return EulerDiscreteScheduler
+
+
+# ---- EulerAncestralDiscrete -------------------------------------------------
+
+def _euler_ancestral_class():
+    import diffusers
+    from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+
+    class EulerAncestralDiscreteScheduler(_Fused, diffusers.EulerAncestralDiscreteScheduler):
+        """diffusers' EulerAncestralDiscreteScheduler with a fused ``step()``."""
+
+        def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
+            return self._step(model_output, timestep, sample, generator, return_dict)
+
+        def _step(self, model_output, timestep, sample, generator=None, return_dict=True):
+            mo, guidance, probe = _unpack(model_output)
+            if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+                raise ValueError("EulerAncestralDiscreteScheduler.step: pass one of scheduler.timesteps as "
+                                 "timestep, not an integer index")
+            self._gf_check(probe, sample)
+            self._gf_init_step_index(timestep)
+            table, _ = self._gf_table(("euler_a",), sample.device, lambda: (D.euler_ancestral_coefficients(
+                _host(self.sigmas)[:-1], _host(self.sigmas)[1:], self.config.prediction_type), None))
+            noise = self._gf_noise(probe.shape, generator, probe.device, probe.dtype) if generator is not None \
+                else None
+            prev, x0 = self._gf_run(mo, sample, table, self.step_index, guidance=guidance, stochastic=True,
+                                    noise=noise, return_x0=True)
+            self._step_index += 1
+            if not return_dict:
+                return prev, x0
+            return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    return EulerAncestralDiscreteScheduler
+
+
+# ---- DDIM -------------------------------------------------------------------
+
+def _ddim_class():
+    import diffusers
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
+    class DDIMScheduler(_Fused, diffusers.DDIMScheduler):
+        """diffusers' DDIMScheduler with a fused ``step()``.
+
+        diffusers' DDIM looks its coefficients up by timestep value; the twin finds
+        the timestep's row in the schedule on the host when the timestep is a number
+        or a CPU tensor, and otherwise counts steps from the first (looked up once).
+        """
+
+        _gf_counter = None
+
+        def _gf_reset(self):
+            super()._gf_reset()
+            self._gf_counter = None
+
+        def _gf_supported(self):
+            return "thresholding" if self.config.thresholding else None
+
+        def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
+                 generator=None, variance_noise=None, return_dict: bool = True):
+            if not self.fused:
+                return super().step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
+                                    variance_noise, return_dict)
+            return self._step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
+                              variance_noise, return_dict)
+
+        def _row(self, timestep) -> int:
+            if not isinstance(timestep, torch.Tensor):
+                hits = np.nonzero(self._gf_host["timesteps"] == float(timestep))[0]
+                if len(hits) == 0:
+                    raise ValueError(f"DDIMScheduler.step: timestep {timestep} is not in the schedule "
+                                     f"(scheduler.timesteps)")
+                return int(hits[0])
+            # a tensor timestep may live on the device: look it up once, then count
+            return self._gf_index_of(timestep) if self._gf_counter is None else self._gf_counter
+
+        def _step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
+                  variance_noise=None, return_dict=True):
+            mo, guidance, probe = _unpack(model_output)
+            self._gf_check(probe, sample)
+            if variance_noise is not None and generator is not None:
+                raise ValueError("DDIMScheduler.step: pass generator or variance_noise, not both")
+            if self._gf_host is None:
+                self._gf_host = {"timesteps": _host(self.timesteps).numpy()}
+            row = self._row(timestep)
+
+            def build():
+                t = torch.as_tensor(self._gf_host["timesteps"]).long()
+                prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+                alphas = _host(self.alphas_cumprod)
+                a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp_min(0)], float(self.final_alpha_cumprod))
+                return D.ddim_coefficients(alphas[t], a_prev, self.config.prediction_type, eta,
+                                           bool(self.config.clip_sample), use_clipped_model_output), None
+
+            table, _ = self._gf_table(("ddim", eta, use_clipped_model_output), sample.device, build)
+            stochastic = eta > 0
+            noise = None
+            if stochastic and variance_noise is not None:
+                noise = variance_noise
+            elif stochastic and generator is not None:
+                noise = self._gf_noise(probe.shape, generator, probe.device, probe.dtype)
+            clip = float(self.config.clip_sample_range) if self.config.clip_sample else 0.0
+            prev, x0 = self._gf_run(mo, sample, table, row, guidance=guidance, stochastic=stochastic, noise=noise,
+                                    clip=clip, return_x0=True)
+            self._gf_counter = row + 1
+            if not return_dict:
+                return prev, x0
+            return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    return DDIMScheduler
+
+
+# ---- DPMSolverMultistep -----------------------------------------------------
+
+def _dpm_class():
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    class DPMSolverMultistepScheduler(_Fused, diffusers.DPMSolverMultistepScheduler):
+        """diffusers' DPMSolverMultistepScheduler with a fused ``step()`` for DPM++ 1S/2M
+        and SDE-DPM++ 1S/2M (``algorithm_type`` "dpmsolver++" / "sde-dpmsolver++",
+        ``solver_order`` 1 or 2); other configurations run diffusers' step."""
+
+        def _gf_supported(self):
+            c = self.config
+            if c.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
+                return f"algorithm_type {c.algorithm_type!r}"
+            if c.solver_order not in (1, 2):
+                return f"solver_order {c.solver_order}"
+            if c.thresholding:
+                return "thresholding"
+            if c.variance_type is not None:
+                return f"variance_type {c.variance_type!r}"
+            return None
+
+        def step(self, model_output, timestep, sample, generator=None, variance_noise=None,
+                 return_dict: bool = True):
+            if not self.fused:
+                return super().step(model_output, timestep, sample, generator, variance_noise, return_dict)
+            return self._step(model_output, timestep, sample, generator, variance_noise, return_dict)
+
+        def _orders(self, start: int) -> torch.Tensor:
+            """diffusers' choice of order per step when stepping starts at row ``start``."""
+            c, n = self.config, len(self.timesteps)
+            orders = []
+            for i in range(n):
+                done = i - start  # lower_order_nums at step i
+                final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15)
+                                        or c.final_sigmas_type == "zero")
+                if c.solver_order == 1 or done < 1 or final:
+                    orders.append(1)
+                else:
+                    orders.append(2)
+            return torch.tensor(orders)
+
+        def _build(self, start: int) -> torch.Tensor:
+            sig = _host(self.sigmas)
+            n = len(self.timesteps)
+            s0 = sig[:n]
+            st = sig[1:n + 1]
+            s1 = torch.cat([sig[:1], sig[:n - 1]])
+            at, sgt = self._sigma_to_alpha_sigma_t(st)
+            a0, sg0 = self._sigma_to_alpha_sigma_t(s0)
+            a1, sg1 = self._sigma_to_alpha_sigma_t(s1)
+            ptype = self.config.prediction_type
+            ax, am = D.x0_coefficients(ptype, a0, s0 if ptype == "flow_prediction" else sg0)
+            return D.dpm_solver_coefficients(at, sgt, a0, sg0, a1, sg1, self._orders(start), x0_ax=ax, x0_am=am,
+                                             algorithm_type=self.config.algorithm_type,
+                                             solver_type=self.config.solver_type)
+
+        def _step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
+            mo, guidance, probe = _unpack(model_output)
+            self._gf_check(probe, sample)
+            self._gf_init_step_index(timestep)
+            row = self.step_index
+            start = row - self.lower_order_nums
+            table, _ = self._gf_table(("dpm", start), sample.device, lambda: (self._build(start), None))
+            if self._gf_history is None or self._gf_history.shape != sample.shape \
+                    or self._gf_history.dtype != probe.dtype or self._gf_history.device != sample.device:
+                layout = sample if D._is_dense(sample) else sample.contiguous()
+                self._gf_history = torch.zeros_like(layout, dtype=probe.dtype)
+                last = self.model_outputs[-1] if self.lower_order_nums > 0 else None
+                if last is not None:  # taken over mid-loop from diffusers' list
+                    self._gf_history.copy_(last)
+            sde = self.config.algorithm_type == "sde-dpmsolver++"
+            noise = None
+            if sde and variance_noise is not None:
+                noise = variance_noise
+            elif sde and generator is not None:
+                noise = self._gf_noise(probe.shape, generator, probe.device, torch.float32)
+            prev = self._gf_run(mo, sample, table, row, guidance=guidance, stochastic=sde, noise=noise,
+                                history=self._gf_history)
+            if self.lower_order_nums < self.config.solver_order:
+                self.lower_order_nums += 1
+            self._step_index += 1
+            if not return_dict:
+                return (prev,)
+            return SchedulerOutput(prev_sample=prev)
+
+    return DPMSolverMultistepScheduler
+
+
+# ---- FlowMatchEulerDiscrete -------------------------------------------------
+
+def _flow_match_class():
+    import diffusers
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+
+    class FlowMatchEulerDiscreteScheduler(_Fused, diffusers.FlowMatchEulerDiscreteScheduler):
+        """diffusers' FlowMatchEulerDiscreteScheduler (SD3, FLUX) with a fused ``step()``."""
+
+        def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, per_token_timesteps=None,
+                 return_dict: bool = True):
+            if per_token_timesteps is not None:
+                return super().step(model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator,
+                                    per_token_timesteps, return_dict)
+            return self._step(model_output, timestep, sample, generator, return_dict)
+
+        def _step(self, model_output, timestep, sample, generator=None, return_dict=True):
+            mo, guidance, probe = _unpack(model_output)
+            if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+                raise ValueError("FlowMatchEulerDiscreteScheduler.step: pass one of scheduler.timesteps as "
+                                 "timestep, not an integer index")
+            self._gf_check(probe, sample)
+            if self._gf_host is None:  # the sigmas may live on the device: copied once per schedule
+                self._gf_host = {"sigmas": _host(self.sigmas)}
+            self._gf_init_step_index(timestep)
+            sig = self._gf_host["sigmas"]
+            stochastic = bool(self.config.stochastic_sampling)
+            table, _ = self._gf_table(("flow", stochastic), sample.device,
+                                      lambda: (D.flow_match_euler_coefficients(sig[:-1], sig[1:], stochastic), None))
+            noise = self._gf_noise(sample.shape, generator, sample.device, sample.dtype) \
+                if stochastic and generator is not None else None
+            prev = self._gf_run(mo, sample, table, self.step_index, guidance=guidance, stochastic=stochastic,
+                                noise=noise)
+            self._step_index += 1
+            if not return_dict:
+                return (prev,)
+            return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
+
+    return FlowMatchEulerDiscreteScheduler
+
+
+_BUILDERS = {
+    "EulerDiscreteScheduler": _euler_class,
+    "EulerAncestralDiscreteScheduler": _euler_ancestral_class,
+    "DDIMScheduler": _ddim_class,
+    "DPMSolverMultistepScheduler": _dpm_class,
+    "FlowMatchEulerDiscreteScheduler": _flow_match_class,
+}

@@ -1,0 +1,417 @@
+"""GroupNorm + activation (+ add, FiLM, residual) in Triton, forward and backward,
+NCHW and channels_last through strides.
+
+Memory traffic for x of N·C·S elements of s bytes (s = 4 for fp32); per-(n, c)
+vectors and per-(n, group) statistics are a rounding error beside it:
+
+| op | eager torch (nn.GroupNorm, F.silu, + residual) | this file |
+| --- | --- | --- |
+| forward | norm R+W (statistics are a second R on the GPU), silu R+W, add 2R+W: 5-8 passes | read x twice, write out: 3Ns (+ Ns residual) |
+| backward | autograd of the three: about 10 passes | read grad_out and x twice, write grad_x: 5Ns |
+
+Forward, three launches:
+
+1. ``_channel_moments_kernel``, grid (N, C blocks, S splits): per-channel mean
+   and M2 over a slice of the spatial positions, by tiles of
+   [BLOCK_C, BLOCK_S] merged with Chan's formula (exact in fp32: no
+   E[x^2] - E[x]^2 cancellation). Splitting S keeps the GPU full when N·C is
+   small, e.g. a VAE decoder's (1, 512, 256, 256).
+2. ``_group_finalize_kernel``, one program per (n, group): the group's mean
+   and rstd from the channel moments, then the folded per-(n, c)
+   coefficients of y = (x + d) * a + b (weight, bias, add and FiLM inside).
+3. ``_apply_kernel``: elementwise over x in memory order, activation and
+   residual fused.
+
+The backward has the same shape: per-channel sums of dy, dy·(h - mean) and
+(h - mean), a per-group finalize to coefficients P, Q, R of
+grad_h = dy·P + (h - mean)·Q + R, and an elementwise pass.
+
+Target on a GPU: >= 70% of copy bandwidth counting one read of x and one
+write. Not measured yet: written without a GPU and checked with
+``TRITON_INTERPRET=1`` against ``genfast/reference/conv.py``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACT_CODES = {"none": 0, "silu": 1, "gelu": 2, "relu": 3, "leaky_relu": 4}
+APPLY_BLOCK = 2048
+NUM_WARPS = 8
+# Tile of the moments kernels: 4096 elements, the contiguous axis at least 32 wide.
+TILE = 4096
+# Programs to aim for when S is split: enough to fill a large GPU a few times over.
+TARGET_PROGRAMS = 1024
+
+
+@triton.jit
+def _activate(y, slope, ACT: tl.constexpr):
+    if ACT == 1:
+        return y / (1.0 + tl.exp(-y))
+    elif ACT == 2:
+        return 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACT == 3:
+        # where(y > 0) would map NaN to 0; F.relu keeps it
+        return tl.where(y < 0.0, 0.0, y)
+    elif ACT == 4:
+        return tl.where(y > 0.0, y, y * slope)
+    else:
+        return y
+
+
+@triton.jit
+def _activate_grad(y, slope, ACT: tl.constexpr):
+    if ACT == 1:
+        s = 1.0 / (1.0 + tl.exp(-y))
+        return s * (1.0 + y * (1.0 - s))
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        return cdf + y * tl.exp(-0.5 * y * y) * 0.3989422804014327
+    elif ACT == 3:
+        return tl.where(y > 0.0, 1.0, 0.0)
+    elif ACT == 4:
+        return tl.where(y > 0.0, 1.0, slope)
+    else:
+        return tl.full(y.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _tile(n, c, s, C, S, s_end, CHANNELS_LAST: tl.constexpr):
+    """Offsets and mask (s < s_end) of the [BLOCK_C, BLOCK_S] tile (n, c[:, None], s[None, :])."""
+    mask = (c[:, None] < C) & (s[None, :] < s_end)
+    n64 = n.to(tl.int64)
+    if CHANNELS_LAST:
+        off = n64 * S * C + s[None, :].to(tl.int64) * C + c[:, None]
+    else:
+        off = (n64 * C + c[:, None]) * S + s[None, :]
+    return off, mask
+
+
+@triton.jit
+def _channel_moments_kernel(x_ptr, mean_ptr, m2_ptr, C, S, s_per_split, splits,
+                            CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    n, cb, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    s_begin = sp * s_per_split
+    s_end = tl.minimum(s_begin + s_per_split, S)
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    count = 0.0
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        off, mask = _tile(n, c, s, C, S, s_end, CHANNELS_LAST)
+        v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        cnt = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
+        bmean = tl.sum(v, axis=1) / cnt
+        dev = tl.where(mask, v - bmean[:, None], 0.0)
+        bm2 = tl.sum(dev * dev, axis=1)
+        total = count + cnt
+        delta = bmean - mean
+        mean += delta * (cnt / total)
+        m2 += bm2 + delta * delta * (count * cnt / total)
+        count = total
+    out = (n * C + c) * splits + sp
+    tl.store(mean_ptr + out, mean, mask=c < C)
+    tl.store(m2_ptr + out, m2, mask=c < C)
+
+
+@triton.jit
+def _fold(n, c, cmask, C, mean, rstd, w_ptr, b_ptr, add_ptr, ss_ptr,
+          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr):
+    """(a, d, b) of y = (x + d) * a + b for channels c of image n, and (w, 1 + scale)."""
+    w = tl.load(w_ptr + c, mask=cmask, other=1.0) if HAS_W else tl.full(c.shape, 1.0, tl.float32)
+    bias = tl.load(b_ptr + c, mask=cmask, other=0.0) if HAS_B else tl.zeros(c.shape, tl.float32)
+    add = tl.load(add_ptr + n * C + c, mask=cmask, other=0.0) if HAS_ADD else tl.zeros(c.shape, tl.float32)
+    if HAS_SS:
+        scale1 = 1.0 + tl.load(ss_ptr + n * 2 * C + c, mask=cmask, other=0.0)
+        shift = tl.load(ss_ptr + n * 2 * C + C + c, mask=cmask, other=0.0)
+    else:
+        scale1 = tl.full(c.shape, 1.0, tl.float32)
+        shift = tl.zeros(c.shape, tl.float32)
+    return rstd * w * scale1, add - mean, bias * scale1 + shift, w, scale1
+
+
+@triton.jit
+def _group_finalize_kernel(cmean_ptr, cm2_ptr, w_ptr, b_ptr, add_ptr, ss_ptr, mean_ptr, rstd_ptr, a_ptr, d_ptr,
+                           bb_ptr, C, S, G, Cg, s_per_split, splits, eps,
+                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    ng = tl.program_id(0)
+    n, g = ng // G, ng % G
+    total = Cg * splits
+    base = (n * C + g * Cg) * splits  # the group's (channel, split) moments are contiguous
+    # Exact two-level merge: the group mean first, then M2 about it.
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i0 in range(0, total, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        m = i < total
+        sp = i % splits
+        cnt = tl.minimum(S - sp * s_per_split, s_per_split).to(tl.float32)
+        add = tl.load(add_ptr + n * C + g * Cg + i // splits, mask=m, other=0.0) if HAS_ADD else 0.0
+        acc += tl.where(m, cnt * (tl.load(cmean_ptr + base + i, mask=m, other=0.0) + add), 0.0)
+    count = (Cg * S).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / count
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i0 in range(0, total, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        m = i < total
+        sp = i % splits
+        cnt = tl.minimum(S - sp * s_per_split, s_per_split).to(tl.float32)
+        add = tl.load(add_ptr + n * C + g * Cg + i // splits, mask=m, other=0.0) if HAS_ADD else 0.0
+        dev = tl.load(cmean_ptr + base + i, mask=m, other=0.0) + add - mean
+        acc += tl.where(m, tl.load(cm2_ptr + base + i, mask=m, other=0.0) + cnt * dev * dev, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / count + eps)
+    tl.store(mean_ptr + ng, mean)
+    tl.store(rstd_ptr + ng, rstd)
+    for c0 in range(0, Cg, BLOCK):
+        c = g * Cg + c0 + tl.arange(0, BLOCK)
+        cm = c < (g + 1) * Cg
+        a, d, b, _, _ = _fold(n, c, cm, C, mean, rstd, w_ptr, b_ptr, add_ptr, ss_ptr, HAS_W, HAS_B, HAS_ADD, HAS_SS)
+        tl.store(a_ptr + n * C + c, a, mask=cm)
+        tl.store(d_ptr + n * C + c, d, mask=cm)
+        tl.store(bb_ptr + n * C + c, b, mask=cm)
+
+
+@triton.jit
+def _coef_kernel(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, ss_ptr, a_ptr, d_ptr, bb_ptr, C, G, Cg,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """The forward's folded coefficients again, from the saved mean and rstd."""
+    ng = tl.program_id(0)
+    n, g = ng // G, ng % G
+    mean, rstd = tl.load(mean_ptr + ng), tl.load(rstd_ptr + ng)
+    for c0 in range(0, Cg, BLOCK):
+        c = g * Cg + c0 + tl.arange(0, BLOCK)
+        cm = c < (g + 1) * Cg
+        a, d, b, _, _ = _fold(n, c, cm, C, mean, rstd, w_ptr, b_ptr, add_ptr, ss_ptr, HAS_W, HAS_B, HAS_ADD, HAS_SS)
+        tl.store(a_ptr + n * C + c, a, mask=cm)
+        tl.store(d_ptr + n * C + c, d, mask=cm)
+        tl.store(bb_ptr + n * C + c, b, mask=cm)
+
+
+@triton.jit
+def _channel_index(idx, C, S, CHANNELS_LAST: tl.constexpr):
+    """n * C + c of flat element idx in memory order."""
+    if CHANNELS_LAST:
+        return (idx // (S * C)) * C + idx % C
+    else:
+        return idx // S
+
+
+@triton.jit
+def _apply_kernel(x_ptr, res_ptr, out_ptr, a_ptr, d_ptr, b_ptr, numel, C, S, slope,
+                  CHANNELS_LAST: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < numel
+    nc = _channel_index(idx, C, S, CHANNELS_LAST)
+    a = tl.load(a_ptr + nc, mask=mask, other=0.0)
+    d = tl.load(d_ptr + nc, mask=mask, other=0.0)
+    b = tl.load(b_ptr + nc, mask=mask, other=0.0)
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    y = _activate((x + d) * a + b, slope, ACT)
+    if HAS_RES:
+        y += tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _channel_sums_kernel(x_ptr, g_ptr, a_ptr, d_ptr, b_ptr, s1_ptr, s2_ptr, s3_ptr, C, S, s_per_split, splits, slope,
+                         CHANNELS_LAST: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+    """Per (n, c, split): sums of dy, dy * (h - mean) and (h - mean)."""
+    n, cb, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    a = tl.load(a_ptr + n * C + c, mask=cm, other=0.0)[:, None]
+    d = tl.load(d_ptr + n * C + c, mask=cm, other=0.0)[:, None]
+    b = tl.load(b_ptr + n * C + c, mask=cm, other=0.0)[:, None]
+    s_begin = sp * s_per_split
+    s_end = tl.minimum(s_begin + s_per_split, S)
+    acc1 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    acc2 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    acc3 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        off, mask = _tile(n, c, s, C, S, s_end, CHANNELS_LAST)
+        xc = tl.where(mask, tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) + d, 0.0)
+        gv = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        dy = gv * _activate_grad(xc * a + b, slope, ACT)
+        acc1 += dy
+        acc2 += dy * xc
+        acc3 += xc
+    out = (n * C + c) * splits + sp
+    tl.store(s1_ptr + out, tl.sum(acc1, axis=1), mask=cm)
+    tl.store(s2_ptr + out, tl.sum(acc2, axis=1), mask=cm)
+    tl.store(s3_ptr + out, tl.sum(acc3, axis=1), mask=cm)
+
+
+@triton.jit
+def _group_backward_kernel(s1_ptr, s2_ptr, s3_ptr, rstd_ptr, w_ptr, b_ptr, ss_ptr, p_ptr, q_ptr, r_ptr,
+                           gadd_ptr, gss_ptr, gw_ptr, gb_ptr, C, S, G, Cg, splits,
+                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SS: tl.constexpr, BLOCK: tl.constexpr,
+                           SPLITS_P2: tl.constexpr):
+    """Per (n, group): the coefficients of grad_h and the per-(n, c) gradients."""
+    ng = tl.program_id(0)
+    n, g = ng // G, ng % G
+    rstd = tl.load(rstd_ptr + ng)
+    count = (Cg * S).to(tl.float32)
+    sd = tl.zeros([BLOCK], tl.float32)
+    sdx = tl.zeros([BLOCK], tl.float32)
+    j = tl.arange(0, SPLITS_P2)
+    for c0 in range(0, Cg, BLOCK):
+        c = g * Cg + c0 + tl.arange(0, BLOCK)
+        cm = c < (g + 1) * Cg
+        m2d = cm[:, None] & (j[None, :] < splits)
+        off = (n * C + c[:, None]) * splits + j[None, :]
+        S1 = tl.sum(tl.load(s1_ptr + off, mask=m2d, other=0.0), axis=1)
+        S2 = tl.sum(tl.load(s2_ptr + off, mask=m2d, other=0.0), axis=1) * rstd
+        _, _, _, w, scale1 = _fold(n, c, cm, C, 0.0, rstd, w_ptr, b_ptr, ss_ptr, ss_ptr, HAS_W, HAS_B, False, HAS_SS)
+        k = w * scale1
+        sd += tl.where(cm, k * S1, 0.0)
+        sdx += tl.where(cm, k * S2, 0.0)
+    m1 = tl.sum(sd, axis=0) / count
+    m2 = tl.sum(sdx, axis=0) / count
+    for c0 in range(0, Cg, BLOCK):
+        c = g * Cg + c0 + tl.arange(0, BLOCK)
+        cm = c < (g + 1) * Cg
+        m2d = cm[:, None] & (j[None, :] < splits)
+        off = (n * C + c[:, None]) * splits + j[None, :]
+        S1 = tl.sum(tl.load(s1_ptr + off, mask=m2d, other=0.0), axis=1)
+        S2 = tl.sum(tl.load(s2_ptr + off, mask=m2d, other=0.0), axis=1) * rstd
+        S3 = tl.sum(tl.load(s3_ptr + off, mask=m2d, other=0.0), axis=1) * rstd
+        _, _, _, w, scale1 = _fold(n, c, cm, C, 0.0, rstd, w_ptr, b_ptr, ss_ptr, ss_ptr, HAS_W, HAS_B, False, HAS_SS)
+        bias = tl.load(b_ptr + c, mask=cm, other=0.0) if HAS_B else tl.zeros(c.shape, tl.float32)
+        k = w * scale1
+        nc = n * C + c
+        tl.store(p_ptr + nc, rstd * k, mask=cm)
+        tl.store(q_ptr + nc, tl.zeros(c.shape, tl.float32) - rstd * rstd * m2, mask=cm)
+        tl.store(r_ptr + nc, tl.zeros(c.shape, tl.float32) - rstd * m1, mask=cm)
+        tl.store(gadd_ptr + nc, rstd * (k * S1 - S * m1 - m2 * S3), mask=cm)
+        tl.store(gss_ptr + n * 2 * C + c, w * S2 + bias * S1, mask=cm)
+        tl.store(gss_ptr + n * 2 * C + C + c, S1, mask=cm)
+        tl.store(gw_ptr + nc, scale1 * S2, mask=cm)
+        tl.store(gb_ptr + nc, scale1 * S1, mask=cm)
+
+
+@triton.jit
+def _grad_apply_kernel(x_ptr, g_ptr, gx_ptr, a_ptr, d_ptr, b_ptr, p_ptr, q_ptr, r_ptr, numel, C, S, slope,
+                       CHANNELS_LAST: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < numel
+    nc = _channel_index(idx, C, S, CHANNELS_LAST)
+    a = tl.load(a_ptr + nc, mask=mask, other=0.0)
+    d = tl.load(d_ptr + nc, mask=mask, other=0.0)
+    b = tl.load(b_ptr + nc, mask=mask, other=0.0)
+    xc = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32) + d
+    dy = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32) * _activate_grad(xc * a + b, slope, ACT)
+    gx = dy * tl.load(p_ptr + nc, mask=mask, other=0.0) + xc * tl.load(q_ptr + nc, mask=mask, other=0.0) \
+        + tl.load(r_ptr + nc, mask=mask, other=0.0)
+    tl.store(gx_ptr + idx, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- launchers (argument order = the op schemas in genfast/conv.py) ----------
+
+def _layout(x: torch.Tensor):
+    """(N, C, S, channels_last): after the Python layer x is contiguous or channels_last(_3d)."""
+    n, c = x.shape[:2]
+    s = x.numel() // max(n * c, 1)
+    return n, c, s, not x.is_contiguous()
+
+
+def _tiling(n, c, s, channels_last):
+    """(BLOCK_C, BLOCK_S, splits, s_per_split) for the moments and sums kernels."""
+    p2 = triton.next_power_of_2
+    if channels_last:  # channels are contiguous: wide along C
+        block_c = min(p2(c), 128)
+        block_s = min(p2(s), max(TILE // block_c, 1))
+    else:
+        block_s = min(p2(s), 1024)
+        block_c = min(p2(c), max(TILE // block_s, 1))
+    programs = n * triton.cdiv(c, block_c)
+    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, programs), triton.cdiv(s, block_s)))
+    s_per_split = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
+    return block_c, block_s, triton.cdiv(s, s_per_split), s_per_split
+
+
+def _dummy(x):
+    return x.new_empty(1, dtype=torch.float32)
+
+
+def _opt(t, x):
+    return t if t is not None else _dummy(x)
+
+
+def _flags(weight, bias, add, scale_shift):
+    return dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
+                HAS_SS=scale_shift is not None)
+
+
+def _cblock(cg):
+    return min(triton.next_power_of_2(cg), 256)
+
+
+def group_norm_act(x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift, residual):
+    n, c, s, cl = _layout(x)
+    out = torch.empty_like(x)
+    mean = x.new_empty((n, num_groups), dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    if n * c == 0:
+        return out, mean, rstd
+    if s == 0:
+        return out, mean.fill_(float("nan")), rstd.fill_(float("nan"))
+    cg = c // num_groups
+    block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
+    cmean = x.new_empty((n, c, splits), dtype=torch.float32)
+    cm2 = torch.empty_like(cmean)
+    _channel_moments_kernel[(n, triton.cdiv(c, block_c), splits)](
+        x, cmean, cm2, c, s, s_per_split, splits, CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_S=block_s,
+        num_warps=NUM_WARPS)
+    coef = x.new_empty((3, n, c), dtype=torch.float32)
+    _group_finalize_kernel[(n * num_groups,)](
+        cmean, cm2, _opt(weight, x), _opt(bias, x), _opt(add, x), _opt(scale_shift, x), mean, rstd,
+        coef[0], coef[1], coef[2], c, s, num_groups, cg, s_per_split, splits, eps,
+        **_flags(weight, bias, add, scale_shift), BLOCK=min(triton.next_power_of_2(cg * splits), 1024),
+        num_warps=4)
+    numel = x.numel()
+    _apply_kernel[(triton.cdiv(numel, APPLY_BLOCK),)](
+        x, residual if residual is not None else x, out, coef[0], coef[1], coef[2], numel, c, s, negative_slope,
+        CHANNELS_LAST=cl, HAS_RES=residual is not None, ACT=ACT_CODES[activation], BLOCK=APPLY_BLOCK,
+        num_warps=NUM_WARPS)
+    return out, mean, rstd
+
+
+def group_norm_act_backward(grad_out, x, num_groups, weight, bias, mean, rstd, activation, negative_slope, add,
+                            scale_shift):
+    n, c, s, cl = _layout(x)
+    grad_x = torch.empty_like(x)
+    grad_add = x.new_zeros((n, c), dtype=torch.float32)
+    grad_ss = x.new_zeros((n, 2 * c), dtype=torch.float32)
+    wpart, bpart = torch.zeros_like(grad_add), torch.zeros_like(grad_add)
+    if n * c == 0 or s == 0:
+        return grad_x.zero_(), wpart.sum(0), bpart.sum(0), grad_add, grad_ss
+    g = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last if cl and x.dim() == 4 else
+                                        torch.channels_last_3d if cl else torch.contiguous_format)
+    cg = c // num_groups
+    act = ACT_CODES[activation]
+    coef = x.new_empty((3, n, c), dtype=torch.float32)
+    _coef_kernel[(n * num_groups,)](
+        mean, rstd, _opt(weight, x), _opt(bias, x), _opt(add, x), _opt(scale_shift, x), coef[0], coef[1], coef[2],
+        c, num_groups, cg, **_flags(weight, bias, add, scale_shift), BLOCK=_cblock(cg), num_warps=4)
+    block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
+    sums = x.new_empty((3, n, c, splits), dtype=torch.float32)
+    _channel_sums_kernel[(n, triton.cdiv(c, block_c), splits)](
+        x, g, coef[0], coef[1], coef[2], sums[0], sums[1], sums[2], c, s, s_per_split, splits, negative_slope,
+        CHANNELS_LAST=cl, ACT=act, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS)
+    back = x.new_empty((3, n, c), dtype=torch.float32)
+    splits_p2 = triton.next_power_of_2(splits)
+    _group_backward_kernel[(n * num_groups,)](
+        sums[0], sums[1], sums[2], rstd, _opt(weight, x), _opt(bias, x), _opt(scale_shift, x), back[0], back[1],
+        back[2], grad_add, grad_ss, wpart, bpart, c, s, num_groups, cg, splits,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_SS=scale_shift is not None,
+        BLOCK=max(1, min(_cblock(cg), 2048 // splits_p2)), SPLITS_P2=splits_p2, num_warps=4)
+    numel = x.numel()
+    _grad_apply_kernel[(triton.cdiv(numel, APPLY_BLOCK),)](
+        x, g, grad_x, coef[0], coef[1], coef[2], back[0], back[1], back[2], numel, c, s, negative_slope,
+        CHANNELS_LAST=cl, ACT=act, BLOCK=APPLY_BLOCK, num_warps=NUM_WARPS)
+    return grad_x, wpart.sum(0), bpart.sum(0), grad_add, grad_ss

@@ -1,0 +1,447 @@
+"""group_norm_act on every backend against nn.GroupNorm (F.group_norm) + the
+activation written here in plain PyTorch: fp64 is the truth, the same
+composition in the input dtype is the yardstick (conftest.assert_close)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import genfast
+from genfast.conv import group_norm_act
+
+from conftest import DEVICE, assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ACTIVATIONS = ["silu", "gelu", "relu", "leaky_relu", "none"]
+# (shape, groups): SD UNet channels at an odd size, one group, one channel per
+# group, H*W = 1, 5D video; the large one is skipped under the Triton interpreter.
+SHAPES = [
+    ((2, 320, 37, 37), 32),
+    ((1, 3, 5, 7), 1),
+    ((2, 6, 4, 5), 6),
+    ((4, 16, 1, 1), 4),
+    ((1, 8, 3, 5, 6), 4),
+    ((2, 64, 13, 11), 32),
+]
+SMALL = [s for s in SHAPES if torch.Size(s[0]).numel() < 100_000]
+
+
+def interpreted(device):
+    return device == "cpu" and genfast._ops.backends.forced() == "triton"
+
+
+def skip_unsupported(device, dtype, shape=None):
+    if interpreted(device):
+        if dtype == torch.bfloat16:
+            pytest.skip("the Triton interpreter has no bf16 arithmetic")
+        if shape is not None and torch.Size(shape).numel() >= 100_000:
+            pytest.skip("too slow under the Triton interpreter")
+
+
+def torch_block(x, num_groups, weight=None, bias=None, eps=1e-5, activation="silu", negative_slope=0.01,
+                add=None, scale_shift=None, residual=None):
+    """The eager composition genfast fuses (diffusers' ResnetBlock2D order)."""
+    def per_channel(t):
+        return t[(...,) + (None,) * (x.dim() - 2)]
+
+    h = x if add is None else x + per_channel(add)
+    y = F.group_norm(h, num_groups, weight, bias, eps)
+    if scale_shift is not None:
+        scale, shift = scale_shift.chunk(2, dim=1)
+        y = y * (1 + per_channel(scale)) + per_channel(shift)
+    if activation == "silu":
+        y = F.silu(y)
+    elif activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "relu":
+        y = F.relu(y)
+    elif activation == "leaky_relu":
+        y = F.leaky_relu(y, negative_slope)
+    return y if residual is None else y + residual
+
+
+def to_layout(x, channels_last):
+    if not channels_last:
+        return x.contiguous()
+    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
+def make_inputs(shape, dtype, device, channels_last, features, requires_grad=True):
+    """x with a mean far from 0 (so a naive E[x^2] - E[x]^2 would fail) and the optional inputs."""
+    n, c = shape[:2]
+    x = (2.0 * torch.randn(shape, device=device) + 3.0).to(dtype)
+    t = {"x": to_layout(x, channels_last)}
+    if "affine" in features:
+        t["weight"] = (1 + 0.5 * torch.randn(c, device=device)).to(dtype)
+        t["bias"] = (0.5 * torch.randn(c, device=device)).to(dtype)
+    if "add" in features:
+        t["add"] = torch.randn(n, c, device=device).to(dtype)
+    if "scale_shift" in features:
+        t["scale_shift"] = (0.5 * torch.randn(n, 2 * c, device=device)).to(dtype)
+    if "residual" in features:
+        t["residual"] = to_layout(torch.randn(shape, device=device).to(dtype), channels_last)
+    for v in t.values():
+        v.requires_grad_(requires_grad)
+    return t
+
+
+def detached(tensors, dtype=None):
+    return {k: (v.detach().to(dtype) if dtype else v.detach().clone()).requires_grad_() for k, v in tensors.items()}
+
+
+def run_and_grad(fn, tensors, grad, **kw):
+    out = fn(**tensors, **kw)
+    grads = torch.autograd.grad(out, list(tensors.values()), grad)
+    return out, dict(zip(tensors, grads))
+
+
+def conditioning_atol(tensors, num_groups, grad, eps=1e-5):
+    """Rounding that a group's small variance magnifies, whichever fp32 code computes it:
+    out has (h - mean) * rstd with h itself rounded (u |h| rstd |w (1 + scale)|); grad_x
+    is a difference of terms of size rstd |dy w (1 + scale)| that cancel when a group
+    has few elements. Returns per-element bounds for out and grad_x and the per-(n, c)
+    one for grad_add."""
+    x = tensors["x"].detach().double()
+    n, c = x.shape[:2]
+    pc = (...,) + (None,) * (x.dim() - 2)
+    h = x if "add" not in tensors else x + tensors["add"].detach().double()[pc]
+    var = h.reshape(n, num_groups, -1).var(2, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    k = torch.ones(n, c, dtype=torch.float64, device=x.device)
+    if "weight" in tensors:
+        k = k * tensors["weight"].detach().double()
+    if "scale_shift" in tensors:
+        k = k * (1 + tensors["scale_shift"].detach().double()[:, :c])
+    dyk = (grad.double() * k[pc]).abs().reshape(n, num_groups, -1).amax(2) * 1.2  # |act'| <= 1.13 (GELU)
+    hk = (h * k[pc]).abs().reshape(n, num_groups, -1).amax(2)
+    u = 2.0**-24
+
+    def per_element(per_group):
+        return per_group.repeat_interleave(c // num_groups, dim=1)[pc].expand(x.shape).cpu()
+
+    s = x[0, 0].numel()
+    return (per_element(2 * u * rstd * hk), per_element(8 * u * rstd * dyk),
+            (8 * u * rstd * dyk).repeat_interleave(c // num_groups, dim=1).cpu() * s)
+
+
+def check_against_torch(tensors, num_groups, grad, out, grads, eps=1e-5, **kw):
+    """out and every gradient within the accuracy rule of fp64 vs the input dtype."""
+    dtype = tensors["x"].dtype
+    kw["eps"] = eps
+    ref64, g64 = run_and_grad(lambda **t: torch_block(num_groups=num_groups, **t, **kw),
+                              detached(tensors, torch.float64), grad.double())
+    lowp, glowp = run_and_grad(lambda **t: torch_block(num_groups=num_groups, **t, **kw), detached(tensors), grad)
+    assert out.dtype == dtype and out.shape == tensors["x"].shape
+    cond_out, cond_x, cond_add = conditioning_atol(tensors, num_groups, grad, eps)
+    assert_close(out, ref64, lowp, atol=1e-6 + cond_out, name="out")
+    for name, g in grads.items():
+        assert g.dtype == tensors[name].dtype, name
+        # Gradients of per-channel inputs are sums over N*S (weight, bias) or S elements:
+        # allow fp32 summation-order slack in proportion to the sum of magnitudes.
+        per_elem = torch.Size(tensors["x"].shape).numel() / max(g.numel(), 1)
+        slack = 1e-6 * (1 + g64[name].abs().cpu()) * per_elem ** 0.5
+        slack = slack + {"x": cond_x, "add": cond_add}.get(name, 0.0)
+        assert_close(g, g64[name], glowp[name], atol=slack, name=f"grad_{name}")
+
+
+FEATURES = {
+    "plain": (),
+    "affine": ("affine",),
+    "all": ("affine", "add", "scale_shift", "residual"),
+}
+
+
+@pytest.mark.parametrize("shape, groups", SHAPES, ids=[f"{'x'.join(map(str, s))}-g{g}" for s, g in SHAPES])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("features", list(FEATURES))
+def test_group_norm_act_matches_torch(backend, shape, groups, channels_last, dtype, features):
+    skip_unsupported(backend, dtype, shape)
+    tensors = make_inputs(shape, dtype, backend, channels_last, FEATURES[features])
+    grad = torch.randn(shape, device=backend).to(dtype)
+    out, grads = run_and_grad(lambda **t: group_norm_act(num_groups=groups, **t), tensors, grad)
+    assert out.is_contiguous(memory_format=torch.contiguous_format if not channels_last else
+                             (torch.channels_last if len(shape) == 4 else torch.channels_last_3d))
+    check_against_torch(tensors, groups, grad, out, grads)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_activation(backend, activation, channels_last, dtype):
+    skip_unsupported(backend, dtype)
+    shape, groups = (2, 12, 6, 7), 3
+    tensors = make_inputs(shape, dtype, backend, channels_last, ("affine", "add", "scale_shift", "residual"))
+    grad = torch.randn(shape, device=backend).to(dtype)
+    kw = dict(activation=activation, negative_slope=0.2, eps=1e-6)
+    out, grads = run_and_grad(lambda **t: group_norm_act(num_groups=groups, **t, **kw), tensors, grad)
+    check_against_torch(tensors, groups, grad, out, grads, **kw)
+
+
+def test_large_group_split_within_groups(backend):
+    """One image, few groups of many elements: the C++ and Triton kernels split each group."""
+    shape, groups = ((1, 4, 96, 100), 2) if interpreted(backend) else ((1, 16, 256, 256), 2)
+    for channels_last in (False, True):
+        tensors = make_inputs(shape, torch.float32, backend, channels_last, ("affine", "add"))
+        grad = torch.randn(shape, device=backend)
+        out, grads = run_and_grad(lambda **t: group_norm_act(num_groups=groups, **t), tensors, grad)
+        check_against_torch(tensors, groups, grad, out, grads)
+
+
+def test_mean_far_from_zero(backend):
+    """Statistics by exact two-pass merges: a mean 1e4 standard deviations away does not
+    cancel. What is left is the rounding of the fp32 mean itself (as in PyTorch), u·|mean|·rstd."""
+    x = (1e4 + torch.randn(2, 8, 9, 9, device=backend)).requires_grad_()
+    out = group_norm_act(x, 4, activation="none")
+    ref64 = torch_block(x.detach().double(), 4, activation="none")
+    lowp = torch_block(x.detach(), 4, activation="none")
+    assert_close(out, ref64, lowp, atol=2 * 2.0**-24 * 1e4 * 1.2)
+
+
+def test_non_contiguous_input_and_residual(backend):
+    base = torch.randn(2, 16, 10, 12, device=backend)
+    x = base[:, ::2, :, 1:-1]  # strided, neither NCHW- nor channels_last-contiguous
+    res = torch.randn(2, 8, 10, 10, device=backend).transpose(2, 3)
+    out = group_norm_act(x, 4, residual=res)
+    assert_close(out, torch_block(x.double(), 4, residual=res.double()), torch_block(x, 4, residual=res), atol=1e-6)
+    assert out.is_contiguous()
+
+
+def test_residual_keeps_x_layout(backend):
+    x = to_layout(torch.randn(2, 8, 5, 6, device=backend), channels_last=True)
+    res = torch.randn(2, 8, 5, 6, device=backend)  # NCHW: converted to x's layout
+    out = group_norm_act(x, 2, residual=res)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, torch_block(x, 2, residual=res), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch(backend):
+    x = torch.randn(0, 8, 4, 4, device=backend, requires_grad=True)
+    out = group_norm_act(x, 2)
+    assert out.shape == x.shape
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert g.shape == x.shape
+
+
+def test_fp32_params_with_low_precision_x():
+    """Mixed precision: fp32 weight/bias/add with fp16 x; gradients come back in each input's dtype."""
+    x = torch.randn(2, 8, 5, 5, device=DEVICE).half().requires_grad_()
+    w = torch.randn(8, device=DEVICE, requires_grad=True)
+    add = torch.randn(2, 8, device=DEVICE, requires_grad=True)
+    out = group_norm_act(x, 4, w, add=add)
+    assert out.dtype == torch.float16
+    gx, gw, gadd = torch.autograd.grad(out.float().sum(), (x, w, add))
+    assert (gx.dtype, gw.dtype, gadd.dtype) == (torch.float16, torch.float32, torch.float32)
+
+
+def test_same_result_on_every_backend():
+    from conftest import BACKENDS
+
+    tensors = make_inputs((2, 12, 7, 5), torch.float32, DEVICE, True, ("affine", "add", "scale_shift", "residual"),
+                          requires_grad=False)
+    outs = {}
+    for name, device in BACKENDS:
+        with genfast.use_backend(name):
+            outs[name] = group_norm_act(num_groups=3, **{k: v.to(device) for k, v in tensors.items()}).cpu()
+    for name, out in outs.items():
+        torch.testing.assert_close(out, outs["reference"], rtol=2e-5, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_fp64(activation):
+    """float64 runs on the reference: gradcheck checks the registered backward formulas."""
+    t = make_inputs((2, 6, 3, 4), torch.float64, DEVICE, False, ("affine", "add", "scale_shift", "residual"))
+    names = list(t)
+
+    def fn(*args):
+        return group_norm_act(num_groups=3, activation=activation, negative_slope=0.1, **dict(zip(names, args)))
+
+    assert torch.autograd.gradcheck(fn, tuple(t.values()))
+    x = to_layout(torch.randn(2, 4, 3, 3, dtype=torch.float64, device=DEVICE), True).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: group_norm_act(x, 2, activation=activation), (x,))
+
+
+def test_opcheck():
+    ops = torch.ops.genfast
+    t = make_inputs((2, 8, 5, 3), torch.float32, DEVICE, False, ("affine", "add", "scale_shift", "residual"))
+    x, w, b, add, ss, res = (t[k] for k in ("x", "weight", "bias", "add", "scale_shift", "residual"))
+    xcl = to_layout(x.detach(), True).requires_grad_()
+    cases = [
+        (ops.group_norm_act.default, (x, 4, w, b, 1e-5, "silu", 0.01, add, ss, res)),
+        (ops.group_norm_act.default, (x, 2, None, None, 1e-6, "gelu", 0.01, None, None, None)),
+        (ops.group_norm_act.default, (xcl, 4, w, None, 1e-5, "leaky_relu", 0.2, add, None, None)),
+    ]
+    out, mean, rstd = ops.group_norm_act(x.detach(), 4, w.detach(), b.detach(), 1e-5, "silu", 0.01, add.detach(),
+                                         ss.detach(), None)
+    g = torch.randn_like(out)
+    cases.append((ops.group_norm_act_backward.default,
+                  (g, x.detach(), 4, w.detach(), b.detach(), mean, rstd, "silu", 0.01, add.detach(), ss.detach())))
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_resnet_block():
+    torch._dynamo.reset()
+
+    def block(x, w, b, temb, res):
+        h = group_norm_act(x, 4, w, b, add=temb)
+        return group_norm_act(h, 2, w, b, activation="gelu", residual=res)
+
+    t = make_inputs((2, 8, 6, 6), torch.float32, DEVICE, True, ("affine", "add", "residual"))
+    args = (t["x"], t["weight"], t["bias"], t["add"], t["residual"])
+    out = block(*args)
+    grads = torch.autograd.grad(out.sum(), args)
+    cout = torch.compile(block, fullgraph=True)(*args)
+    cgrads = torch.autograd.grad(cout.sum(), args)
+    torch.testing.assert_close(cout, out)
+    for a, b in zip(cgrads, grads):
+        torch.testing.assert_close(a, b)
+
+
+def _never(*args):
+    raise AssertionError("a kernel ran")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(num_groups=3), ValueError, "num_groups"),
+    (dict(num_groups=0), ValueError, "num_groups"),
+    (dict(num_groups=2.0), ValueError, "num_groups"),
+    (dict(weight=torch.ones(7)), ValueError, "weight"),
+    (dict(bias=torch.ones(8, 1)), ValueError, "bias"),
+    (dict(weight=torch.ones(8, dtype=torch.int32)), TypeError, "weight"),
+    (dict(add=torch.ones(2, 16)), ValueError, "add"),
+    (dict(scale_shift=torch.ones(2, 8)), ValueError, "scale_shift"),
+    (dict(residual=torch.ones(2, 8, 5)), ValueError, "residual"),
+    (dict(residual=torch.ones(2, 8, 5, 5, dtype=torch.float16)), TypeError, "residual"),
+    (dict(residual=torch.ones(2, 8, 5, 5, device="meta")), ValueError, "residual"),
+    (dict(activation="swish"), ValueError, "activation"),
+    (dict(negative_slope="0.1"), TypeError, "negative_slope"),
+    (dict(eps=-1.0), ValueError, "eps"),
+])
+def test_bad_input_raises_before_anything_runs(kwargs, error, match, monkeypatch):
+    x = torch.randn(2, 8, 5, 5)
+    kwargs = {"num_groups": 4, **kwargs}
+    monkeypatch.setattr(genfast._ops, "implementation", lambda *a: _never)
+    with pytest.raises(error, match=match):
+        group_norm_act(x, **kwargs)
+    with pytest.raises(ValueError, match="x"):
+        group_norm_act(torch.randn(8), 4)
+    with pytest.raises(TypeError, match="x"):
+        group_norm_act(torch.ones(2, 8, 5, 5, dtype=torch.int64), 4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 3), groups=st.integers(1, 4), cg=st.integers(1, 5),
+       spatial=st.lists(st.integers(1, 17), min_size=0, max_size=3), channels_last=st.booleans(),
+       activation=st.sampled_from(ACTIVATIONS), features=st.sampled_from(list(FEATURES)))
+def test_cpp_matches_reference_on_random_shapes(n, groups, cg, spatial, channels_last, activation, features):
+    if not genfast.backends()["cpp"][0]:
+        pytest.skip("no C++ backend")
+    shape = (n, groups * cg, *spatial)
+    channels_last = channels_last and len(shape) in (4, 5)
+    t = make_inputs(shape, torch.float32, "cpu", channels_last, FEATURES[features])
+    grad = torch.randn(shape)
+    res = {}
+    for name in ("cpp", "reference"):
+        with genfast.use_backend(name):
+            res[name] = run_and_grad(
+                lambda **k: group_norm_act(num_groups=groups, activation=activation, **k), detached(t), grad)
+    out, grads = res["cpp"]
+    torch.testing.assert_close(out, res["reference"][0], rtol=1e-4, atol=1e-4)
+    for k in grads:
+        # groups of one or two elements make the normalization ill-conditioned: compare
+        # relative to the gradient's own size
+        ref = res["reference"][1][k]
+        torch.testing.assert_close(grads[k], ref, rtol=1e-3, atol=1e-3 * (1 + ref.abs().max().item()))
+
+
+# ---- instance_norm_act, batch_norm_act, conv2d_act ------------------------------
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_instance_norm_act_matches_torch(backend, channels_last, activation):
+    x = to_layout(torch.randn(3, 6, 7, 5, device=backend) + 1, channels_last).requires_grad_()
+    w = torch.randn(6, device=backend, requires_grad=True)
+    b = torch.randn(6, device=backend, requires_grad=True)
+    rm, rv = torch.zeros(6, device=backend), torch.ones(6, device=backend)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    out = genfast.instance_norm_act(x, rm, rv, w, b, activation=activation, negative_slope=0.2)
+    ref = F.instance_norm(x, rm_ref, rv_ref, w, b, True, 0.1, 1e-5)
+    ref = F.relu(ref) if activation == "relu" else F.leaky_relu(ref, 0.2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rm, rm_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv, rv_ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_norm_act_running_stats_and_eval():
+    bn = torch.nn.BatchNorm2d(8)
+    mine = genfast.nn.BatchNormAct.from_module(bn, torch.nn.LeakyReLU(0.2))
+    for _ in range(3):
+        x = torch.randn(4, 8, 5, 5) * 2 + 1
+        torch.testing.assert_close(mine(x), F.leaky_relu(bn(x), 0.2))
+    torch.testing.assert_close(mine.running_mean, bn.running_mean)
+    torch.testing.assert_close(mine.running_var, bn.running_var)
+    assert int(mine.num_batches_tracked) == 3
+    bn.eval(), mine.eval()
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    torch.testing.assert_close(mine(x), F.leaky_relu(bn(x), 0.2))
+    with pytest.raises(ValueError, match="running_mean"):
+        genfast.batch_norm_act(x, torch.zeros(7), torch.ones(8))
+
+
+def test_conv2d_act_is_diffusers_resnet_output():
+    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(6, 4, 3, 3), torch.randn(6)
+    res = torch.randn(2, 6, 9, 9)
+    out = genfast.conv2d_act(x, w, b, padding=1, residual=res, output_scale=0.5)
+    torch.testing.assert_close(out, (F.conv2d(x, w, b, padding=1) + res) / 2.0)
+    out = genfast.conv2d_act(x, w, b, stride=2, activation="silu")
+    torch.testing.assert_close(out, F.silu(F.conv2d(x, w, b, stride=2)))
+    with pytest.raises(ValueError, match="residual"):
+        genfast.conv2d_act(x, w, b, residual=res)
+
+
+# ---- genfast.nn modules ----------------------------------------------------------
+
+@pytest.mark.parametrize("act", [torch.nn.SiLU(), torch.nn.GELU(), torch.nn.ReLU(), torch.nn.LeakyReLU(0.1), None])
+def test_group_norm_act_module_from_module(act):
+    norm = torch.nn.GroupNorm(4, 16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    fused = genfast.nn.GroupNormAct.from_module(norm, act)
+    assert fused.weight is not norm.weight and torch.equal(fused.weight, norm.weight)
+    assert set(fused.state_dict()) == set(norm.state_dict())
+    x = torch.randn(2, 16, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    ref = norm.to(DEVICE)(x)
+    ref = act.to(DEVICE)(ref) if act is not None else ref
+    torch.testing.assert_close(fused.to(DEVICE)(x), ref, rtol=1e-5, atol=1e-5)
+    temb = torch.randn(2, 16, device=DEVICE)
+    torch.testing.assert_close(fused(x, add=temb), (act or torch.nn.Identity())(norm(x + temb[:, :, None, None])),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_modules_refuse_what_they_cannot_reproduce():
+    with pytest.raises(ValueError, match="no fused equivalent"):
+        genfast.nn.GroupNormAct.from_module(torch.nn.GroupNorm(2, 4), torch.nn.GELU(approximate="tanh"))
+    with pytest.raises(ValueError, match="no fused equivalent"):
+        genfast.nn.GroupNormAct.from_module(torch.nn.GroupNorm(2, 4), torch.nn.Tanh())
+    with pytest.raises(TypeError, match="GroupNorm"):
+        genfast.nn.GroupNormAct.from_module(torch.nn.BatchNorm2d(4), torch.nn.SiLU())
+    with pytest.raises(ValueError, match="divide"):
+        genfast.nn.GroupNormAct(3, 8)
+
+
+def test_instance_norm_act_module():
+    norm = torch.nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+    fused = genfast.nn.InstanceNormAct.from_module(norm, torch.nn.ReLU())
+    for _ in range(2):
+        x = torch.randn(3, 8, 7, 7)
+        torch.testing.assert_close(fused(x), F.relu(norm(x)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.running_var, norm.running_var)
+    norm.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), F.relu(norm(x)), rtol=1e-5, atol=1e-5)
