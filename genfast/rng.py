@@ -1,10 +1,13 @@
 """One noise stream for every backend.
 
-Element ``i`` of any genfast op that draws noise is ``tl.randn(seed, offset + i)``
-(or ``tl.rand``): counter-based Philox4x32-10, so the Triton, C++ and reference
-implementations produce the same numbers (within 1e-6 in fp32) for the same
+Position ``p`` of the stream is component ``p % 4`` of Triton's
+``tl.randn4x(seed, p // 4)`` (normals) or ``tl.rand4x(seed, p // 4)``
+(uniforms): counter-based Philox4x32-10, each call serving four consecutive
+positions. Element ``i`` of any genfast op that draws noise is position
+``offset + i``, so the Triton, C++ and reference implementations produce the
+same numbers (within 1e-6 in fp32; uniforms bit for bit) for the same
 (seed, offset): the same seed gives the same image on the CPU and the GPU.
-A call that draws n numbers uses counters offset .. offset + n - 1; the next
+A call that draws n numbers uses positions offset .. offset + n - 1; the next
 call continues at ``offset + n`` to get fresh noise.
 
 ``seed`` is a Python int in int64 range, a 0-d int64 tensor on the op's device
@@ -84,20 +87,20 @@ def randn(*shape, seed=None, offset: int = 0, dtype: torch.dtype = torch.float32
     seed : int, 0-d int64 tensor or None
         Philox key; see the module docstring.
     offset : int
-        Counter of the first element; element i (row-major) uses ``offset + i``.
+        Stream position of the first element.
     dtype : torch.dtype
         float32 (default), float16, bfloat16 or float64; drawn in fp32 and rounded.
     device : torch.device, optional
 
     Returns
     -------
-    Tensor of ``shape``: element i is ``tl.randn(seed, offset + i)``.
+    Tensor of ``shape``: element i (row-major) is stream position ``offset + i``.
     """
     return _noise("randn", True, shape, seed, offset, dtype, device)
 
 
 def rand(*shape, seed=None, offset: int = 0, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """Uniform noise in [0, 1) from genfast's stream: element i is ``tl.rand(seed, offset + i)``.
+    """Uniform noise in [0, 1) from genfast's stream: element i is position ``offset + i``.
 
     Same arguments as :func:`randn`.
     """

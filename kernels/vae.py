@@ -1,7 +1,7 @@
 """VAE sampling in Triton: z = mu + exp(logvar / 2) * eps with eps drawn in the
 kernel, the Gaussian KL term, and their backward passes.
 
-eps of element i is ``tl.randn(seed, offset + i)`` over the row-major index, the
+eps of element i is position ``offset + i`` (row-major index) of the normal
 stream of ``kernels/rng.py``; the backward passes draw it again from
 (seed, offset) instead of reading a stored copy. Arithmetic is fp32; z,
 elementwise KL and gradients are stored in the input dtype, a reduced KL is a
