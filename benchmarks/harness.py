@@ -15,7 +15,7 @@ median time, for every implementation alike, and is compared with a plain
 ``dst.copy_(src)`` measured in the same run.
 
 ``python -m genfast bench`` calls ``collect`` and ``run``; each
-``test_bench_<family>.py`` hands ``pytest_params`` and ``run_benchmark`` the same
+``test_bench.py`` hands ``pytest_params`` and ``run_benchmark`` the same
 cases for pytest-benchmark.
 """
 from __future__ import annotations
