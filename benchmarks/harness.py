@@ -14,9 +14,9 @@ the bytes the op must move (``Case.nbytes``, counted by the family) over the
 median time, for every implementation alike, and is compared with a plain
 ``dst.copy_(src)`` measured in the same run.
 
-``python -m genfast bench`` calls ``collect`` and ``run``; each
-``test_bench.py`` hands ``pytest_params`` and ``run_benchmark`` the same
-cases for pytest-benchmark.
+``python -m genfast bench`` calls ``collect`` and ``run``;
+``test_bench.py`` hands every family's cases to pytest-benchmark through
+``pytest_params`` and ``run_benchmark``.
 """
 from __future__ import annotations
 
