@@ -45,8 +45,47 @@ def _first_tensor(args) -> torch.Tensor:
     return next(a for a in args if isinstance(a, torch.Tensor))
 
 
+def _needs_dispatcher(args, differentiable: bool) -> bool:
+    """Whether a call must go through torch's dispatcher: tracing, dispatch
+    modes, tensor subclasses (fake tensors), functorch transforms, or autograd."""
+    if torch.compiler.is_compiling():
+        return True
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return True
+    grad = differentiable and torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) is not torch.Tensor and type(a) is not torch.nn.Parameter:
+                return True
+            if grad and a.requires_grad:
+                return True
+    return False
+
+
+class Op:
+    """A registered op, called as ``op(*args)`` in schema order.
+
+    The dispatcher's trip into a Python kernel costs ~10 us a call, as much as
+    a small kernel; when nothing needs it (no tracing, no autograd, plain
+    tensors) the call goes straight to the implementation the dispatcher would
+    pick. ``op.packet`` is ``torch.ops.genfast.<name>``.
+    """
+
+    __slots__ = ("name", "family", "packet", "differentiable")
+
+    def __init__(self, name: str, family: str, differentiable: bool):
+        self.name, self.family, self.differentiable = name, family, differentiable
+        self.packet = getattr(torch.ops.genfast, name)
+
+    def __call__(self, *args):
+        if _needs_dispatcher(args, self.differentiable):
+            return self.packet(*args)
+        t = _first_tensor(args)
+        return implementation(self.name, self.family, backends.select(t.device, t.dtype))(*args)
+
+
 def define(schema: str, family: str, fake: Callable, *, backward: Callable | None = None,
-           setup_context: Callable | None = None):
+           setup_context: Callable | None = None) -> Op:
     """Define ``genfast::<schema>`` with its fake impl, device dispatch and autograd."""
     name = schema.split("(", 1)[0]
     lib.define(schema)
@@ -59,7 +98,7 @@ def define(schema: str, family: str, fake: Callable, *, backward: Callable | Non
     torch.library.register_fake(f"genfast::{name}", fake, lib=lib)
     if backward is not None:
         torch.library.register_autograd(f"genfast::{name}", backward, setup_context=setup_context, lib=lib)
-    return getattr(torch.ops.genfast, name)
+    return Op(name, family, differentiable=backward is not None)
 
 
 # ---- argument checks shared by the public functions -------------------------

@@ -350,8 +350,8 @@ def test_opcheck():
     x, u, c, n, h = (torch.randn(2, 3, 4, generator=gen) for _ in range(5))
     rows = torch.stack([random_row(gen) for _ in range(2)])
     factor = torch.rand(2) + 0.5
-    torch.library.opcheck(D.sampler_step_op, (x, u, c, n, h.clone(), None, rows, 1, None, 2.0, factor, 0.5, True,
+    torch.library.opcheck(D.sampler_step_op.packet, (x, u, c, n, h.clone(), None, rows, 1, None, 2.0, factor, 0.5, True,
                                               3, None, 0, True))
-    torch.library.opcheck(D.sampler_step_op, (x, u, None, None, None, None, rows, 0, torch.tensor(1), 1.0, None,
+    torch.library.opcheck(D.sampler_step_op.packet, (x, u, None, None, None, None, rows, 0, torch.tensor(1), 1.0, None,
                                               0.0, True, 0, torch.tensor(9), 4, False))
-    torch.library.opcheck(D.guidance_rescale_factor_op, (u, c, 5.0, 0.7))
+    torch.library.opcheck(D.guidance_rescale_factor_op.packet, (u, c, 5.0, 0.7))

@@ -1,15 +1,16 @@
-// genfast's noise stream on the CPU: element i of a call is Triton's
-// tl.randn(seed, offset + i) / tl.rand(seed, offset + i), i.e. Philox4x32-10
-// keyed by the 64-bit seed on the counter (lo32(c), hi32(c), 0, 0), then
-// Box-Muller on the first two output words. See genfast/reference/rng.py.
+// genfast's noise stream on the CPU: position p is component p % 4 of
+// Triton's tl.randn4x(seed, p / 4) (normals) or tl.rand4x(seed, p / 4)
+// (uniforms), i.e. Philox4x32-10 keyed by the 64-bit seed on the counter
+// (lo32(c), hi32(c), 0, 0), c = p / 4, whose four words give four uniforms
+// or, by Box-Muller on the pairs (w0, w1) and (w2, w3), four normals (cosine
+// then sine branch). See genfast/reference/rng.py.
 //
-// Cost: 10 rounds of two 32x32->64 multiplies and four xors per element. With
-// AVX-512 the rounds run on 16 counters per register (about 10 instructions
-// per element) and Box-Muller's log and cos are inlined polynomials for their
-// narrow domains; elsewhere a plain loop the compiler vectorizes and SLEEF's
-// 1-ulp functions. Measured on one core of a 2.6 GHz AVX-512 Xeon: 4M normals
-// in about 10 ms (Philox alone 5 ms, ~3 cycles per element); torch.randn
-// takes about 13 ms.
+// Cost: 10 rounds of two 32x32->64 multiplies and four xors per counter, a
+// quarter of that per position. With AVX-512 the rounds run on 16 counters per
+// register and Box-Muller's log and sin/cos are inlined polynomials for their
+// narrow domains; elsewhere a plain loop and SLEEF's 1-ulp functions. On one
+// core of the 2.6 GHz AVX-512 Xeon this was developed on: 4M normals in about
+// 4 ms, 4M uniforms in 2 ms (torch.randn: about 13 ms).
 #pragma once
 
 #include "common.h"
@@ -34,27 +35,6 @@ struct PhiloxKey {
     }
   }
 };
-
-// Output words 0 and 1 of Philox4x32-10 for counters first .. first + n - 1.
-// Portable form, written so that the compiler vectorizes it (AVX2: vpmuludq on
-// 4 x 64-bit lanes).
-inline void philox_words(const PhiloxKey& key, uint64_t first, int n, uint32_t* w0, uint32_t* w1) {
-  for (int j = 0; j < n; ++j) {
-    const uint64_t ctr = first + static_cast<uint64_t>(j);
-    uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
-#pragma GCC unroll 10
-    for (int r = 0; r < 10; ++r) {
-      const uint64_t pa = 0xD2511F53ull * c0;
-      const uint64_t pb = 0xCD9E8D57ull * c2;
-      c0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ key.k0[r];
-      c2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ key.k1[r];
-      c1 = static_cast<uint32_t>(pb);
-      c3 = static_cast<uint32_t>(pa);
-    }
-    w0[j] = c0;
-    w1[j] = c1;
-  }
-}
 
 // A word to fp32 in [0, 1) exactly as Triton: the int32 view folded to
 // non-negative (~x for x < 0), converted, times the largest scale below 2^-31.
@@ -102,14 +82,6 @@ inline void philox16x4(const PhiloxKey& key, uint64_t first, __m512i w[4]) {
   w[3] = c3;
 }
 
-// Words 0 and 1 for the 16 counters first .. first + 15.
-inline void philox16(const PhiloxKey& key, uint64_t first, __m512i& w0, __m512i& w1) {
-  __m512i w[4];
-  philox16x4(key, first, w);
-  w0 = w[0];
-  w1 = w[1];
-}
-
 inline Vec words_to_uniform16(__m512i w) {
   w = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));
   return Vec(_mm512_mul_ps(_mm512_cvtepi32_ps(w), _mm512_set1_ps(4.6566127342e-10f)));
@@ -117,11 +89,11 @@ inline Vec words_to_uniform16(__m512i w) {
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
-// cos(x) for x in [0, 2*pi], all Box-Muller feeds it. Inlined, unlike SLEEF's
-// general cosf, whose call spills every vector register of the loop around it.
-// x = k * pi/2 + t with |t| <= pi/4 (pi/2 in three parts, so t is exact to
-// ~1e-14), then +-cos(t) or +-sin(t) by the quadrant, each from the classic
-// minimax polynomial on [-pi/4, pi/4] (about 1 ulp).
+// sin(x) and cos(x) for x in [0, 2*pi], all Box-Muller feeds them. Inlined,
+// unlike SLEEF's general sinf/cosf, whose calls spill every vector register
+// of the loop around them. x = k * pi/2 + t with |t| <= pi/4 (pi/2 in three
+// parts, so t is exact to ~1e-14), then +-cos(t) or +-sin(t) by the quadrant,
+// each from the classic minimax polynomial on [-pi/4, pi/4] (about 1 ulp).
 inline void sincos_angle(const Vec& x, Vec& sin_x, Vec& cos_x) {
   const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.63661977236f)), _MM_FROUND_TO_NEAREST_INT);
   const Vec kv(k);
@@ -146,22 +118,16 @@ inline void sincos_angle(const Vec& x, Vec& sin_x, Vec& cos_x) {
   sin_x = Vec(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(s), sin_sign)));
 }
 
-inline Vec cos_angle(const Vec& x) {
-  Vec s, c;
-  sincos_angle(x, s, c);
-  return c;
-}
 #elif defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
-inline Vec cos_angle(const Vec& x) { return Vec(Sleef_cosf8_u10(x)); }  // at::vec's cos is the 3.5-ulp one
+// at::vec's sin and cos are SLEEF's 3.5-ulp ones
 inline void sincos_angle(const Vec& x, Vec& sin_x, Vec& cos_x) {
   sin_x = Vec(Sleef_sinf8_u10(x));
   cos_x = Vec(Sleef_cosf8_u10(x));
 }
 #else
-inline Vec cos_angle(const Vec& x) { return x.map([](float v) { return std::cos(v); }); }
 inline void sincos_angle(const Vec& x, Vec& sin_x, Vec& cos_x) {
   sin_x = x.map([](float v) { return std::sin(v); });
-  cos_x = cos_angle(x);
+  cos_x = x.map([](float v) { return std::cos(v); });
 }
 #endif
 
@@ -193,49 +159,10 @@ inline Vec log_positive(const Vec& x) {
 inline Vec log_positive(const Vec& x) { return x.log(); }
 #endif
 
-// Box-Muller radius and angle in fp32 with Triton's formula and constants
-// (cosine branch: normal = radius * cos(angle)).
+// Box-Muller's radius in fp32 with Triton's formula and constants; the two
+// normals are radius * cos(angle) and radius * sin(angle), angle = 2 pi u2.
 inline Vec box_muller_radius(const Vec& u1) {
   return (Vec(-2.0f) * log_positive(at::vec::maximum(Vec(1.0e-7f), u1))).sqrt();
-}
-
-// Standard normals for counters first .. first + n - 1 (n <= kBlock); out has
-// room for kBlock floats.
-inline void normals(const PhiloxKey& key, uint64_t first, int n, float* out) {
-#if defined(CPU_CAPABILITY_AVX512)
-  for (int j = 0; j < n; j += 16) {
-    __m512i w0, w1;
-    philox16(key, first + j, w0, w1);
-    const Vec r = box_muller_radius(words_to_uniform16(w0));
-    (r * cos_angle(Vec(6.283185307179586f) * words_to_uniform16(w1))).store(out + j);
-  }
-#else
-  alignas(64) uint32_t w0[kBlock], w1[kBlock];
-  alignas(64) float u1[kBlock], u2[kBlock];
-  philox_words(key, first, n, w0, w1);
-  for (int j = 0; j < n; ++j) {
-    u1[j] = word_to_uniform(w0[j]);
-    u2[j] = word_to_uniform(w1[j]);
-  }
-  vec_steps(n, [&](int j, int m) {
-    const Vec r = box_muller_radius(Vec::loadu(u1 + j, m));
-    (r * cos_angle(Vec(6.283185307179586f) * Vec::loadu(u2 + j, m))).store(out + j, m);
-  });
-#endif
-}
-
-inline void uniforms(const PhiloxKey& key, uint64_t first, int n, float* out) {
-#if defined(CPU_CAPABILITY_AVX512)
-  for (int j = 0; j < n; j += 16) {
-    __m512i w0, w1;
-    philox16(key, first + j, w0, w1);
-    words_to_uniform16(w0).store(out + j);
-  }
-#else
-  alignas(64) uint32_t w0[kBlock], w1[kBlock];
-  philox_words(key, first, n, w0, w1);
-  for (int j = 0; j < n; ++j) out[j] = word_to_uniform(w0[j]);
-#endif
 }
 
 // ---- the stream: position p is component p % 4 of Philox at counter p / 4 ----

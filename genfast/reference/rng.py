@@ -52,15 +52,6 @@ def uniform_from_bits(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
 
 
-def normal_from_bits(b0: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
-    """Box-Muller (cosine branch) on two words, in fp32 like Triton's pair_uniform_to_normal."""
-    u1 = uniform_from_bits(b0).clamp_min(1.0e-7)
-    theta = uniform_from_bits(b1) * torch.tensor(TWO_PI, dtype=torch.float32)
-    # log/sqrt/cos are taken in fp64 and rounded once: the oracle for the fp32 kernels.
-    r = torch.sqrt(-2.0 * torch.log(u1.double()))
-    return (r * torch.cos(theta.double())).float()
-
-
 def _words_at(seed, positions: torch.Tensor) -> torch.Tensor:
     """The four Philox output words of each position's counter, shape (..., 4)."""
     return torch.stack(philox(seed, positions >> 2), dim=-1)
@@ -94,15 +85,6 @@ def uniform_stream(numel: int, seed, offset: int, device) -> torch.Tensor:
 
 def counters(numel: int, offset: int, device) -> torch.Tensor:
     return torch.arange(numel, dtype=torch.int64, device=device) + offset
-
-
-def randn_flat(numel: int, seed, offset: int, device) -> torch.Tensor:
-    b0, b1, _, _ = philox(seed, counters(numel, offset, device))
-    return normal_from_bits(b0, b1)
-
-
-def rand_flat(numel: int, seed, offset: int, device) -> torch.Tensor:
-    return uniform_from_bits(philox(seed, counters(numel, offset, device))[0])
 
 
 def resolve_seed(seed: int, seed_tensor: torch.Tensor | None):

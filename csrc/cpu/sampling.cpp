@@ -1,0 +1,527 @@
+// Token sampling on the CPU: penalties, temperature, top-k, top-p, min-p and
+// an inverse-CDF draw, one row per task, with no sort of the vocabulary.
+// Semantics: genfast/reference/sampling.py (the oracle) and genfast/sampling.py.
+//
+// Per row (V logits, a 512 KB fp32 row for Llama 3 stays in L2):
+//   A. read the row once into an fp32 scratch, max and NaN/+inf detection;
+//      penalties patch the scratch at the previous tokens' ids;
+//   B. d = (max - x) * inv_temperature in place (d >= 0, 0 at the top), and
+//      what picks a candidate cut-off C: counts (top-k) or masses (top-p alone)
+//      of d <= 1, 2, 4, ..., 64 nats, in the same pass;
+//   C. compact the candidates d <= C (AVX-512 compress-store), with exp(-d);
+//   D. exact thresholds on the candidates by a selection that splits the
+//      working set at a pivot value and keeps the side holding the answer
+//      (passes shrink with the set; the last <= 128 values are sorted);
+//   E. kept mass Z and the draw: first kept token whose running mass exceeds
+//      u * Z, u = uniform(seed, offset + row), summed per 256-element block in
+//      the same order for Z and for the scan.
+// Eager PyTorch with a sort moves the row ~15 times and sorts 128k keys; this
+// reads the input once and makes 2-3 passes over the cached scratch.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "ops.h"
+#include "philox.h"
+
+namespace genfast::cpu {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int kLanes = Vec::size();
+constexpr int kSumBlock = 256;  // Z and the scan add lanes per block of this many candidates
+constexpr int64_t kNanRow = -1, kEmptyRow = -2;
+// Candidate cut-offs in nats below the top: about sqrt(2) apart, so the cut
+// keeps at most ~2x the tokens the filter needs in the typical range.
+constexpr int kLevels = 11;
+constexpr float kLevel[kLevels] = {1.f, 2.f, 3.f, 4.f, 6.f, 8.f, 11.f, 16.f, 23.f, 32.f, 64.f};
+
+struct RowParams {
+  float inv_t;
+  int64_t k;
+  float p, min_p, rep, presence, freq;
+};
+
+inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+inline float key_to_float(int64_t key) {
+  const uint32_t bits = static_cast<uint32_t>(key);
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline int64_t float_to_key(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return bits;
+}
+
+inline Vec ones_where(const Vec& mask) { return mask & Vec(1.0f); }
+
+float lane_sum(const Vec& v) {
+  alignas(64) float lanes[kLanes];
+  v.store(lanes);
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += lanes[i];
+  return s;
+}
+
+float lane_max(const Vec& v) {
+  alignas(64) float lanes[kLanes];
+  v.store(lanes);
+  float m = lanes[0];
+  for (int i = 1; i < kLanes; ++i) m = (std::isnan(lanes[i]) || lanes[i] > m) ? lanes[i] : m;
+  return m;
+}
+
+// Buffers grown once per thread and reused, so a decode step does not fault in
+// fresh pages for its scratch rows (a 128k-row scratch is 512 KB).
+struct Scratch {
+  std::unique_ptr<float[]> x, e, cd, ce, wd[3], we[3];  // wd/we: the selection's work sets
+  std::unique_ptr<int32_t[]> ci;
+  int64_t cap = 0;
+  void reserve(int64_t n) {
+    if (n <= cap) return;
+    for (auto* p : {&x, &e, &cd, &ce, &wd[0], &wd[1], &wd[2], &we[0], &we[1], &we[2]}) p->reset(new float[n]);
+    ci.reset(new int32_t[n]);
+    cap = n;
+  }
+};
+
+Scratch& thread_scratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
+// Max over n (unpadded) floats; NaN wins.
+float row_max(const float* x, int64_t n) {
+  Vec m(-kInf);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) m = at::vec::maximum(m, Vec::loadu(x + j));
+  if (j < n) m = at::vec::maximum(m, Vec::set(Vec(-kInf), Vec::loadu(x + j, n - j), n - j));
+  return lane_max(m);
+}
+
+// A: the row in fp32 into x[0, V), NaN padding up to a multiple of the vector
+// width; returns the max (NaN if any).
+template <typename T>
+float load_row(const T* src, int64_t V, float* x) {
+  Vec m(-kInf);
+  int64_t j = 0;
+  for (; j + kLanes <= V; j += kLanes) {
+    const Vec v = load_float(src + j, kLanes);
+    v.store(x + j);
+    m = at::vec::maximum(m, v);
+  }
+  if (j < V) {
+    const int r = static_cast<int>(V - j);
+    const Vec v = load_float(src + j, r);
+    v.store(x + j, r);
+    m = at::vec::maximum(m, Vec::set(Vec(-kInf), v, r));
+  }
+  for (int64_t i = V; i < round_up(V); ++i) x[i] = std::numeric_limits<float>::quiet_NaN();
+  return lane_max(m);
+}
+
+// Penalties from the raw logits, as the reference; returns whether any applied.
+template <typename T>
+bool penalize(const T* src, int64_t V, const int64_t* prev, int64_t n, const RowParams& rp, float* x) {
+  bool any = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = prev[i];
+    if (t < 0 || t >= V) continue;
+    const float raw = static_cast<float>(src[t]);
+    x[t] = (raw < 0.f ? raw * rp.rep : raw / rp.rep) - rp.presence;
+    any = true;
+  }
+  if (rp.freq != 0.f) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t t = prev[i];
+      if (t >= 0 && t < V) x[t] -= rp.freq;
+    }
+  }
+  return any;
+}
+
+int64_t first_index_of(const float* x, int64_t V, float value) {
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 v = _mm512_set1_ps(value);
+  for (; j + 16 <= V; j += 16) {
+    const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), v, _CMP_EQ_OQ);
+    if (m != 0) return j + __builtin_ctz(m);
+  }
+#endif
+  for (; j < V; ++j) {
+    if (x[j] == value) return j;
+  }
+  return 0;
+}
+
+struct Levels {
+  float count[kLevels] = {};
+  float mass[kLevels] = {};
+  float z_all = 0.f;
+};
+
+// B: d in place over the padded row; counts and/or masses of d <= each level;
+// with kMass also exp(-d) into e (0 in the padding).
+template <bool kCount, bool kMass, bool kMassLevels = kMass>
+Levels distances(float* x, float* e, int64_t n_pad, float top, float inv_t) {
+  Levels out;
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 cnt[kLevels], mass[kLevels];
+  for (int l = 0; l < kLevels; ++l) cnt[l] = mass[l] = _mm512_setzero_ps();
+  __m512 z = _mm512_setzero_ps();
+  const __m512 vtop = _mm512_set1_ps(top), vinv = _mm512_set1_ps(inv_t), one = _mm512_set1_ps(1.f);
+  for (int64_t j = 0; j < n_pad; j += 16) {
+    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(vtop, _mm512_loadu_ps(x + j)), vinv);
+    _mm512_storeu_ps(x + j, d);
+    if constexpr (kMass) {
+      const __mmask16 real = _mm512_cmp_ps_mask(d, d, _CMP_ORD_Q);  // not the NaN padding
+      const __m512 ev = _mm512_maskz_mov_ps(real, Vec(_mm512_sub_ps(_mm512_setzero_ps(), d)).exp());
+      _mm512_storeu_ps(e + j, ev);
+      z = _mm512_add_ps(z, ev);
+      for (int l = 0; l < kLevels && kMassLevels; ++l) {
+        mass[l] = _mm512_mask_add_ps(mass[l], _mm512_cmp_ps_mask(d, _mm512_set1_ps(kLevel[l]), _CMP_LE_OQ), mass[l], ev);
+      }
+    }
+    if constexpr (kCount) {
+      for (int l = 0; l < kLevels; ++l) {
+        cnt[l] = _mm512_mask_add_ps(cnt[l], _mm512_cmp_ps_mask(d, _mm512_set1_ps(kLevel[l]), _CMP_LE_OQ), cnt[l], one);
+      }
+    }
+  }
+  for (int l = 0; l < kLevels; ++l) {
+    if (kCount) out.count[l] = lane_sum(Vec(cnt[l]));
+    if (kMass) out.mass[l] = lane_sum(Vec(mass[l]));
+  }
+  if (kMass) out.z_all = lane_sum(Vec(z));
+#else
+  Vec cnt[kLevels], mass[kLevels];
+  for (int l = 0; l < kLevels; ++l) cnt[l] = mass[l] = Vec(0.f);
+  Vec z(0.f);
+  const Vec vtop(top), vinv(inv_t), vinf(kInf);
+  for (int64_t j = 0; j < n_pad; j += kLanes) {
+    const Vec d = (vtop - Vec::loadu(x + j)) * vinv;
+    d.store(x + j);
+    if constexpr (kMass) {
+      const Vec ev = (Vec(0.f) - d).exp() & (d <= vinf);  // padding (NaN) adds nothing
+      ev.store(e + j);
+      z = z + ev;
+      for (int l = 0; l < kLevels && kMassLevels; ++l) mass[l] = mass[l] + (ev & (d <= Vec(kLevel[l])));
+    }
+    if constexpr (kCount) {
+      for (int l = 0; l < kLevels; ++l) cnt[l] = cnt[l] + ones_where(d <= Vec(kLevel[l]));
+    }
+  }
+  for (int l = 0; l < kLevels; ++l) {
+    if (kCount) out.count[l] = lane_sum(cnt[l]);
+    if (kMass) out.mass[l] = lane_sum(mass[l]);
+  }
+  if (kMass) out.z_all = lane_sum(z);
+#endif
+  return out;
+}
+
+// C: candidates d <= cut in vocabulary order, with their exp(-d) when e is
+// given; returns their number.
+int64_t compact(const float* d, const float* e, int64_t n_pad, float cut, float* cd, float* ce, int32_t* ci) {
+  int64_t n = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 vcut = _mm512_set1_ps(cut);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t j = 0; j < n_pad; j += 16) {
+    const __m512 v = _mm512_loadu_ps(d + j);
+    const __mmask16 m = _mm512_cmp_ps_mask(v, vcut, _CMP_LE_OQ);
+    if (m == 0) continue;
+    _mm512_mask_compressstoreu_ps(cd + n, m, v);
+    if (e != nullptr) _mm512_mask_compressstoreu_ps(ce + n, m, _mm512_loadu_ps(e + j));
+    _mm512_mask_compressstoreu_epi32(ci + n, m, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j))));
+    n += __builtin_popcount(m);
+  }
+#else
+  for (int64_t j = 0; j < n_pad; ++j) {
+    if (d[j] <= cut) {
+      cd[n] = d[j];
+      if (e != nullptr) ce[n] = e[j];
+      ci[n++] = static_cast<int32_t>(j);
+    }
+  }
+#endif
+  return n;
+}
+
+// Pads the candidates to a vector multiple (d NaN, e 0) and, unless the pass
+// that found them did, computes their exp(-d).
+void candidate_mass(float* cd, float* ce, int64_t n, bool have_e) {
+  const int64_t n_pad = round_up(n);
+  for (int64_t i = n; i < n_pad; ++i) cd[i] = std::numeric_limits<float>::quiet_NaN(), ce[i] = 0.f;
+  if (have_e) return;
+  for (int64_t j = 0; j < n_pad; j += kLanes) {
+    const Vec d = Vec::loadu(cd + j);
+    ((Vec(0.f) - d).exp() & (d <= Vec(kInf))).store(ce + j);
+  }
+}
+
+// The kept mass d <= t, summed per kSumBlock block: the scan adds in this order too.
+float block_mass(const float* cd, const float* ce, int64_t begin, int64_t end, float t) {
+  Vec acc(0.f);
+  const Vec vt(t);
+  for (int64_t j = begin; j < end; j += kLanes) acc = acc + (Vec::loadu(ce + j) & (Vec::loadu(cd + j) <= vt));
+  return lane_sum(acc);
+}
+
+float mass_le(const float* cd, const float* ce, int64_t n_pad, float t) {
+  float z = 0.f;
+  for (int64_t b = 0; b < n_pad; b += kSumBlock) z += block_mass(cd, ce, b, std::min(n_pad, b + kSumBlock), t);
+  return z;
+}
+
+// D: exact thresholds by a value-splitting selection over the candidates. Each
+// step splits the working set W at a pivot value in one pass (compress-storing
+// both sides) and keeps the side that holds the answer, so the passes shrink
+// with W; below kSmall elements W is sorted. Returns the smallest candidate
+// value t with F(t) >= target, F(t) the count (kMass false) or the mass of the
+// candidates d <= t: the tie-inclusive threshold of top-k and top-p.
+constexpr int64_t kSmall = 128;
+
+// The pivot: the midpoint of (lo, hi) in value when the range is a few dozen
+// nats (the usual case), else the midpoint of the float bits, which reaches
+// any finite magnitude in ~31 steps.
+float split_point(float lo, float hi) {
+  if (hi <= 64.f) return lo + (hi - lo) * 0.5f;
+  const float a = std::max(lo, 1.0f), b = std::min(hi, std::numeric_limits<float>::max());
+  return key_to_float((float_to_key(a) + float_to_key(b)) / 2);
+}
+
+template <bool kMass>
+float select(const float* d, const float* e, int64_t n, float hi, float target, Scratch& s) {
+  const float* wd = d;
+  const float* we = e;
+  int64_t wn = n;
+  float base = 0.f, lo = 0.f;
+  int src = -1;  // the work buffer holding W; -1: the candidates themselves
+  for (int iter = 0; iter < 128 && wn > kSmall; ++iter) {
+    const float pivot = split_point(lo, hi);
+    if (!(pivot > lo && pivot < hi)) break;
+    const int a = src == 0 ? 1 : 0, b = src == 2 ? 1 : 2;
+    float *ld = s.wd[a].get(), *le = s.we[a].get(), *rd = s.wd[b].get(), *re = s.we[b].get();
+    int64_t nl = 0, nr = 0;
+    float f = 0.f;
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 vp = _mm512_set1_ps(pivot);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < wn; j += 16) {
+      const __mmask16 valid = wn - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (wn - j)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(valid, wd + j);
+      const __mmask16 ml = _mm512_mask_cmp_ps_mask(valid, v, vp, _CMP_LE_OQ), mr = valid & ~ml;
+      _mm512_mask_compressstoreu_ps(ld + nl, ml, v);
+      _mm512_mask_compressstoreu_ps(rd + nr, mr, v);
+      if constexpr (kMass) {
+        const __m512 ev = _mm512_maskz_loadu_ps(valid, we + j);
+        _mm512_mask_compressstoreu_ps(le + nl, ml, ev);
+        _mm512_mask_compressstoreu_ps(re + nr, mr, ev);
+        acc = _mm512_mask_add_ps(acc, ml, acc, ev);
+      }
+      nl += __builtin_popcount(ml);
+      nr += __builtin_popcount(mr);
+    }
+    f = kMass ? lane_sum(Vec(acc)) : static_cast<float>(nl);
+#else
+    for (int64_t j = 0; j < wn; ++j) {
+      if (wd[j] <= pivot) {
+        ld[nl] = wd[j];
+        if (kMass) le[nl] = we[j], f += we[j];
+        ++nl;
+      } else {
+        rd[nr] = wd[j];
+        if (kMass) re[nr] = we[j];
+        ++nr;
+      }
+    }
+    if (!kMass) f = static_cast<float>(nl);
+#endif
+    if (base + f >= target) {
+      src = a, wd = ld, we = le, wn = nl, hi = pivot;
+    } else {
+      base += f;
+      src = b, wd = rd, we = re, wn = nr, lo = pivot;
+    }
+    if (wn == 0) return lo;  // only by rounding: keep what is known to be below
+  }
+  std::vector<std::pair<float, float>> w(wn);
+  for (int64_t i = 0; i < wn; ++i) w[i] = {wd[i], kMass ? we[i] : 1.f};
+  std::sort(w.begin(), w.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+  float cum = base;
+  for (const auto& [dv, ev] : w) {
+    cum += ev;
+    if (cum >= target) return dv;
+  }
+  return wn > 0 ? w.back().first : lo;
+}
+
+struct Draw {
+  int64_t token;
+  float logprob;
+};
+
+// E: inverse CDF over candidates d <= t in vocabulary order.
+Draw draw(const float* cd, const float* ce, const int32_t* ci, int64_t n, float t, float u) {
+  const int64_t n_pad = round_up(n);
+  const float z = mass_le(cd, ce, n_pad, t);
+  const float target = u * z;
+  auto index = [&](int64_t i) { return ci != nullptr ? static_cast<int64_t>(ci[i]) : i; };
+  float run = 0.f;
+  int64_t pick = -1;
+  for (int64_t b = 0; b < n_pad && pick < 0; b += kSumBlock) {
+    const int64_t end = std::min(n_pad, b + kSumBlock);
+    const float s = block_mass(cd, ce, b, end, t);
+    if (run + s > target) {
+      // The crossing is in this block; lane sums round differently from a running
+      // sum, so fall back to its last positive candidate.
+      float r = run;
+      for (int64_t i = b; i < std::min(end, n); ++i) {
+        if (!(cd[i] <= t) || ce[i] <= 0.f) continue;
+        pick = i;
+        r += ce[i];
+        if (r > target) break;
+      }
+    }
+    run += s;
+  }
+  if (pick < 0) {  // u * z rounded up to z: the last kept token with mass
+    for (int64_t i = n - 1; i >= 0; --i) {
+      if (cd[i] <= t && ce[i] > 0.f) {
+        pick = i;
+        break;
+      }
+    }
+  }
+  if (pick < 0) pick = 0;  // unreachable: the top token has d = 0, mass 1
+  return {index(pick), -cd[pick] - std::log(z)};
+}
+
+template <typename T>
+Draw sample_row(const T* src, int64_t V, const int64_t* prev, int64_t n_prev, const RowParams& rp, float u,
+                Scratch& s) {
+  float* x = s.x.get();
+  float* e = s.e.get();
+  float top = load_row(src, V, x);
+  if (std::isnan(top) || top == kInf) return {kNanRow, 0.f};
+  if (prev != nullptr && penalize(src, V, prev, n_prev, rp, x)) top = row_max(x, V);
+  if (top == -kInf) return {kEmptyRow, 0.f};
+  if (rp.inv_t == kInf) return {first_index_of(x, V, top), 0.f};
+
+  const int64_t n_pad = round_up(V);
+  const bool need_k = rp.k > 0 && rp.k < V, need_p = rp.p < 1.f, need_m = rp.min_p > 0.f;
+  const float d_m = need_m ? -std::log(rp.min_p) : kInf;
+  float cut = kInf, z_all = 0.f;
+  bool have_e = false;  // exp(-d) of the whole row is in e
+  if (need_k) {
+    const Levels lv = distances<true, false>(x, e, n_pad, top, rp.inv_t);
+    for (int l = 0; l < kLevels && cut == kInf; ++l) {
+      if (lv.count[l] >= static_cast<float>(rp.k)) cut = kLevel[l];
+    }
+  } else if (need_p) {
+    const Levels lv = distances<false, true>(x, e, n_pad, top, rp.inv_t);
+    z_all = lv.z_all;
+    have_e = true;
+    for (int l = 0; l < kLevels && cut == kInf; ++l) {
+      if (lv.mass[l] >= rp.p * lv.z_all) cut = kLevel[l];
+    }
+  } else if (!need_m) {  // no filter: the draw needs every exp(-d)
+    distances<false, true, false>(x, e, n_pad, top, rp.inv_t);
+    have_e = true;
+  } else {
+    distances<false, false>(x, e, n_pad, top, rp.inv_t);
+  }
+  // Without top-p, min-p alone bounds the kept set: D = min(D_k, D_m).
+  if (!need_p) cut = std::min(cut, d_m);
+
+  float *cd = x, *ce = e;
+  int32_t* ci = nullptr;
+  int64_t n = V;
+  if (cut < kInf) {
+    cd = s.cd.get();
+    ce = s.ce.get();
+    ci = s.ci.get();
+    n = compact(x, have_e ? e : nullptr, n_pad, cut, cd, ce, ci);
+  }
+  candidate_mass(cd, ce, n, have_e);
+  const int64_t nc_pad = round_up(n);
+
+  float t = d_m;
+  float d_k = kInf;
+  if (need_k && n >= rp.k) d_k = select<false>(cd, ce, n, cut, static_cast<float>(rp.k), s);
+  // else: fewer than k candidates below the min-p cut, so top-k does not bind.
+  t = std::min(t, d_k);
+  if (need_p) {
+    // top-p is relative to the mass top-k keeps, or to the whole row's.
+    const float target = rp.p * (need_k ? mass_le(cd, ce, nc_pad, d_k) : z_all);
+    const float d_p = select<true>(cd, ce, n, std::min(cut, d_k), target, s);
+    t = std::min(t, d_p);
+  }
+  return draw(cd, ce, ci, n, t, u);
+}
+
+std::tuple<Tensor, Tensor> sample_tokens(const Tensor& logits, const OptTensor& params, const OptTensor& prev_tokens,
+                                         double inv_temperature, int64_t top_k, double top_p, double min_p,
+                                         double repetition_penalty, double presence_penalty, double frequency_penalty,
+                                         int64_t seed, const OptTensor& seed_tensor, int64_t offset,
+                                         bool return_logprobs) {
+  const int64_t B = logits.size(0), V = logits.size(1);
+  Tensor tokens = at::empty({B}, logits.options().dtype(at::kLong));
+  Tensor logprobs = at::empty({return_logprobs ? B : 0}, logits.options().dtype(at::kFloat));
+  if (B == 0) return {tokens, logprobs};
+
+  std::vector<float> u(round_up(B) + kBlock);
+  const PhiloxKey key(resolve_seed(seed, seed_tensor));
+  for (int64_t b = 0; b < B; b += kBlock) {
+    stream_uniforms(key, static_cast<uint64_t>(offset + b), static_cast<int>(std::min<int64_t>(kBlock, B - b)), u.data() + b);
+  }
+  const float* prm = params.has_value() ? params->data_ptr<float>() : nullptr;
+  const int64_t* prev = prev_tokens.has_value() ? prev_tokens->data_ptr<int64_t>() : nullptr;
+  const int64_t n_prev = prev_tokens.has_value() ? prev_tokens->size(1) : 0;
+  const RowParams scalar{static_cast<float>(inv_temperature), top_k, static_cast<float>(top_p),
+                         static_cast<float>(min_p), static_cast<float>(repetition_penalty),
+                         static_cast<float>(presence_penalty), static_cast<float>(frequency_penalty)};
+  int64_t* tok = tokens.data_ptr<int64_t>();
+  float* lp = return_logprobs ? logprobs.data_ptr<float>() : nullptr;
+
+  dispatch_float(logits.scalar_type(), "sample_tokens", [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = logits.data_ptr<T>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      Scratch& s = thread_scratch();
+      s.reserve(round_up(V) + kLanes);
+      for (int64_t r = begin; r < end; ++r) {
+        RowParams rp = scalar;
+        if (prm != nullptr) {
+          const float* q = prm + r * 7;
+          rp = RowParams{q[0], static_cast<int64_t>(q[1]), q[2], q[3], q[4], q[5], q[6]};
+        }
+        const Draw d = sample_row(src + r * V, V, prev ? prev + r * n_prev : nullptr, n_prev, rp, u[r], s);
+        tok[r] = d.token;
+        if (lp != nullptr) lp[r] = d.logprob;
+      }
+    });
+  });
+  return {tokens, logprobs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) { m.def("sample_tokens", &sample_tokens); }
+
+}  // namespace genfast::cpu

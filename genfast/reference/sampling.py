@@ -1,0 +1,137 @@
+"""Token sampling from logits in plain PyTorch: the fallback and the oracle.
+
+The semantics every backend implements (``genfast/sampling.py`` documents
+them for users), for one row ``x`` of ``vocab`` logits:
+
+1. penalties on the raw logits, in fp32, from ``prev_tokens`` (ids < 0 are
+   padding): every distinct previous token t gets
+   ``x[t] = (x[t] * rep if x[t] < 0 else x[t] / rep) - presence`` computed
+   from the raw value (HF's repetition penalty, then OpenAI/vLLM's presence
+   penalty), then ``frequency`` is subtracted once per occurrence of t;
+2. ``X = max(x)``, ``d = (X - x) * inv_temperature``: the distance below the
+   top in temperature-scaled nats (d >= 0, exactly 0 at the max, +inf at
+   -inf logits); the filtered distribution is ``exp(-d)`` over the kept set;
+3. filters, as thresholds on d (so ties at a threshold are all kept):
+   top-k keeps ``d <= D_k``, D_k the k-th smallest d (HF's TopKLogitsWarper);
+   top-p keeps ``d <= D_p``, D_p the smallest d value whose tie-inclusive
+   mass ``sum(exp(-d_j) for d_j <= D_p)`` reaches ``top_p`` times the mass
+   kept by top-k (HF's TopPLogitsWarper applied after top-k); min-p keeps
+   ``d <= -log(min_p)`` (HF's MinPLogitsWarper); the kept set is
+   ``d <= min(D_k, D_p, D_m)``;
+4. inverse CDF in vocabulary order with one uniform per row,
+   ``u = rand(seed, offset + row)``: the token is the first kept j whose
+   running mass exceeds ``u * Z`` (Z the kept mass); if rounding leaves none,
+   the last kept token with non-zero mass.
+
+``inv_temperature = +inf`` (temperature 0) is greedy: the first index of the
+max penalized logit, log-probability 0. A row whose raw logits hold NaN or
++inf returns token -1; a row with nothing to sample (every logit -inf after
+penalties) returns -2: the public function turns both into errors.
+
+Arithmetic in fp32 (fp64 for fp64 logits); the thresholds are found by a full
+sort here, by selection in the kernels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .rng import resolve_seed, uniform_stream
+
+# Columns of the per-row parameter tensor (batch, 7), fp32.
+PARAM_NAMES = ("inv_temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+               "frequency_penalty")
+NAN_ROW, EMPTY_ROW = -1, -2
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_params(batch: int, params, scalars, dtype, device) -> list[torch.Tensor]:
+    """The 7 per-row parameters as (batch,) tensors in ``dtype``."""
+    if params is not None:
+        return [params[:, i].to(dtype) for i in range(len(PARAM_NAMES))]
+    return [torch.full((batch,), float(s), dtype=dtype, device=device) for s in scalars]
+
+
+def penalize(x: torch.Tensor, logits: torch.Tensor, prev_tokens, rep, presence, freq) -> torch.Tensor:
+    """Apply the penalties to x (fp32/fp64 copy of logits) in place; return x."""
+    if prev_tokens is None or prev_tokens.shape[1] == 0:
+        return x
+    batch, vocab = x.shape
+    valid = (prev_tokens >= 0) & (prev_tokens < vocab)
+    # Padding goes to an extra scratch column, so one scatter handles every row.
+    idx = torch.where(valid, prev_tokens, vocab)
+    ext = torch.cat([x, x.new_zeros(batch, 1)], dim=1)
+    raw = torch.cat([logits.to(x.dtype), x.new_zeros(batch, 1)], dim=1).gather(1, idx)
+    rep, presence, freq = rep[:, None], presence[:, None], freq[:, None]
+    pen = torch.where(raw < 0, raw * rep, raw / rep) - presence
+    ext.scatter_(1, idx, pen)  # duplicates write the same value
+    # The same value subtracted once per occurrence: the result does not depend on the order.
+    ext.scatter_add_(1, idx, (-freq).expand_as(pen).contiguous())
+    return ext[:, :vocab]
+
+
+def _thresholds(d: torch.Tensor, k, p, min_p) -> torch.Tensor:
+    """The largest kept distance per row, min(D_k, D_p, D_m)."""
+    batch, vocab = d.shape
+    inf = torch.full((batch,), math.inf, dtype=d.dtype, device=d.device)
+    sorted_d = d.sort(dim=-1).values
+    k_on = (k > 0) & (k < vocab)
+    kk = torch.where(k_on, k, torch.ones_like(k)).long().clamp(1, vocab)
+    d_k = torch.where(k_on, sorted_d.gather(1, (kk - 1)[:, None])[:, 0], inf)
+    e = torch.exp(-sorted_d) * (sorted_d <= d_k[:, None])
+    cum = e.cumsum(dim=-1)
+    z_k = cum[:, -1]
+    # The first sorted position whose cumulative mass reaches p * Z_k; its value is D_p.
+    first = (cum < (p * z_k)[:, None]).sum(dim=-1).clamp(max=vocab - 1)
+    d_p = torch.where(p < 1, sorted_d.gather(1, first[:, None])[:, 0], inf)
+    d_m = torch.where(min_p > 0, -torch.log(min_p), inf)
+    return torch.minimum(torch.minimum(d_k, d_p), d_m)
+
+
+def sample_tokens(logits, params, prev_tokens, inv_temperature, top_k, top_p, min_p, repetition_penalty,
+                  presence_penalty, frequency_penalty, seed, seed_tensor, offset, return_logprobs):
+    batch, vocab = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    device = logits.device
+    tokens = torch.empty(batch, dtype=torch.int64, device=device)
+    logprobs = torch.empty(batch if return_logprobs else 0, dtype=torch.float32, device=device)
+    if batch == 0:
+        return tokens, logprobs
+    # Parameters in fp32 like the kernels (inv_temperature, thresholds); fp64 for fp64 logits.
+    inv_t, k, p, min_p, rep, presence, freq = row_params(
+        batch, params, (inv_temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                        frequency_penalty), torch.float32, device)
+    k = k.to(cdt)
+    p, min_p, rep, presence, freq = (t.to(cdt) for t in (p, min_p, rep, presence, freq))
+
+    raw = logits.to(cdt)
+    bad = torch.isnan(raw).any(dim=-1) | (raw == math.inf).any(dim=-1)
+    x = penalize(raw.clone(), logits, prev_tokens, rep, presence, freq)
+    top = x.max(dim=-1).values
+    empty = top == -math.inf
+    greedy = inv_t == math.inf
+
+    scale = torch.where(greedy, torch.ones_like(inv_t), inv_t).to(cdt)
+    d = (top[:, None] - x) * scale[:, None]
+    d = torch.where(torch.isnan(d), math.inf, d)  # rows already marked bad or empty
+    keep = d <= _thresholds(d, k, p, min_p)[:, None]
+    e = torch.where(keep, torch.exp(-d), 0)
+    cum = e.cumsum(dim=-1)
+    z = cum[:, -1]
+    u = uniform_stream(batch, resolve_seed(seed, seed_tensor), offset, device).to(cdt)
+    tok = (cum <= (u * z)[:, None]).sum(dim=-1)
+    positive = torch.arange(vocab, device=device).expand(batch, vocab).masked_fill(e <= 0, -1)
+    last = positive.max(dim=-1).values
+    tok = torch.where(tok >= vocab, last, tok)
+    tok = torch.where(greedy, x.argmax(dim=-1), tok)
+    tok = torch.where(empty, EMPTY_ROW, tok)
+    tokens.copy_(torch.where(bad, NAN_ROW, tok))
+    if return_logprobs:
+        safe = tok.clamp(0, vocab - 1)[:, None]
+        lp = -d.gather(1, safe)[:, 0] - torch.log(z)
+        logprobs.copy_(torch.where(greedy, torch.zeros_like(lp), lp).float())
+    return tokens, logprobs

@@ -1,0 +1,402 @@
+"""Token sampling from logits, fused: penalties, temperature, top-k, top-p,
+min-p and the draw in one op, with no full sort of the vocabulary.
+
+Semantics (every backend; ``genfast/reference/sampling.py`` is the oracle):
+HF transformers' logits processors in HF's order, then one draw.
+
+- penalties from ``prev_tokens`` (ids < 0 are padding): every distinct previous
+  token gets HF's repetition penalty (``x * r`` if ``x < 0`` else ``x / r``),
+  then ``- presence_penalty`` once, then ``- frequency_penalty`` once per
+  occurrence (OpenAI/vLLM);
+- temperature: logits ``/ temperature``; temperature 0 is greedy (the first
+  index of the max penalized logit);
+- top-k keeps every token whose value is >= the k-th largest (ties at the
+  threshold are kept, as HF's ``TopKLogitsWarper``); ``top_k`` 0 or >= vocab
+  is no filter;
+- top-p, on the distribution left by top-k: keeps the tokens whose value is
+  >= the smallest value at which the descending cumulative mass (ties
+  included) reaches ``top_p``; ``top_p = 1`` is no filter; the top token is
+  always kept;
+- min-p keeps the tokens with probability >= ``min_p`` times the top one's;
+- the draw: inverse CDF in vocabulary order with one uniform per row,
+  ``u = genfast.rand(seed, offset + row)``: row r uses counter ``offset + r``,
+  so a call consumes ``batch`` counters and the next step passes
+  ``offset + batch``. The same (seed, offset) picks the same tokens on every
+  backend (up to fp32 rounding at a CDF boundary, a ~1e-6 event per row).
+
+-inf logits (and probabilities that underflow fp32) are never sampled.
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+
+from . import _ops
+from .reference.sampling import EMPTY_ROW, NAN_ROW, PARAM_NAMES
+from .rng import check_offset, normalize_seed
+
+Param = Union[float, int, torch.Tensor]
+INT_DTYPES = (torch.int64, torch.int32)
+
+
+def _fake_sample_tokens(logits, params, prev_tokens, inv_temperature, top_k, top_p, min_p, repetition_penalty,
+                        presence_penalty, frequency_penalty, seed, seed_tensor, offset, return_logprobs):
+    batch = logits.shape[0]
+    return (logits.new_empty((batch,), dtype=torch.int64),
+            logits.new_empty((batch if return_logprobs else 0,), dtype=torch.float32))
+
+
+sample_tokens_op = _ops.define(
+    "sample_tokens(Tensor logits, Tensor? params, Tensor? prev_tokens, float inv_temperature, int top_k, "
+    "float top_p, float min_p, float repetition_penalty, float presence_penalty, float frequency_penalty, "
+    "int seed, Tensor? seed_tensor, int offset, bool return_logprobs) -> (Tensor, Tensor)",
+    "sampling",
+    _fake_sample_tokens,
+)
+
+
+# ---- argument checks ---------------------------------------------------------
+
+def _first_bad_row(bad: torch.Tensor) -> int | None:
+    """Index of the first True (one host sync on a GPU), or None."""
+    if not bool(bad.any()):
+        return None
+    return int(bad.nonzero()[0, 0])
+
+
+# name -> (allowed-values text, scalar test, tensor test)
+_RULES = {
+    "temperature": (">= 0 and finite", lambda v: v >= 0 and math.isfinite(v),
+                    lambda t: (t >= 0) & torch.isfinite(t)),
+    "top_k": ("an int >= 0", lambda v: v >= 0, lambda t: t >= 0),
+    "top_p": ("in (0, 1]", lambda v: 0 < v <= 1, lambda t: (t > 0) & (t <= 1)),
+    "min_p": ("in [0, 1]", lambda v: 0 <= v <= 1, lambda t: (t >= 0) & (t <= 1)),
+    "repetition_penalty": ("> 0 and finite", lambda v: v > 0 and math.isfinite(v),
+                           lambda t: (t > 0) & torch.isfinite(t)),
+    "presence_penalty": ("finite", math.isfinite, torch.isfinite),
+    "frequency_penalty": ("finite", math.isfinite, torch.isfinite),
+}
+
+
+def _check_param(fn: str, name: str, value, batch: int, device, check_values: bool):
+    """Validate one parameter; return it as a Python number or a (batch,) tensor."""
+    text, scalar_ok, tensor_ok = _RULES[name]
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.expand(batch)
+        if value.shape != (batch,):
+            raise ValueError(f"{fn}: {name} must be a number or a tensor of shape (batch,) = ({batch},), "
+                             f"got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{fn}: {name} must be on the device of logits ({device}), got {value.device}")
+        if name == "top_k":
+            if value.dtype not in INT_DTYPES:
+                raise TypeError(f"{fn}: top_k must be an int or an integer tensor, got {value.dtype}")
+        elif not value.dtype.is_floating_point:
+            raise TypeError(f"{fn}: {name} must be a float or a floating tensor, got {value.dtype}")
+        if check_values:
+            row = _first_bad_row(~tensor_ok(value.double() if name != "top_k" else value))
+            if row is not None:
+                raise ValueError(f"{fn}: {name} must be {text}, got {value[row].item()} in row {row}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (name == "top_k" and isinstance(value, float)):
+        kind = "an int" if name == "top_k" else "a float"
+        raise TypeError(f"{fn}: {name} must be {kind} or a tensor of shape (batch,), got {type(value).__name__}")
+    if not scalar_ok(value):
+        raise ValueError(f"{fn}: {name} must be {text}, got {value}")
+    return value
+
+
+def _inv_temperature(t: float) -> float:
+    """fp32(1 / fp32(t)); +inf (greedy) for 0 or a temperature whose inverse overflows fp32."""
+    if t == 0:
+        return math.inf
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(t, dtype=torch.float32))
+
+
+def _check_prev_tokens(fn: str, prev_tokens, logits, check_values: bool):
+    if prev_tokens is None:
+        return None
+    if not isinstance(prev_tokens, torch.Tensor):
+        raise TypeError(f"{fn}: prev_tokens must be a torch.Tensor or None, got {type(prev_tokens).__name__}")
+    if prev_tokens.dtype not in INT_DTYPES:
+        raise TypeError(f"{fn}: prev_tokens must be int64 or int32, got {prev_tokens.dtype}")
+    batch, vocab = logits.shape
+    if prev_tokens.dim() != 2 or prev_tokens.shape[0] != batch:
+        raise ValueError(f"{fn}: prev_tokens must have shape (batch, n) with batch = {batch}, "
+                         f"got {tuple(prev_tokens.shape)}")
+    if prev_tokens.device != logits.device:
+        raise ValueError(f"{fn}: prev_tokens must be on the device of logits ({logits.device}), "
+                         f"got {prev_tokens.device}")
+    if check_values and prev_tokens.numel():
+        row = _first_bad_row((prev_tokens >= vocab).any(dim=1))
+        if row is not None:
+            raise ValueError(f"{fn}: prev_tokens must hold ids < vocab ({vocab}) or -1 for padding, got "
+                             f"{int(prev_tokens[row].max())} in row {row}")
+    return prev_tokens.to(torch.int64).contiguous()
+
+
+def _raise_bad_rows(fn: str, tokens: torch.Tensor) -> None:
+    row = _first_bad_row(tokens < 0)
+    if row is None:
+        return
+    if int(tokens[row]) == NAN_ROW:
+        raise ValueError(f"{fn}: logits row {row} contains NaN or +inf")
+    raise ValueError(f"{fn}: logits row {row} has no token to sample: every logit is -inf")
+
+
+# ---- public functions ----------------------------------------------------------
+
+def sample_tokens(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0,
+                  min_p: Param = 0.0, repetition_penalty: Param = 1.0, presence_penalty: Param = 0.0,
+                  frequency_penalty: Param = 0.0, prev_tokens: torch.Tensor | None = None, seed=None,
+                  offset: int = 0, return_logprobs: bool = False, check: bool = True):
+    """Sample one token per row of ``logits`` in one fused op.
+
+    Parameters
+    ----------
+    logits : Tensor (batch, vocab), fp32/fp16/bf16 (fp64 runs on the reference)
+        Unnormalized log-probabilities; -inf marks a banned token. Not modified.
+    temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty :
+        Each a Python number for every row, or a tensor (batch,) on the logits'
+        device (top_k an integer tensor) for per-row settings.
+        temperature >= 0 (0: greedy); top_k >= 0 (0: off); top_p in (0, 1] (1: off);
+        min_p in [0, 1] (0: off); repetition_penalty > 0 (1: off); presence and
+        frequency penalties any finite value (0: off). See the module docstring
+        for the order and the exact semantics (HF transformers' processors).
+    prev_tokens : Tensor (batch, n) int64/int32, optional
+        Previous tokens of each row (prompt and generated), -1 (any id < 0) for
+        padding; the penalties apply to these ids.
+    seed : int, 0-d int64 tensor or None
+        Noise key (``genfast.rng``); a tensor lets a CUDA graph replay with new seeds.
+    offset : int
+        Row r draws its uniform from counter ``offset + r``; advance by ``batch`` per step.
+    return_logprobs : bool
+        Also return each chosen token's log-probability under the filtered,
+        temperature-scaled distribution (0 for greedy rows).
+    check : bool
+        Validate data-dependent values: per-row parameter tensors, prev_tokens ids
+        < vocab, and after the op NaN/+inf logits and rows with nothing to sample
+        (ValueError naming the row). On a GPU each check is a host sync: pass
+        ``check=False`` inside CUDA graphs and ``torch.compile``; then a row with
+        NaN/+inf returns token -1, a row of all -inf returns -2.
+
+    Returns
+    -------
+    tokens : Tensor (batch,) int64
+    logprobs : Tensor (batch,) float32, only with ``return_logprobs=True``
+    """
+    fn = "sample_tokens"
+    _ops.check_tensor(fn, "logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"{fn}: logits must have shape (batch, vocab), got {tuple(logits.shape)}")
+    batch, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError(f"{fn}: logits must have a non-empty vocabulary, got shape {tuple(logits.shape)}")
+    device = logits.device
+    values = {}
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
+                        ("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
+                        ("frequency_penalty", frequency_penalty)):
+        values[name] = _check_param(fn, name, value, batch, device, check)
+    prev_tokens = _check_prev_tokens(fn, prev_tokens, logits, check)
+    seed, seed_tensor = normalize_seed(fn, seed, device)
+    offset = check_offset(fn, offset, batch)
+
+    params = None
+    if any(isinstance(v, torch.Tensor) for v in values.values()):
+        cols = []
+        for name in PARAM_NAMES:
+            v = values["temperature" if name == "inv_temperature" else name]
+            if isinstance(v, torch.Tensor):
+                v = v.to(torch.float32)
+                cols.append(torch.reciprocal(v) if name == "inv_temperature" else v)  # 1/0 = inf: greedy
+            else:
+                v = _inv_temperature(v) if name == "inv_temperature" else v
+                cols.append(torch.full((batch,), float(v), dtype=torch.float32, device=device))
+        params = torch.stack(cols, dim=1)
+        scalars = (math.inf, 0, 1.0, 0.0, 1.0, 0.0, 0.0)  # ignored by the kernels
+    else:
+        scalars = (_inv_temperature(values["temperature"]), values["top_k"], values["top_p"], values["min_p"],
+                   values["repetition_penalty"], values["presence_penalty"], values["frequency_penalty"])
+        if scalars[4:] == (1.0, 0.0, 0.0):
+            prev_tokens = None  # no penalty: skip the gather
+    if prev_tokens is not None and prev_tokens.shape[1] == 0:
+        prev_tokens = None
+    tokens, logprobs = sample_tokens_op(logits.contiguous(), params, prev_tokens, *scalars, seed, seed_tensor,
+                                        offset, return_logprobs)
+    if check:
+        _raise_bad_rows(fn, tokens)
+    return (tokens, logprobs) if return_logprobs else tokens
+
+
+# ---- FlashInfer-compatible names ------------------------------------------------
+# Same names, arguments and return dtype (int32) as flashinfer.sampling, so a
+# serving stack can swap the import. The draws follow genfast's semantics above
+# (ties at a threshold kept; filters in HF's order), from genfast's noise stream.
+
+def _flashinfer_seed(seed, generator):
+    if seed is None and generator is not None:
+        seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64))
+    return seed
+
+
+def _rows(x: torch.Tensor, indices) -> torch.Tensor:
+    """FlashInfer's ``indices``: output row i samples from row indices[i] of x."""
+    return x if indices is None else x.index_select(0, indices.to(device=x.device, dtype=torch.int64))
+
+
+def _from_probs(fn: str, probs):
+    _ops.check_tensor(fn, "probs", probs)
+    # log(0) = -inf: a zero-probability token is never drawn; softmax(log p) = p / sum(p).
+    return torch.log(probs)
+
+
+def sampling_from_logits(logits, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
+                         offset=None):
+    """``flashinfer.sampling.sampling_from_logits``: one token per row of logits (batch, vocab) -> int32 (batch,)."""
+    return sample_tokens(_rows(logits, indices), seed=_flashinfer_seed(seed, generator), offset=offset or 0,
+                         check=check_nan).to(torch.int32)
+
+
+def sampling_from_probs(probs, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
+                        offset=None):
+    """``flashinfer.sampling.sampling_from_probs``: probs (batch, vocab), rows summing to 1 -> int32 (batch,)."""
+    logits = _from_probs("sampling_from_probs", probs)
+    return sample_tokens(_rows(logits, indices), seed=_flashinfer_seed(seed, generator), offset=offset or 0,
+                         check=check_nan).to(torch.int32)
+
+
+def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic=True, generator=None, check_nan=False,
+                              seed=None, offset=None):
+    """``flashinfer.sampling.top_p_sampling_from_probs``; top_p a float or a (batch,) tensor."""
+    logits = _from_probs("top_p_sampling_from_probs", probs)
+    return sample_tokens(_rows(logits, indices), top_p=top_p, seed=_flashinfer_seed(seed, generator),
+                         offset=offset or 0, check=check_nan).to(torch.int32)
+
+
+def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic=True, generator=None, check_nan=False,
+                              seed=None, offset=None):
+    """``flashinfer.sampling.top_k_sampling_from_probs``; top_k an int or a (batch,) integer tensor."""
+    logits = _from_probs("top_k_sampling_from_probs", probs)
+    return sample_tokens(_rows(logits, indices), top_k=top_k, seed=_flashinfer_seed(seed, generator),
+                         offset=offset or 0, check=check_nan).to(torch.int32)
+
+
+def min_p_sampling_from_probs(probs, min_p, indices=None, deterministic=True, generator=None, check_nan=False,
+                              seed=None, offset=None):
+    """``flashinfer.sampling.min_p_sampling_from_probs``; min_p a float or a (batch,) tensor."""
+    logits = _from_probs("min_p_sampling_from_probs", probs)
+    return sample_tokens(_rows(logits, indices), min_p=min_p, seed=_flashinfer_seed(seed, generator),
+                         offset=offset or 0, check=check_nan).to(torch.int32)
+
+
+def _check_order(fn: str, filter_apply_order: str) -> None:
+    if filter_apply_order == "joint":
+        raise NotImplementedError(f"{fn}: filter_apply_order='joint' is not supported; genfast applies top-k, "
+                                  "then top-p on the renormalized distribution ('top_k_first')")
+    _ops.check_choice(fn, "filter_apply_order", filter_apply_order, ("top_k_first",))
+
+
+def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_apply_order="top_k_first",
+                                     deterministic=True, generator=None, check_nan=False, seed=None, offset=None):
+    """``flashinfer.sampling.top_k_top_p_sampling_from_logits`` (filter_apply_order="top_k_first")."""
+    _check_order("top_k_top_p_sampling_from_logits", filter_apply_order)
+    return sample_tokens(_rows(logits, indices), top_k=top_k, top_p=top_p, seed=_flashinfer_seed(seed, generator),
+                         offset=offset or 0, check=check_nan).to(torch.int32)
+
+
+def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_apply_order="top_k_first",
+                                    deterministic=True, generator=None, check_nan=False, seed=None, offset=None):
+    """``flashinfer.sampling.top_k_top_p_sampling_from_probs`` (filter_apply_order="top_k_first")."""
+    _check_order("top_k_top_p_sampling_from_probs", filter_apply_order)
+    logits = _from_probs("top_k_top_p_sampling_from_probs", probs)
+    return sample_tokens(_rows(logits, indices), top_k=top_k, top_p=top_p, seed=_flashinfer_seed(seed, generator),
+                         offset=offset or 0, check=check_nan).to(torch.int32)
+
+
+# The renorm/mask functions are plain PyTorch (topk; a sort for top-p), not fused kernels yet.
+
+def _kth_largest(x: torch.Tensor, top_k) -> torch.Tensor:
+    """(batch, 1) threshold: the k-th largest value per row; -inf where k is 0 or >= vocab (no filter)."""
+    vocab = x.shape[-1]
+    k = torch.as_tensor(top_k, device=x.device).long().expand(x.shape[0])
+    kmax = int(k.clamp(1, vocab).max())
+    vals = torch.topk(x, kmax, dim=-1).values
+    kth = vals.gather(1, (k.clamp(1, vocab) - 1)[:, None])
+    return torch.where(((k > 0) & (k < vocab))[:, None], kth, torch.full_like(kth, -math.inf))
+
+
+def top_k_mask_logits(logits, top_k):
+    """``flashinfer.sampling.top_k_mask_logits``: logits below the k-th largest of their row set to -inf
+    (ties kept). logits (batch, vocab); top_k an int or a (batch,) tensor; returns logits' shape and dtype."""
+    _ops.check_tensor("top_k_mask_logits", "logits", logits)
+    return logits.masked_fill(logits < _kth_largest(logits, top_k), -math.inf)
+
+
+def top_k_renorm_probs(probs, top_k):
+    """``flashinfer.sampling.top_k_renorm_probs``: keep the top-k probabilities of each row (ties kept), renormalize."""
+    _ops.check_tensor("top_k_renorm_probs", "probs", probs)
+    kept = probs.masked_fill(probs < _kth_largest(probs, top_k), 0)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def top_p_renorm_probs(probs, top_p):
+    """``flashinfer.sampling.top_p_renorm_probs``: keep the smallest top set whose mass reaches top_p
+    (ties at the threshold kept), renormalize. probs (batch, vocab); top_p a float or a (batch,) tensor."""
+    _ops.check_tensor("top_p_renorm_probs", "probs", probs)
+    p = torch.as_tensor(top_p, device=probs.device, dtype=torch.float32).expand(probs.shape[0])[:, None]
+    sorted_probs = probs.float().sort(dim=-1, descending=True).values
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each sorted position
+    # the smallest kept probability: the last sorted position whose mass above is < top_p
+    last = ((before < p * sorted_probs.sum(dim=-1, keepdim=True)).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
+    threshold = sorted_probs.gather(1, last).to(probs.dtype)
+    kept = probs.masked_fill(probs < threshold, 0)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+# ---- a sampler object for decode loops -------------------------------------------
+
+class LogitsSampler:
+    """sample_tokens with fixed settings and its own place in the noise stream.
+
+    gpt-fast-style loop::
+
+        sampler = genfast.LogitsSampler(temperature=0.7, top_p=0.9, seed=0)
+        next_token = sampler.sample(logits[:, -1], prev_tokens=tokens)
+
+    HF ``generate``, in one line (the processor leaves only the drawn token
+    finite, so greedy decoding picks it; penalties use ``input_ids``)::
+
+        model.generate(ids, do_sample=False, logits_processor=[genfast.LogitsSampler(top_p=0.9)])
+
+    Each call uses counters ``offset .. offset + batch - 1`` and advances
+    ``offset`` by batch, so a run is reproducible from ``seed`` (drawn once from
+    torch's generator when None). Inside a CUDA graph pass a fresh 0-d ``seed``
+    tensor per step instead: the Python offset would be baked into the graph.
+    """
+
+    def __init__(self, *, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0, min_p: Param = 0.0,
+                 repetition_penalty: Param = 1.0, presence_penalty: Param = 0.0, frequency_penalty: Param = 0.0,
+                 seed=None, offset: int = 0, check: bool = True):
+        self.settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                             frequency_penalty=frequency_penalty)
+        self.seed = int(torch.empty((), dtype=torch.int64).random_().item()) if seed is None else seed
+        self.offset = offset
+        self.check = check
+
+    def sample(self, logits: torch.Tensor, prev_tokens: torch.Tensor | None = None, return_logprobs: bool = False):
+        """Tokens (batch,) int64 for logits (batch, vocab) (and log-probs with return_logprobs)."""
+        out = sample_tokens(logits, prev_tokens=prev_tokens, seed=self.seed, offset=self.offset,
+                            return_logprobs=return_logprobs, check=self.check, **self.settings)
+        self.offset += logits.shape[0]
+        return out
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """HF ``LogitsProcessor`` protocol: scores (batch, vocab) -> 0 at the drawn token, -inf elsewhere."""
+        tokens = self.sample(scores, prev_tokens=input_ids)
+        out = torch.full_like(scores, -math.inf)
+        return out.scatter_(1, tokens[:, None], 0.0)
