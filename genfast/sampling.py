@@ -19,8 +19,8 @@ HF transformers' logits processors in HF's order, then one draw.
   always kept;
 - min-p keeps the tokens with probability >= ``min_p`` times the top one's;
 - the draw: inverse CDF in vocabulary order with one uniform per row,
-  ``u = genfast.rand(seed, offset + row)``: row r uses counter ``offset + r``,
-  so a call consumes ``batch`` counters and the next step passes
+  position ``offset + row`` of the uniform stream (``genfast.rng``), so a
+  call consumes ``batch`` positions and the next step passes
   ``offset + batch``. The same (seed, offset) picks the same tokens on every
   backend (up to fp32 rounding at a CDF boundary, a ~1e-6 event per row).
 
@@ -172,7 +172,7 @@ def sample_tokens(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Para
     seed : int, 0-d int64 tensor or None
         Noise key (``genfast.rng``); a tensor lets a CUDA graph replay with new seeds.
     offset : int
-        Row r draws its uniform from counter ``offset + r``; advance by ``batch`` per step.
+        Row r draws its uniform from stream position ``offset + r``; advance by ``batch`` per step.
     return_logprobs : bool
         Also return each chosen token's log-probability under the filtered,
         temperature-scaled distribution (0 for greedy rows).
@@ -372,7 +372,7 @@ class LogitsSampler:
 
         model.generate(ids, do_sample=False, logits_processor=[genfast.LogitsSampler(top_p=0.9)])
 
-    Each call uses counters ``offset .. offset + batch - 1`` and advances
+    Each call uses stream positions ``offset .. offset + batch - 1`` and advances
     ``offset`` by batch, so a run is reproducible from ``seed`` (drawn once from
     torch's generator when None). Inside a CUDA graph pass a fresh 0-d ``seed``
     tensor per step instead: the Python offset would be baked into the graph.

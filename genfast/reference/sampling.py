@@ -19,7 +19,7 @@ them for users), for one row ``x`` of ``vocab`` logits:
    ``d <= -log(min_p)`` (HF's MinPLogitsWarper); the kept set is
    ``d <= min(D_k, D_p, D_m)``;
 4. inverse CDF in vocabulary order with one uniform per row,
-   ``u = rand(seed, offset + row)``: the token is the first kept j whose
+   ``u`` = position ``offset + row`` of the uniform stream: the token is the first kept j whose
    running mass exceeds ``u * Z`` (Z the kept mass); if rounding leaves none,
    the last kept token with non-zero mass.
 
