@@ -94,7 +94,7 @@ step build 120 240 "$PY" -m genfast build
 step info 30 220 "$PY" -m genfast info
 step tests 240 120 "$PY" -m pytest tests -q --maxfail=25 -rf
 step bench 180 0 "$PY" -m genfast bench --quick --device cuda \
-    --json "$OUT/bench.json" --csv "$OUT/bench.csv" --plot "$OUT/bench.png"
+    --json "$OUT/bench.json" --csv "$OUT/bench.csv" --markdown "$OUT/bench.md" --plot "$OUT/bench.png"
 
 echo
 echo "gpu_check: ${SECONDS}s in all; files in $OUT:"

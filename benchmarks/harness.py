@@ -377,6 +377,26 @@ def print_table(report: dict, file=sys.stdout) -> None:
     Console(file=file, width=max(130, Console(file=file).width)).print(table)
 
 
+def markdown(report: dict) -> str:
+    """The report as a Markdown table under a line naming the machine, date and versions (for RESULTS.md)."""
+    env = report["environment"]
+    load = env.get("load_average_before")
+    lines = [f"{title(report).replace(chr(10), '; ')}; {env['date']}; {env['threads']} threads"
+             + (f"; load average {load:.1f} before the run" if load is not None else ""), "",
+             "| " + " | ".join(h for h, _, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for r in report["rows"]:
+        cells = _cells(r)
+        if r["impl"] == GENFAST:
+            cells = [f"**{c}**" if c else c for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(report: dict, path: str | Path) -> None:
+    Path(path).write_text(markdown(report))
+
+
 def write_json(report: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -71,7 +71,8 @@ def bench(args) -> None:
         sys.exit(f"genfast bench: {e}")
     report = harness.run(cases, device, progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
     harness.print_table(report)
-    for path, write in ((args.json, harness.write_json), (args.csv, harness.write_csv), (args.plot, harness.plot)):
+    for path, write in ((args.json, harness.write_json), (args.csv, harness.write_csv),
+                        (args.markdown, harness.write_markdown), (args.plot, harness.plot)):
         if path:
             write(report, path)
             print(f"wrote {path}")
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
+    p.add_argument("--markdown", metavar="FILE", help="write the table as Markdown (for benchmarks/RESULTS.md)")
     p.add_argument("--plot", metavar="FILE", help="write a PNG bar chart of genfast's speedups")
     p.set_defaults(fn=bench)
     args = parser.parse_args(argv)
