@@ -20,10 +20,19 @@ with host state; ``seed`` may be a 0-d int64 device tensor for the same reason.
 Nothing in a step allocates more than its outputs or reads a device value on
 the host.
 
-Multistep state (DPM++ 2M) lives in ``history`` buffers the kernel updates in
-place (each element is read and rewritten by the same thread): fixed
-addresses from step to step, as a CUDA graph needs. Zero them (or fill with
-any finite values) before the first step: its coefficients on them are 0.
+Multistep state lives in ``history`` buffers the kernel updates in place
+(each element is read and rewritten by the same thread): fixed addresses from
+step to step, as a CUDA graph needs. DPM++ 2M keeps the previous x0 there;
+Heun the first stage's x + (dt / 2) d1; UniPC the previous x0 and, in
+``history2``, the part of the next corrector that is known a step early.
+Zero them (or fill with any finite values) before the first step: its
+coefficients on them are 0.
+
+Coefficient precision: the table is fp32, computed in fp64. The schedule's
+scalars that diffusers derives in fp32 (alpha_t, lambda, exp(-h), ...) are
+rounded differently, so a twin's trajectory agrees with diffusers' fp32 run
+only as well as either agrees with fp64; against a true fp64 run (the
+schedule's scalars in fp64 too) the twins' error is at most diffusers' own.
 
 Bytes per step for N latent elements of s bytes, guidance in the step:
 read uncond, cond, sample, write prev: 4Ns (6Ns for DPM++ 2M with its
@@ -31,8 +40,10 @@ history read and written, +Ns when x0 is returned). diffusers' step with the
 pipeline's guidance moves ~20 passes of fp32 temporaries (see
 ``kernels/diffusion.py`` for the count per sampler).
 
-The per-sampler table builders (``euler_coefficients``, ``ddim_coefficients``,
-``dpm_solver_coefficients``, ``flow_match_euler_coefficients``) and the
+The per-sampler table builders (``euler_coefficients``, ``euler_ancestral_coefficients``,
+``ddim_coefficients``, ``ddpm_coefficients``, ``lcm_coefficients``,
+``heun_coefficients``, ``dpm_solver_coefficients``, ``unipc_coefficients``,
+``flow_match_euler_coefficients``) and the
 scalar-argument steps (``euler_step``, ``ddim_step``, ``dpmpp_2m_step``,
 ``flow_match_euler_step``) follow diffusers' formulas; ``genfast.schedulers``
 uses them for drop-in diffusers schedulers.
@@ -387,6 +398,179 @@ def dpm_solver_coefficients(alpha_t, sigma_t, alpha_s0, sigma_s0, alpha_s1, sigm
     px = torch.nan_to_num(px)  # sigma_t = 0 at the end of a "zero" schedule: 0 / s, no inf
     return _table(at.numel(), at.device, ax=_f64(x0_ax, at.device).reshape(-1),
                   am=_f64(x0_am, at.device).reshape(-1), px=px, p0=d0, pn=pn, pd=pd, h10=1.0)
+
+
+def ddpm_coefficients(alpha_prod_t, alpha_prod_t_prev, prediction_type: str = "epsilon",
+                      variance_type: str = "fixed_small", noisy=None):
+    """DDPM ancestral step (Ho et al. eq. 7): x_prev = c0 x0 + ct x + std n.
+
+    alpha_prod_t, alpha_prod_t_prev : 1-D (steps,) cumulative alphas at t and at the
+    previous timestep of the schedule (1 past the end). variance_type : "fixed_small"
+    and "fixed_small_log" (std = sqrt of the posterior variance, clamped at 1e-20 as
+    diffusers does), "fixed_large" (std = sqrt(beta_t)). noisy : 1-D bool (steps,),
+    the rows that add noise (diffusers: t > 0); default all. x0 stays a separate
+    term (p0), as diffusers computes it, so clip_sample clamps it in the kernel.
+    """
+    a = _f64(alpha_prod_t).reshape(-1)
+    ap = _f64(alpha_prod_t_prev, a.device).reshape(-1)
+    beta_prod_t, current_alpha = 1.0 - a, a / ap
+    current_beta = 1.0 - current_alpha
+    if variance_type in ("fixed_small", "fixed_small_log"):
+        std = torch.sqrt(((1.0 - ap) / beta_prod_t * current_beta).clamp_min(1e-20))
+    elif variance_type == "fixed_large":
+        std = torch.sqrt(current_beta)
+    else:
+        raise ValueError(f"variance_type must be 'fixed_small', 'fixed_small_log' or 'fixed_large', "
+                         f"got {variance_type!r}")
+    if noisy is not None:
+        std = torch.where(torch.as_tensor(noisy, device=a.device).reshape(-1), std, 0.0)
+    ax, am = x0_coefficients(prediction_type, torch.sqrt(a), torch.sqrt(beta_prod_t))
+    return _table(a.numel(), a.device, ax=ax, am=am, p0=torch.sqrt(ap) * current_beta / beta_prod_t,
+                  px=torch.sqrt(current_alpha) * (1.0 - ap) / beta_prod_t, pn=std)
+
+
+def lcm_coefficients(alpha_prod_t, alpha_prod_t_prev, c_skip, c_out, prediction_type: str = "epsilon",
+                     clip: bool = False, last=None):
+    """LCM (multistep consistency sampling): denoised = c_out x0 + c_skip x, then
+    x_prev = sqrt(a_prev) denoised + sqrt(1 - a_prev) n (denoised alone on the last row).
+
+    alpha_prod_t, alpha_prod_t_prev, c_skip, c_out : 1-D (steps,). last : 1-D bool
+    (steps,), the rows without noise (diffusers: the final step). Without clip the
+    kernel's x0 output is ``denoised`` (diffusers' second output); with clip it is the
+    clamped x0 and the caller forms denoised = c_out x0 + c_skip x.
+    """
+    a = _f64(alpha_prod_t).reshape(-1)
+    ap = _f64(alpha_prod_t_prev, a.device).reshape(-1)
+    c_skip, c_out = _f64(c_skip, a.device).reshape(-1), _f64(c_out, a.device).reshape(-1)
+    last = torch.zeros_like(a, dtype=torch.bool) if last is None else torch.as_tensor(last, device=a.device)
+    keep = torch.where(last, 1.0, torch.sqrt(ap))
+    pn = torch.where(last, 0.0, torch.sqrt(1.0 - ap))
+    ax, am = x0_coefficients(prediction_type, torch.sqrt(a), torch.sqrt(1.0 - a))
+    if clip:
+        return _table(a.numel(), a.device, ax=ax, am=am, px=keep * c_skip, p0=keep * c_out, pn=pn)
+    return _table(a.numel(), a.device, ax=c_out * ax + c_skip, am=c_out * am, p0=keep, pn=pn)
+
+
+def heun_coefficients(sigma, sigma_next, first_stage, prediction_type: str = "epsilon"):
+    """HeunDiscrete, both stages of each step, one row per stage (diffusers' step index).
+
+    sigma, sigma_next : 1-D (rows,) the step's noise levels (the same pair for both
+    stages of a step). first_stage : 1-D bool (rows,). The first stage is an Euler
+    step to sigma_next that also writes into the one history buffer
+    h = x + (dt / 2) d1 (d1 = (x - x0) / sigma, dt = sigma_next - sigma); the second
+    evaluates x0 at sigma_next and finishes x_prev = h + (dt / 2) d2,
+    d2 = (x - x0) / sigma_next: the average of the two slopes, with one buffer instead
+    of diffusers' saved sample and derivative. x0 enters through p0 so that
+    clip_sample can clamp it in the kernel.
+    """
+    sigma = _f64(sigma).reshape(-1)
+    sigma_next = _f64(sigma_next, sigma.device).reshape(-1)
+    first = torch.as_tensor(first_stage, device=sigma.device).reshape(-1)
+    dt = sigma_next - sigma
+    s_in = torch.where(first, sigma, sigma_next)  # where the model was evaluated
+    if prediction_type == "epsilon":
+        ax, am = torch.ones_like(sigma), -s_in
+    elif prediction_type == "v_prediction":
+        ax, am = 1.0 / (s_in**2 + 1.0), -s_in / torch.sqrt(s_in**2 + 1.0)
+    elif prediction_type in ("sample", "original_sample"):
+        ax, am = torch.zeros_like(sigma), torch.ones_like(sigma)
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    r1 = dt / sigma  # first stage: prev = x + r1 (x - x0)
+    r2 = torch.nan_to_num(0.5 * dt / s_in)  # second stage: prev = h + r2 (x - x0); 0 when sigma_next = 0
+    px = torch.where(first, 1.0 + r1, r2)
+    p0 = torch.where(first, -r1, -r2)
+    p1 = torch.where(first, 0.0, 1.0)
+    h1x = torch.where(first, 1.0 + 0.5 * r1, 0.0)
+    h10 = torch.where(first, -0.5 * r1, 0.0)
+    h11 = torch.where(first, 0.0, 1.0)  # the second stage leaves the buffer as it found it
+    return _table(sigma.numel(), sigma.device, ax=ax, am=am, px=px, p0=p0, p1=p1, h1x=h1x, h10=h10, h11=h11)
+
+
+def _unipc_b(hh: float, solver_type: str) -> float:
+    if solver_type == "bh1":
+        return hh
+    if solver_type == "bh2":
+        return math.expm1(hh)
+    raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
+
+
+def unipc_coefficients(alpha, sigma, orders, use_corrector, *, x0_ax, x0_am, solver_type: str = "bh2"):
+    """UniPC (data prediction, UniP + UniC of order 1 or 2) as one kernel per step.
+
+    alpha, sigma : 1-D (steps + 1,) the schedule's alpha_t and sigma_t. orders :
+    1-D (steps,) the predictor's order per step (the corrector at step i has order
+    ``orders[i - 1]``). use_corrector : 1-D bool (steps,). x0_ax, x0_am : 1-D (steps,)
+    the model-output conversion at each step's sigma.
+
+    Step i corrects the sample it is given, x_c = x_last-terms + d (x0_i - x0_{i-1}),
+    then predicts from x_c. Everything in UniC except the new x0 is known one step
+    earlier, so the kernel keeps two buffers: history = x0_{i-1} and history2 = the
+    corrector's partial sum K_i = a x_c,{i-1} + b x0_{i-1} + e (x0_{i-2} - x0_{i-1}),
+    which step i-1 writes. Then x_c = K_i + d (x0_i - x0_{i-1}) and
+    x_prev = A x_c + Bm x0_i + pd (x0_i - x0_{i-1}), all in one affine map.
+    Coefficients follow diffusers' ``multistep_uni_p_bh_update`` /
+    ``multistep_uni_c_bh_update`` (order 2 predictor with rho = 1/2), in fp64.
+    """
+    if solver_type not in ("bh1", "bh2"):
+        raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
+    al = _f64(alpha).reshape(-1).cpu().tolist()
+    sg = _f64(sigma).reshape(-1).cpu().tolist()
+    orders = [int(o) for o in torch.as_tensor(orders).reshape(-1).tolist()]
+    use_c = [bool(u) for u in torch.as_tensor(use_corrector).reshape(-1).tolist()]
+    n = len(orders)
+    if len(al) != n + 1 or len(sg) != n + 1 or len(use_c) != n:
+        raise ValueError(f"unipc_coefficients: alpha and sigma need steps + 1 = {n + 1} values, use_corrector "
+                         f"{n}; got {len(al)}, {len(sg)}, {len(use_c)}")
+
+    def lam(k):  # log-SNR; +inf at sigma = 0 (the final step of a "zero" schedule)
+        return math.log(al[k]) - math.log(sg[k]) if sg[k] > 0 else math.inf
+
+    def corrector(j, q):
+        """(a, b, d, e) of UniC at step j (from j - 1 to j), order q."""
+        h = lam(j) - lam(j - 1)
+        hh = -h
+        b_h = _unipc_b(hh, solver_type)
+        a, b = sg[j] / sg[j - 1], -al[j] * math.expm1(hh)
+        if q == 1:
+            return a, b, -al[j] * b_h * 0.5, 0.0
+        rk = (lam(j - 2) - lam(j - 1)) / h
+        phi = math.expm1(hh) / hh - 1.0
+        b1 = phi / b_h
+        b2 = (phi / hh - 0.5) * 2.0 / b_h
+        rho0 = (b1 - b2) / (1.0 - rk)  # [[1, 1], [rk, 1]] rho = [b1, b2]
+        rho1 = b1 - rho0
+        return a, b, -al[j] * b_h * rho1, -al[j] * b_h * rho0 / rk
+
+    rows = torch.zeros((n, NCOEF), dtype=torch.float64)
+    ax = _f64(x0_ax).reshape(-1).expand(n).tolist()
+    am = _f64(x0_am).reshape(-1).expand(n).tolist()
+    for i in range(n):
+        k = {name: 0.0 for name in COEF}
+        k["ax"], k["am"] = ax[i], am[i]
+        hh = -(lam(i + 1) - lam(i))
+        big_a = sg[i + 1] / sg[i]
+        k["p0"] = -al[i + 1] * math.expm1(hh)
+        pd = 0.0
+        if orders[i] == 2:
+            r1 = (lam(i - 1) - lam(i)) / -hh
+            # r1 = 0 only for a second-order step onto sigma = 0, where diffusers divides by zero too
+            pd = al[i + 1] * _unipc_b(hh, solver_type) * 0.5 / r1 if r1 != 0 else math.nan
+        d = 0.0
+        if use_c[i]:  # x_c = h2 + d (x0 - h1)
+            _, _, d, _ = corrector(i, orders[i - 1])
+            k["p2"], k["pd"] = big_a, big_a * d + pd
+        else:
+            k["px"], k["pd"] = big_a, pd
+        k["h10"] = 1.0
+        if i + 1 < n and use_c[i + 1]:  # K_{i+1} = a x_c + b x0 + e (h1 - x0)
+            a2, b2, _, e2 = corrector(i + 1, orders[i])
+            if use_c[i]:
+                k["h22"], k["h20"], k["h21"] = a2, a2 * d + b2 - e2, e2 - a2 * d
+            else:
+                k["h2x"], k["h20"], k["h21"] = a2, b2 - e2, e2
+        rows[i] = torch.tensor([k[name] for name in COEF], dtype=torch.float64)
+    return rows
 
 
 def flow_match_euler_coefficients(sigma, sigma_next, stochastic: bool = False):

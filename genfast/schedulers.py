@@ -25,13 +25,17 @@ kernel draws from genfast's stream with a seed drawn from torch's default
 generator at ``set_timesteps`` (``torch.manual_seed`` governs it; ``noise_seed``
 may be set to an int or a 0-d int64 device tensor).
 
-Multistep state (DPM++ 2M) is one buffer of the previous x0 that the kernel
-updates in place; ``model_outputs`` (diffusers' list) is not maintained.
+Multistep state is one or two buffers that the kernel updates in place: the
+previous x0 (DPM++ 2M), the first stage's partial update (Heun), the previous
+x0 and the corrector's partial sum (UniPC). diffusers' own state
+(``model_outputs``, ``last_sample``, Heun's ``sample``/``prev_derivative``) is
+not maintained.
 
 Configurations the kernel does not cover (dynamic thresholding, third-order
-DPM-Solver, noise-prediction DPM-Solver, learned variance, per-token
-timesteps) run diffusers' own ``step`` unchanged: a twin is never wrong, only
-sometimes not faster (``fused`` says which).
+DPM-Solver and UniPC, noise-prediction DPM-Solver and UniPC, learned
+variance, per-token timesteps, UniPC with ``solver_p``) run diffusers' own
+``step`` unchanged: a twin is never wrong, only sometimes not faster
+(``fused`` says which).
 
 diffusers is an optional dependency: the twin classes are created on first
 access, which imports it.
@@ -45,8 +49,9 @@ import torch
 
 from . import diffusion as D
 
-SUPPORTED = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler",
-             "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler")
+SUPPORTED = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler", "DDPMScheduler",
+             "LCMScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+             "FlowMatchEulerDiscreteScheduler")
 _classes: dict[str, type] = {}
 
 
@@ -86,12 +91,14 @@ class _Fused:
 
     _genfast_twin = True
     device_step_counter = False  # True: the row is a device tensor the step advances (CUDA-graph replay)
+    _gf_needs_schedule = True  # False: diffusers steps over the training schedule without set_timesteps (DDPM)
 
     def _gf_reset(self):
         self._gf_tables = {}
         self._gf_history = None
         self._gf_row = None
         self._gf_host = None  # host fp64 copies of the schedule, taken at set_timesteps
+        self._gf_counter = None  # the next row, for schedulers that look rows up by timestep value
         self.noise_seed = int(torch.empty((), dtype=torch.int64).random_().item())
 
     def set_timesteps(self, *args, **kwargs):
@@ -109,7 +116,7 @@ class _Fused:
 
     def _gf_check(self, model_output, sample, name="model_output"):
         fn = f"{type(self).__name__}.step"
-        if getattr(self, "num_inference_steps", None) is None:
+        if self._gf_needs_schedule and getattr(self, "num_inference_steps", None) is None:
             raise ValueError(f"{fn}: call set_timesteps before step")
         for arg, t in ((name, model_output), ("sample", sample)):
             if not isinstance(t, torch.Tensor):
@@ -133,6 +140,20 @@ class _Fused:
             raise ValueError(f"{type(self).__name__}.step: timestep {t} is not in the schedule "
                              f"(scheduler.timesteps)")
         return int(indices[1 if len(indices) > 1 else 0].item())
+
+    def _gf_row_of(self, timestep) -> int:
+        """The row of ``timestep`` for schedulers that look their coefficients up by
+        timestep value (DDIM, DDPM): found on the host when the timestep is a number;
+        a tensor (which may live on the device) is looked up once, then the row is counted."""
+        if self._gf_host is None:
+            self._gf_host = {"timesteps": _host(self.timesteps).numpy()}
+        if not isinstance(timestep, torch.Tensor):
+            hits = np.nonzero(self._gf_host["timesteps"] == float(timestep))[0]
+            if len(hits) == 0:
+                raise ValueError(f"{type(self).__name__}.step: timestep {timestep} is not in the schedule "
+                                 f"(scheduler.timesteps)")
+            return int(hits[0])
+        return self._gf_index_of(timestep) if self._gf_counter is None else self._gf_counter
 
     def _gf_init_step_index(self, timestep) -> None:
         if self.step_index is None:
@@ -161,7 +182,7 @@ class _Fused:
             self._gf_row.add_(1)
 
     def _gf_run(self, model_output, sample, table, row, *, guidance=None, stochastic=False, noise=None,
-                history=None, clip=0.0, return_x0=False):
+                history=None, history2=None, clip=0.0, return_x0=False):
         """The fused step; model_output is a tensor or (uncond, cond); guidance = (scale, rescale)."""
         out_dtype = (model_output[0] if isinstance(model_output, tuple) else model_output).dtype
         if out_dtype != sample.dtype:  # diffusers computes in fp32 and returns the model's dtype
@@ -169,7 +190,8 @@ class _Fused:
         scale, rescale = guidance if guidance is not None else (1.0, 0.0)
         result = D.sampler_step(sample, model_output, table, self._gf_step_arg(row, sample.device),
                                 guidance_scale=scale, guidance_rescale=rescale, stochastic=stochastic,
-                                noise=noise, seed=self.noise_seed, history=history, clip=clip, return_x0=return_x0)
+                                noise=noise, seed=self.noise_seed, history=history, history2=history2, clip=clip,
+                                return_x0=return_x0)
         self._gf_advance()
         return result
 
@@ -192,15 +214,10 @@ class _Fused:
                              f"got {tuple(noise_cond.shape)}")
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"{fn}: guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        guided = _Guided(noise_uncond, noise_cond, guidance_scale, guidance_rescale)
         if not self.fused:  # the pipeline's ops, then diffusers' step
-            guided = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-            if guidance_rescale > 0:
-                dims = list(range(1, guided.dim()))
-                factor = noise_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
-                guided = guidance_rescale * guided * factor + (1 - guidance_rescale) * guided
-            return self.step(guided, timestep, sample, **kwargs)
-        return self._step(_Guided(noise_uncond, noise_cond, guidance_scale, guidance_rescale), timestep, sample,
-                          **kwargs)
+            return self.step(_materialize(guided), timestep, sample, **kwargs)
+        return self._step(guided, timestep, sample, **kwargs)
 
 
 class _Guided:
@@ -217,6 +234,19 @@ def _unpack(model_output):
         return (model_output.uncond, model_output.cond), (model_output.scale, model_output.rescale), \
             model_output.uncond
     return model_output, None, model_output
+
+
+def _materialize(model_output):
+    """A plain model output: guidance applied with the pipeline's own ops (for diffusers' step)."""
+    if not isinstance(model_output, _Guided):
+        return model_output
+    u, c = model_output.uncond, model_output.cond
+    guided = u + model_output.scale * (c - u)
+    if model_output.rescale > 0:
+        dims = list(range(1, guided.dim()))
+        factor = c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+        guided = model_output.rescale * guided * factor + (1 - model_output.rescale) * guided
+    return guided
 
 
 def _host(t) -> torch.Tensor:
@@ -316,12 +346,6 @@ def _ddim_class():
         or a CPU tensor, and otherwise counts steps from the first (looked up once).
         """
 
-        _gf_counter = None
-
-        def _gf_reset(self):
-            super()._gf_reset()
-            self._gf_counter = None
-
         def _gf_supported(self):
             return "thresholding" if self.config.thresholding else None
 
@@ -333,25 +357,13 @@ def _ddim_class():
             return self._step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
                               variance_noise, return_dict)
 
-        def _row(self, timestep) -> int:
-            if not isinstance(timestep, torch.Tensor):
-                hits = np.nonzero(self._gf_host["timesteps"] == float(timestep))[0]
-                if len(hits) == 0:
-                    raise ValueError(f"DDIMScheduler.step: timestep {timestep} is not in the schedule "
-                                     f"(scheduler.timesteps)")
-                return int(hits[0])
-            # a tensor timestep may live on the device: look it up once, then count
-            return self._gf_index_of(timestep) if self._gf_counter is None else self._gf_counter
-
         def _step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
                   variance_noise=None, return_dict=True):
             mo, guidance, probe = _unpack(model_output)
             self._gf_check(probe, sample)
             if variance_noise is not None and generator is not None:
                 raise ValueError("DDIMScheduler.step: pass generator or variance_noise, not both")
-            if self._gf_host is None:
-                self._gf_host = {"timesteps": _host(self.timesteps).numpy()}
-            row = self._row(timestep)
+            row = self._gf_row_of(timestep)
 
             def build():
                 t = torch.as_tensor(self._gf_host["timesteps"]).long()
@@ -377,6 +389,175 @@ def _ddim_class():
             return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
     return DDIMScheduler
+
+
+# ---- DDPM -------------------------------------------------------------------
+
+def _ddpm_class():
+    import diffusers
+    from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+
+    class DDPMScheduler(_Fused, diffusers.DDPMScheduler):
+        """diffusers' DDPMScheduler with a fused ``step()`` for the fixed variance types
+        ("fixed_small", "fixed_small_log", "fixed_large"); learned variances and
+        thresholding run diffusers' step. Rows are looked up by timestep value, as
+        diffusers does (see ``DDIMScheduler``)."""
+
+        _gf_needs_schedule = False  # before set_timesteps diffusers steps over every training timestep
+
+        def _gf_supported(self):
+            if self.config.thresholding:
+                return "thresholding"
+            if self.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
+                return f"variance_type {self.variance_type!r}"
+            return None
+
+        def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
+            if not self.fused:
+                return super().step(model_output, timestep, sample, generator, return_dict)
+            return self._step(model_output, timestep, sample, generator, return_dict)
+
+        def _build(self):
+            t = torch.as_tensor(self._gf_host["timesteps"]).long()
+            if self.custom_timesteps or self.num_inference_steps:  # diffusers' previous_timestep
+                prev_t = torch.cat([t[1:], t.new_tensor([-1])])
+            else:
+                prev_t = t - 1
+            alphas = _host(self.alphas_cumprod)
+            a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp_min(0)], 1.0)
+            noisy = t > 0
+            return D.ddpm_coefficients(alphas[t], a_prev, self.config.prediction_type, self.variance_type,
+                                       noisy), noisy.tolist()
+
+        def _step(self, model_output, timestep, sample, generator=None, return_dict=True):
+            mo, guidance, probe = _unpack(model_output)
+            self._gf_check(probe, sample)
+            row = self._gf_row_of(timestep)
+            table, noisy = self._gf_table(("ddpm",), sample.device, self._build)
+            stochastic = noisy[row]
+            noise = self._gf_noise(probe.shape, generator, probe.device, probe.dtype) \
+                if stochastic and generator is not None else None
+            clip = float(self.config.clip_sample_range) if self.config.clip_sample else 0.0
+            prev, x0 = self._gf_run(mo, sample, table, row, guidance=guidance, stochastic=stochastic, noise=noise,
+                                    clip=clip, return_x0=True)
+            self._gf_counter = row + 1
+            if not return_dict:
+                return prev, x0
+            return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    return DDPMScheduler
+
+
+# ---- LCM --------------------------------------------------------------------
+
+def _lcm_class():
+    import diffusers
+    from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
+
+    class LCMScheduler(_Fused, diffusers.LCMScheduler):
+        """diffusers' LCMScheduler with a fused ``step()`` (thresholding runs diffusers' step).
+
+        ``denoised`` (the second output) is the kernel's x0 output: the boundary-condition
+        scalings are folded into the x0 row. With clip_sample the clamp must act on the
+        x0 before that fold, so the kernel returns the clamped x0 and one more op forms
+        denoised = c_out x0 + c_skip x (with host scalars: no sync)."""
+
+        def _gf_supported(self):
+            return "thresholding" if self.config.thresholding else None
+
+        def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
+            if not self.fused:
+                return super().step(model_output, timestep, sample, generator, return_dict)
+            return self._step(model_output, timestep, sample, generator, return_dict)
+
+        def _build(self):
+            t = _host(self.timesteps)
+            n = len(t)
+            prev_t = torch.cat([t[1:], t[-1:]]).long()  # the last step's "previous" is itself (unused: no noise)
+            alphas = _host(self.alphas_cumprod)
+            a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp_min(0)], float(self.final_alpha_cumprod))
+            c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(t)  # diffusers' formula, in fp64
+            last = torch.arange(n) == self.num_inference_steps - 1
+            clip = bool(self.config.clip_sample)
+            table = D.lcm_coefficients(alphas[t.long()], a_prev, c_skip, c_out, self.config.prediction_type, clip,
+                                       last)
+            return table, {"last": last.tolist(), "c_skip": c_skip.tolist(), "c_out": c_out.tolist()}
+
+        def _step(self, model_output, timestep, sample, generator=None, return_dict=True):
+            mo, guidance, probe = _unpack(model_output)
+            self._gf_check(probe, sample)
+            self._gf_init_step_index(timestep)
+            row = self.step_index
+            table, meta = self._gf_table(("lcm",), sample.device, self._build)
+            stochastic = not meta["last"][row]
+            noise = self._gf_noise(probe.shape, generator, probe.device, probe.dtype) \
+                if stochastic and generator is not None else None
+            clip = float(self.config.clip_sample_range) if self.config.clip_sample else 0.0
+            prev, denoised = self._gf_run(mo, sample, table, row, guidance=guidance, stochastic=stochastic,
+                                          noise=noise, clip=clip, return_x0=True)
+            if clip > 0:  # the kernel returned the clamped x0
+                x = sample.to(denoised.dtype)
+                denoised = torch.add(x * meta["c_skip"][row], denoised, alpha=meta["c_out"][row])
+            self._step_index += 1
+            if not return_dict:
+                return prev, denoised
+            return LCMSchedulerOutput(prev_sample=prev, denoised=denoised)
+
+    return LCMScheduler
+
+
+# ---- HeunDiscrete -----------------------------------------------------------
+
+def _heun_class():
+    import diffusers
+    from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
+
+    class HeunDiscreteScheduler(_Fused, diffusers.HeunDiscreteScheduler):
+        """diffusers' HeunDiscreteScheduler with a fused ``step()``: each of a step's two
+        stages is one kernel. Between the stages the twin keeps one buffer,
+        x + (dt / 2) d1, updated in place by the first stage's kernel, instead of
+        diffusers' saved sample and derivative (``self.sample`` and
+        ``self.prev_derivative`` stay None; ``self.dt`` still marks the stage, so
+        ``state_in_first_order`` is diffusers')."""
+
+        def step(self, model_output, timestep, sample, return_dict: bool = True):
+            return self._step(model_output, timestep, sample, return_dict)
+
+        def _build(self, parity: int):
+            sig = _host(self.sigmas)
+            rows = len(self.timesteps)
+            i = torch.arange(rows)
+            first = (i % 2) == parity
+            lo = torch.where(first, i, (i - 1).clamp_min(0))
+            table = D.heun_coefficients(sig[lo], sig[lo + 1], first, self.config.prediction_type)
+            return table, (sig[lo + 1] - sig[lo]).tolist()
+
+        def _step(self, model_output, timestep, sample, return_dict=True):
+            mo, guidance, probe = _unpack(model_output)
+            self._gf_check(probe, sample)
+            self._gf_init_step_index(timestep)
+            row = self.step_index
+            first = self.state_in_first_order
+            parity = (row if first else row + 1) % 2  # the rows that are first stages
+            table, dts = self._gf_table(("heun", parity), sample.device, lambda: self._build(parity))
+            if self._gf_history is None or self._gf_history.shape != sample.shape \
+                    or self._gf_history.dtype != probe.dtype or self._gf_history.device != sample.device:
+                layout = sample if D._is_dense(sample) else sample.contiguous()
+                self._gf_history = torch.zeros_like(layout, dtype=probe.dtype)
+                if not first and self.sample is not None:  # taken over between diffusers' two stages
+                    self._gf_history.copy_(self.sample + 0.5 * self.dt * self.prev_derivative)
+            clip = float(self.config.clip_sample_range) if self.config.clip_sample else 0.0
+            prev, x0 = self._gf_run(mo, sample, table, row, guidance=guidance, history=self._gf_history, clip=clip,
+                                    return_x0=True)
+            # diffusers' stage marker; the saved sample and derivative live in the history buffer
+            self.dt = dts[row] if first else None
+            self.prev_derivative = self.sample = None
+            self._step_index += 1
+            if not return_dict:
+                return prev, x0
+            return HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    return HeunDiscreteScheduler
 
 
 # ---- DPMSolverMultistep -----------------------------------------------------
@@ -469,6 +650,86 @@ def _dpm_class():
     return DPMSolverMultistepScheduler
 
 
+# ---- UniPCMultistep ---------------------------------------------------------
+
+def _unipc_class():
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    class UniPCMultistepScheduler(_Fused, diffusers.UniPCMultistepScheduler):
+        """diffusers' UniPCMultistepScheduler with a fused ``step()`` for data prediction
+        (``predict_x0``), ``solver_order`` 1 or 2, bh1/bh2: the corrector (UniC) of the
+        previous step and this step's predictor (UniP) are one kernel. Two buffers carry
+        the state (the previous x0 and the corrector's partial sum, see
+        ``genfast.diffusion.unipc_coefficients``); diffusers' ``model_outputs``,
+        ``timestep_list`` and ``last_sample`` are not maintained."""
+
+        def _gf_supported(self):
+            c = self.config
+            if not c.predict_x0:
+                return "predict_x0=False"
+            if c.solver_order not in (1, 2):
+                return f"solver_order {c.solver_order}"
+            if c.thresholding:
+                return "thresholding"
+            if self.solver_p is not None:
+                return "solver_p"
+            return None
+
+        def step(self, model_output, timestep, sample, return_dict: bool = True):
+            if not self.fused:
+                return super().step(model_output, timestep, sample, return_dict)
+            return self._step(model_output, timestep, sample, return_dict)
+
+        def _plan(self, start: int):
+            """diffusers' predictor order and corrector use per step when stepping starts at ``start``."""
+            c, n = self.config, len(self.timesteps)
+            orders, use_c = [], []
+            for i in range(n):
+                order = min(c.solver_order, n - i) if c.lower_order_final else c.solver_order
+                orders.append(min(order, min(i - start, c.solver_order) + 1))
+                use_c.append(i > start and (i - 1) not in self.disable_corrector)
+            return orders, use_c
+
+        def _build(self, start: int):
+            sig = _host(self.sigmas)
+            n = len(self.timesteps)
+            alpha, sigma = self._sigma_to_alpha_sigma_t(sig[:n + 1])
+            ptype = self.config.prediction_type
+            ax, am = D.x0_coefficients(ptype, alpha[:n], sig[:n] if ptype == "flow_prediction" else sigma[:n])
+            orders, use_c = self._plan(start)
+            table = D.unipc_coefficients(alpha, sigma, orders, use_c, x0_ax=ax, x0_am=am,
+                                         solver_type=self.config.solver_type)
+            return table, None
+
+        def _step(self, model_output, timestep, sample, return_dict=True):
+            mo, guidance, probe = _unpack(model_output)
+            self._gf_check(probe, sample)
+            self._gf_init_step_index(timestep)
+            row = self.step_index
+            start = row - self.lower_order_nums
+            table, _ = self._gf_table(("unipc", start), sample.device, lambda: self._build(start))
+            if self._gf_history is None or self._gf_history[0].shape != sample.shape \
+                    or self._gf_history[0].dtype != probe.dtype or self._gf_history[0].device != sample.device:
+                if self.lower_order_nums > 0:
+                    # taken over mid-loop: diffusers' state (last_sample, model_outputs) has no
+                    # fused form here, so diffusers finishes this loop; the next one is fused
+                    return super().step(_materialize(model_output), timestep, sample, return_dict)
+                layout = sample if D._is_dense(sample) else sample.contiguous()
+                self._gf_history = (torch.zeros_like(layout, dtype=probe.dtype),
+                                    torch.zeros_like(layout, dtype=probe.dtype))
+            prev = self._gf_run(mo, sample, table, row, guidance=guidance, history=self._gf_history[0],
+                                history2=self._gf_history[1])
+            if self.lower_order_nums < self.config.solver_order:
+                self.lower_order_nums += 1
+            self._step_index += 1
+            if not return_dict:
+                return (prev,)
+            return SchedulerOutput(prev_sample=prev)
+
+    return UniPCMultistepScheduler
+
+
 # ---- FlowMatchEulerDiscrete -------------------------------------------------
 
 def _flow_match_class():
@@ -515,6 +776,10 @@ _BUILDERS = {
     "EulerDiscreteScheduler": _euler_class,
     "EulerAncestralDiscreteScheduler": _euler_ancestral_class,
     "DDIMScheduler": _ddim_class,
+    "DDPMScheduler": _ddpm_class,
+    "LCMScheduler": _lcm_class,
+    "HeunDiscreteScheduler": _heun_class,
+    "UniPCMultistepScheduler": _unipc_class,
     "DPMSolverMultistepScheduler": _dpm_class,
     "FlowMatchEulerDiscreteScheduler": _flow_match_class,
 }

@@ -1,7 +1,7 @@
 """Diffusion sampler steps in Triton: one kernel per step, guidance inside.
 
-Every supported sampler step (Euler, DDIM, DPM++ 2M / 2M SDE, flow-match
-Euler, ...) is the affine map of ``genfast/reference/diffusion.py``; the step's
+Every supported sampler step (Euler, DDIM, DDPM, LCM, Heun, DPM++ 2M / 2M SDE,
+UniPC, flow-match Euler, ...) is the affine map of ``genfast/reference/diffusion.py``; the step's
 coefficients are one row of a small fp32 table that the scheduler builds in
 ``set_timesteps``. The kernel reads its row through a device pointer (a row
 index given as an int, or read from a 0-d device tensor), so a CUDA graph
@@ -18,6 +18,9 @@ Memory traffic per step for N latent elements of s bytes, with guidance
 | DPM++ 2M | guidance + convert_model_output (3 ops) + upcast + ~9 ops on the update | read u, c, x, h; write prev, h: 6Ns |
 | DPM++ 2M SDE | the same + randn (W) + 2 ops | 6Ns (noise drawn in registers) |
 | flow-match Euler | guidance + upcast + 2 ops + downcast | 4Ns |
+| DDPM, LCM | guidance + ~8 elementwise ops + randn (W) | 4Ns (+Ns for x0 / denoised) |
+| Heun (per stage) | guidance + ~5 ops, a saved sample and derivative | read u, c, x, h; write prev, h (first stage), x0: 7Ns |
+| UniPC (2M, bh2) | guidance + corrector (~8 ops) + predictor (~7 ops), fp32 temporaries | read u, c, x, h1, h2; write prev, h1, h2: 8Ns |
 
 Target on a GPU: >= 80% of the copy bandwidth on SDXL-size and larger
 latents; not measured yet (written on a machine without a GPU and checked

@@ -355,3 +355,57 @@ def test_opcheck():
     torch.library.opcheck(D.sampler_step_op.packet, (x, u, None, None, None, None, rows, 0, torch.tensor(1), 1.0, None,
                                               0.0, True, 0, torch.tensor(9), 4, False))
     torch.library.opcheck(D.guidance_rescale_factor_op.packet, (u, c, 5.0, 0.7))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m", "flow_match_euler"])
+def test_benchmark_compiled_baseline_is_diffusers_step(sampler):
+    """The benchmark's torch.compile baseline (the step's math as a plain function)
+    computes what diffusers' step plus the pipeline's guidance computes, bit for bit in eager."""
+    diffusers = pytest.importorskip("diffusers")
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_diffusion as B
+
+    name, config, _ = B.SAMPLERS[sampler]
+    sched = getattr(diffusers, name)(**config)
+    sched.set_timesteps(25)
+    gen = torch.Generator().manual_seed(21)
+    x, previous_x0 = torch.randn(1, 4, 6, 5, generator=gen), torch.randn(1, 4, 6, 5, generator=gen)
+    noise_pred = torch.randn(2, 4, 6, 5, generator=gen)
+    sched._step_index = B.STEP
+    if hasattr(sched, "lower_order_nums"):
+        sched.lower_order_nums, sched.model_outputs = 1, [None, previous_x0]
+    uncond, cond = noise_pred.chunk(2)
+    ref = sched.step(uncond + B.GUIDANCE * (cond - uncond), sched.timesteps[B.STEP], x).prev_sample
+    scalars = B._scalars(sampler, sched, "cpu")
+    g = torch.tensor(B.GUIDANCE)
+    args = (noise_pred, x, previous_x0, *scalars, g) if sampler == "dpmpp_2m" else (noise_pred, x, *scalars, g)
+    out = B.MATH[sampler](*args)
+    torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, ref, rtol=0, atol=0)
+
+
+def test_new_table_builders_reject_bad_arguments():
+    with pytest.raises(ValueError, match="variance_type"):
+        D.ddpm_coefficients([0.5], [0.6], variance_type="learned")
+    with pytest.raises(ValueError, match="steps \\+ 1"):
+        D.unipc_coefficients([1.0, 0.5], [0.1, 0.9], [1, 2], [False, True], x0_ax=1.0, x0_am=-0.1)
+    with pytest.raises(ValueError, match="solver_type"):
+        D.unipc_coefficients([0.5, 0.9], [0.9, 0.4], [1], [False], x0_ax=2.0, x0_am=-1.8, solver_type="bh3")
+    with pytest.raises(ValueError, match="prediction_type"):
+        D.heun_coefficients([1.0], [0.5], [True], prediction_type="x")
+
+
+def test_heun_table_is_heuns_method():
+    """Both stages through the kernel equal x + dt (d1 + d2) / 2 for an epsilon model."""
+    gen = torch.Generator().manual_seed(22)
+    x, m1, m2 = (torch.randn(2, 3, 5, generator=gen, dtype=torch.float64) for _ in range(3))
+    s, t = 2.0, 0.7
+    table = D.heun_coefficients([s, s], [t, t], [True, False]).float()
+    h = torch.zeros_like(x)
+    x1 = D.sampler_step(x, m1, table, 0, history=h)
+    prev = D.sampler_step(x1, m2, table, 1, history=h)
+    # epsilon: d = (x - x0) / sigma = m; the second slope is evaluated at x1 with sigma t
+    torch.testing.assert_close(x1, x + (t - s) * m1)
+    torch.testing.assert_close(prev, x + (t - s) * (m1 + m2) / 2)
