@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops
-from .reference.conv import ACTIVATIONS, activate, compute_dtype
+from .reference.conv import ACTIVATIONS, activate, activate_grad, compute_dtype
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -80,6 +80,60 @@ group_norm_act_op = _ops.define(
 )
 
 
+def _channel_affine_act_setup(ctx, inputs, output):
+    x, scale, shift, residual, activation, negative_slope = inputs
+    ctx.save_for_backward(x, scale, shift, residual)
+    ctx.activation, ctx.negative_slope = activation, negative_slope
+
+
+def _channel_affine_act_backward(ctx, grad_out):
+    # Eval-mode batch norm and conv epilogues are inference paths: a PyTorch-ops backward suffices.
+    x, scale, shift, residual = ctx.saved_tensors
+    cdt = scale.dtype
+    view = (-1,) + (1,) * (x.dim() - 2)
+    h = x.to(cdt) if residual is None else x.to(cdt) + residual.to(cdt)
+    dy = grad_out.to(cdt) * activate_grad(h * scale.view(view) + shift.view(view), ctx.activation,
+                                           ctx.negative_slope)
+    dims = (0, *range(2, x.dim()))
+    need = ctx.needs_input_grad
+    grad_h = (dy * scale.view(view)).to(x.dtype) if need[0] or need[3] else None
+    return (grad_h if need[0] else None, (dy * h).sum(dims) if need[1] else None,
+            dy.sum(dims) if need[2] else None, grad_h if need[3] else None, None, None)
+
+
+channel_affine_act_op = _ops.define(
+    "channel_affine_act(Tensor x, Tensor scale, Tensor shift, Tensor? residual, str activation, "
+    "float negative_slope) -> Tensor",
+    "conv",
+    lambda x, *_: torch.empty_like(x),
+    backward=_channel_affine_act_backward,
+    setup_context=_channel_affine_act_setup,
+)
+
+
+def _channel_affine_act(x, scale, shift, residual, activation, negative_slope):
+    """``act((x + residual) * scale[c] + shift[c])`` in one pass; x, residual in x's layout."""
+    fmt = memory_format(x)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=fmt)
+    return channel_affine_act_op(x.contiguous(memory_format=fmt), scale.contiguous(), shift.contiguous(), residual,
+                                 activation, negative_slope)
+
+
+def _running_stats_affine_act(x, running_mean, running_var, weight, bias, eps, activation, negative_slope):
+    """Normalization by running statistics (batch norm in eval mode, instance norm without
+    input statistics) as one per-channel scale and shift, folded in the compute dtype
+    as PyTorch's batch_norm does: scale = weight / sqrt(var + eps), shift = bias - mean * scale."""
+    cdt = compute_dtype(x.dtype)
+    scale = torch.rsqrt(running_var.to(cdt) + eps)
+    if weight is not None:
+        scale = scale * weight.to(cdt)
+    shift = -running_mean.to(cdt) * scale
+    if bias is not None:
+        shift = shift + bias.to(cdt)
+    return _channel_affine_act(x, scale, shift, None, activation, negative_slope)
+
+
 # ---- public functions -------------------------------------------------------
 
 def _check_activation(fn: str, activation: str, negative_slope) -> float:
@@ -87,6 +141,11 @@ def _check_activation(fn: str, activation: str, negative_slope) -> float:
     if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
         raise TypeError(f"{fn}: negative_slope must be a float, got {type(negative_slope).__name__}")
     return float(negative_slope)
+
+
+def _check_eps(fn: str, eps) -> None:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+        raise ValueError(f"{fn}: eps must be a float >= 0, got {eps!r}")
 
 
 def _check_param(fn: str, name: str, t, shape: tuple, x: torch.Tensor):
@@ -112,8 +171,7 @@ def _group_norm_act(fn, x, num_groups, weight, bias, eps, activation, negative_s
         raise ValueError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
     if c % num_groups != 0:
         raise ValueError(f"{fn}: num_groups ({num_groups}) must divide the channel count C = {c}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
-        raise ValueError(f"{fn}: eps must be a float >= 0, got {eps!r}")
+    _check_eps(fn, eps)
     negative_slope = _check_activation(fn, activation, negative_slope)
     weight = _check_param(fn, "weight", weight, (c,), x)
     bias = _check_param(fn, "bias", bias, (c,), x)
@@ -181,7 +239,8 @@ def instance_norm_act(x: torch.Tensor, running_mean: torch.Tensor | None = None,
     and backward; ``running_mean`` / ``running_var`` (C,), when given, are
     updated in place as F.instance_norm does (momentum over the batch mean of the
     per-instance mean and unbiased variance). Without input statistics it
-    normalizes with the running ones (PyTorch ops, not fused yet).
+    normalizes with the running ones: one fused per-channel scale, shift and
+    activation, as batch_norm_act in eval mode.
 
     Parameters
     ----------
@@ -213,8 +272,11 @@ def instance_norm_act(x: torch.Tensor, running_mean: torch.Tensor | None = None,
         if running_mean is None or running_var is None:
             raise ValueError(f"{fn}: use_input_stats=False needs running_mean and running_var")
         negative_slope = _check_activation(fn, activation, negative_slope)
-        y = torch.nn.functional.instance_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
-        return activate(y, activation, negative_slope)
+        _check_eps(fn, eps)
+        weight = _check_param(fn, "weight", weight, (c,), x)
+        bias = _check_param(fn, "bias", bias, (c,), x)
+        return _running_stats_affine_act(x, running_mean, running_var, weight, bias, eps, activation,
+                                         negative_slope)
     out, mean, rstd = _group_norm_act(fn, x, c, weight, bias, eps, activation, negative_slope, None, None, None)
     if running_mean is not None or running_var is not None:
         with torch.no_grad():
@@ -233,9 +295,12 @@ def batch_norm_act(x: torch.Tensor, running_mean: torch.Tensor | None, running_v
                    negative_slope: float = 0.2) -> torch.Tensor:
     """``act(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``.
 
-    Not fused yet: PyTorch's batch_norm (one pass in eval mode) followed by the
-    activation; running statistics are updated in place exactly as
-    nn.BatchNorm2d does in training mode. The signature is the stable one.
+    Eval mode (``training=False`` with running statistics) is one fused pass: the
+    statistics, weight and bias folded into a per-channel scale and shift (as
+    PyTorch's batch_norm folds them), applied with the activation, NCHW or
+    channels_last kept. Training mode is PyTorch's batch_norm followed by the
+    activation (not fused yet); running statistics are updated in place exactly as
+    nn.BatchNorm2d does.
 
     Parameters
     ----------
@@ -251,7 +316,7 @@ def batch_norm_act(x: torch.Tensor, running_mean: torch.Tensor | None, running_v
 
     Returns
     -------
-    out : Tensor, x's shape and dtype.
+    out : Tensor, x's shape and dtype (and memory format, in eval mode).
     """
     fn = "batch_norm_act"
     _ops.check_tensor(fn, "x", x)
@@ -265,6 +330,11 @@ def batch_norm_act(x: torch.Tensor, running_mean: torch.Tensor | None, running_v
             if tuple(t.shape) != (c,):
                 raise ValueError(f"{fn}: {name} must have shape ({c},), got {tuple(t.shape)}")
     negative_slope = _check_activation(fn, activation, negative_slope)
+    if not training and running_mean is not None and running_var is not None:
+        _check_eps(fn, eps)
+        return _running_stats_affine_act(x, running_mean, running_var, weight, bias, eps, activation,
+                                         negative_slope)
+    # Training (batch statistics, running-statistics update): PyTorch's batch_norm, then the activation.
     y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     return activate(y, activation, negative_slope)
 
@@ -277,8 +347,9 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     The convolution is PyTorch's (cuDNN / oneDNN; channels_last kept). With
     activation "none" this is diffusers' ResnetBlock2D output
     ``(input_tensor + hidden_states) / output_scale_factor`` with
-    ``output_scale = 1 / output_scale_factor``. Not fused yet: the epilogue
-    runs as PyTorch ops; the signature is the stable one.
+    ``output_scale = 1 / output_scale_factor``. The epilogue is one pass over
+    the convolution's output (computed as ``(y + residual) * s + bias * s`` in
+    fp32) instead of up to four.
 
     Parameters
     ----------
@@ -299,13 +370,23 @@ def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     _ops.check_tensor(fn, "x", x)
     _ops.check_tensor(fn, "weight", weight)
     negative_slope = _check_activation(fn, activation, negative_slope)
-    y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if not isinstance(output_scale, (int, float)) or isinstance(output_scale, bool):
+        raise TypeError(f"{fn}: output_scale must be a float, got {type(output_scale).__name__}")
+    if bias is not None:
+        _ops.check_tensor(fn, "bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if residual is None and output_scale == 1.0 and activation == "none":
+        return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    # The bias moves into the epilogue: (y + residual) * s + bias * s, one pass after the convolution.
+    y = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
     if residual is not None:
         _ops.check_tensor(fn, "residual", residual)
         if residual.shape != y.shape:
             raise ValueError(f"{fn}: residual must have the convolution output's shape {tuple(y.shape)}, "
                              f"got {tuple(residual.shape)}")
-        y = y + residual
-    if output_scale != 1.0:
-        y = y * output_scale
-    return activate(y, activation, negative_slope)
+        _ops.check_like(fn, "residual", residual, "the convolution output", y)
+    cdt = compute_dtype(y.dtype)
+    scale = torch.full((y.shape[1],), float(output_scale), dtype=cdt, device=y.device)
+    shift = torch.zeros_like(scale) if bias is None else bias.to(cdt) * float(output_scale)
+    return _channel_affine_act(y, scale, shift, residual, activation, negative_slope)

@@ -121,7 +121,8 @@ class GroupNormAct(torch.nn.Module):
 
 class BatchNormAct(_BatchNorm):
     """``act(nn.BatchNorm(x))`` (genfast.batch_norm_act): nn.BatchNorm's parameters,
-    buffers, state_dict and running-statistics rules, for x of shape (N, C, *S)."""
+    buffers, state_dict and running-statistics rules, for x of shape (N, C, *S).
+    One fused pass in eval mode; training mode runs PyTorch's batch_norm, then the activation."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, *, activation: str = "relu", negative_slope: float = 0.2,
@@ -149,16 +150,23 @@ class BatchNormAct(_BatchNorm):
 
     def forward(self, x):
         self._check_input_dim(x)
-        # nn.BatchNorm's rules: momentum None is a cumulative average; eval without running stats uses the batch.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        training = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return _conv.batch_norm_act(x, self.running_mean if track else None, self.running_var if track else None,
-                                    self.weight, self.bias, training=training, momentum=factor, eps=self.eps,
-                                    activation=self.activation, negative_slope=self.negative_slope)
+        return batch_norm_module_act(self, x, self.activation, self.negative_slope)
+
+
+def batch_norm_module_act(norm: _BatchNorm, x: torch.Tensor, activation: str, negative_slope: float):
+    """``act(norm(x))`` for any nn.BatchNorm*d ``norm`` (its mode, parameters and buffers,
+    updated in place as its own forward would) through genfast.batch_norm_act; shared by
+    BatchNormAct and genfast.patch."""
+    # nn.BatchNorm's rules: momentum None is a cumulative average; eval without running stats uses the batch.
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    training = norm.training or (norm.running_mean is None and norm.running_var is None)
+    track = not norm.training or norm.track_running_stats
+    return _conv.batch_norm_act(x, norm.running_mean if track else None, norm.running_var if track else None,
+                                norm.weight, norm.bias, training=training, momentum=factor, eps=norm.eps,
+                                activation=activation, negative_slope=negative_slope)
 
 
 class InstanceNormAct(_InstanceNorm):
@@ -195,8 +203,15 @@ class InstanceNormAct(_InstanceNorm):
 
     def forward(self, x):
         self._check_input_dim(x)
-        use_input_stats = self.training or not self.track_running_stats
-        return _conv.instance_norm_act(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                       use_input_stats=use_input_stats,
-                                       momentum=self.momentum if self.momentum is not None else 0.1, eps=self.eps,
-                                       activation=self.activation, negative_slope=self.negative_slope)
+        return instance_norm_module_act(self, x, self.activation, self.negative_slope)
+
+
+def instance_norm_module_act(norm: _InstanceNorm, x: torch.Tensor, activation: str, negative_slope: float):
+    """``act(norm(x))`` for any nn.InstanceNorm*d ``norm`` with batched x, by its own rules
+    (nn.InstanceNorm's momentum None means 0: running statistics kept as they are); shared
+    by InstanceNormAct and genfast.patch."""
+    use_input_stats = norm.training or not norm.track_running_stats
+    return _conv.instance_norm_act(x, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                                   use_input_stats=use_input_stats,
+                                   momentum=norm.momentum if norm.momentum is not None else 0.0, eps=norm.eps,
+                                   activation=activation, negative_slope=negative_slope)

@@ -8,6 +8,8 @@ vectors and per-(n, group) statistics are a rounding error beside it:
 | --- | --- | --- |
 | forward | norm R+W (statistics are a second R on the GPU), silu R+W, add 2R+W: 5-8 passes | read x twice, write out: 3Ns (+ Ns residual) |
 | backward | autograd of the three: about 10 passes | read grad_out and x twice, write grad_x: 5Ns |
+| batch norm (eval) + act | batch_norm R+W, act R+W: 4Ns | read x, write out: 2Ns |
+| conv epilogue: act((y + bias + res) * s) | up to four passes of 2-3 each: 8-11Ns | read y and res, write out: 3Ns |
 
 Forward, three launches:
 
@@ -21,6 +23,10 @@ Forward, three launches:
    coefficients of y = (x + d) * a + b (weight, bias, add and FiLM inside).
 3. ``_apply_kernel``: elementwise over x in memory order, activation and
    residual fused.
+
+Per-channel affine + activation (``_channel_affine_act_kernel``, batch_norm_act in
+eval mode and the conv2d_act epilogue) is the apply pass alone, with (C,)
+coefficients: ``out = act((x + res) * scale[c] + shift[c])``.
 
 The backward has the same shape: per-channel sums of dy, dy·(h - mean) and
 (h - mean), a per-group finalize to coefficients P, Q, R of
@@ -212,6 +218,23 @@ def _apply_kernel(x_ptr, res_ptr, out_ptr, a_ptr, d_ptr, b_ptr, numel, C, S, slo
     y = _activate((x + d) * a + b, slope, ACT)
     if HAS_RES:
         y += tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _channel_affine_act_kernel(x_ptr, res_ptr, out_ptr, a_ptr, b_ptr, numel, C, S, slope,
+                               CHANNELS_LAST: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+                               BLOCK: tl.constexpr):
+    """out = act((x + res) * a[c] + b[c]): batch_norm_act in eval mode, the conv2d_act epilogue."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < numel
+    c = _channel_index(idx, C, S, CHANNELS_LAST) % C
+    a = tl.load(a_ptr + c, mask=mask, other=0.0)
+    b = tl.load(b_ptr + c, mask=mask, other=0.0)
+    h = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        h += tl.load(res_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    y = _activate(h * a + b, slope, ACT)
     tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -415,3 +438,16 @@ def group_norm_act_backward(grad_out, x, num_groups, weight, bias, mean, rstd, a
         x, g, grad_x, coef[0], coef[1], coef[2], back[0], back[1], back[2], numel, c, s, negative_slope,
         CHANNELS_LAST=cl, ACT=act, BLOCK=APPLY_BLOCK, num_warps=NUM_WARPS)
     return grad_x, wpart.sum(0), bpart.sum(0), grad_add, grad_ss
+
+
+def channel_affine_act(x, scale, shift, residual, activation, negative_slope):
+    _, c, s, cl = _layout(x)
+    out = torch.empty_like(x)
+    numel = x.numel()
+    if numel == 0:
+        return out
+    _channel_affine_act_kernel[(triton.cdiv(numel, APPLY_BLOCK),)](
+        x, residual if residual is not None else x, out, scale, shift, numel, c, s, negative_slope,
+        CHANNELS_LAST=cl, HAS_RES=residual is not None, ACT=ACT_CODES[activation], BLOCK=APPLY_BLOCK,
+        num_warps=NUM_WARPS)
+    return out

@@ -61,6 +61,7 @@ def assert_close(out, ref64, ref_lowp, *, atol, name: str = "out"):
                          + eps(dtype) |ref64| + atol
     """
     assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert not torch.isnan(ref64).any(), f"{name}: NaN in the fp64 reference: the test's inputs are out of range"
     assert not torch.isnan(out).any(), f"{name}: NaN in the output (an element was not written?)"
     out64, ref64, lowp64 = out.double().cpu(), ref64.double().cpu(), ref_lowp.double().cpu()
     scale = 1 + ref64.abs()

@@ -445,3 +445,89 @@ def test_instance_norm_act_module():
     torch.testing.assert_close(fused.running_var, norm.running_var)
     norm.eval(), fused.eval()
     torch.testing.assert_close(fused(x), F.relu(norm(x)), rtol=1e-5, atol=1e-5)
+
+
+# ---- batch_norm_act in eval mode and the conv2d_act epilogue: one fused pass -------------
+
+def torch_activate(y, activation, negative_slope=0.2):
+    return {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "none": lambda t: t,
+            "leaky_relu": lambda t: F.leaky_relu(t, negative_slope)}[activation](y)
+
+
+BN_SHAPES = [(3, 10, 7, 5), (2, 6, 3, 4, 5), (5, 7), (1, 3, 1, 1), (2, 64, 13, 11)]
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=["x".join(map(str, s)) for s in BN_SHAPES])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_batch_norm_act_eval_matches_torch(backend, shape, channels_last, dtype):
+    skip_unsupported(backend, dtype)
+    if channels_last and len(shape) < 4:
+        pytest.skip("no channels_last for 2D input")
+    c = shape[1]
+    x = to_layout((2 * torch.randn(shape, device=backend) + 1).to(dtype), channels_last)
+    # Running statistics and affine in fp32, as nn.BatchNorm keeps them under autocast.
+    rm, rv = 0.5 * torch.randn(c, device=backend), 0.2 + torch.rand(c, device=backend)
+    w, b = 1 + 0.3 * torch.randn(c, device=backend), 0.3 * torch.randn(c, device=backend)
+    for activation in ACTIVATIONS:
+        out = genfast.batch_norm_act(x, rm, rv, w, b, activation=activation, eps=1e-3)
+        assert out.dtype == dtype and out.stride() == x.stride()
+        ref64 = torch_activate(F.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(), False,
+                                            0.1, 1e-3), activation)
+        # PyTorch in x's dtype casts the parameters to it: the yardstick of the same composition there.
+        lowp = torch_activate(F.batch_norm(x, rm.to(dtype), rv.to(dtype), w.to(dtype), b.to(dtype), False, 0.1,
+                                           1e-3), activation)
+        assert_close(out, ref64, lowp, atol=1e-6, name=activation)
+
+
+def test_batch_norm_act_eval_gradients():
+    """float64 runs on the reference: gradcheck of the eval-mode op's backward (x, weight, bias)."""
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = torch.randn(5, dtype=torch.float64, requires_grad=True), torch.randn(5, dtype=torch.float64,
+                                                                              requires_grad=True)
+    rm, rv = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    for activation in ("silu", "leaky_relu"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: genfast.batch_norm_act(x, rm, rv, w, b, activation=activation), (x, w, b))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_conv2d_act_epilogue_matches_torch(backend, channels_last, activation):
+    x = to_layout(torch.randn(2, 5, 9, 8, device=backend), channels_last)
+    w, b = torch.randn(7, 5, 3, 3, device=backend) / 6, torch.randn(7, device=backend)
+    res = to_layout(torch.randn(2, 7, 9, 8, device=backend), not channels_last)  # the other layout
+    for bias, residual, scale in ((b, res, 0.5), (None, res, 1.0), (b, None, 1 / 1.4142)):
+        out = genfast.conv2d_act(x, w, bias, padding=1, activation=activation, negative_slope=0.2, residual=residual,
+                                 output_scale=scale)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+        def ref(dt):
+            y = F.conv2d(x.to(dt), w.to(dt), None if bias is None else bias.to(dt), padding=1)
+            y = y if residual is None else y + residual.to(dt)
+            return torch_activate(y * scale, activation)
+
+        # The convolution is PyTorch's in both: compare the epilogue against fp64 of the same conv output.
+        y32 = F.conv2d(x, w, padding=1)
+        ref64 = torch_activate(((y32.double() + (0 if bias is None else bias.double()[:, None, None])
+                                 + (0 if residual is None else residual.double())) * scale), activation)
+        lowp = torch_activate(((y32 + (0 if bias is None else bias[:, None, None])
+                                + (0 if residual is None else residual)) * scale), activation)
+        assert_close(out, ref64, lowp, atol=1e-6)
+        torch.testing.assert_close(out, ref(torch.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_channel_affine_act_opcheck_and_compile():
+    x = torch.randn(2, 6, 5, 3, requires_grad=True)
+    scale, shift = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    res = torch.randn(2, 6, 5, 3, requires_grad=True)
+    xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    for args in ((x, scale, shift, res, "silu", 0.01), (xcl, scale, shift, None, "leaky_relu", 0.2)):
+        torch.library.opcheck(torch.ops.genfast.channel_affine_act.default, args)
+    torch._dynamo.reset()
+    rm, rv = torch.randn(6), torch.rand(6) + 0.5
+
+    def fn(x):
+        return genfast.batch_norm_act(x, rm, rv, scale, shift, activation="relu")
+
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x), fn(x))

@@ -145,3 +145,14 @@ def group_norm_act_backward(grad_out, x, num_groups, weight, bias, mean, rstd, a
     dh = ((dg - m1 - xg * m2) * rstd[..., None]).reshape(x.shape)
     grad_add = spatial_sum(dh)
     return _like_x(dh, x), grad_weight, grad_bias, grad_add, grad_scale_shift
+
+
+def channel_affine_act(x, scale, shift, residual, activation, negative_slope):
+    """``act((x + residual) * scale[c] + shift[c])``: batch_norm_act in eval mode (scale and
+    shift folded from the running statistics) and the conv2d_act epilogue; scale and
+    shift (C,) in the compute dtype."""
+    h = x.to(compute_dtype(x.dtype))
+    if residual is not None:
+        h = h + residual.to(h.dtype)
+    y = h * _per_channel(scale, x) + _per_channel(shift, x)
+    return _like_x(activate(y, activation, negative_slope), x)

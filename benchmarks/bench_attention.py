@@ -1,0 +1,148 @@
+"""Attention family: a decode step over a KV cache, and causal prefill.
+
+Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128). Baselines:
+
+- ``sdpa``: ``F.scaled_dot_product_attention(enable_gqa=True)`` over exactly the
+  valid prefix of a (batch, nheads_k, seqlen, headdim) cache: its best case
+  (no mask, no padding, a layout made for it);
+- ``gpt-fast``: gpt-fast's eager step: ``index_put`` of the new k/v, KV heads
+  expanded with ``repeat_interleave``, SDPA with a boolean mask over the whole
+  max length (the cache is sized to the context here, its best case);
+- ``torch.compile`` of the gpt-fast step.
+
+Bytes a decode step must move: the K and V rows of every cached token once,
+2 · batch · context · nheads_k · headdim · sizeof(cache); q, the new k/v and
+out are under 0.1% of that and are not counted. genfast's cache is
+flash-attn's (batch, seqlen, nheads_k, headdim); the new token is appended
+in place by the same call. Prefill is compute-bound: its "GB/s" only counts
+q, k, v and out once and is not a bandwidth figure.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import genfast
+from harness import Case
+
+FAMILY = "attention"
+NHEADS, NHEADS_K, HEADDIM = 32, 8, 128
+CONTEXTS = {"1k": 1024, "4k": 4096, "16k": 16384}
+CPU_MAX_FOOTPRINT = 3 << 30  # the full suite skips decode cases whose caches need more host memory
+
+
+def _decode_inputs(batch, context, dtype, cache_dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    q = randn(batch, 1, NHEADS, HEADDIM)
+    k = randn(batch, 1, NHEADS_K, HEADDIM)
+    v = randn(batch, 1, NHEADS_K, HEADDIM)
+    k_cache = randn(batch, context, NHEADS_K, HEADDIM)
+    v_cache = randn(batch, context, NHEADS_K, HEADDIM)
+    return q, k, v, k_cache, v_cache
+
+
+def gpt_fast_step(q, k_cache, v_cache, k, v, input_pos, mask):
+    """gpt-fast's ``Attention.forward`` after the projections: cache update, GQA expansion, masked SDPA.
+
+    q (b, nheads, 1, d); k_cache/v_cache (b, nheads_k, max_len, d); k/v (b, nheads_k, 1, d)."""
+    k_cache[:, :, input_pos] = k
+    v_cache[:, :, input_pos] = v
+    group = q.shape[1] // k_cache.shape[1]
+    kk = k_cache.repeat_interleave(group, dim=1)
+    vv = v_cache.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+
+
+def _decode(batch, context, dtype, cache_dtype, device):
+    def build():
+        q, k, v, k_cache, v_cache = _decode_inputs(batch, context, dtype, cache_dtype, device)
+        fns = {}
+        k_scale = v_scale = None
+        if cache_dtype == torch.float8_e4m3fn:
+            k_scale = k_cache.float().abs().amax(dim=(0, 1, 3)) / 448
+            v_scale = v_cache.float().abs().amax(dim=(0, 1, 3)) / 448
+            gk = (k_cache.float() / k_scale.view(-1, 1)).to(cache_dtype)
+            gv = (v_cache.float() / v_scale.view(-1, 1)).to(cache_dtype)
+        else:
+            gk, gv = k_cache.clone(), v_cache.clone()
+        lens = torch.full((batch,), context - 1, dtype=torch.int32, device=device)
+        fns["genfast"] = lambda: genfast.attention_with_kvcache(q, gk, gv, k, v, cache_seqlens=lens,
+                                                                k_scale=k_scale, v_scale=v_scale)
+        if cache_dtype != torch.float8_e4m3fn:
+            # Baselines in their own layout (b, nheads_k, seqlen, d), contiguous.
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            kc = k_cache.transpose(1, 2).contiguous()
+            vc = v_cache.transpose(1, 2).contiguous()
+            del k_cache, v_cache
+            fns["sdpa"] = lambda: F.scaled_dot_product_attention(qt, kc, vc, enable_gqa=True)
+            input_pos = torch.tensor([context - 1], device=device)
+            mask = torch.ones(1, 1, 1, context, dtype=torch.bool, device=device)
+            fns["gpt-fast"] = lambda: gpt_fast_step(qt, kc, vc, kt, vt, input_pos, mask)
+            compiled = torch.compile(gpt_fast_step, dynamic=False)
+            fns["torch.compile"] = lambda: compiled(qt, kc, vc, kt, vt, input_pos, mask)
+        return fns
+
+    return build
+
+
+def _prefill(seqlen, dtype, device):
+    def build():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q = torch.randn(1, seqlen, NHEADS, HEADDIM, generator=g).to(device, dtype)
+        k = torch.randn(1, seqlen, NHEADS_K, HEADDIM, generator=g).to(device, dtype)
+        v = torch.randn(1, seqlen, NHEADS_K, HEADDIM, generator=g).to(device, dtype)
+        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        return {"genfast": lambda: genfast.attention(q, k, v, causal=True),
+                "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)}
+
+    return build
+
+
+def cases(quick: bool, device) -> list[Case]:
+    """quick: decode batch 8 at 4k context in fp32 and bf16 and with an fp8 cache, prefill 2k (GPU: bf16 and
+    fp8 decode at batch 8 x 16k and batch 32 x 4k, prefill 2k and 8k); full: batch 1/8/32 x context 1k/4k/16k in fp32, bf16 and with an fp8 cache,
+    prefill 2k and 8k."""
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    if quick:
+        # on a GPU two bandwidth-bound points (each compiles the gpt-fast step once): the check must stay short
+        grid = [(8, "16k"), (32, "4k")] if gpu else [(8, "4k")]
+        dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                  (torch.bfloat16, torch.float8_e4m3fn)]
+        if gpu:
+            dtypes = dtypes[1:]
+        prefills = ["2k", "8k"] if gpu else ["2k"]
+    else:
+        grid = [(b, c) for b in (1, 8, 32) for c in CONTEXTS]
+        dtypes = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                  (torch.bfloat16, torch.float8_e4m3fn)]
+        prefills = ["2k", "8k"]
+    out = []
+    for batch, ctx in grid:
+        context = CONTEXTS[ctx]
+        for dtype, cache_dtype in dtypes:
+            kv_bytes = 2 * batch * context * NHEADS_K * HEADDIM * cache_dtype.itemsize
+            # genfast's cache plus the baselines' copies in the query dtype
+            footprint = kv_bytes + (0 if cache_dtype == torch.float8_e4m3fn else 2 * kv_bytes * dtype.itemsize
+                                    // cache_dtype.itemsize)
+            if not gpu and footprint > CPU_MAX_FOOTPRINT:
+                continue
+            fp8 = cache_dtype == torch.float8_e4m3fn
+            out.append(Case(
+                family=FAMILY, op="attention_with_kvcache", mode="decode" + (" fp8-cache" if fp8 else ""),
+                size=f"b{batch} ctx{ctx}", dtype=dtype, device=device, nbytes=kv_bytes, footprint=kv_bytes,
+                impls=("genfast",) if fp8 else ("genfast", "sdpa", "gpt-fast", "torch.compile"),
+                build=_decode(batch, context, dtype, cache_dtype, device),
+            ))
+    for size in prefills:
+        seqlen = {"2k": 2048, "8k": 8192}[size]
+        dtype = torch.bfloat16 if gpu else torch.float32
+        nbytes = 2 * seqlen * (NHEADS + NHEADS_K) * HEADDIM * dtype.itemsize
+        out.append(Case(family=FAMILY, op="attention", mode="prefill causal", size=size, dtype=dtype,
+                        device=device, nbytes=nbytes, footprint=nbytes, impls=("genfast", "sdpa"),
+                        build=_prefill(seqlen, dtype, device), compiled=()))
+    return out

@@ -1,0 +1,698 @@
+// Attention on the CPU: over a KV cache (decode, chunked prefill; contiguous,
+// paged or packed keys) with in-place append, and packed prefill attention.
+//
+// One core serves every op. A work item is (batch row, KV heads, query chunk,
+// KV split). Decode-sized items take all KV heads of their row: each block of
+// kBlockN positions is first widened to fp32 for all heads in memory order (in
+// flash-attn's layout one head's rows sit a page apart, a stride the hardware
+// prefetchers do not follow; position-major the block is one sequential
+// stream). Then per KV head the query rows of its whole GQA group (G heads x
+// up to QL positions) run against that block: dot products with two query
+// rows held in registers, masks/softcap/ALiBi, an online softmax in fp32, and
+// P.V accumulated in registers over tiles of 4 rows x 4 vectors. So each K/V
+// row is read from memory once for the whole group. fp8 rows are widened
+// through fp16 bits (value * 2^-8, exact); the per-head scales and the 2^8 go
+// into the score scale and the output scale. Splits (flash-decoding) only when
+// batch x heads leaves threads idle; their partial (max, sum, acc) are merged
+// in a second pass.
+//
+// Bytes per decode step: the K and V rows of every valid position once,
+// 2 * L * nheads_k * headdim * sizeof(cache) per batch row; q and out are
+// G times smaller per position than one K row and are ignored.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "ops.h"
+
+namespace genfast::cpu {
+namespace {
+
+constexpr int kBlockN = 16;  // keys per block: the widened K/V block of all heads stays in L2, the scores in L1
+constexpr int kMaxRows = 64;  // query rows per item; a prefill chunk of 64 rows reuses each K block 64x
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kFp8Max = 448.f;
+
+// Where row (b, pos) of one KV head lives, in elements from the head's base.
+struct KvRows {
+  int mode;  // 0: contiguous (b * s0 + pos * s1), 1: paged, 2: packed ((cu[b] + pos) * s1)
+  int64_t s0, s1, s2;
+  const int* block_table;
+  int blocks_per_seq, page_size;
+  const int* cu;
+  inline int64_t offset(int b, int64_t pos) const {
+    if (mode == 1) {
+      return block_table[(int64_t)b * blocks_per_seq + pos / page_size] * s0 + (pos % page_size) * s1;
+    }
+    if (mode == 2) return (cu[b] + pos) * s1;
+    return b * s0 + pos * s1;
+  }
+};
+
+struct Problem {
+  int B, H, HK, G, D;
+  int max_sq;            // query positions per row (padded), or the longest packed sequence
+  const int* cu_q;       // packed queries: row b's positions start at cu_q[b]; null: padded (B, max_sq)
+  int total_q;           // packed: rows of q
+  const void* q;         // (..., H, D)
+  void* out;             // like q
+  float* lse;            // padded: (B, H, max_sq); packed: (H, total_q)
+  const void* k;         // cache base pointers
+  const void* v;
+  KvRows rows;
+  const int* seqlens;    // per-row tokens before the append (may be null)
+  int64_t seqlen_offset; // added to seqlens (the only length when seqlens is null)
+  int seqlen_new;        // appended this call
+  int fixed_kv_len;      // >= 0: every row has this many keys (padded prefill)
+  float scale, softcap;
+  bool causal;
+  int window_left, window_right;
+  const float* alibi;    // (H,) or (B, H), null when off
+  int64_t alibi_bstride;
+  const float* k_scale;  // (HK,) fp8 dequantization, null otherwise
+  const float* v_scale;
+
+  inline int kv_len(int b) const {
+    if (fixed_kv_len >= 0) return fixed_kv_len;
+    if (rows.mode == 2) return rows.cu[b + 1] - rows.cu[b];
+    return (int)((seqlens ? seqlens[b] : 0) + seqlen_offset + seqlen_new);
+  }
+  inline int q_len(int b) const { return cu_q ? cu_q[b + 1] - cu_q[b] : max_sq; }
+  inline int64_t q_row(int b, int i) const { return cu_q ? (int64_t)cu_q[b] + i : (int64_t)b * max_sq + i; }
+  inline int64_t lse_index(int b, int h, int i) const {
+    return cu_q ? (int64_t)h * total_q + cu_q[b] + i : ((int64_t)b * H + h) * max_sq + i;
+  }
+};
+
+inline float hsum(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_ps(v);
+#else
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float s = 0.f;
+  for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
+  return s;
+#endif
+}
+
+inline float hmax(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_max_ps(v);
+#else
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float s = lanes[0];
+  for (int i = 1; i < Vec::size(); ++i) s = std::max(s, lanes[i]);
+  return s;
+#endif
+}
+
+// Vec::size() float8_e4m3fn values as fp32, exactly. Exponent and mantissa
+// bits move into an fp32 with the bias changed from 7 to 127; e4m3 subnormals
+// (exponent 0) get exponent -6 and lose the implicit one by a subtraction, so
+// no fp32 denormal ever appears (a denormal operand costs a microcode assist
+// of ~100 cycles). NaN is never stored: appends saturate.
+inline Vec load_fp8(const uint8_t* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __mmask16 sub = _mm512_cmpeq_epi32_mask(_mm512_and_si512(x, _mm512_set1_epi32(0x78)), _mm512_setzero_si512());
+  __m512i bits = _mm512_add_epi32(_mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x7f)), 20),
+                                  _mm512_set1_epi32(120 << 23));
+  bits = _mm512_mask_add_epi32(bits, sub, bits, _mm512_set1_epi32(1 << 23));
+  __m512 f = _mm512_castsi512_ps(bits);
+  f = _mm512_mask_sub_ps(f, sub, f, _mm512_set1_ps(0x1p-6f));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x80)), 24);
+  return Vec(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(f), sign)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i sub = _mm256_cmpeq_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x78)), _mm256_setzero_si256());
+  __m256i bits = _mm256_add_epi32(_mm256_slli_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x7f)), 20),
+                                  _mm256_set1_epi32(120 << 23));
+  bits = _mm256_add_epi32(bits, _mm256_and_si256(sub, _mm256_set1_epi32(1 << 23)));
+  __m256 f = _mm256_castsi256_ps(bits);
+  f = _mm256_sub_ps(f, _mm256_and_ps(_mm256_castsi256_ps(sub), _mm256_set1_ps(0x1p-6f)));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x80)), 24);
+  return Vec(_mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(f), sign)));
+#else
+  alignas(64) float f[Vec::size()];
+  for (int i = 0; i < Vec::size(); ++i) {
+    f[i] = static_cast<float>(c10::Float8_e4m3fn(p[i], c10::Float8_e4m3fn::from_bits()));
+  }
+  return Vec::loadu(f);
+#endif
+}
+
+// fp8 rows are widened to value * 2^-8: e4m3's bits shifted into an fp16 (the same layout with one
+// more exponent bit, bias 15 instead of 7) are exactly value * 2^-8 with subnormals included, and
+// the hardware converts fp16 to fp32. The 2^8 goes into the score scale and the output scale.
+constexpr float kFp8Unscale = 256.f;
+
+#if defined(CPU_CAPABILITY_AVX512)
+// 32 e4m3 values -> 32 fp32 (times 2^-8): 6 integer ops and 2 conversions for 32 elements.
+inline void widen_fp8_32(const uint8_t* p, float* dst) {
+  const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i mag = _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x7f)), 7);
+  const __m512i sign = _mm512_and_si512(_mm512_slli_epi16(x, 8), _mm512_set1_epi16((short)0x8000));
+  const __m512i h = _mm512_or_si512(mag, sign);
+  _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm512_castsi512_si256(h)));
+  _mm512_storeu_ps(dst + 16, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)));
+}
+#endif
+
+// A row of D cache elements as fp32 vectors (fp8: times 2^-8).
+template <typename TC, int D>
+inline void widen_row(const TC* src, float* dst) {
+  constexpr int V = Vec::size();
+  if constexpr (std::is_same_v<TC, c10::Float8_e4m3fn>) {
+    const uint8_t* b = reinterpret_cast<const uint8_t*>(src);
+    int c = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+    for (; c + 32 <= D; c += 32) widen_fp8_32(b + c, dst + c);
+#endif
+    for (; c < D; c += V) (load_fp8(b + c) * Vec(1.f / kFp8Unscale)).store(dst + c);
+  } else {
+    for (int c = 0; c < D; c += V) load_float(src + c, V).store(dst + c);
+  }
+}
+
+// Per-thread scratch of one work item (rows = the item's query rows over all its KV heads).
+struct Scratch {
+  std::vector<float> q, acc, s, kbuf, vbuf, m, l;
+  std::vector<const float*> kp, vp;
+  Scratch(int D, int rows, int heads)
+      : q((int64_t)rows * D), acc((int64_t)rows * D), s((int64_t)rows * kBlockN), kbuf((int64_t)heads * kBlockN * D),
+        vbuf((int64_t)heads * kBlockN * D), m(rows), l(rows), kp(kBlockN), vp(kBlockN) {}
+};
+
+// Dot products of `nrow` query rows with n keys. Two query rows live in registers (one for
+// headdim 256) while the keys stream past, so each K vector load feeds two FMAs and q is never
+// reloaded; a horizontal sum per (row, key) finishes each dot product.
+template <int D>
+inline void scores(const float* q, int nrow, const float* const* kp, int n, float* s) {
+  constexpr int V = Vec::size(), NV = D / V;
+  int r = 0;
+  if constexpr (NV <= 8) {
+    for (; r + 2 <= nrow; r += 2) {
+      Vec q0[NV], q1[NV];
+      for (int c = 0; c < NV; ++c) {
+        q0[c] = Vec::loadu(q + r * D + c * V);
+        q1[c] = Vec::loadu(q + (r + 1) * D + c * V);
+      }
+      for (int j = 0; j < n; ++j) {
+        Vec a0(0.f), a1(0.f);
+        for (int c = 0; c < NV; ++c) {
+          const Vec k = Vec::loadu(kp[j] + c * V);
+          a0 = at::vec::fmadd(q0[c], k, a0);
+          a1 = at::vec::fmadd(q1[c], k, a1);
+        }
+        s[r * kBlockN + j] = hsum(a0);
+        s[(r + 1) * kBlockN + j] = hsum(a1);
+      }
+    }
+  }
+  for (; r < nrow; ++r) {
+    Vec q0[NV];
+    for (int c = 0; c < NV; ++c) q0[c] = Vec::loadu(q + r * D + c * V);
+    for (int j = 0; j < n; ++j) {
+      Vec a0(0.f), a1(0.f);  // two chains: half the FMA latency per key
+      int c = 0;
+      for (; c + 2 <= NV; c += 2) {
+        a0 = at::vec::fmadd(q0[c], Vec::loadu(kp[j] + c * V), a0);
+        a1 = at::vec::fmadd(q0[c + 1], Vec::loadu(kp[j] + (c + 1) * V), a1);
+      }
+      if (c < NV) a0 = at::vec::fmadd(q0[c], Vec::loadu(kp[j] + c * V), a0);
+      s[r * kBlockN + j] = hsum(a0 + a1);
+    }
+  }
+}
+
+// acc[r] += sum_j p[r][j] * v[j]: 4 rows x 4 vectors of headdim accumulate in registers while the
+// keys stream past, so each broadcast p and each V load feeds 4 FMAs.
+template <int D>
+inline void accumulate_pv(float* acc, int nrow, const float* p, const float* const* vp, int n) {
+  constexpr int V = Vec::size(), NV = D / V;
+  int r = 0;
+  for (; r + 4 <= nrow; r += 4) {
+    const float* pr = p + r * kBlockN;
+    for (int c0 = 0; c0 < NV; c0 += 4) {
+      constexpr int W = 4;
+      Vec a[4][W];
+      for (int t = 0; t < 4; ++t)
+        for (int w = 0; w < W; ++w)
+          if (c0 + w < NV) a[t][w] = Vec::loadu(acc + (r + t) * D + (c0 + w) * V);
+      for (int j = 0; j < n; ++j) {
+        Vec vj[W];
+        for (int w = 0; w < W; ++w)
+          if (c0 + w < NV) vj[w] = Vec::loadu(vp[j] + (c0 + w) * V);
+        for (int t = 0; t < 4; ++t) {
+          const Vec pj(pr[t * kBlockN + j]);
+          for (int w = 0; w < W; ++w)
+            if (c0 + w < NV) a[t][w] = at::vec::fmadd(pj, vj[w], a[t][w]);
+        }
+      }
+      for (int t = 0; t < 4; ++t)
+        for (int w = 0; w < W; ++w)
+          if (c0 + w < NV) a[t][w].store(acc + (r + t) * D + (c0 + w) * V);
+    }
+  }
+  for (; r < nrow; ++r) {
+    const float* pr = p + r * kBlockN;
+    for (int c = 0; c < D; c += V) {
+      Vec a0 = Vec::loadu(acc + r * D + c);
+      for (int j = 0; j < n; ++j) a0 = at::vec::fmadd(Vec(pr[j]), Vec::loadu(vp[j] + c), a0);
+      a0.store(acc + r * D + c);
+    }
+  }
+}
+
+// The query chunk a work item covers: positions [i0, i1) of row b, KV heads [hk0, hk0 + nh), keys [lo, hi).
+struct Item {
+  int b, hk0, nh, i0, i1, R;  // R = (i1 - i0) * G query rows per KV head
+  int64_t lo, hi;
+  int L;  // keys of the row
+};
+
+// Runs one item: on return acc (unnormalized), m and l of its rows are in the scratch, head hh's rows at hh * R.
+template <typename TQ, typename TC, int D>
+void run_item(const Problem& p, const Item& it, Scratch& w) {
+  constexpr int V = Vec::size();
+  const int G = p.G, R = it.R, rows = it.nh * R;
+  const int sq = p.q_len(it.b);
+  const TQ* q = static_cast<const TQ*>(p.q);
+  for (int hh = 0; hh < it.nh; ++hh) {
+    const int hk = it.hk0 + hh;
+    // fp8: the key scale is constant per KV head, so it is folded into q.
+    const float qk_scale = p.scale * (p.k_scale ? p.k_scale[hk] * kFp8Unscale : 1.f);
+    for (int i = it.i0; i < it.i1; ++i) {
+      const TQ* src = q + (p.q_row(it.b, i) * p.H + (int64_t)hk * G) * D;
+      float* dst = w.q.data() + ((int64_t)hh * R + (int64_t)(i - it.i0) * G) * D;
+      for (int e = 0; e < G * D; e += V) (load_float(src + e, V) * Vec(qk_scale)).store(dst + e);
+    }
+  }
+  std::fill(w.acc.begin(), w.acc.begin() + (int64_t)rows * D, 0.f);
+  std::fill(w.m.begin(), w.m.begin() + rows, kNegInf);
+  std::fill(w.l.begin(), w.l.begin() + rows, 0.f);
+  // Each row's visible keys [rlo, rhi), the same for every head: query i sits at L - sq + i.
+  int rlo[kMaxRows], rhi[kMaxRows];
+  for (int r = 0; r < R; ++r) {
+    const int64_t pos = (int64_t)it.L - sq + it.i0 + r / G;
+    int64_t hi = it.L, lo = 0;
+    if (p.causal) hi = std::min<int64_t>(hi, pos + 1);
+    else if (p.window_right >= 0) hi = std::min<int64_t>(hi, pos + p.window_right + 1);
+    if (p.window_left >= 0) lo = std::max<int64_t>(0, pos - p.window_left);
+    rlo[r] = (int)std::max<int64_t>(lo, 0);
+    rhi[r] = (int)std::max<int64_t>(hi, 0);
+  }
+  const TC* kcache = static_cast<const TC*>(p.k);
+  const TC* vcache = static_cast<const TC*>(p.v);
+  for (int64_t kb = it.lo; kb < it.hi; kb += kBlockN) {
+    const int n = (int)std::min<int64_t>(kBlockN, it.hi - kb);
+    // The block's rows of all the item's heads, widened to fp32 in memory order: one head's rows
+    // alone sit a page apart (flash-attn's layout), a stride the hardware prefetchers do not follow;
+    // position-major they are one sequential stream.
+    for (int j = 0; j < n; ++j) {
+      const int64_t off = p.rows.offset(it.b, kb + j);
+      for (int hh = 0; hh < it.nh; ++hh) {
+        const int64_t o = off + (it.hk0 + hh) * p.rows.s2;
+        widen_row<TC, D>(kcache + o, w.kbuf.data() + ((int64_t)hh * kBlockN + j) * D);
+        widen_row<TC, D>(vcache + o, w.vbuf.data() + ((int64_t)hh * kBlockN + j) * D);
+      }
+    }
+    for (int hh = 0; hh < it.nh; ++hh) {
+      const int hk = it.hk0 + hh;
+      for (int j = 0; j < n; ++j) {
+        w.kp[j] = w.kbuf.data() + ((int64_t)hh * kBlockN + j) * D;
+        w.vp[j] = w.vbuf.data() + ((int64_t)hh * kBlockN + j) * D;
+      }
+      float* s = w.s.data() + (int64_t)hh * R * kBlockN;
+      float* acc = w.acc.data() + (int64_t)hh * R * D;
+      float* m = w.m.data() + hh * R;
+      float* l = w.l.data() + hh * R;
+      scores<D>(w.q.data() + (int64_t)hh * R * D, R, w.kp.data(), n, s);
+      for (int r = 0; r < R; ++r) {
+        float* sr = s + r * kBlockN;
+        const int h = hk * G + r % G;
+        const int64_t pos = (int64_t)it.L - sq + it.i0 + r / G;
+        if (p.softcap > 0.f) {
+          const Vec inv(1.f / p.softcap), cap(p.softcap);
+          for (int j = 0; j < kBlockN; j += V) (cap * (Vec::loadu(sr + j) * inv).tanh()).store(sr + j);
+        }
+        if (p.alibi) {
+          const float slope = p.alibi[it.b * p.alibi_bstride + h];
+          for (int j = 0; j < n; ++j) sr[j] -= slope * (float)std::abs(pos - (kb + j));
+        }
+        // Masks: keys outside [rlo, rhi), and the block's tail.
+        const int jlo = (int)std::max<int64_t>(0, rlo[r] - kb), jhi = (int)std::min<int64_t>(n, rhi[r] - kb);
+        if (jhi <= jlo) {
+          std::fill(sr, sr + kBlockN, 0.f);  // p = 0: nothing of this block reaches the row
+          continue;
+        }
+        for (int j = 0; j < jlo; ++j) sr[j] = kNegInf;
+        for (int j = jhi; j < kBlockN; ++j) sr[j] = kNegInf;
+        Vec mx(kNegInf);
+        for (int j = 0; j < kBlockN; j += V) mx = at::vec::maximum(mx, Vec::loadu(sr + j));
+        const float m_new = std::max(m[r], hmax(mx));
+        Vec sum(0.f);
+        for (int j = 0; j < kBlockN; j += V) {
+          const Vec e = (Vec::loadu(sr + j) - Vec(m_new)).exp();
+          e.store(sr + j);
+          sum = sum + e;
+        }
+        const float alpha = std::exp(m[r] - m_new);  // 0 on the row's first block (m = -inf)
+        l[r] = l[r] * alpha + hsum(sum);
+        if (alpha != 1.f) {
+          float* a = acc + (int64_t)r * D;
+          for (int c = 0; c < D; c += V) (Vec::loadu(a + c) * Vec(alpha)).store(a + c);
+        }
+        m[r] = m_new;
+      }
+      accumulate_pv<D>(acc, R, s, w.vp.data(), n);
+    }
+  }
+}
+
+// out and lse of one row from (acc, m, l).
+template <typename TQ, int D>
+inline void write_row(const Problem& p, int b, int h, int i, const float* acc, float m, float l, float v_factor) {
+  constexpr int V = Vec::size();
+  TQ* out = static_cast<TQ*>(p.out) + (p.q_row(b, i) * p.H + h) * D;
+  const float inv = l > 0.f ? v_factor / l : 0.f;  // a row that saw no key: zeros, lse -inf
+  for (int c = 0; c < D; c += V) store_float(out + c, Vec::loadu(acc + c) * Vec(inv), V);
+  p.lse[p.lse_index(b, h, i)] = l > 0.f ? m + std::log(l) : kNegInf;
+}
+
+template <typename TQ, typename TC, int D>
+void attend(const Problem& p) {
+  const int G = p.G;
+  if (G > kMaxRows) TORCH_CHECK(false, "attention: more than ", kMaxRows, " query heads per KV head");
+  const int QL = std::max(1, std::min(p.max_sq, kMaxRows / G));  // query positions per item
+  const int QC = (p.max_sq + QL - 1) / QL;
+  const int R = QL * G;
+  // Decode-sized items take every KV head (rows read contiguously); prefill chunks take one.
+  const int KVH = R * p.HK <= 256 ? p.HK : 1;
+  const int HG = p.HK / KVH;
+  int64_t max_keys = 0;
+  for (int b = 0; b < p.B; ++b) max_keys = std::max<int64_t>(max_keys, p.kv_len(b));
+  // Split the keys (flash-decoding) only when batch x heads x chunks leaves threads idle, into >= 8 blocks each.
+  const int64_t items = (int64_t)p.B * HG * QC;
+  const int threads = at::get_num_threads();
+  int S = 1;
+  if (items < 2 * threads) {
+    S = (int)std::min<int64_t>((2 * threads + items - 1) / items, std::max<int64_t>(1, max_keys / (8 * kBlockN)));
+  }
+  auto make_item = [&](int64_t idx, Item& it, int& split) -> bool {
+    split = (int)(idx % S);
+    const int64_t t = idx / S;
+    const int qc = (int)(t % QC);
+    it.hk0 = (int)((t / QC) % HG) * KVH;
+    it.nh = KVH;
+    it.b = (int)(t / QC / HG);
+    const int sq = p.q_len(it.b);
+    it.i0 = qc * QL;
+    if (it.i0 >= sq) return false;
+    it.i1 = std::min(sq, it.i0 + QL);
+    it.R = (it.i1 - it.i0) * G;
+    it.L = p.kv_len(it.b);
+    const int64_t first = (int64_t)it.L - sq + it.i0, last = (int64_t)it.L - sq + it.i1 - 1;
+    int64_t lo = 0, hi = it.L;
+    if (p.causal) hi = std::min<int64_t>(hi, last + 1);
+    else if (p.window_right >= 0) hi = std::min<int64_t>(hi, last + p.window_right + 1);
+    if (p.window_left >= 0) lo = std::max<int64_t>(lo, first - p.window_left);
+    hi = std::max(hi, lo);
+    const int64_t blocks = (hi - lo + kBlockN - 1) / kBlockN, per = (blocks + S - 1) / S;
+    it.lo = std::min(hi, lo + split * per * kBlockN);
+    it.hi = std::min(hi, it.lo + per * kBlockN);
+    return true;
+  };
+  auto v_factor = [&](int hk) { return p.v_scale ? p.v_scale[hk] * kFp8Unscale : 1.f; };
+  auto write_item = [&](const Item& it, const float* acc, const float* m, const float* l) {
+    for (int hh = 0; hh < it.nh; ++hh) {
+      for (int r = 0; r < it.R; ++r) {
+        const int64_t row = (int64_t)hh * it.R + r;
+        write_row<TQ, D>(p, it.b, (it.hk0 + hh) * G + r % G, it.i0 + r / G, acc + row * D, m[row], l[row],
+                         v_factor(it.hk0 + hh));
+      }
+    }
+  };
+  const int rows = KVH * R;
+  if (S == 1) {
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      Scratch w(D, rows, KVH);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        Item it;
+        int split;
+        if (!make_item(idx, it, split)) continue;
+        run_item<TQ, TC, D>(p, it, w);
+        write_item(it, w.acc.data(), w.m.data(), w.l.data());
+      }
+    });
+    return;
+  }
+  // Flash-decoding: partial (acc, m, l) per split, then one merge per item.
+  std::vector<float> part_acc(items * S * rows * D), part_m(items * S * rows), part_l(items * S * rows);
+  at::parallel_for(0, items * S, 1, [&](int64_t begin, int64_t end) {
+    Scratch w(D, rows, KVH);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      Item it;
+      int split;
+      if (!make_item(idx, it, split)) continue;
+      run_item<TQ, TC, D>(p, it, w);
+      const int n = it.nh * it.R;
+      std::copy(w.acc.begin(), w.acc.begin() + (int64_t)n * D, part_acc.begin() + idx * rows * D);
+      std::copy(w.m.begin(), w.m.begin() + n, part_m.begin() + idx * rows);
+      std::copy(w.l.begin(), w.l.begin() + n, part_l.begin() + idx * rows);
+    }
+  });
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc((int64_t)rows * D), m(rows), l(rows);
+    for (int64_t t = begin; t < end; ++t) {
+      Item it;
+      int split;
+      if (!make_item(t * S, it, split)) continue;
+      const int n = it.nh * it.R;
+      for (int r = 0; r < n; ++r) {
+        float mr = kNegInf;
+        for (int sp = 0; sp < S; ++sp) mr = std::max(mr, part_m[(t * S + sp) * rows + r]);
+        float lr = 0.f;
+        float* a = acc.data() + (int64_t)r * D;
+        std::fill(a, a + D, 0.f);
+        if (mr != kNegInf) {
+          for (int sp = 0; sp < S; ++sp) {
+            const int64_t at = (t * S + sp) * rows + r;
+            const float wgt = std::exp(part_m[at] - mr);
+            if (wgt == 0.f) continue;
+            lr += wgt * part_l[at];
+            const float* pa = part_acc.data() + at * D;
+            for (int c = 0; c < D; c += Vec::size()) {
+              at::vec::fmadd(Vec(wgt), Vec::loadu(pa + c), Vec::loadu(a + c)).store(a + c);
+            }
+          }
+        }
+        m[r] = mr;
+        l[r] = lr;
+      }
+      write_item(it, acc.data(), m.data(), l.data());
+    }
+  });
+}
+
+template <typename TQ, typename TC>
+void attend_dims(const Problem& p) {
+  switch (p.D) {
+    case 64: return attend<TQ, TC, 64>(p);
+    case 80: return attend<TQ, TC, 80>(p);
+    case 96: return attend<TQ, TC, 96>(p);
+    case 128: return attend<TQ, TC, 128>(p);
+    case 256: return attend<TQ, TC, 256>(p);
+    default: TORCH_CHECK(false, "attention: headdim must be one of 64, 80, 96, 128, 256, got ", p.D);
+  }
+}
+
+void run(const Problem& p, c10::ScalarType qtype, c10::ScalarType ctype) {
+  dispatch_float(qtype, "attention", [&](auto tag) {
+    using TQ = decltype(tag);
+    if (ctype == c10::kFloat8_e4m3fn) {
+      attend_dims<TQ, c10::Float8_e4m3fn>(p);
+    } else {
+      TORCH_CHECK(ctype == qtype, "attention: the cache dtype must be q's or float8_e4m3fn, got ", ctype);
+      attend_dims<TQ, TQ>(p);
+    }
+  });
+}
+
+// ---- append ----------------------------------------------------------------
+
+template <typename TQ, typename TC>
+void append_rows(const Tensor& cache, const Tensor& x, const KvRows& rows, const int* seqlens, int64_t offset,
+                 const float* scale) {
+  const int B = x.size(0), S = x.size(1), HK = x.size(2), D = x.size(3);
+  const TQ* src = x.data_ptr<TQ>();
+  TC* dst = static_cast<TC*>(cache.data_ptr());
+  at::parallel_for(0, (int64_t)B * S, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int b = (int)(t / S), i = (int)(t % S);
+      const int64_t pos = (seqlens ? seqlens[b] : 0) + offset + i;
+      for (int h = 0; h < HK; ++h) {
+        const TQ* s = src + (t * HK + h) * D;
+        TC* d = dst + rows.offset(b, pos) + h * rows.s2;
+        if constexpr (std::is_same_v<TC, TQ>) {
+          std::copy(s, s + D, d);
+        } else {
+          // fp8 has no inf: saturate like the reference instead of overflowing to NaN.
+          const float inv = 1.f / scale[h];
+          for (int e = 0; e < D; ++e) {
+            const float y = std::min(kFp8Max, std::max(-kFp8Max, static_cast<float>(s[e]) * inv));
+            d[e] = c10::Float8_e4m3fn(y);
+          }
+        }
+      }
+    }
+  });
+}
+
+KvRows cache_rows(const Tensor& cache, const OptTensor& block_table) {
+  KvRows r{};
+  r.s0 = cache.stride(0);
+  r.s1 = cache.stride(1);
+  r.s2 = cache.stride(2);
+  if (block_table.has_value()) {
+    r.mode = 1;
+    r.block_table = block_table->data_ptr<int>();
+    r.blocks_per_seq = block_table->size(1);
+    r.page_size = cache.size(1);
+  }
+  return r;
+}
+
+void append(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v, const KvRows& rows,
+            const int* seqlens, int64_t offset, const float* k_scale, const float* v_scale) {
+  if (k.numel() == 0) return;
+  dispatch_float(k.scalar_type(), "kvcache_append_", [&](auto tag) {
+    using TQ = decltype(tag);
+    if (k_cache.scalar_type() == c10::kFloat8_e4m3fn) {
+      append_rows<TQ, c10::Float8_e4m3fn>(k_cache, k, rows, seqlens, offset, k_scale);
+      append_rows<TQ, c10::Float8_e4m3fn>(v_cache, v, rows, seqlens, offset, v_scale);
+    } else {
+      append_rows<TQ, TQ>(k_cache, k, rows, seqlens, offset, nullptr);
+      append_rows<TQ, TQ>(v_cache, v, rows, seqlens, offset, nullptr);
+    }
+  });
+}
+
+const float* opt_ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
+
+void kvcache_append_(Tensor k_cache, Tensor v_cache, const Tensor& k, const Tensor& v,
+                     const OptTensor& cache_seqlens, int64_t seqlen_offset, const OptTensor& block_table,
+                     const OptTensor& k_scale, const OptTensor& v_scale) {
+  append(k_cache, v_cache, k, v, cache_rows(k_cache, block_table),
+         cache_seqlens.has_value() ? cache_seqlens->data_ptr<int>() : nullptr, seqlen_offset, opt_ptr(k_scale),
+         opt_ptr(v_scale));
+}
+
+void set_common(Problem& p, const Tensor& q, double softmax_scale, bool causal, int64_t window_left,
+                int64_t window_right, double softcap, const OptTensor& alibi_slopes) {
+  p.scale = (float)softmax_scale;
+  p.softcap = (float)softcap;
+  p.causal = causal;
+  p.window_left = (int)window_left;
+  p.window_right = (int)window_right;
+  p.alibi = opt_ptr(alibi_slopes);
+  p.alibi_bstride = alibi_slopes.has_value() && alibi_slopes->dim() == 2 ? alibi_slopes->size(1) : 0;
+}
+
+std::tuple<Tensor, Tensor> attention_with_kvcache(
+    const Tensor& q, Tensor k_cache, Tensor v_cache, const OptTensor& k, const OptTensor& v,
+    const OptTensor& cache_seqlens, int64_t seqlen_offset, const OptTensor& block_table, double softmax_scale,
+    bool causal, int64_t window_left, int64_t window_right, double softcap, const OptTensor& alibi_slopes,
+    const OptTensor& k_scale, const OptTensor& v_scale) {
+  const KvRows rows = cache_rows(k_cache, block_table);
+  const int* seqlens = cache_seqlens.has_value() ? cache_seqlens->data_ptr<int>() : nullptr;
+  if (k.has_value()) append(k_cache, v_cache, *k, *v, rows, seqlens, seqlen_offset, opt_ptr(k_scale), opt_ptr(v_scale));
+  Tensor out = at::empty_like(q);
+  Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  Problem p{};
+  p.B = q.size(0);
+  p.max_sq = q.size(1);
+  p.H = q.size(2);
+  p.D = q.size(3);
+  p.HK = k_cache.size(2);
+  p.G = p.H / p.HK;
+  p.q = q.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.k = k_cache.data_ptr();
+  p.v = v_cache.data_ptr();
+  p.rows = rows;
+  TORCH_CHECK(k_cache.strides() == v_cache.strides(), "attention_with_kvcache: k_cache and v_cache strides differ");
+  p.seqlens = seqlens;
+  p.seqlen_offset = seqlen_offset;
+  p.seqlen_new = k.has_value() ? k->size(1) : 0;
+  p.fixed_kv_len = -1;
+  p.k_scale = opt_ptr(k_scale);
+  p.v_scale = opt_ptr(v_scale);
+  set_common(p, q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes);
+  if (q.numel()) run(p, q.scalar_type(), k_cache.scalar_type());
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
+                                     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
+                                     int64_t window_left, int64_t window_right, double softcap,
+                                     const OptTensor& alibi_slopes) {
+  const bool packed = cu_seqlens_q.has_value();
+  Tensor out = at::empty_like(q);
+  Problem p{};
+  p.D = q.size(-1);
+  p.H = q.size(-2);
+  p.HK = k.size(-2);
+  p.G = p.H / p.HK;
+  p.max_sq = max_seqlen_q;
+  p.q = q.data_ptr();
+  p.out = out.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  Tensor lse;
+  if (packed) {
+    p.B = cu_seqlens_q->size(0) - 1;
+    p.cu_q = cu_seqlens_q->data_ptr<int>();
+    p.total_q = q.size(0);
+    lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+    p.rows.mode = 2;
+    p.rows.cu = cu_seqlens_k->data_ptr<int>();
+    p.rows.s1 = k.stride(0);
+    p.rows.s2 = k.stride(1);
+    p.fixed_kv_len = -1;
+  } else {
+    p.B = q.size(0);
+    lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+    p.rows.mode = 0;
+    p.rows.s0 = k.stride(0);
+    p.rows.s1 = k.stride(1);
+    p.rows.s2 = k.stride(2);
+    p.fixed_kv_len = max_seqlen_k;
+  }
+  p.lse = lse.data_ptr<float>();
+  set_common(p, q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes);
+  if (q.numel() && p.B > 0) run(p, q.scalar_type(), k.scalar_type());
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) {
+  m.def("attention_with_kvcache", &attention_with_kvcache);
+  m.def("kvcache_append_", &kvcache_append_);
+  m.def("attention", &attention);
+}
+
+}  // namespace genfast::cpu

@@ -1,0 +1,375 @@
+"""Attention over a KV cache (flash-decoding) and packed prefill attention in Triton.
+
+Memory traffic of one decode step (seqlen_q = 1) for a row with L cached
+tokens, nheads_k KV heads of headdim d in s-byte elements, GQA group G:
+
+| implementation | bytes read |
+| --- | --- |
+| eager with the KV heads expanded (``repeat_interleave``) | 2·L·nheads_k·d·s, + G× that written and read |
+| gpt-fast eager step (mask over the whole max length) | 2·max_len·nheads_k·d·s (+ the expansion), whatever L is |
+| this file | 2·L·nheads_k·d·s: each K/V row once for all G query heads of its group |
+
+Kernels:
+
+- ``_append_kernel``: writes the new k/v rows at ``cache_seqlens[b] + i``
+  (quantized with the per-head scale for an fp8 cache); only those rows.
+- ``_attention_kernel``: one program per (batch row · KV head, split, query
+  chunk). Its tile holds the query rows of all G heads of the KV head (G ×
+  query positions, padded to >= 16 for ``tl.dot``), so K/V are loaded once
+  per group. Keys stream in BLOCK_N rows through an online softmax in fp32
+  (exp2 domain). Paged caches look the page of each key up in ``block_table``
+  (any page size: a runtime divisor). The number of splits is a function of
+  the shapes only (batch, heads, capacity, SM count): the grid is fixed, the
+  lengths are read on the device, so the launch is CUDA-graph safe and
+  deterministic for a given shape. Each split covers an equal share of its
+  row's blocks; with more than one split, partial (out, lse) go to a
+  workspace and ``_combine_kernel`` merges them.
+
+Not measured on a GPU yet: written on a machine without one and checked with
+``TRITON_INTERPRET=1`` against ``genfast/reference/attention.py``. Target: decode
+at >= 80% of HBM bandwidth for context >= 4k.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# constexpr: compiled kernels may read no other globals (the interpreter does not enforce it)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+FP8_MAX = tl.constexpr(448.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int | None) -> int:
+    if device_index is None:  # interpreter: a small pretend GPU, so tests exercise the split path
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sms(device: torch.device) -> int:
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else _num_sms(None)
+
+
+@triton.jit
+def _round_e4m3(x):
+    """x (fp32, within +-448) rounded to the nearest float8_e4m3fn value, ties to even, still in fp32.
+
+    The conversion to fp8 is then exact: Triton's interpreter rounds fp8 wrongly across a binade
+    (1.98 -> 1.0), and this keeps the stored bits equal to torch's ``.to(torch.float8_e4m3fn)``
+    everywhere."""
+    bits = x.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    magic = 12582912.0 * 0.001953125  # 1.5 * 2^23 * 2^-9: fp32 addition rounds to multiples of 2^-9
+    sub = (tl.abs(x) + magic) - magic
+    sub = tl.where(bits < 0, -sub, sub)
+    return tl.where(tl.abs(x) < 0.015625, sub, normal)  # below 2^-6: e4m3 subnormals
+
+
+@triton.jit
+def _append_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, seqlen_offset, bt_ptr, blocks_per_seq, page_size,
+                   s0, s1, s2, k_scale_ptr, v_scale_ptr, seqlen_new, capacity, num_blocks,
+                   HK: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_SEQLENS: tl.constexpr, PAGED: tl.constexpr, FP8: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // seqlen_new
+    i = pid % seqlen_new
+    pos = seqlen_offset + i
+    if HAS_SEQLENS:
+        pos += tl.load(seqlens_ptr + b)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    # Scalars broadcast to the tile before combining: the interpreter mistypes bool tensor & bool scalar.
+    zero = tl.zeros([BLOCK_H, BLOCK_D], tl.int32)
+    ok = (zero + pos) < capacity
+    if PAGED:
+        page = tl.load(bt_ptr + b * blocks_per_seq + pos // page_size, mask=pos < capacity, other=0)
+        row = page.to(tl.int64) * s0 + (pos % page_size).to(tl.int64) * s1
+        ok = ok & ((zero + page) >= 0) & ((zero + page) < num_blocks)  # a GPU cannot check on the host
+    else:
+        row = b.to(tl.int64) * s0 + pos.to(tl.int64) * s1
+    mask = ok & (h[:, None] < HK) & (d[None, :] < D)
+    src = pid.to(tl.int64) * HK * D + h[:, None] * D + d[None, :]
+    dst = row + h[:, None].to(tl.int64) * s2 + d[None, :]
+    k = tl.load(k_ptr + src, mask=mask, other=0.0)
+    v = tl.load(v_ptr + src, mask=mask, other=0.0)
+    if FP8:
+        # fp8 has no inf: saturate instead of overflowing to NaN.
+        ks = tl.load(k_scale_ptr + h, mask=h < HK, other=1.0)
+        vs = tl.load(v_scale_ptr + h, mask=h < HK, other=1.0)
+        k = _round_e4m3(tl.clamp(k.to(tl.float32) / ks[:, None], -FP8_MAX, FP8_MAX))
+        v = _round_e4m3(tl.clamp(v.to(tl.float32) / vs[:, None], -FP8_MAX, FP8_MAX))
+    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, seqlens_ptr, seqlen_offset, seqlen_new,
+                      bt_ptr, blocks_per_seq, page_size, cu_q_ptr, cu_k_ptr, s0, s1, s2,
+                      max_sq, total_q, B, H, softmax_scale, softcap, window_left, window_right,
+                      alibi_ptr, alibi_bstride, k_scale_ptr, v_scale_ptr, part_out_ptr, part_lse_ptr,
+                      HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, QL: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      NUM_SPLITS: tl.constexpr, KV_MODE: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+                      VARLEN_Q: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                      HAS_ALIBI: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    qc = tl.program_id(2)
+    b = pid_bh // HK
+    hk = pid_bh % HK
+    # Row lengths, read on the device.
+    if VARLEN_Q:
+        q_start = tl.load(cu_q_ptr + b)
+        sq = tl.load(cu_q_ptr + b + 1) - q_start
+    else:
+        q_start = b * max_sq
+        sq = max_sq
+    if KV_MODE == 2:
+        k_start = tl.load(cu_k_ptr + b)
+        L = tl.load(cu_k_ptr + b + 1) - k_start
+    else:
+        k_start = 0
+        L = seqlen_offset + seqlen_new
+        if HAS_SEQLENS:
+            L += tl.load(seqlens_ptr + b)
+    i0 = qc * QL
+    if i0 < sq:
+        # Tile rows: r = (query position - i0) * G + head within the group.
+        r = tl.arange(0, BLOCK_M)
+        qi = i0 + r // G
+        h = hk * G + r % G
+        row_ok = (r < QL * G) & (qi < sq)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        q_rows = (q_start + qi).to(tl.int64) * H + h
+        q = tl.load(q_ptr + q_rows[:, None] * D + d[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
+        # Visible keys of each row: [row_lo, row_hi); query i sits at position L - sq + i.
+        qpos = L - sq + qi
+        row_hi = tl.zeros_like(qpos) + L
+        if CAUSAL:
+            row_hi = tl.minimum(row_hi, qpos + 1)
+        else:
+            row_hi = tl.where(window_right >= 0, tl.minimum(row_hi, qpos + window_right + 1), row_hi)
+        row_lo = tl.where(window_left >= 0, tl.maximum(qpos - window_left, 0), 0)
+        # The chunk's key range, then this split's equal share of its blocks.
+        first = L - sq + i0
+        last = tl.minimum(first + QL - 1, L - 1)
+        if CAUSAL:
+            hi = tl.minimum(L, last + 1)
+        else:
+            hi = tl.where(window_right >= 0, tl.minimum(L, last + window_right + 1), L)
+        lo = tl.where(window_left >= 0, tl.maximum(first - window_left, 0), 0)
+        hi = tl.maximum(hi, lo)
+        per = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
+        start = lo + split * per
+        end = tl.minimum(hi, start + per)
+
+        qk_scale = softmax_scale
+        if FP8:
+            qk_scale = qk_scale * tl.load(k_scale_ptr + hk)
+        if HAS_ALIBI:
+            slope = tl.load(alibi_ptr + b * alibi_bstride + h, mask=row_ok, other=0.0)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            n_ok = pos < end
+            if KV_MODE == 1:
+                page = tl.load(bt_ptr + b * blocks_per_seq + pos // page_size, mask=n_ok, other=0)
+                rows = page.to(tl.int64) * s0 + (pos % page_size).to(tl.int64) * s1
+            elif KV_MODE == 2:
+                rows = (k_start + pos).to(tl.int64) * s1
+            else:
+                rows = b.to(tl.int64) * s0 + pos.to(tl.int64) * s1
+            offs = rows[:, None] + hk * s2 + d[None, :]
+            kv_mask = n_ok[:, None] & dmask[None, :]
+            k = tl.load(kc_ptr + offs, mask=kv_mask, other=0.0)
+            v = tl.load(vc_ptr + offs, mask=kv_mask, other=0.0)
+            if FP8:  # e4m3 is exact in fp16/bf16; the scales are applied to scores and output
+                k = k.to(q_ptr.dtype.element_ty)
+                v = v.to(q_ptr.dtype.element_ty)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * qk_scale
+            if HAS_SOFTCAP:
+                # tanh(x) = 1 - 2 / (exp(2x) + 1), stable at both ends
+                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+            if HAS_ALIBI:
+                s = s - slope[:, None] * tl.abs(qpos[:, None] - pos[None, :]).to(tl.float32)
+            ok = row_ok[:, None] & n_ok[None, :] & (pos[None, :] >= row_lo[:, None]) & (pos[None, :] < row_hi[:, None])
+            s = tl.where(ok, s * LOG2E, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep -inf - -inf out
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m - m_safe)
+            l = l * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        v_factor = 1.0
+        if FP8:
+            v_factor = tl.load(v_scale_ptr + hk)
+        has = l > 0.0
+        out = acc * tl.where(has, v_factor / tl.where(has, l, 1.0), 0.0)[:, None]
+        lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * LN2, float("-inf"))
+        out_rows = (q_start + qi).to(tl.int64) * H + h
+        if VARLEN_Q:
+            lse_idx = h.to(tl.int64) * total_q + q_start + qi
+        else:
+            lse_idx = (b * H + h).to(tl.int64) * max_sq + qi
+        omask = row_ok[:, None] & dmask[None, :]
+        if NUM_SPLITS == 1:
+            tl.store(out_ptr + out_rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(lse_ptr + lse_idx, lse, mask=row_ok)
+        else:
+            n_out = total_q * H * D
+            n_lse = total_q * H
+            tl.store(part_out_ptr + split * n_out + out_rows[:, None] * D + d[None, :], out, mask=omask)
+            tl.store(part_lse_ptr + split * n_lse + lse_idx, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, total_q, H, max_sq,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, VARLEN_Q: tl.constexpr):
+    """One program per (query row, head): merges the splits' (out, lse) by their weights exp(lse_s - lse)."""
+    pid = tl.program_id(0)
+    row = pid // H  # index into (total rows) of q
+    h = pid % H
+    if VARLEN_Q:
+        lse_idx = h.to(tl.int64) * total_q + row
+    else:
+        b = row // max_sq
+        lse_idx = (b * H + h).to(tl.int64) * max_sq + row % max_sq
+    sp = tl.arange(0, NUM_SPLITS)
+    n_lse = total_q * H
+    lses = tl.load(part_lse_ptr + sp * n_lse + lse_idx)
+    mx = tl.max(lses, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp(lses - mx_safe)
+    total = tl.sum(w, 0)
+    d = tl.arange(0, BLOCK_D)
+    n_out = total_q * H * D
+    parts = tl.load(part_out_ptr + sp[:, None] * n_out + (row.to(tl.int64) * H + h) * D + d[None, :],
+                    mask=(d < D)[None, :] & (w > 0)[:, None], other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + (row.to(tl.int64) * H + h) * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+    tl.store(lse_ptr + lse_idx, tl.where(total > 0, mx + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
+
+
+# ---- launchers (argument order = the op schemas in genfast/attention.py) ---------
+
+def _append(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, k_scale, v_scale):
+    batch, seqlen_new, hk, d = k.shape
+    if batch * seqlen_new == 0:
+        return
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    _append_kernel[(batch * seqlen_new,)](
+        k, v, k_cache, v_cache, cache_seqlens if cache_seqlens is not None else k, seqlen_offset,
+        block_table if paged else k, block_table.shape[1] if paged else 1, k_cache.shape[1],
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_scale if fp8 else k, v_scale if fp8 else k, seqlen_new, capacity, k_cache.shape[0],
+        HK=hk, D=d, BLOCK_H=triton.next_power_of_2(hk), BLOCK_D=triton.next_power_of_2(d),
+        HAS_SEQLENS=cache_seqlens is not None, PAGED=paged, FP8=fp8)
+
+
+def kvcache_append_(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, k_scale, v_scale):
+    _append(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, k_scale, v_scale)
+
+
+def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offset, seqlen_new,
+            block_table, cu_q, cu_k, kv_mode, strides, max_keys, softmax_scale, causal, window_left, window_right,
+            softcap, alibi_slopes, k_scale, v_scale):
+    H, D = q.shape[-2], q.shape[-1]
+    HK = k_cache.shape[-2]
+    G = H // HK
+    block_m = max(16, min(triton.next_power_of_2(G * max_sq), 64 if G <= 64 else triton.next_power_of_2(G)))
+    ql = max(1, block_m // G)
+    num_qc = triton.cdiv(max_sq, ql)
+    block_n = 64 if block_m <= 32 else 32
+    block_d = triton.next_power_of_2(D)
+    # Splits from shapes only: enough programs for two waves of the SMs, >= 4 key blocks per split.
+    programs = batch * HK * num_qc
+    splits = 1
+    if programs < 2 * _sms(q.device):
+        splits = min(triton.cdiv(2 * _sms(q.device), max(programs, 1)), max(1, max_keys // (4 * block_n)), 64)
+        splits = triton.next_power_of_2(splits) if splits > 1 else 1
+    if splits > 1:
+        part_out = torch.empty((splits, total_q * H * D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((splits, total_q * H), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = lse
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    dummy = q
+    _attention_kernel[(batch * HK, splits, num_qc)](
+        q, k_cache, v_cache, out, lse, seqlens if seqlens is not None else dummy, seqlen_offset, seqlen_new,
+        block_table if block_table is not None else dummy, block_table.shape[1] if block_table is not None else 1,
+        k_cache.shape[1] if kv_mode == 1 else 1, cu_q if cu_q is not None else dummy,
+        cu_k if cu_k is not None else dummy, *strides, max_sq, total_q, batch, H, softmax_scale,
+        softcap, window_left, window_right, alibi_slopes if alibi_slopes is not None else dummy,
+        alibi_slopes.shape[1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+        k_scale if fp8 else dummy, v_scale if fp8 else dummy, part_out, part_lse,
+        HK=HK, G=G, D=D, QL=ql, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=splits,
+        KV_MODE=kv_mode, HAS_SEQLENS=seqlens is not None, VARLEN_Q=cu_q is not None, CAUSAL=causal,
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, FP8=fp8,
+        IEEE=q.dtype == torch.float32)
+    if splits > 1:
+        _combine_kernel[(total_q * H,)](part_out, part_lse, out, lse, total_q, H, max_sq, D=D, BLOCK_D=block_d,
+                                        NUM_SPLITS=splits, VARLEN_Q=cu_q is not None)
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, softmax_scale,
+                           causal, window_left, window_right, softcap, alibi_slopes, k_scale, v_scale):
+    batch, sq, H, D = q.shape
+    if k is not None:
+        _append(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, k_scale, v_scale)
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, H, sq), dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
+        return out, lse
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    _launch(q, k_cache, v_cache, out, lse, batch=batch, max_sq=sq, total_q=batch * sq, seqlens=cache_seqlens,
+            seqlen_offset=seqlen_offset, seqlen_new=0 if k is None else k.shape[1], block_table=block_table,
+            cu_q=None, cu_k=None, kv_mode=1 if paged else 0, strides=(k_cache.stride(0), k_cache.stride(1),
+                                                                       k_cache.stride(2)),
+            max_keys=capacity, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
+            window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes, k_scale=k_scale,
+            v_scale=v_scale)
+    return out, lse
+
+
+def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+              window_right, softcap, alibi_slopes):
+    out = torch.empty_like(q)
+    packed = cu_seqlens_q is not None
+    if packed:
+        batch = cu_seqlens_q.shape[0] - 1
+        total_q = q.shape[0]
+        lse = torch.empty((q.shape[1], total_q), dtype=torch.float32, device=q.device)
+        strides = (0, k.stride(0), k.stride(1))
+        kv_mode, seqlen_offset = 2, 0
+    else:
+        batch, total_q = q.shape[0], q.shape[0] * q.shape[1]
+        lse = torch.empty((batch, q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+        strides = (k.stride(0), k.stride(1), k.stride(2))
+        kv_mode, seqlen_offset = 0, k.shape[1]
+    if q.numel() == 0 or batch == 0 or max_seqlen_q == 0:
+        return out, lse
+    _launch(q, k, v, out, lse, batch=batch, max_sq=max_seqlen_q, total_q=total_q, seqlens=None,
+            seqlen_offset=seqlen_offset, seqlen_new=0, block_table=None, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
+            kv_mode=kv_mode, strides=strides, max_keys=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
+            window_left=window_left, window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
+            k_scale=None, v_scale=None)
+    return out, lse

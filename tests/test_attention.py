@@ -1,0 +1,603 @@
+"""attention_with_kvcache, KVCache and attention on every backend, against an fp64
+oracle written here (plain softmax attention with explicit masks, one batch row
+at a time), with PyTorch's own error in the query's precision as the yardstick.
+Caches are poisoned with NaN outside the valid prefix, so a kernel that reads a
+position it must not read, or writes one it must not write, fails."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import genfast
+from genfast import _ops
+
+from conftest import DEVICE, assert_close
+
+FP8 = torch.float8_e4m3fn
+# fp32: a few ulps of summation-order noise over ~1000 keys; fp16/bf16: below one ulp of the output.
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def is_triton():
+    return _ops.backends.forced() == "triton"
+
+
+def skip_unsupported(device, dtype):
+    if is_triton() and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+
+
+# ---- the oracle -------------------------------------------------------------------
+
+def oracle(q, k, v, lens, *, dtype=torch.float64, scale=None, causal=True, window=(-1, -1), softcap=0.0,
+           alibi=None):
+    """Softmax attention of q (b, sq, h, d) over the first lens[b] rows of k, v (b, n, hk, d), computed in
+    ``dtype`` on the CPU. Returns out (b, sq, h, d) and lse (b, h, sq)."""
+    b, sq, h, d = q.shape
+    group = h // k.shape[2]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    out = torch.zeros(b, sq, h, d, dtype=dtype)
+    lse = torch.full((b, h, sq), -math.inf, dtype=dtype)
+    for i in range(b):
+        n = int(lens[i])
+        kb = k[i, :n].cpu().to(dtype).repeat_interleave(group, dim=1)
+        vb = v[i, :n].cpu().to(dtype).repeat_interleave(group, dim=1)
+        s = torch.einsum("qhd,khd->hqk", q[i].cpu().to(dtype), kb) * scale
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        qpos = (n - sq + torch.arange(sq)).view(sq, 1)
+        kpos = torch.arange(n).view(1, n)
+        if alibi is not None:
+            slopes = (alibi[i] if alibi.dim() == 2 else alibi).cpu().to(dtype)
+            s = s - slopes.view(h, 1, 1) * (qpos - kpos).abs().to(dtype)
+        mask = torch.ones(sq, n, dtype=torch.bool)
+        if causal:
+            mask &= kpos <= qpos
+        if window[0] >= 0:
+            mask &= kpos >= qpos - window[0]
+        if window[1] >= 0 and not causal:
+            mask &= kpos <= qpos + window[1]
+        s = s.masked_fill(~mask, -math.inf)
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        e = torch.exp(s - m)
+        tot = e.sum(-1, keepdim=True)
+        p = torch.where(tot > 0, e / torch.where(tot > 0, tot, torch.ones_like(tot)), torch.zeros_like(e))
+        out[i] = torch.einsum("hqk,khd->qhd", p, vb)
+        lse[i] = torch.where(tot[..., 0] > 0, (m + torch.log(tot))[..., 0], torch.full_like(tot[..., 0], -math.inf))
+    return out, lse
+
+
+def check_against_oracle(out, lse, q, k_log, v_log, lens, **kw):
+    """out/lse of a kernel against the fp64 oracle, PyTorch in q's dtype as the yardstick."""
+    out64, lse64 = oracle(q, k_log, v_log, lens, **kw)
+    lowp, _ = oracle(q, k_log.to(q.dtype), v_log.to(q.dtype), lens, dtype=q.dtype, **kw)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_close(out, out64, lowp, atol=ATOL[q.dtype], name="out")
+    assert lse.dtype == torch.float32 and lse.shape == lse64.shape
+    finite = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite), "lse: -inf exactly where a row sees no key"
+    torch.testing.assert_close(lse.cpu().double()[finite], lse64[finite], rtol=1e-5, atol=1e-5)
+
+
+# ---- cache setup ------------------------------------------------------------------
+
+def same_bits(a, b):
+    return torch.equal(a.cpu().contiguous().view(torch.uint8), b.cpu().contiguous().view(torch.uint8))
+
+
+def quantize(x, dtype, scale):
+    if dtype != FP8:
+        return x.to(dtype)
+    return (x.float() / scale.cpu().view(-1, 1)).clamp(-448, 448).to(FP8)
+
+
+def dequantize(x, scale):
+    x = x.cpu().double()
+    return x if scale is None else x * scale.cpu().double().view(-1, 1)
+
+
+class Cache:
+    """A cache poisoned with NaN, filled with random rows below lens, contiguous or paged (randomly
+    permuted pages), and its logical view (b, capacity, hk, d) for the oracle."""
+
+    def __init__(self, batch, capacity, hk, d, dtype, device, lens, page_size=None, scale=False):
+        self.dtype, self.page_size = dtype, page_size
+        self.k_scale = (0.5 + torch.rand(hk)).to(device) if dtype == FP8 else None
+        self.v_scale = (0.5 + torch.rand(hk)).to(device) if dtype == FP8 else None
+        if page_size is None:
+            shape = (batch, capacity, hk, d)
+            self.block_table = None
+        else:
+            blocks = -(-capacity // page_size)
+            num_blocks = batch * blocks + 3  # spare pages that nobody owns stay NaN
+            shape = (num_blocks, page_size, hk, d)
+            self.block_table = torch.randperm(num_blocks)[:batch * blocks].view(batch, blocks).to(torch.int32)
+            self.block_table = self.block_table.to(device)
+            capacity = blocks * page_size
+        self.capacity = capacity
+        store = torch.float32 if dtype == FP8 else dtype
+        self.k = torch.full(shape, math.nan, dtype=store, device=device).to(dtype)
+        self.v = torch.full(shape, math.nan, dtype=store, device=device).to(dtype)
+        for name, scale_ in (("k", self.k_scale), ("v", self.v_scale)):
+            vals = torch.randn(batch, capacity, hk, d)
+            for b in range(batch):
+                n = int(lens[b])
+                self.write(getattr(self, name), b, 0, quantize(vals[b, :n], dtype, scale_))
+
+    def slots(self, b, start, n):
+        """(page-or-row index, slot) of positions start..start+n-1 of row b."""
+        pos = torch.arange(start, start + n)
+        if self.block_table is None:
+            return torch.full_like(pos, b), pos
+        bt = self.block_table[b].cpu().long()
+        return bt[pos // self.page_size], pos % self.page_size
+
+    def write(self, cache, b, start, rows):
+        i, j = self.slots(b, start, rows.shape[0])
+        cache[i.to(cache.device), j.to(cache.device)] = rows.to(cache.device)
+
+    def logical(self, which):
+        cache, scale = (self.k, self.k_scale) if which == "k" else (self.v, self.v_scale)
+        if self.block_table is None:
+            return dequantize(cache, scale)
+        bt = self.block_table.cpu().long()
+        x = cache.cpu()[bt].reshape(bt.shape[0], -1, *cache.shape[2:])
+        return dequantize(x, scale)
+
+    def snapshot(self):
+        return self.k.clone(), self.v.clone()
+
+    def expect_append(self, snap, k, v, lens):
+        """The caches after writing k, v at lens: a bitwise copy of snap with only the new rows changed."""
+        ek, ev = snap[0].cpu().clone(), snap[1].cpu().clone()
+        for b in range(k.shape[0]):
+            i, j = self.slots(b, int(lens[b]), k.shape[1])
+            ek[i, j] = quantize(k[b].cpu(), self.dtype, self.k_scale)
+            ev[i, j] = quantize(v[b].cpu(), self.dtype, self.v_scale)
+        return ek, ev
+
+
+def run_case(device, dtype, batch, sq, h, hk, d, capacity, snew, *, page_size=None, cache_dtype=None,
+             int_seqlens=False, **kw):
+    cache_dtype = cache_dtype or dtype
+    lens = torch.randint(max(sq - snew, 0), capacity - snew + 1, (batch,))
+    if int_seqlens:
+        lens[:] = lens[0]
+    cache = Cache(batch, capacity, hk, d, cache_dtype, device, lens, page_size)
+    q = torch.randn(batch, sq, h, d).to(device, dtype)
+    k = torch.randn(batch, snew, hk, d).to(device, dtype) if snew else None
+    v = torch.randn(batch, snew, hk, d).to(device, dtype) if snew else None
+    snap = cache.snapshot()
+    seqlens = int(lens[0]) if int_seqlens else lens.to(device, torch.int32)
+    public = dict(causal=kw.get("causal", True), window_size=kw.get("window", (-1, -1)),
+                  softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi"), softmax_scale=kw.get("scale"))
+    out, lse = genfast.attention_with_kvcache(
+        q, cache.k, cache.v, k, v, cache_seqlens=seqlens, block_table=cache.block_table,
+        k_scale=cache.k_scale, v_scale=cache.v_scale, return_softmax_lse=True, **public)
+    if k is not None:
+        ek, ev = cache.expect_append(snap, k, v, lens)
+        assert same_bits(cache.k, ek), "k_cache: only the appended rows change, to exactly k"
+        assert same_bits(cache.v, ev), "v_cache: only the appended rows change, to exactly v"
+    else:
+        assert same_bits(cache.k, snap[0]) and same_bits(cache.v, snap[1])
+    check_against_oracle(out, lse, q, cache.logical("k"), cache.logical("v"), lens + snew, **kw)
+
+
+# Shapes: (batch, seqlen_q, nheads, nheads_k, headdim, capacity, seqlen_new). The interpreter runs the
+# first ones (tiny); the C++ and reference backends run all of them.
+SMALL = [
+    (3, 1, 4, 1, 64, 37, 1),     # MQA decode, ragged lengths
+    (2, 3, 2, 2, 64, 50, 3),     # MHA, chunked prefill appending 3
+    (1, 5, 8, 2, 80, 40, 0),     # GQA 4, no append, odd headdim
+]
+LARGE = SMALL + [
+    (4, 1, 32, 8, 128, 700, 1),  # Llama-3-8B decode
+    (2, 17, 16, 2, 96, 300, 17),  # GQA 8, seqlen_q 17
+    (2, 1, 4, 4, 256, 97, 1),
+    (1, 7, 12, 3, 64, 1030, 2),
+    (5, 2, 8, 8, 80, 33, 2),
+]
+
+
+def shapes():
+    return SMALL if is_triton() else LARGE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_contiguous_cache(backend, dtype):
+    skip_unsupported(backend, dtype)
+    for shape in shapes():
+        run_case(backend, dtype, *shape)
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 16, 256])
+def test_paged_cache(backend, page_size):
+    for shape in shapes()[:3 if is_triton() else 6]:
+        run_case(backend, torch.float16 if page_size == 3 else torch.float32, *shape, page_size=page_size)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(causal=False),
+    dict(window=(5, -1)),
+    dict(window=(3, 2), causal=False),
+    dict(softcap=4.0),
+    dict(alibi="heads"),
+    dict(alibi="batch", window=(8, -1), softcap=2.0),
+    dict(scale=0.3),
+], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_masks_softcap_alibi(backend, kw):
+    for shape in shapes()[:3 if is_triton() else 6]:
+        batch, h = shape[0], shape[2]
+        case = dict(kw)
+        if case.get("alibi") == "heads":
+            case["alibi"] = torch.rand(h).to(backend)
+        elif case.get("alibi") == "batch":
+            case["alibi"] = torch.rand(batch, h).to(backend)
+        run_case(backend, torch.float32, *shape, **case)
+
+
+@pytest.mark.parametrize("headdim", [64, 80, 96, 128, 256])
+def test_head_dims(backend, headdim):
+    if is_triton() and headdim not in (64, 80):
+        pytest.skip("the interpreter covers 64 and 80 (a power of two and not)")
+    run_case(backend, torch.float32, 2, 2, 4, 2, headdim, 45, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fp8_cache(backend, dtype):
+    skip_unsupported(backend, dtype)
+    for shape in shapes()[:3 if is_triton() else 5]:
+        run_case(backend, dtype, *shape, cache_dtype=FP8)
+    run_case(backend, dtype, *SMALL[0], cache_dtype=FP8, page_size=3)
+
+
+def test_fp8_every_value_reads_back_exactly(backend):
+    """Each finite e4m3 byte (subnormals, zeros and 448 included) is widened exactly: a single key whose
+    value row holds it, weight 1, gives it back times v_scale."""
+    vals = torch.arange(256, dtype=torch.uint8).view(FP8)
+    vals = vals[~torch.isnan(vals.float())]
+    v_cache = vals[:192].view(3, 1, 1, 64).to(backend)  # 3 rows of 64 values (of the 254 finite ones)
+    v_cache = torch.cat([v_cache, vals[-64:].view(1, 1, 1, 64).to(backend)])
+    k_cache = torch.zeros_like(v_cache)
+    q = torch.randn(4, 1, 1, 64).to(backend)
+    scale = torch.tensor([0.75], device=backend)
+    out = genfast.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=1, k_scale=scale, v_scale=scale)
+    assert torch.equal(out.cpu(), v_cache.cpu().float() * 0.75)
+
+
+def test_int_seqlens_and_full_cache(backend):
+    run_case(backend, torch.float32, 2, 1, 4, 2, 64, 30, 1, int_seqlens=True)
+    # cache_seqlens=None: the whole cache is valid
+    cache = torch.randn(2, 19, 2, 64).to(backend)
+    vcache = torch.randn(2, 19, 2, 64).to(backend)
+    q = torch.randn(2, 1, 4, 64).to(backend)
+    out, lse = genfast.attention_with_kvcache(q, cache, vcache, return_softmax_lse=True)
+    check_against_oracle(out, lse, q, cache.double(), vcache.double(), torch.tensor([19, 19]))
+
+
+def test_strided_cache_is_written_in_place(backend):
+    """A cache that is a view (one layer of a (layers, batch, ...) buffer, heads strided) is written
+    in place, never copied."""
+    full = torch.full((2, 3, 40, 2, 64), math.nan).to(backend)
+    kc, vc = full[1], full[0]
+    lens = torch.tensor([5, 11])
+    kc[0, :5], kc[1, :11] = torch.randn(5, 2, 64).to(backend), torch.randn(11, 2, 64).to(backend)
+    vc[0, :5], vc[1, :11] = torch.randn(5, 2, 64).to(backend), torch.randn(11, 2, 64).to(backend)
+    q = torch.randn(3, 1, 4, 64).to(backend)
+    k, v = torch.randn(3, 1, 2, 64).to(backend), torch.randn(3, 1, 2, 64).to(backend)
+    lens3 = torch.tensor([5, 11, 0])
+    kc[2, :0] = 0
+    out = genfast.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens3.to(backend, torch.int32))
+    for b in range(3):
+        assert torch.equal(full[1, b, lens3[b]], k[b, 0]) and torch.equal(full[0, b, lens3[b]], v[b, 0])
+    out64, _ = oracle(q, kc.double(), vc.double(), lens3 + 1)
+    lowp, _ = oracle(q, kc.float(), vc.float(), lens3 + 1, dtype=torch.float32)
+    assert_close(out, out64, lowp, atol=ATOL[torch.float32])
+
+
+def test_row_that_sees_no_key_is_zero(backend):
+    """Window (0, 0) without causal still sees the key at its own position; an empty cache row sees none."""
+    q = torch.randn(2, 1, 2, 64).to(backend)
+    kc = torch.full((2, 8, 2, 64), math.nan).to(backend)
+    vc = torch.full((2, 8, 2, 64), math.nan).to(backend)
+    kc[0, :3], vc[0, :3] = torch.randn(3, 2, 64).to(backend), torch.randn(3, 2, 64).to(backend)
+    out, lse = genfast.attention_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([3, 0], dtype=torch.int32,
+                                                                                  device=backend),
+                                             return_softmax_lse=True)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(lse[0]).all()
+
+
+# ---- KVCache ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("page_size", [None, 5])
+def test_kvcache_decode_loop(backend, page_size):
+    layers, batch, cap, hk, h, d = 2, 2, 24, 2, 4, 64
+    cache = genfast.KVCache(layers, batch, cap, hk, d, dtype=torch.float32, device=backend, page_size=page_size)
+    if page_size is not None:
+        for row in range(batch):
+            cache.allocate(row, 12)
+    keys = torch.randn(layers, batch, 12, hk, d)
+    vals = torch.randn(layers, batch, 12, hk, d)
+    steps = [4, 1, 1, 1] if is_triton() else [5, 1, 1, 2, 1, 1]
+    done = 0
+    for n in steps:
+        qs = torch.randn(layers, batch, n, h, d)
+        for layer in range(layers):
+            cache.update(layer, keys[layer, :, done:done + n].to(backend), vals[layer, :, done:done + n].to(backend))
+            out = cache.attend(layer, qs[layer].to(backend))
+            out64, _ = oracle(qs[layer], keys[layer].double(), vals[layer].double(), [done + n] * batch)
+            lowp, _ = oracle(qs[layer], keys[layer], vals[layer], [done + n] * batch, dtype=torch.float32)
+            assert_close(out, out64, lowp, atol=ATOL[torch.float32])
+        cache.advance()
+        done += n
+    assert cache.seqlens.tolist() == [done] * batch
+    cache.reset([0])
+    assert cache.seqlens.tolist() == [0, done]
+    if page_size is not None:
+        assert len(cache._pages[0]) == 0
+
+
+def test_kvcache_errors_and_fork():
+    cache = genfast.KVCache(1, 2, 10, 1, 64, dtype=torch.float32, page_size=4, num_pages=8)
+    k = torch.randn(2, 3, 1, 64)
+    with pytest.raises(ValueError, match="allocate"):
+        cache.update(0, k, k)  # no pages yet
+    cache.allocate(0, 10)
+    cache.allocate(1, 4)
+    with pytest.raises(ValueError, match="row 1"):
+        cache.update(0, torch.randn(2, 5, 1, 64), torch.randn(2, 5, 1, 64))
+    assert cache.seqlens.tolist() == [0, 0]
+    cache.update(0, k, k)
+    cache.advance()
+    cache.fork(0, 1)  # shares nothing full (3 < 4 tokens): copies the partial page
+    assert cache._pages[1] != cache._pages[0][:1]
+    q = torch.randn(1, 1, 1, 64).expand(2, 1, 1, 64)
+    out = cache.attend(0, q)
+    torch.testing.assert_close(out[0], out[1])
+    with pytest.raises(RuntimeError, match="out of pages"):
+        genfast.KVCache(1, 1, 10, 1, 64, dtype=torch.float32, page_size=4, num_pages=1).allocate(0, 8)
+
+
+# ---- genfast.attention (prefill) --------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_padded_and_packed(backend, causal, dtype):
+    h, hk, d = (4, 2, 64)
+    lengths = [5, 1, 12] if is_triton() else [5, 1, 40, 129]
+    seqs = [(torch.randn(n, h, d).to(dtype), torch.randn(n, hk, d).to(dtype), torch.randn(n, hk, d).to(dtype))
+            for n in lengths]
+    q = torch.cat([s[0] for s in seqs]).to(backend)
+    k = torch.cat([s[1] for s in seqs]).to(backend)
+    v = torch.cat([s[2] for s in seqs]).to(backend)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=backend)
+    out, lse = genfast.attention(q, k, v, causal=causal, cu_seqlens=cu, return_softmax_lse=True)
+    assert lse.shape == (h, q.shape[0])
+    for i, (qs, ks, vs) in enumerate(seqs):
+        a, b = int(cu[i]), int(cu[i + 1])
+        o64, l64 = oracle(qs[None], ks[None].double(), vs[None].double(), [ks.shape[0]], causal=causal)
+        lowp, _ = oracle(qs[None], ks[None], vs[None], [ks.shape[0]], causal=causal, dtype=dtype)
+        assert_close(out[a:b][None], o64, lowp, atol=ATOL[dtype])
+        torch.testing.assert_close(lse[:, a:b].cpu().double(), l64[0], rtol=1e-5, atol=1e-5)
+    # padded batch, seqlen_q < seqlen_k (bottom-right causal)
+    q = torch.randn(2, 7, h, d).to(backend, dtype)
+    k = torch.randn(2, 11, hk, d).to(backend, dtype)
+    v = torch.randn(2, 11, hk, d).to(backend, dtype)
+    out = genfast.attention(q, k, v, causal=causal)
+    o64, _ = oracle(q, k.double(), v.double(), [11, 11], causal=causal)
+    lowp, _ = oracle(q, k, v, [11, 11], causal=causal, dtype=dtype)
+    assert_close(out, o64, lowp, atol=ATOL[dtype])
+
+
+# ---- bad input, opcheck, torch.compile ----------------------------------------------
+
+def _never(*args):
+    raise AssertionError("a kernel ran")
+
+
+def _bad_calls():
+    q = torch.randn(2, 1, 4, 64)
+    kc, vc = torch.randn(2, 8, 2, 64), torch.randn(2, 8, 2, 64)
+    k, v = torch.randn(2, 1, 2, 64), torch.randn(2, 1, 2, 64)
+    lens = torch.tensor([3, 7], dtype=torch.int32)
+    pk, pv = torch.randn(6, 4, 2, 64), torch.randn(6, 4, 2, 64)
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    f = genfast.attention_with_kvcache
+    return [
+        (lambda: f(q, kc, vc, k, v, cache_seqlens=torch.tensor([3, 8], dtype=torch.int32)), ValueError, "capacity"),
+        (lambda: f(q, kc, vc, k, v, cache_seqlens=8), ValueError, "capacity"),
+        (lambda: f(q, kc, vc, k, v, cache_seqlens=lens.long()), TypeError, "cache_seqlens"),
+        (lambda: f(q, kc, vc, k, v, cache_seqlens=torch.tensor([-1, 0], dtype=torch.int32)), ValueError,
+         "cache_seqlens"),
+        (lambda: f(torch.randn(2, 1, 3, 64), kc, vc, cache_seqlens=lens), ValueError, "multiple of nheads_k"),
+        (lambda: f(q, kc, vc, k, v, cache_seqlens=lens, block_table=bt.long()), TypeError, "block_table"),
+        (lambda: f(q, pk, pv, k, v, cache_seqlens=lens, block_table=bt + 3), ValueError, "block_table"),
+        (lambda: f(q, pk, pv, k, v, cache_seqlens=torch.tensor([7, 8], dtype=torch.int32), block_table=bt),
+         ValueError, "capacity"),
+        (lambda: f(torch.randn(2, 1, 4, 80), kc, vc, cache_seqlens=lens), ValueError, "headdim"),
+        (lambda: f(q, kc, vc, k[..., :32], v, cache_seqlens=lens), ValueError, r"\bk\b"),
+        (lambda: f(q, kc, vc, k, v.half(), cache_seqlens=lens), TypeError, r"\bv\b"),
+        (lambda: f(q, kc, vc, k, None, cache_seqlens=lens), ValueError, "together"),
+        (lambda: f(q, kc, vc, k, v), ValueError, "cache_seqlens"),
+        (lambda: f(q, kc.half(), vc.half(), cache_seqlens=lens), TypeError, "k_cache"),
+        (lambda: f(q, kc.to("meta"), vc, cache_seqlens=lens), ValueError, "k_cache"),
+        (lambda: f(q, kc, vc[:, :4], cache_seqlens=lens), ValueError, "v_cache"),
+        (lambda: f(q, kc, vc.transpose(0, 1).contiguous().transpose(0, 1), cache_seqlens=lens), ValueError,
+         "strides"),
+        (lambda: f(q, kc.to(FP8), vc.to(FP8), cache_seqlens=lens), ValueError, "k_scale"),
+        (lambda: f(q, kc, vc, cache_seqlens=lens, k_scale=torch.ones(2)), ValueError, "k_scale"),
+        (lambda: f(q, kc, vc, cache_seqlens=lens, window_size=(-2, 0)), ValueError, "window_size"),
+        (lambda: f(q, kc, vc, cache_seqlens=lens, softcap=-1.0), ValueError, "softcap"),
+        (lambda: f(q, kc, vc, cache_seqlens=lens, alibi_slopes=torch.ones(3)), ValueError, "alibi_slopes"),
+        (lambda: f(q.int(), kc, vc, cache_seqlens=lens), TypeError, r"\bq\b"),
+        (lambda: f(q[0], kc, vc, cache_seqlens=lens), ValueError, r"\bq\b"),
+        (lambda: genfast.attention(q, kc[:1], vc[:1], causal=True), ValueError, "batch"),
+        (lambda: genfast.attention(q[:, 0], kc[:, 0], vc[:, 0],
+                                   cu_seqlens=torch.tensor([0, 1, 3], dtype=torch.int32)), ValueError, "cu_seqlens"),
+    ], (kc, vc, pk, pv)
+
+
+def test_bad_input_raises_before_anything_is_written(monkeypatch):
+    calls, caches = _bad_calls()
+    before = [c.clone() for c in caches]
+    monkeypatch.setattr(_ops, "implementation", lambda *a: _never)
+    for call, error, match in calls:
+        with pytest.raises(error, match=match):
+            call()
+    for c, b in zip(caches, before):
+        assert torch.equal(c, b), "a cache changed"
+
+
+def test_opcheck():
+    q = torch.randn(2, 3, 4, 64, device=DEVICE)
+    kc, vc = torch.randn(2, 16, 2, 64, device=DEVICE), torch.randn(2, 16, 2, 64, device=DEVICE)
+    k, v = torch.randn(2, 3, 2, 64, device=DEVICE), torch.randn(2, 3, 2, 64, device=DEVICE)
+    lens = torch.tensor([2, 9], dtype=torch.int32, device=DEVICE)
+    ops = torch.ops.genfast
+    torch.library.opcheck(ops.attention_with_kvcache.default,
+                          (q, kc, vc, k, v, lens, 0, None, 0.125, True, -1, 0, 0.0, None, None, None))
+    torch.library.opcheck(ops.kvcache_append_.default, (kc, vc, k, v, lens, 0, None, None, None))
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(ops.attention.default, (q[0], k[0].repeat(1, 1, 1)[:3], v[0][:3], cu, cu, 3, 3, 0.125,
+                                                  True, -1, 0, 0.0, None))
+
+
+def test_torch_compile_fullgraph_decode_step():
+    torch._dynamo.reset()
+    layers, batch, cap, hk, h, d = 2, 2, 16, 2, 4, 64
+
+    def step(cache_k, cache_v, seqlens, q, k, v):
+        outs = []
+        for layer in range(layers):
+            outs.append(genfast.attention_with_kvcache(q[layer], cache_k[layer], cache_v[layer], k[layer], v[layer],
+                                                       cache_seqlens=seqlens))
+        seqlens.add_(1)
+        return torch.stack(outs)
+
+    def fresh():
+        torch.manual_seed(3)
+        ck = torch.randn(layers, batch, cap, hk, d, device=DEVICE)
+        cv = torch.randn(layers, batch, cap, hk, d, device=DEVICE)
+        return ck, cv, torch.tensor([3, 6], dtype=torch.int32, device=DEVICE)
+
+    q = torch.randn(layers, batch, 1, h, d, device=DEVICE)
+    k = torch.randn(layers, batch, 1, hk, d, device=DEVICE)
+    v = torch.randn(layers, batch, 1, hk, d, device=DEVICE)
+    ck, cv, lens = fresh()
+    expected = step(ck, cv, lens, q, k, v)
+    ck2, cv2, lens2 = fresh()
+    got = torch.compile(step, fullgraph=True)(ck2, cv2, lens2, q, k, v)
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(ck2, ck) and torch.equal(cv2, cv) and torch.equal(lens2, lens)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), sq=st.integers(1, 9), group=st.sampled_from([1, 2, 4, 8]), hk=st.integers(1, 3),
+       d=st.sampled_from([64, 80, 96, 128, 256]), cap=st.integers(9, 90), snew=st.integers(0, 4),
+       page=st.sampled_from([None, 1, 2, 7, 16]), causal=st.booleans(), left=st.integers(-1, 12),
+       softcap=st.sampled_from([0.0, 3.0]))
+def test_cpp_matches_oracle_on_random_shapes(batch, sq, group, hk, d, cap, snew, page, causal, left, softcap):
+    if not genfast.backends()["cpp"][0]:
+        pytest.skip("no C++ backend")
+    with genfast.use_backend("cpp"):
+        run_case("cpu", torch.float32, batch, sq, group * hk, hk, d, cap, snew, page_size=page, causal=causal,
+                 window=(left, -1), softcap=softcap)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_step_replays_in_a_cuda_graph():
+    """KVCache's step allocates nothing on the host and reads lengths on the device: capture one step,
+    replay it for new tokens, and compare with eager calls."""
+    layers, batch, cap, hk, h, d = 2, 3, 64, 2, 8, 64
+    cache = genfast.KVCache(layers, batch, cap, hk, d, dtype=torch.float16, device="cuda")
+    eager = genfast.KVCache(layers, batch, cap, hk, d, dtype=torch.float16, device="cuda")
+    q = torch.randn(layers, batch, 1, h, d, device="cuda", dtype=torch.float16)
+    k = torch.randn(layers, batch, 1, hk, d, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    out = torch.empty(layers, batch, 1, h, d, device="cuda", dtype=torch.float16)
+
+    def step(c):
+        for layer in range(layers):
+            c.update(layer, k[layer], v[layer])
+            out[layer] = c.attend(layer, q[layer])
+        c.seqlens.add_(1)  # advance() without its host mirror: the mirror is updated outside the graph
+        c._pending = 0
+
+    step(cache)  # warm up: Triton compiles outside the capture
+    cache._lens = [1] * batch
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(cache)
+    step(eager)
+    for _ in range(3):
+        for x in (q, k, v):
+            x.normal_()
+        graph.replay()
+        expected = []
+        for layer in range(layers):
+            eager.update(layer, k[layer], v[layer])
+            expected.append(eager.attend(layer, q[layer]))
+        eager.advance()
+        torch.testing.assert_close(out, torch.stack(expected))
+
+
+COMPILE_FOR_SM90 = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from genfast.kernels import attention as ka
+
+variants = [("fp16", dict(NUM_SPLITS=4)), ("bf16", dict(KV_MODE=1)), ("fp32", dict(IEEE=True, D=80)),
+            ("fp8e4nv", dict(FP8=True, HAS_SOFTCAP=True, HAS_ALIBI=True, CAUSAL=False)),
+            ("fp16", dict(KV_MODE=2, VARLEN_Q=True, HAS_SEQLENS=False, BLOCK_M=64, QL=16, BLOCK_N=32))]
+for cache, consts in variants:
+    dtype = "bf16" if cache == "fp8e4nv" else cache
+    sig = {name: "i32" for name in ("seqlen_offset", "seqlen_new", "blocks_per_seq", "page_size", "max_sq",
+                                    "total_q", "B", "H", "window_left", "window_right", "alibi_bstride")}
+    sig.update(q_ptr=f"*{dtype}", kc_ptr=f"*{cache}", vc_ptr=f"*{cache}", out_ptr=f"*{dtype}", lse_ptr="*fp32",
+               seqlens_ptr="*i32", bt_ptr="*i32", cu_q_ptr="*i32", cu_k_ptr="*i32", s0="i64", s1="i64", s2="i64",
+               softmax_scale="fp32", softcap="fp32", alibi_ptr="*fp32", k_scale_ptr="*fp32", v_scale_ptr="*fp32",
+               part_out_ptr="*fp32", part_lse_ptr="*fp32")
+    constexprs = dict(HK=8, G=4, D=128, QL=4, BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, NUM_SPLITS=1, KV_MODE=0,
+                      HAS_SEQLENS=True, VARLEN_Q=False, CAUSAL=True, HAS_SOFTCAP=False, HAS_ALIBI=False,
+                      FP8=False, IEEE=False)
+    constexprs.update(consts)
+    sig.update({k: "constexpr" for k in constexprs})
+    sig = {name: sig[name] for name in ka._attention_kernel.arg_names}
+    triton.compile(ASTSource(fn=ka._attention_kernel, signature=sig, constexprs=constexprs),
+                   target=GPUTarget("cuda", 90, 32))
+app = {name: "i32" for name in ("seqlen_offset", "blocks_per_seq", "page_size", "seqlen_new", "capacity",
+                                 "num_blocks")}
+app.update(k_ptr="*bf16", v_ptr="*bf16", kc_ptr="*fp8e4nv", vc_ptr="*fp8e4nv", seqlens_ptr="*i32", bt_ptr="*i32",
+           s0="i64", s1="i64", s2="i64", k_scale_ptr="*fp32", v_scale_ptr="*fp32")
+consts = dict(HK=8, D=128, BLOCK_H=8, BLOCK_D=128, HAS_SEQLENS=True, PAGED=True, FP8=True)
+app.update({k: "constexpr" for k in consts})
+app = {name: app[name] for name in ka._append_kernel.arg_names}
+triton.compile(ASTSource(fn=ka._append_kernel, signature=app, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+comb = dict(part_out_ptr="*fp32", part_lse_ptr="*fp32", out_ptr="*bf16", lse_ptr="*fp32", total_q="i32", H="i32",
+            max_sq="i32")
+consts = dict(D=80, BLOCK_D=128, NUM_SPLITS=8, VARLEN_Q=True)
+comb.update({k: "constexpr" for k in consts})
+comb = {name: comb[name] for name in ka._combine_kernel.arg_names}
+triton.compile(ASTSource(fn=ka._combine_kernel, signature=comb, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real")
+def test_triton_kernels_compile_for_sm90():
+    """The interpreter accepts code that the compiler rejects (globals, types): compile every kernel for an
+    H100 (no GPU needed), in a subprocess without TRITON_INTERPRET."""
+    pytest.importorskip("triton.backends.nvidia")
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

@@ -1,0 +1,284 @@
+"""genfast.patch / unpatch on real architectures built from their configs (random
+weights, nothing downloaded): a tiny diffusers UNet2DConditionModel (both
+time-embedding modes) and AutoencoderKL, and a DCGAN generator.
+
+Accuracy rule (DESIGN.md, conftest.assert_close): the patched fp32 model may
+differ from the same model run in fp64 by at most twice what the unpatched fp32
+model differs by (relative to 1 + |ref|), plus atol = 1e-6 for the output's own
+rounding; a patch that computed anything else (a dropped temb add, a wrong
+group count, an unfolded scale) is off by O(1) and fails.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import genfast
+from genfast.patch import PatchReport
+
+from conftest import assert_close
+
+ATOL = 1e-6
+
+
+def compare(model, inputs, fn=lambda m, *a: m(*a)):
+    """(out of patched fp32, report): checked against fp64 and unpatched fp32; unpatch restores bit for bit."""
+    model64 = copy.deepcopy(model).double()
+    keys = list(model.state_dict())
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        lowp = fn(model, *inputs)
+        ref64 = fn(model64, *[t.double() if t.is_floating_point() else t for t in inputs])
+        report = genfast.patch(model)
+        out = fn(model, *inputs)
+    assert_close(out, ref64, lowp, atol=ATOL)
+    assert list(model.state_dict()) == keys  # same keys, same (shared) parameters
+    assert all(p is params[k] for k, p in model.named_parameters())
+    genfast.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(fn(model, *inputs), lowp)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert list(model.state_dict()) == keys
+    return out, report
+
+
+def names(entries):
+    return sorted(e.name for e in entries)
+
+
+# ---- diffusers -------------------------------------------------------------------
+
+def tiny_unet(**kw):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    config = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+                  sample_size=16, attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    return diffusers.UNet2DConditionModel(**{**config, **kw}).eval()
+
+
+def tiny_vae():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                                   latent_channels=4, sample_size=16,
+                                   down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2).eval()
+
+
+def randomize_norms(model):
+    """Non-trivial affine parameters, so a dropped weight or bias would show."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.GroupNorm) and m.affine:
+                m.weight.copy_(1 + 0.3 * torch.randn_like(m.weight))
+                m.bias.copy_(0.3 * torch.randn_like(m.bias))
+    return model
+
+
+def unet_inputs():
+    return torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.randn(2, 7, 32)
+
+
+def resnet_names(model):
+    from diffusers.models.resnet import ResnetBlock2D
+    return sorted(n for n, m in model.named_modules() if type(m) is ResnetBlock2D)
+
+
+@pytest.mark.parametrize("time_scale_shift", ["default", "scale_shift"])
+def test_unet_patched_matches_unpatched(time_scale_shift):
+    unet = randomize_norms(tiny_unet(resnet_time_scale_shift=time_scale_shift))
+    resnets = resnet_names(unet)
+    _, report = compare(unet, unet_inputs(), lambda m, *a: m(*a).sample)
+    assert isinstance(report, PatchReport)
+    assert names(report.replaced) == sorted(resnets + ["conv_norm_out"])
+    film = "FiLM" if time_scale_shift == "scale_shift" else "add"
+    assert all(film in e.detail for e in report.replaced if e.kind == "ResnetBlock2D")
+    # The transformer blocks' GroupNorms have no activation after them: left, with a reason.
+    assert names(report.left) == sorted(n for n, m in unet.named_modules() if n.endswith("attentions.0.norm")
+                                        or n.endswith("attentions.1.norm"))
+    assert all(e.kind == "GroupNorm" and e.detail for e in report.left)
+
+
+def test_vae_patched_matches_unpatched():
+    vae = randomize_norms(tiny_vae())
+    resnets = resnet_names(vae)
+    image = torch.randn(1, 3, 16, 16)
+    _, report = compare(vae, (image,), lambda m, x: m(x).sample)
+    assert names(report.replaced) == sorted(resnets + ["encoder.conv_norm_out", "decoder.conv_norm_out"])
+    assert names(report.left) == ["decoder.mid_block.attentions.0.group_norm",
+                                  "encoder.mid_block.attentions.0.group_norm"]
+
+
+def test_report_prints_both_lists():
+    unet = tiny_unet()
+    text = str(genfast.patch(unet))
+    assert text.splitlines()[0].startswith("genfast.patch: 9 replaced, 4 left")
+    assert "mid_block.resnets.0" in text and "not in a block genfast recognizes" in text
+    assert repr(genfast.patch(unet)) == "PatchReport(replaced=0, left=4)"  # patching twice changes nothing new
+
+
+def test_unusual_modules_are_left_with_the_reason():
+    unet = tiny_unet()
+    seen = []
+    blocks = unet.down_blocks[0].resnets[0], unet.down_blocks[1].resnets[0], unet.up_blocks[0].resnets[0]
+    blocks[0].norm1.register_forward_hook(lambda *a: seen.append(1))
+    blocks[1].norm2.eps = 0.0
+    blocks[2].nonlinearity = nn.Mish()
+    unet.conv_act = nn.GELU(approximate="tanh")
+    x, t, ctx = unet_inputs()
+    with torch.no_grad():
+        ref = unet(x, t, ctx).sample
+        report = genfast.patch(unet)
+        left = {e.name: e.detail for e in report.left}
+        assert "forward hooks" in left["down_blocks.0.resnets.0"]
+        assert "eps=0.0" in left["down_blocks.1.resnets.0"]
+        assert "Mish" in left["up_blocks.0.resnets.0"]
+        assert "conv_act" in left["conv_norm_out"]
+        assert "forward" not in blocks[0].__dict__ and "forward" in unet.mid_block.resnets[0].__dict__
+        seen.clear()
+        out = unet(x, t, ctx).sample
+    assert seen == [1]  # the hooked norm still runs
+    assert_close(out, ref.double(), ref, atol=1e-5)
+
+
+def test_hook_added_after_patch_runs_the_original_block():
+    unet = tiny_unet()
+    genfast.patch(unet)
+    block = unet.mid_block.resnets[0]
+    seen = []
+    block.norm2.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
+    with torch.no_grad():
+        unet(*unet_inputs())
+    assert seen == [torch.Size([2, 64, 8, 8])]
+
+
+def test_patched_resnet_block_trains_like_the_original():
+    """Gradients flow through the fused blocks (group_norm_act's backward), dropout included."""
+    unet = tiny_unet()
+    block = copy.deepcopy(unet.mid_block.resnets[0]).train()
+    block.dropout.p = 0.0  # training-mode dropout runs either way; p=0 keeps the comparison deterministic
+    fused = copy.deepcopy(block)
+    genfast.patch(fused)
+    x, temb = torch.randn(2, 64, 5, 3), torch.randn(2, 128)
+    out_ref, out = block(x, temb), fused(x, temb)
+    out_ref.square().sum().backward()
+    out.square().sum().backward()
+    assert torch.allclose(out, out_ref, atol=1e-5)
+    for (name, p), q in zip(block.named_parameters(), fused.parameters()):
+        assert torch.allclose(q.grad, p.grad, rtol=1e-4, atol=1e-4), name
+
+
+# ---- DCGAN ---------------------------------------------------------------------
+
+class DCGANGenerator(nn.Module):
+    """The DCGAN generator of the PyTorch examples, smaller: ConvTranspose2d → BatchNorm2d → ReLU ×3, then tanh."""
+
+    def __init__(self, nz=16, ngf=8, nc=3):
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.ConvTranspose2d(nz, ngf * 4, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),
+            nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
+            nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1), nn.BatchNorm2d(ngf), nn.LeakyReLU(0.2, inplace=True),
+            nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh())
+
+    def forward(self, z):
+        return self.main(z)
+
+
+def dcgan():
+    torch.manual_seed(0)
+    g = DCGANGenerator()
+    with torch.no_grad():  # trained-looking running statistics and affine parameters
+        for m in g.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.5 * torch.randn_like(m.running_mean))
+                m.running_var.copy_(0.5 + torch.rand_like(m.running_var))
+                m.weight.copy_(1 + 0.3 * torch.randn_like(m.weight))
+                m.bias.copy_(0.3 * torch.randn_like(m.bias))
+    return g
+
+
+def test_dcgan_eval_folds_batch_norm_into_the_conv():
+    g = dcgan().eval()
+    _, report = compare(g, (torch.randn(3, 16, 1, 1),))
+    assert names(report.replaced) == ["main.1", "main.4", "main.7"]
+    assert all("folded into" in e.detail for e in report.replaced)
+    assert report.left == []
+
+
+def test_dcgan_eval_with_grad_and_training_use_batch_norm_act():
+    g = dcgan()
+    ref = copy.deepcopy(g)
+    genfast.patch(g)
+    z = torch.randn(4, 16, 1, 1)
+    for _ in range(2):  # training: batch statistics, running statistics updated as nn.BatchNorm2d does
+        assert torch.allclose(g(z), ref(z), atol=1e-5)
+    for (name, b), b_ref in zip(g.named_buffers(), ref.buffers()):
+        assert torch.allclose(b, b_ref, rtol=1e-5, atol=1e-6), name
+    g.eval(), ref.eval()
+    z.requires_grad_()  # eval with gradients wanted (e.g. GAN inversion): not folded, still fused
+    out, out_ref = g(z), ref(z)
+    assert torch.allclose(out, out_ref, atol=1e-5)
+    assert torch.allclose(torch.autograd.grad(out.sum(), z)[0], torch.autograd.grad(out_ref.sum(), z)[0],
+                          atol=1e-5)
+
+
+def test_fold_follows_parameter_updates():
+    g = dcgan().eval()
+    ref = copy.deepcopy(g)
+    genfast.patch(g)
+    z = torch.randn(2, 16, 1, 1)
+    with torch.no_grad():
+        g(z)
+        for model in (g, ref):  # an in-place update (optimizer step, load_state_dict) refreshes the fold
+            model.main[1].running_mean.add_(1.0)
+            model.main[3].weight.mul_(0.5)
+        assert torch.allclose(g(z), ref(z), atol=1e-5)
+        g.load_state_dict(dcgan().state_dict())
+        ref.load_state_dict(dcgan().state_dict())
+        assert torch.allclose(g(z), ref(z), atol=1e-5)
+
+
+def test_sequential_leaves_what_it_cannot_fuse():
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Tanh(),
+                        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, eps=0.0), nn.ReLU(),
+                        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.BatchNorm2d(4), nn.SiLU())
+    seq[7].register_forward_hook(lambda *a: None)
+    report = genfast.patch(seq.eval())
+    left = {e.name: e.detail for e in report.left}
+    assert "Tanh" in left["1"] and "eps=0.0" in left["4"] and "forward hooks" in left["7"]
+    assert names(report.replaced) == ["9"] and "not folded" in report.replaced[0].detail
+    x = torch.randn(2, 3, 6, 5)
+    with torch.no_grad():
+        out = seq(x)
+        genfast.unpatch(seq)
+        assert torch.allclose(out, seq(x), atol=1e-6)
+
+
+def test_instance_norm_stack_like_cyclegan():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.InstanceNorm2d(8, affine=True),
+                        nn.ReLU(True), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                        nn.InstanceNorm2d(8, track_running_stats=True), nn.LeakyReLU(0.2), nn.Conv2d(8, 3, 1))
+    ref = copy.deepcopy(seq)
+    x = torch.randn(2, 3, 9, 7)
+    report = genfast.patch(seq)
+    assert names(report.replaced) == ["1", "4"] and report.left == []
+    for _ in range(2):  # training: instance statistics, running statistics updated
+        assert torch.allclose(seq(x), ref(x), atol=1e-5)
+    assert torch.allclose(seq[4].running_var, ref[4].running_var, atol=1e-6)
+    seq.eval(), ref.eval()
+    genfast.unpatch(seq)
+    _, report = compare(seq, (x,))  # eval: running statistics for [4], fused as one scale/shift pass
+    assert names(report.replaced) == ["1", "4"]
+    genfast.patch(seq)
+    with torch.no_grad():
+        assert torch.allclose(seq(x[0]), ref(x[0]), atol=1e-5)  # unbatched input: the modules themselves
+
+
+def test_patch_rejects_non_modules():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        genfast.patch("unet")
