@@ -31,27 +31,14 @@ inline void vec_steps(int n, F&& f) {
   for (int j = 0; j < n; j += Vec::size()) f(j, std::min<int>(Vec::size(), n - j));
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
-// exp(x) to about 1 ulp, inlined: SLEEF's expf is an out-of-line call that
-// spills every vector register of the loop around it. x = k ln2 + r with
-// |r| <= ln2/2 (ln2 in two parts), the classic degree-6 minimax polynomial
-// for e^r, and vscalefps for 2^k, which overflows to inf and underflows to 0
-// as IEEE exp does. NaN propagates through the clamp.
-inline Vec exp_fast(const Vec& x_in) {
-  const Vec x = at::vec::minimum(at::vec::maximum(x_in, Vec(-104.0f)), Vec(89.0f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT);
-  Vec r = at::vec::fmadd(Vec(k), Vec(-0.693359375f), x);
-  r = at::vec::fmadd(Vec(k), Vec(2.12194440e-4f), r);
-  Vec p(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) {
-    p = at::vec::fmadd(p, r, Vec(c));
-  }
-  p = at::vec::fmadd(p, r * r, r + Vec(1.0f));
-  return Vec(_mm512_scalef_ps(p, k));
+// Sum of the lanes, in lane order.
+inline float lane_sum(const Vec& v) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float s = 0.f;
+  for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
+  return s;
 }
-#else
-inline Vec exp_fast(const Vec& x) { return x.exp(); }
-#endif
 
 // Loads and stores of m <= Vec::size() elements of T as fp32 vectors.
 template <typename T>

@@ -110,14 +110,6 @@ inline Vec activate_grad(const Vec& y, const Vec& slope) {
   }
 }
 
-float lane_sum(const Vec& v) {
-  alignas(64) float lanes[Vec::size()];
-  v.store(lanes);
-  float s = 0.f;
-  for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
-  return s;
-}
-
 // Count, mean and M2 (sum of squared deviations) of a set, merged with Chan's formula.
 struct Moments {
   double count = 0, mean = 0, m2 = 0;

@@ -68,14 +68,6 @@ inline int64_t float_to_key(float f) {
 
 inline Vec ones_where(const Vec& mask) { return mask & Vec(1.0f); }
 
-float lane_sum(const Vec& v) {
-  alignas(64) float lanes[kLanes];
-  v.store(lanes);
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += lanes[i];
-  return s;
-}
-
 float lane_max(const Vec& v) {
   alignas(64) float lanes[kLanes];
   v.store(lanes);
