@@ -30,6 +30,7 @@ if os.environ.get("GENFAST_NO_BUILD", "0") != "1":
                 f"genfast._cpu_{cap.lower()}",
                 [str(p.relative_to(ROOT)) for p in build.sources(ROOT / "csrc")],
                 extra_compile_args=build.compile_flags(cap),
+                extra_link_args=build.LINK_FLAGS,
                 py_limited_api=False,
             )
         )

@@ -51,11 +51,16 @@ def cpu_capability() -> str:
 def compile_flags(cap: str) -> list[str]:
     # -ffp-contract=off: fused multiply-adds only where the code asks for them,
     # so the same expression rounds the same way in every kernel.
+    # -fopenmp: at::parallel_for is an OpenMP pragma in a header; compiled
+    # without it, every kernel silently runs on one thread.
     macro = cap.upper()
-    flags = ["-O3", "-std=c++17", f"-DCPU_CAPABILITY={macro}", "-fno-math-errno", "-ffp-contract=off"]
+    flags = ["-O3", "-std=c++17", f"-DCPU_CAPABILITY={macro}", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
     if cap != "default":
         flags.append(f"-DCPU_CAPABILITY_{macro}")
     return flags + _ISA_FLAGS[cap]
+
+
+LINK_FLAGS = ["-fopenmp"]
 
 
 def csrc_dir() -> Path:
@@ -101,6 +106,7 @@ def build(verbose: bool = False) -> Path:
         name=f"genfast_cpu_{cap}",
         sources=[str(p) for p in sources(root)],
         extra_cflags=compile_flags(cap),
+        extra_ldflags=LINK_FLAGS,
         extra_include_paths=[str(root)],
         build_directory=str(build_dir),
         is_python_module=False,
