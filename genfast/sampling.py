@@ -34,7 +34,7 @@ from typing import Union
 import torch
 
 from . import _ops
-from .reference.sampling import EMPTY_ROW, NAN_ROW, PARAM_NAMES
+from .reference.sampling import NAN_ROW, PARAM_NAMES
 from .rng import check_offset, normalize_seed
 
 Param = Union[float, int, torch.Tensor]

@@ -375,8 +375,20 @@ def _cblock(cg):
 
 
 def group_norm_act(x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift, residual):
+    return _group_norm_act_into(x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift,
+                                residual, torch.empty_like(x))
+
+
+def group_norm_act_out(x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift, residual,
+                       out):
+    """group_norm_act into out (x's shape, strides and dtype); returns (mean, rstd)."""
+    return _group_norm_act_into(x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift,
+                                residual, out)[1:]
+
+
+def _group_norm_act_into(x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift, residual,
+                         out):
     n, c, s, cl = _layout(x)
-    out = torch.empty_like(x)
     mean = x.new_empty((n, num_groups), dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if n * c == 0:

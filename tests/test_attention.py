@@ -283,7 +283,6 @@ def test_strided_cache_is_written_in_place(backend):
     in place, never copied."""
     full = torch.full((2, 3, 40, 2, 64), math.nan).to(backend)
     kc, vc = full[1], full[0]
-    lens = torch.tensor([5, 11])
     kc[0, :5], kc[1, :11] = torch.randn(5, 2, 64).to(backend), torch.randn(11, 2, 64).to(backend)
     vc[0, :5], vc[1, :11] = torch.randn(5, 2, 64).to(backend), torch.randn(11, 2, 64).to(backend)
     q = torch.randn(3, 1, 4, 64).to(backend)

@@ -216,6 +216,32 @@ def test_residual_keeps_x_layout(backend):
     torch.testing.assert_close(out, torch_block(x, 2, residual=res), rtol=1e-5, atol=1e-5)
 
 
+def test_out_writes_into_the_buffer_and_in_place(backend):
+    """out= (inference): bit-for-bit the fresh output, written into the caller's buffer, also over x itself."""
+    for channels_last in (False, True):
+        t = make_inputs((2, 64, 13, 11), torch.float32, backend, channels_last, ("affine", "add", "residual"))
+        t = {k: v.detach() for k, v in t.items()}
+        want = group_norm_act(num_groups=32, **t)
+        out = torch.full_like(want, float("nan"))
+        assert group_norm_act(num_groups=32, out=out, **t) is out
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        x = t.pop("x").clone()
+        assert group_norm_act(x, 32, out=x, **t) is x
+        torch.testing.assert_close(x, want, rtol=0, atol=0)
+
+
+def test_out_refuses_autograd_and_other_buffers():
+    x = torch.randn(2, 8, 5, 3)
+    with pytest.raises(ValueError, match="out"):
+        group_norm_act(x, 4, out=torch.empty(2, 8, 5, 4))
+    with pytest.raises(ValueError, match="out must be laid out like x"):
+        group_norm_act(x, 4, out=torch.empty_like(x, memory_format=torch.channels_last))
+    with pytest.raises((ValueError, TypeError), match="out"):
+        group_norm_act(x, 4, out=torch.empty_like(x, dtype=torch.float16))
+    with pytest.raises(ValueError, match="autograd"):
+        group_norm_act(x.clone().requires_grad_(), 4, out=torch.empty_like(x))
+
+
 def test_empty_batch(backend):
     x = torch.randn(0, 8, 4, 4, device=backend, requires_grad=True)
     out = group_norm_act(x, 2)
@@ -277,6 +303,8 @@ def test_opcheck():
     g = torch.randn_like(out)
     cases.append((ops.group_norm_act_backward.default,
                   (g, x.detach(), 4, w.detach(), b.detach(), mean, rstd, "silu", 0.01, add.detach(), ss.detach())))
+    cases.append((ops.group_norm_act_out.default, (x.detach(), 4, w.detach(), b.detach(), 1e-5, "silu", 0.01,
+                                                   add.detach(), ss.detach(), res.detach(), torch.empty_like(out))))
     for op, args in cases:
         torch.library.opcheck(op, args)
 

@@ -409,19 +409,24 @@ void nhwc_forward(const Problem& p, const T* x, const T* res, T* out, float* mea
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor> group_norm_act(const Tensor& x, int64_t num_groups, const OptTensor& weight,
-                                                  const OptTensor& bias, double eps, c10::string_view activation,
-                                                  double negative_slope, const OptTensor& add,
-                                                  const OptTensor& scale_shift, const OptTensor& residual) {
+// Writes into out (x's shape, dtype and layout). A caller that reuses out skips
+// the fresh pages of a new tensor: at the VAE shape (128 MB) their page faults
+// cost this machine about as much as the kernel itself.
+std::tuple<Tensor, Tensor> group_norm_act_into(const Tensor& x, int64_t num_groups, const OptTensor& weight,
+                                               const OptTensor& bias, double eps, c10::string_view activation,
+                                               double negative_slope, const OptTensor& add,
+                                               const OptTensor& scale_shift, const OptTensor& residual,
+                                               const Tensor& out) {
   const Problem p = make_problem(x, num_groups, weight, bias, add, scale_shift, eps, negative_slope, activation);
-  Tensor out = at::empty_like(x);
+  TORCH_CHECK(out.sizes() == x.sizes() && out.strides() == x.strides() && out.scalar_type() == x.scalar_type(),
+              "group_norm_act: out must have x's shape, strides and dtype");
   Tensor mean = at::empty({p.N, p.G}, x.options().dtype(at::kFloat));
   Tensor rstd = at::empty({p.N, p.G}, x.options().dtype(at::kFloat));
-  if (p.N * p.C == 0) return {out, mean, rstd};
+  if (p.N * p.C == 0) return {mean, rstd};
   if (p.S == 0) {
     mean.fill_(std::numeric_limits<float>::quiet_NaN());
     rstd.fill_(std::numeric_limits<float>::quiet_NaN());
-    return {out, mean, rstd};
+    return {mean, rstd};
   }
   TORCH_CHECK(p.S < (int64_t(1) << 31) && p.C < (int64_t(1) << 31), "group_norm_act: spatial size too large");
   Coefs k(p.N * p.C);
@@ -439,7 +444,25 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_act(const Tensor& x, int64_t num_g
       }
     });
   });
+  return {mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_act(const Tensor& x, int64_t num_groups, const OptTensor& weight,
+                                                  const OptTensor& bias, double eps, c10::string_view activation,
+                                                  double negative_slope, const OptTensor& add,
+                                                  const OptTensor& scale_shift, const OptTensor& residual) {
+  Tensor out = at::empty_like(x);
+  auto [mean, rstd] = group_norm_act_into(x, num_groups, weight, bias, eps, activation, negative_slope, add,
+                                          scale_shift, residual, out);
   return {out, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor> group_norm_act_out(const Tensor& x, int64_t num_groups, const OptTensor& weight,
+                                              const OptTensor& bias, double eps, c10::string_view activation,
+                                              double negative_slope, const OptTensor& add,
+                                              const OptTensor& scale_shift, const OptTensor& residual, Tensor out) {
+  return group_norm_act_into(x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift,
+                             residual, out);
 }
 
 // ---- backward ---------------------------------------------------------------
@@ -455,9 +478,10 @@ struct Sums {
 };
 
 // Sums of dy, dy * (h - mean) and (h - mean) over len contiguous elements of one channel.
+// With keep, dy is also stored there (fp32, len elements) for the apply pass.
 template <typename T, Act A>
 inline void channel_sums(const T* x, const T* gout, int64_t len, float a, float d, float b, float slope, double& s1,
-                         double& s2, double& s3) {
+                         double& s2, double& s3, float* keep = nullptr) {
   const Vec va(a), vd(d), vb(b), vs(slope);
   for (int64_t i0 = 0; i0 < len; i0 += kChunk) {  // fp32 per chunk, double across chunks
     const int n = static_cast<int>(std::min(kChunk, len - i0));
@@ -468,6 +492,7 @@ inline void channel_sums(const T* x, const T* gout, int64_t len, float a, float 
       a1 = a1 + dy;  // dy's tail lanes are 0: gout loads 0 there
       a2 = at::vec::fmadd(dy, xc, a2);
       a3 = a3 + xc;
+      if (keep) dy.store(keep + i0 + j, m);
     });
     s1 += lane_sum(a1);
     s2 += lane_sum(a2);
@@ -527,6 +552,22 @@ void nchw_grad_apply(const Problem& p, const Coefs& k, const BackCoefs& bc, cons
   });
 }
 
+// grad_h of one (n, c) row from the dy kept by channel_sums: no activation derivative to evaluate again.
+template <typename T>
+void nchw_grad_apply_kept(const Problem& p, const Coefs& k, const BackCoefs& bc, const T* x, const float* dy, T* gx,
+                          int64_t nc) {
+  const Vec d(k.d[nc]), P(bc.p[nc]), Q(bc.q[nc]), R(bc.r[nc]);
+  const int64_t off = nc * p.S;
+  vec_steps(static_cast<int>(p.S), [&](int j, int m) {
+    const Vec xc = load_float(x + off + j, m) + d;
+    store_float(gx + off + j, at::vec::fmadd(Vec::loadu(dy + j, m), P, at::vec::fmadd(xc, Q, R)), m);
+  });
+}
+
+// Largest group (elements) whose fp32 dy is kept between the passes: with x and
+// grad_out it stays within a core's L2 (2 MB here).
+constexpr int64_t kKeepDy = 128 * 1024;
+
 struct GradOut {
   float *wpart, *bpart, *add, *ss;
 };
@@ -537,20 +578,32 @@ void nchw_backward(const Problem& p, const Coefs& k, const float* rstd, const T*
   const int64_t groups = p.N * p.G, threads = at::get_num_threads();
   Sums s(p.N * p.C);
   BackCoefs bc(p.N * p.C);
-  auto sums_of = [&](int64_t nc, int64_t begin, int64_t end, double& s1, double& s2, double& s3) {
+  auto sums_of = [&](int64_t nc, int64_t begin, int64_t end, double& s1, double& s2, double& s3,
+                     float* keep = nullptr) {
     channel_sums<T, A>(x + nc * p.S + begin, gout + nc * p.S + begin, end - begin, k.a[nc], k.d[nc], k.b[nc],
-                       p.slope, s1, s2, s3);
+                       p.slope, s1, s2, s3, keep);
   };
   auto finish = [&](int64_t n, int64_t g) {
     finish_group_backward(p, n, g, s, rstd, bc, go.wpart, go.bpart, go.add, go.ss);
   };
   if (groups >= 2 * threads) {  // a group's two passes in one task: the second reads L2
+    // A small group keeps dy (fp32) from the sums pass: the apply pass then
+    // reads x and dy from L2 and skips the activation derivative's exp and divide.
+    const bool keep = p.Cg * p.S <= kKeepDy;
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> dy(keep ? p.Cg * p.S : 0);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / p.G, g = ng % p.G, c0 = n * p.C + g * p.Cg;
-        for (int64_t nc = c0; nc < c0 + p.Cg; ++nc) sums_of(nc, 0, p.S, s.s1[nc], s.s2[nc], s.s3[nc]);
+        for (int64_t nc = c0; nc < c0 + p.Cg; ++nc)
+          sums_of(nc, 0, p.S, s.s1[nc], s.s2[nc], s.s3[nc], keep ? dy.data() + (nc - c0) * p.S : nullptr);
         finish(n, g);
-        for (int64_t nc = c0; nc < c0 + p.Cg; ++nc) nchw_grad_apply<T, A>(p, k, bc, x, gout, gx, nc, 0, p.S);
+        for (int64_t nc = c0; nc < c0 + p.Cg; ++nc) {
+          if (keep) {
+            nchw_grad_apply_kept<T>(p, k, bc, x, dy.data() + (nc - c0) * p.S, gx, nc);
+          } else {
+            nchw_grad_apply<T, A>(p, k, bc, x, gout, gx, nc, 0, p.S);
+          }
+        }
       }
     });
     return;
@@ -775,6 +828,9 @@ Tensor channel_affine_act(const Tensor& x, const Tensor& scale, const Tensor& sh
 
 TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) {
   m.def("group_norm_act", &group_norm_act);
+  m.def("group_norm_act_out(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, str activation, "
+        "float negative_slope, Tensor? add, Tensor? scale_shift, Tensor? residual, Tensor(a!) out) -> (Tensor, Tensor)",
+        &group_norm_act_out);
   m.def("group_norm_act_backward", &group_norm_act_backward);
   m.def("channel_affine_act", &channel_affine_act);
 }

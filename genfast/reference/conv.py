@@ -111,6 +111,15 @@ def group_norm_act(x, num_groups, weight, bias, eps, activation, negative_slope,
     return _like_x(out, x), mean, rstd
 
 
+def group_norm_act_out(x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift, residual,
+                       out):
+    """group_norm_act written into out; returns (mean, rstd)."""
+    y, mean, rstd = group_norm_act(x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift,
+                                   residual)
+    out.copy_(y)
+    return mean, rstd
+
+
 def group_norm_act_backward(grad_out, x, num_groups, weight, bias, mean, rstd, activation, negative_slope, add,
                             scale_shift):
     """Gradients of group_norm_act's out (the residual's is grad_out itself).
