@@ -65,6 +65,11 @@ def bench(args) -> None:
     device = torch.device(args.device) if args.device else harness.default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("genfast bench: --device cuda, but torch sees no GPU")
+    if args.e2e:  # whole sampling loops (benchmarks/e2e/), each printing its own table
+        import e2e
+
+        e2e.run(quick=True, device=device, names=args.ops or e2e.PIPELINES)
+        return
     try:
         cases = harness.collect(args.quick, device, args.ops)
     except ValueError as e:
@@ -87,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=build)
     p = sub.add_parser("bench", help="benchmark genfast against eager PyTorch and torch.compile")
     p.add_argument("--quick", action="store_true", help="the small sizes in fp32 only")
+    p.add_argument("--e2e", action="store_true",
+                   help="whole sampling loops at quick sizes instead (--ops: decode diffusion vae gan)")
     p.add_argument("--ops", nargs="+", metavar="NAME", help="ops or families to run (default: all)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")

@@ -537,7 +537,9 @@ void append_rows(const Tensor& cache, const Tensor& x, const KvRows& rows, const
   const int B = x.size(0), S = x.size(1), HK = x.size(2), D = x.size(3);
   const TQ* src = x.data_ptr<TQ>();
   TC* dst = static_cast<TC*>(cache.data_ptr());
-  at::parallel_for(0, (int64_t)B * S, 1, [&](int64_t begin, int64_t end) {
+  // A decode step appends a few KB: waking threads costs more than the copy.
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>((int64_t)HK * D, 1));
+  at::parallel_for(0, (int64_t)B * S, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int b = (int)(t / S), i = (int)(t % S);
       const int64_t pos = (seqlens ? seqlens[b] : 0) + offset + i;

@@ -1,0 +1,305 @@
+"""End to end, autoregressive: a Llama-style decoder, prefill then N greedy tokens.
+
+The model is genfast's own minimal Llama (RMSNorm, RoPE, grouped-query
+attention, SwiGLU), random weights from a seed; nothing is downloaded. Every
+loop runs the same weights and differs only in how it attends and samples:
+
+- genfast: ``genfast.KVCache`` (update → attend → advance, each layer's K/V
+  written in place at the row's length) and ``genfast.sample_tokens``;
+- eager: gpt-fast's way, a preallocated (batch, kv_heads, max_seq, head_dim)
+  cache written with ``index_copy_``, K/V heads repeated to the query heads,
+  SDPA with a boolean mask row per position, argmax;
+- torch.compile: that eager decode step compiled (its compile time reported).
+
+At temperature 0 the loops must produce the same tokens (asserted). The same
+loops are also timed at temperature 0.8, top-p 0.9, the eager one sampling as
+HF transformers' warpers do (sort, cumsum, multinomial).
+
+    python benchmarks/e2e/decode.py [--full] [--device cpu|cuda] [--no-compile] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import genfast
+
+try:
+    from . import common
+except ImportError:  # run as a script
+    import common
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab: int = 32000
+    dim: int = 512
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    ffn_dim: int = 1408
+    max_seq: int = 256
+    rope_base: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+QUICK = Config()
+# TinyLlama-1.1B's shapes (22 layers, 2048 wide, 32/4 heads): for a GPU.
+FULL = Config(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, max_seq=1024)
+TINY = Config(vocab=512, dim=128, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=256, max_seq=64)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope(x, cos, sin):
+    """Rotate (batch, seq, heads, head_dim) pairs (first half, second half) by the positions' angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.c = c
+        self.attn_norm, self.ffn_norm = RMSNorm(c.dim), RMSNorm(c.dim)
+        self.wqkv = nn.Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=False)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        self.w13 = nn.Linear(c.dim, 2 * c.ffn_dim, bias=False)
+        self.w2 = nn.Linear(c.ffn_dim, c.dim, bias=False)
+
+    def forward(self, x, cos, sin, attend, layer):
+        c = self.c
+        b, s, _ = x.shape
+        q, k, v = self.wqkv(self.attn_norm(x)).split(
+            [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim], dim=-1)
+        q = rope(q.view(b, s, c.n_heads, c.head_dim), cos, sin)
+        k = rope(k.view(b, s, c.n_kv_heads, c.head_dim), cos, sin)
+        v = v.view(b, s, c.n_kv_heads, c.head_dim)
+        x = x + self.wo(attend(layer, q, k, v).reshape(b, s, -1))
+        gate, up = self.w13(self.ffn_norm(x)).chunk(2, dim=-1)
+        return x + self.w2(F.silu(gate) * up)
+
+
+class Llama(nn.Module):
+    """A minimal Llama: ``forward(tokens, positions, attend)`` where ``attend(layer, q, k, v)``
+    takes (batch, seq, heads, head_dim) tensors, stores k/v and returns the attention output."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.c = c
+        self.embed = nn.Embedding(c.vocab, c.dim)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.dim)
+        self.out = nn.Linear(c.dim, c.vocab, bias=False)
+        inv_freq = 1.0 / c.rope_base ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim)
+        angles = torch.outer(torch.arange(c.max_seq).float(), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, tokens, positions, attend):
+        # (seq, head_dim/2) → broadcast over batch and heads
+        cos, sin = self.cos[positions][None, :, None, :], self.sin[positions][None, :, None, :]
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attend, i)
+        return self.out(self.norm(x))
+
+
+def build_model(c: Config, device, dtype=torch.float32, seed: int = 0) -> Llama:
+    torch.manual_seed(seed)
+    model = Llama(c)
+    # Unit-variance activations (std 1/sqrt(fan_in)) so greedy logits are far apart:
+    # with HF's std 0.02 the top-2 logits of random weights tie within rounding.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# ---- genfast ------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_genfast(model: Llama, prompt: torch.Tensor, n_new: int, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """Tokens (batch, n_new) with genfast's cache, attention and sampling (greedy at temperature 0)."""
+    c = model.c
+    batch, plen = prompt.shape
+    cache = genfast.KVCache(c.n_layers, batch, plen + n_new, c.n_kv_heads, c.head_dim,
+                            dtype=model.cos.dtype, device=prompt.device)
+
+    def attend(layer, q, k, v):
+        cache.update(layer, k, v)
+        return cache.attend(layer, q)
+
+    out = torch.empty((batch, n_new), dtype=torch.long, device=prompt.device)
+    logits = model(prompt, torch.arange(plen, device=prompt.device), attend)
+    cache.advance()
+
+    def sample(logits, step):
+        # check=False: the checks are host syncs, and the model's logits are finite. One seed
+        # for the loop, each step's rows at fresh stream positions.
+        return genfast.sample_tokens(logits[:, -1], temperature=temperature, top_p=top_p, seed=seed,
+                                     offset=step * batch, check=False)
+
+    tok = sample(logits, 0)
+    out[:, 0] = tok
+    positions = torch.arange(plen, plen + n_new, device=prompt.device)
+    for i in range(1, n_new):
+        logits = model(tok[:, None], positions[i - 1:i], attend)
+        cache.advance()
+        tok = sample(logits, i)
+        out[:, i] = tok
+    return out
+
+
+# ---- the gpt-fast-style baseline ---------------------------------------------
+
+class EagerCache:
+    """gpt-fast's KV cache: (batch, kv_heads, max_seq, head_dim) per layer, written with index_copy_."""
+
+    def __init__(self, c: Config, batch: int, max_seq: int, dtype, device):
+        shape = (batch, c.n_kv_heads, max_seq, c.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
+        self.causal = torch.ones(max_seq, max_seq, dtype=torch.bool, device=device).tril()
+        self.rep = c.n_heads // c.n_kv_heads
+        self.positions = None  # set by the step before the forward
+
+    def attend(self, layer, q, k, v):
+        pos = self.positions
+        kc, vc = self.k[layer], self.v[layer]
+        kc.index_copy_(2, pos, k.transpose(1, 2))
+        vc.index_copy_(2, pos, v.transpose(1, 2))
+        keys = kc.repeat_interleave(self.rep, dim=1)
+        values = vc.repeat_interleave(self.rep, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.causal[pos][None, None])
+        return out.transpose(1, 2)
+
+
+def sample_hf(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Sampling the way HF transformers' warpers do it: temperature, sort-based top-p, multinomial."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    sorted_logits, order = torch.sort(logits, descending=False)
+    drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+    drop[:, -1] = False  # the most likely token always stays
+    logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1)[:, 0]
+
+
+def eager_step(model: Llama, cache: EagerCache, tokens: torch.Tensor, positions: torch.Tensor,
+               temperature: float = 0.0, top_p: float = 1.0) -> torch.Tensor:
+    """One forward (prefill or decode) and sampling: gpt-fast's decode_one_token."""
+    cache.positions = positions
+    logits = model(tokens, positions, cache.attend)
+    return sample_hf(logits[:, -1], temperature, top_p)
+
+
+@torch.no_grad()
+def generate_eager(model: Llama, prompt: torch.Tensor, n_new: int, step=eager_step, temperature: float = 0.0,
+                   top_p: float = 1.0) -> torch.Tensor:
+    c = model.c
+    batch, plen = prompt.shape
+    cache = EagerCache(c, batch, plen + n_new, model.cos.dtype, prompt.device)
+    out = torch.empty((batch, n_new), dtype=torch.long, device=prompt.device)
+    tok = eager_step(model, cache, prompt, torch.arange(plen, device=prompt.device), temperature, top_p)
+    out[:, 0] = tok
+    positions = torch.arange(plen, plen + n_new, device=prompt.device)
+    for i in range(1, n_new):
+        tok = step(model, cache, tok[:, None], positions[i - 1:i], temperature, top_p)
+        out[:, i] = tok
+    return out
+
+
+# ---- the benchmark --------------------------------------------------------------
+
+def _bench_batch(model, prompt, n_new, compiled_step, device, reps) -> list[common.Row]:
+    case = f"batch {prompt.shape[0]}"
+    items = prompt.shape[0] * n_new
+    ref = generate_eager(model, prompt, n_new)
+    got = generate_genfast(model, prompt, n_new)
+    if not torch.equal(got, ref):
+        bad = (got != ref).nonzero()[0].tolist()
+        raise AssertionError(f"decode {case}: genfast's greedy tokens differ from eager's first at "
+                             f"(row, step) = {bad}")
+    fns = {"genfast": lambda: generate_genfast(model, prompt, n_new),
+           "eager (gpt-fast)": lambda: generate_eager(model, prompt, n_new)}
+    # time to the first sampled decode token in a warm process (genfast has nothing to compile)
+    firsts = {"genfast": common.time_once(lambda: generate_genfast(model, prompt, 2), device)}
+    note = ""
+    if compiled_step is not None:
+        torch._dynamo.reset()
+        # compilation included: the prefill runs eager, the first decode step compiles
+        firsts["torch.compile step"] = (
+            common.time_once(lambda: generate_eager(model, prompt, 1, compiled_step), device)
+            + common.time_once(lambda: generate_eager(model, prompt, 2, compiled_step), device))
+        note = "" if torch.equal(generate_eager(model, prompt, n_new, compiled_step), ref) else "tokens differ"
+        fns["torch.compile step"] = lambda: generate_eager(model, prompt, n_new, compiled_step)
+    t = common.time_many(fns, device, reps)
+    rows = [common.Row("decode", case, name, items, "tok/s", t[name], first_s=firsts.get(name),
+                       note=note if name == "torch.compile step" else "") for name in fns]
+    # temperature 0.8, top-p 0.9: random tokens, so timed only; shows what sort-based top-p costs
+    t = common.time_many({"genfast": lambda: generate_genfast(model, prompt, n_new, 0.8, 0.9),
+                          "eager (HF top-p)": lambda: generate_eager(model, prompt, n_new, eager_step, 0.8, 0.9)},
+                         device, reps)
+    return rows + [common.Row("decode", f"{case} p.9", name, items, "tok/s", t[name]) for name in t]
+
+
+def bench(quick: bool = True, device=None, compile: bool = True, batches=(1, 8), prompt_len: int = 32,
+          n_new: int = 32, reps: int = 3) -> list[common.Row]:
+    device = torch.device(device) if device is not None else common.default_device()
+    c = QUICK if quick or device.type == "cpu" else FULL
+    if not quick:
+        n_new, prompt_len = 128, 128
+    model = build_model(c, device)
+    rows = []
+    compiled_step = None
+    if compile:
+        # Time to first token as a fresh install sees it: inductor's on-disk caches would
+        # otherwise turn a second run's compile into a cache load.
+        import warnings
+
+        import torch._inductor.config as inductor_config
+
+        warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")  # the point, not news
+        inductor_config.force_disable_caches = True
+        compiled_step = torch.compile(eager_step)
+    for batch in batches:
+        prompt = torch.randint(0, c.vocab, (batch, prompt_len), device=device,
+                               generator=torch.Generator(device).manual_seed(batch))
+        rows += _bench_batch(model, prompt, n_new, compiled_step, device, reps)
+    title = (f"decode: Llama-style {c.n_layers} layers, dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads, "
+             f"vocab {c.vocab}, fp32, random weights; prompt {prompt_len}, {n_new} new tokens, greedy; {device}")
+    common.print_rows(rows, title)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--full", action="store_true", help="TinyLlama-1.1B shapes, 128+128 tokens (GPU)")
+    common.add_common_args(p)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    a = p.parse_args(argv)
+    common.apply_common_args(a)
+    bench(quick=not a.full, device=a.device, compile=not a.no_compile)
+
+
+if __name__ == "__main__":
+    main()

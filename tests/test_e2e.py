@@ -1,0 +1,58 @@
+"""The end-to-end pipelines (benchmarks/e2e/) at tiny sizes: genfast's loop gives
+the baseline's tokens, latents and images. Speed is measured by the benchmarks."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import genfast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from e2e import decode, diffusion, gan, vae
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a CPU shared with other jobs each op's
+    fork/join can wait a whole scheduler slice (seconds per test instead of milliseconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_greedy_tokens_match_gpt_fast_loop(batch):
+    model = decode.build_model(decode.TINY, DEVICE, seed=batch)
+    prompt = torch.randint(0, decode.TINY.vocab, (batch, 7), device=DEVICE)
+    ref = decode.generate_eager(model, prompt, 9)
+    got = decode.generate_genfast(model, prompt, 9)
+    assert torch.equal(got, ref)
+
+
+def test_diffusion_latents_match_diffusers_loop():
+    pytest.importorskip("diffusers")
+    unet, patched, sched = diffusion.build(diffusion.TINY, DEVICE)
+    latents, text = diffusion.inputs(diffusion.TINY, 2, DEVICE, text_len=5)
+    twin = genfast.schedulers.from_diffusers(sched)
+    twin.set_timesteps(4)
+    assert twin.fused  # else the genfast loop would run diffusers' own step
+    ref = diffusion.sample_eager(unet, sched, latents, text, steps=4)
+    got = diffusion.sample_genfast(patched, sched, latents, text, steps=4)
+    diffusion.check_close(got, ref, "diffusion")
+
+
+def test_vae_images_match_eager():
+    pytest.importorskip("diffusers")
+    model, patched = vae.build(vae.TINY, DEVICE)
+    images = torch.rand(2, 3, 16, 16, device=DEVICE) * 2 - 1
+    vae.check_close(vae.roundtrip_genfast(patched, images), vae.roundtrip_eager(model, images), "vae")
+
+
+def test_gan_samples_match_eager():
+    gen, patched = gan.build(DEVICE, nz=100, ngf=8)
+    z = torch.randn(3, 100, 1, 1, device=DEVICE)
+    gan.check_close(gan.sample(patched, z), gan.sample(gen, z), "gan")
