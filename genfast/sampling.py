@@ -202,7 +202,9 @@ def sample_tokens(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Para
                         ("frequency_penalty", frequency_penalty)):
         values[name] = _check_param(fn, name, value, batch, device, check)
     prev_tokens = _check_prev_tokens(fn, prev_tokens, logits, check)
-    seed, seed_tensor = normalize_seed(fn, seed, device)
+    greedy = not isinstance(values["temperature"], torch.Tensor) and values["temperature"] == 0
+    # Greedy decoding draws nothing: don't take a seed from (and advance) torch's generator.
+    seed, seed_tensor = normalize_seed(fn, 0 if greedy and seed is None else seed, device)
     offset = check_offset(fn, offset, batch)
 
     params = None
