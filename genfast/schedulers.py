@@ -43,6 +43,7 @@ access, which imports it.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -115,9 +116,16 @@ class _Fused:
         return None
 
     def _gf_check(self, model_output, sample, name="model_output"):
-        fn = f"{type(self).__name__}.step"
+        # runs every step: the message prefix is formed only on the way to an error
         if self._gf_needs_schedule and getattr(self, "num_inference_steps", None) is None:
-            raise ValueError(f"{fn}: call set_timesteps before step")
+            raise ValueError(f"{type(self).__name__}.step: call set_timesteps before step")
+        if not (isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor)):
+            self._gf_bad_input(model_output, sample, name)
+        if model_output.shape != sample.shape or model_output.device != sample.device:
+            self._gf_bad_input(model_output, sample, name)
+
+    def _gf_bad_input(self, model_output, sample, name):
+        fn = f"{type(self).__name__}.step"
         for arg, t in ((name, model_output), ("sample", sample)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(t).__name__}")
@@ -188,7 +196,8 @@ class _Fused:
         if out_dtype != sample.dtype:  # diffusers computes in fp32 and returns the model's dtype
             sample = sample.to(out_dtype)
         scale, rescale = guidance if guidance is not None else (1.0, 0.0)
-        result = D.sampler_step(sample, model_output, table, self._gf_step_arg(row, sample.device),
+        # the twin built the table and owns the row: only the per-step tensors are checked
+        result = D._step_rows(sample, model_output, table, self._gf_step_arg(row, sample.device),
                                 guidance_scale=scale, guidance_rescale=rescale, stochastic=stochastic,
                                 noise=noise, seed=self.noise_seed, history=history, history2=history2, clip=clip,
                                 return_x0=return_x0)
@@ -205,14 +214,15 @@ class _Fused:
         """``step()`` on ``uncond + guidance_scale (cond - uncond)`` (rescaled as diffusers'
         ``rescale_noise_cfg`` when guidance_rescale > 0), guidance fused into the step.
         ``kwargs`` are ``step()``'s (generator, return_dict, eta, ...)."""
-        fn = f"{type(self).__name__}.step_with_guidance"
-        for arg, t in (("noise_uncond", noise_uncond), ("noise_cond", noise_cond)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-        if noise_cond.shape != noise_uncond.shape:
-            raise ValueError(f"{fn}: noise_cond must have the shape of noise_uncond {tuple(noise_uncond.shape)}, "
-                             f"got {tuple(noise_cond.shape)}")
-        if not 0.0 <= guidance_rescale <= 1.0:
+        if not (isinstance(noise_uncond, torch.Tensor) and isinstance(noise_cond, torch.Tensor)
+                and noise_cond.shape == noise_uncond.shape and 0.0 <= guidance_rescale <= 1.0):
+            fn = f"{type(self).__name__}.step_with_guidance"
+            for arg, t in (("noise_uncond", noise_uncond), ("noise_cond", noise_cond)):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+            if noise_cond.shape != noise_uncond.shape:
+                raise ValueError(f"{fn}: noise_cond must have the shape of noise_uncond "
+                                 f"{tuple(noise_uncond.shape)}, got {tuple(noise_cond.shape)}")
             raise ValueError(f"{fn}: guidance_rescale must be in [0, 1], got {guidance_rescale}")
         guided = _Guided(noise_uncond, noise_cond, guidance_scale, guidance_rescale)
         if not self.fused:  # the pipeline's ops, then diffusers' step
@@ -247,6 +257,18 @@ def _materialize(model_output):
         factor = c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
         guided = model_output.rescale * guided * factor + (1 - model_output.rescale) * guided
     return guided
+
+
+def _output(cls, **fields):
+    """``cls(**fields)`` for a diffusers ``BaseOutput``, built directly: its ``__post_init__``
+    walks ``dataclasses.fields`` on every call (~2 us, a tenth of a small fused step).
+    The result is the same: each field an attribute, the non-None ones also dict items."""
+    out = cls.__new__(cls)
+    for name, value in fields.items():
+        if value is not None:
+            OrderedDict.__setitem__(out, name, value)
+        object.__setattr__(out, name, value)
+    return out
 
 
 def _host(t) -> torch.Tensor:
@@ -294,7 +316,7 @@ def _euler_class():
             self._step_index += 1
             if not return_dict:
                 return prev, x0
-            return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+            return _output(EulerDiscreteSchedulerOutput, prev_sample=prev, pred_original_sample=x0)
 
     return EulerDiscreteScheduler
 
@@ -327,7 +349,7 @@ def _euler_ancestral_class():
             self._step_index += 1
             if not return_dict:
                 return prev, x0
-            return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+            return _output(EulerAncestralDiscreteSchedulerOutput, prev_sample=prev, pred_original_sample=x0)
 
     return EulerAncestralDiscreteScheduler
 
@@ -386,7 +408,7 @@ def _ddim_class():
             self._gf_counter = row + 1
             if not return_dict:
                 return prev, x0
-            return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+            return _output(DDIMSchedulerOutput, prev_sample=prev, pred_original_sample=x0)
 
     return DDIMScheduler
 
@@ -443,7 +465,7 @@ def _ddpm_class():
             self._gf_counter = row + 1
             if not return_dict:
                 return prev, x0
-            return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+            return _output(DDPMSchedulerOutput, prev_sample=prev, pred_original_sample=x0)
 
     return DDPMScheduler
 
@@ -501,7 +523,7 @@ def _lcm_class():
             self._step_index += 1
             if not return_dict:
                 return prev, denoised
-            return LCMSchedulerOutput(prev_sample=prev, denoised=denoised)
+            return _output(LCMSchedulerOutput, prev_sample=prev, denoised=denoised)
 
     return LCMScheduler
 
@@ -555,7 +577,7 @@ def _heun_class():
             self._step_index += 1
             if not return_dict:
                 return prev, x0
-            return HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+            return _output(HeunDiscreteSchedulerOutput, prev_sample=prev, pred_original_sample=x0)
 
     return HeunDiscreteScheduler
 
@@ -645,7 +667,7 @@ def _dpm_class():
             self._step_index += 1
             if not return_dict:
                 return (prev,)
-            return SchedulerOutput(prev_sample=prev)
+            return _output(SchedulerOutput, prev_sample=prev)
 
     return DPMSolverMultistepScheduler
 
@@ -725,7 +747,7 @@ def _unipc_class():
             self._step_index += 1
             if not return_dict:
                 return (prev,)
-            return SchedulerOutput(prev_sample=prev)
+            return _output(SchedulerOutput, prev_sample=prev)
 
     return UniPCMultistepScheduler
 
@@ -767,7 +789,7 @@ def _flow_match_class():
             self._step_index += 1
             if not return_dict:
                 return (prev,)
-            return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
+            return _output(FlowMatchEulerDiscreteSchedulerOutput, prev_sample=prev)
 
     return FlowMatchEulerDiscreteScheduler
 

@@ -158,6 +158,55 @@ def test_device_row_equals_int_row_and_moves_the_noise(backend):
     torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["plain", "guided-history", "drawn-noise", "device-row-and-seed", "two-histories",
+                                  "channels-last", "rescale", "given-noise", "strided-cond"])
+def test_step_rows_equals_sampler_step(backend, case, monkeypatch):
+    """The schedulers' per-step path (direct call when the tensors are plain) gives
+    sampler_step's results bit for bit, and falls back to it otherwise."""
+    gen = torch.Generator().manual_seed(6)
+    x, u, c = (torch.randn(2, 3, 5, 7, generator=gen).to(backend) for _ in range(3))
+    rows = torch.stack([random_row(gen) for _ in range(3)]).to(backend)
+    kw = {"guidance_scale": 3.0}
+    step, model_output = 1, (u, c)
+    histories = {}
+    if case == "plain":
+        model_output, kw = u, {}
+    elif case in ("guided-history", "two-histories"):
+        histories["history"] = torch.randn(x.shape, generator=gen).to(backend)
+        if case == "two-histories":
+            histories["history2"] = torch.randn(x.shape, generator=gen).to(backend)
+    elif case == "drawn-noise":
+        kw.update(stochastic=True, seed=12)
+    elif case == "device-row-and-seed":
+        step = torch.tensor(2, device=backend)
+        kw.update(stochastic=True, seed=torch.tensor(13, device=backend))
+    elif case == "channels-last":
+        x = x.to(memory_format=torch.channels_last)
+    elif case == "rescale":
+        kw.update(guidance_rescale=0.6)
+    elif case == "given-noise":
+        kw.update(stochastic=True, noise=torch.randn(x.shape, generator=gen).to(backend))
+    elif case == "strided-cond":
+        model_output = (u, torch.randn(2, 3, 5, 14, generator=gen).to(backend)[..., ::2])
+    h_ref = {k: v.clone() for k, v in histories.items()}
+    ref = D.sampler_step(x, model_output, rows, step, clip=1.5, return_x0=True, **h_ref, **kw)
+    fell_back = []
+    full = D.sampler_step
+    monkeypatch.setattr(D, "sampler_step", lambda *a, **k: fell_back.append(1) or full(*a, **k))
+    out = D._step_rows(x, model_output, rows, step, clip=1.5, return_x0=True, **histories, **kw)
+    assert bool(fell_back) == (case in ("channels-last", "rescale", "given-noise", "strided-cond"))
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b) and a.stride() == b.stride()
+    for k, h in histories.items():
+        assert torch.equal(h, h_ref[k])
+
+
+def test_step_rows_follows_the_forced_backend():
+    x = torch.randn(2, 3)
+    with genfast.use_backend("reference"):
+        assert D._direct_impl(x) is genfast._ops.implementation("sampler_step", "diffusion", "reference")
+
+
 def test_fp64_runs_the_reference_exactly():
     gen = torch.Generator().manual_seed(6)
     x, u, c = (torch.randn(2, 3, 4, generator=gen, dtype=torch.float64) for _ in range(3))

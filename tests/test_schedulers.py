@@ -7,6 +7,7 @@ draws it) and diffusers' run in the input precision (the yardstick).
 """
 import contextlib
 import copy
+import dataclasses
 import inspect
 import sys
 import types
@@ -252,6 +253,21 @@ def test_seeded_noise_without_generator_is_reproducible():
 
     a, b = run(), run()
     assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("cls", ["EulerDiscreteSchedulerOutput", "LCMSchedulerOutput"])
+@pytest.mark.parametrize("second_is_none", [False, True])
+def test_outputs_built_directly_equal_diffusers_construction(cls, second_is_none):
+    module = {"EulerDiscreteSchedulerOutput": "scheduling_euler_discrete", "LCMSchedulerOutput": "scheduling_lcm"}
+    out_cls = getattr(getattr(diffusers.schedulers, module[cls]), cls)
+    first, second = [f.name for f in dataclasses.fields(out_cls)]
+    a, b = torch.randn(3), None if second_is_none else torch.randn(3)
+    fast, slow = S._output(out_cls, **{first: a, second: b}), out_cls(**{first: a, second: b})
+    assert type(fast) is type(slow) and list(fast.keys()) == list(slow.keys()) and fast == slow
+    assert getattr(fast, first) is a and getattr(fast, second) is b and fast[0] is a and fast[first] is a
+    assert len(fast.to_tuple()) == len(slow.to_tuple()) and fast.to_tuple()[0] is a
+    prev, *_ = fast  # unpacks as a dict: its keys
+    assert prev == first
 
 
 def test_config_round_trip_and_from_diffusers():
