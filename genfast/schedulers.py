@@ -94,6 +94,11 @@ class _Fused:
     device_step_counter = False  # True: the row is a device tensor the step advances (CUDA-graph replay)
     _gf_needs_schedule = True  # False: diffusers steps over the training schedule without set_timesteps (DDPM)
 
+    @property
+    def _gf_clip(self) -> float:
+        """clip_sample's bound as the kernel takes it (0: no clipping)."""
+        return float(self.config.clip_sample_range) if self.config.clip_sample else 0.0
+
     def _gf_reset(self):
         self._gf_tables = {}
         self._gf_history = None
@@ -402,7 +407,7 @@ def _ddim_class():
                 noise = variance_noise
             elif stochastic and generator is not None:
                 noise = self._gf_noise(probe.shape, generator, probe.device, probe.dtype)
-            clip = float(self.config.clip_sample_range) if self.config.clip_sample else 0.0
+            clip = self._gf_clip
             prev, x0 = self._gf_run(mo, sample, table, row, guidance=guidance, stochastic=stochastic, noise=noise,
                                     clip=clip, return_x0=True)
             self._gf_counter = row + 1
@@ -459,7 +464,7 @@ def _ddpm_class():
             stochastic = noisy[row]
             noise = self._gf_noise(probe.shape, generator, probe.device, probe.dtype) \
                 if stochastic and generator is not None else None
-            clip = float(self.config.clip_sample_range) if self.config.clip_sample else 0.0
+            clip = self._gf_clip
             prev, x0 = self._gf_run(mo, sample, table, row, guidance=guidance, stochastic=stochastic, noise=noise,
                                     clip=clip, return_x0=True)
             self._gf_counter = row + 1
@@ -514,7 +519,7 @@ def _lcm_class():
             stochastic = not meta["last"][row]
             noise = self._gf_noise(probe.shape, generator, probe.device, probe.dtype) \
                 if stochastic and generator is not None else None
-            clip = float(self.config.clip_sample_range) if self.config.clip_sample else 0.0
+            clip = self._gf_clip
             prev, denoised = self._gf_run(mo, sample, table, row, guidance=guidance, stochastic=stochastic,
                                           noise=noise, clip=clip, return_x0=True)
             if clip > 0:  # the kernel returned the clamped x0
@@ -568,7 +573,7 @@ def _heun_class():
                 self._gf_history = torch.zeros_like(layout, dtype=probe.dtype)
                 if not first and self.sample is not None:  # taken over between diffusers' two stages
                     self._gf_history.copy_(self.sample + 0.5 * self.dt * self.prev_derivative)
-            clip = float(self.config.clip_sample_range) if self.config.clip_sample else 0.0
+            clip = self._gf_clip
             prev, x0 = self._gf_run(mo, sample, table, row, guidance=guidance, history=self._gf_history, clip=clip,
                                     return_x0=True)
             # diffusers' stage marker; the saved sample and derivative live in the history buffer
