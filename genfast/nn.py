@@ -119,6 +119,21 @@ class GroupNormAct(torch.nn.Module):
                 (f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""))
 
 
+def _from_running_norm(cls, norm, act, base: type, what: str):
+    """``cls`` (BatchNormAct or InstanceNormAct) with ``norm``'s configuration, parameters,
+    buffers and mode, and the activation ``act``."""
+    if not isinstance(norm, base):
+        raise TypeError(f"{cls.__name__}.from_module: norm must be an {what}, got {type(norm).__name__}")
+    name, slope = activation_of(act)
+    ref = norm.weight if norm.weight is not None else norm.running_mean
+    m = cls(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats,
+            activation=name, negative_slope=0.2 if slope is None else slope,
+            device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+    _copy_params(m, norm)
+    m.train(norm.training)
+    return m
+
+
 class BatchNormAct(_BatchNorm):
     """``act(nn.BatchNorm(x))`` (genfast.batch_norm_act): nn.BatchNorm's parameters,
     buffers, state_dict and running-statistics rules, for x of shape (N, C, *S).
@@ -137,16 +152,7 @@ class BatchNormAct(_BatchNorm):
 
     @classmethod
     def from_module(cls, norm: _BatchNorm, act=None) -> "BatchNormAct":
-        if not isinstance(norm, _BatchNorm):
-            raise TypeError(f"BatchNormAct.from_module: norm must be an nn.BatchNorm*d, got {type(norm).__name__}")
-        name, slope = activation_of(act)
-        ref = norm.weight if norm.weight is not None else norm.running_mean
-        m = cls(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats,
-                activation=name, negative_slope=0.2 if slope is None else slope,
-                device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
-        _copy_params(m, norm)
-        m.train(norm.training)
-        return m
+        return _from_running_norm(cls, norm, act, _BatchNorm, "nn.BatchNorm*d")
 
     def forward(self, x):
         self._check_input_dim(x)
@@ -189,17 +195,7 @@ class InstanceNormAct(_InstanceNorm):
 
     @classmethod
     def from_module(cls, norm: _InstanceNorm, act=None) -> "InstanceNormAct":
-        if not isinstance(norm, _InstanceNorm):
-            raise TypeError(f"InstanceNormAct.from_module: norm must be an nn.InstanceNorm*d, got "
-                            f"{type(norm).__name__}")
-        name, slope = activation_of(act)
-        ref = norm.weight if norm.weight is not None else norm.running_mean
-        m = cls(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats,
-                activation=name, negative_slope=0.2 if slope is None else slope,
-                device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
-        _copy_params(m, norm)
-        m.train(norm.training)
-        return m
+        return _from_running_norm(cls, norm, act, _InstanceNorm, "nn.InstanceNorm*d")
 
     def forward(self, x):
         self._check_input_dim(x)
