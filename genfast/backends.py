@@ -15,6 +15,8 @@ from typing import Iterator
 
 import torch
 
+from . import _build
+
 BACKENDS = ("triton", "cpp", "reference")
 _forced: str | None = None
 _triton_reason: str | None = None  # None: not probed yet
@@ -26,7 +28,7 @@ def triton_interpreted() -> bool:
 
 def _triton_status() -> tuple[bool, str]:
     global _triton_reason
-    if _triton_reason is None:
+    if _triton_reason is None:  # probed once: importing triton is slow
         try:
             import triton  # noqa: F401
         except Exception as e:  # ImportError, or a broken install
@@ -43,8 +45,6 @@ def _triton_status() -> tuple[bool, str]:
 
 
 def _cpp_status() -> tuple[bool, str]:
-    from . import _build
-
     return _build.status()
 
 
