@@ -139,6 +139,20 @@ def _fold(n, c, cmask, C, mean, rstd, w_ptr, b_ptr, add_ptr, ss_ptr,
 
 
 @triton.jit
+def _store_coefficients(n, g, C, Cg, mean, rstd, w_ptr, b_ptr, add_ptr, ss_ptr, a_ptr, d_ptr, bb_ptr,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """Group g of sample n: the folded per-channel coefficients a, d, b from its mean and rstd."""
+    for c0 in range(0, Cg, BLOCK):
+        c = g * Cg + c0 + tl.arange(0, BLOCK)
+        cm = c < (g + 1) * Cg
+        a, d, b, _, _ = _fold(n, c, cm, C, mean, rstd, w_ptr, b_ptr, add_ptr, ss_ptr, HAS_W, HAS_B, HAS_ADD, HAS_SS)
+        tl.store(a_ptr + n * C + c, a, mask=cm)
+        tl.store(d_ptr + n * C + c, d, mask=cm)
+        tl.store(bb_ptr + n * C + c, b, mask=cm)
+
+
+@triton.jit
 def _group_finalize_kernel(cmean_ptr, cm2_ptr, w_ptr, b_ptr, add_ptr, ss_ptr, mean_ptr, rstd_ptr, a_ptr, d_ptr,
                            bb_ptr, C, S, G, Cg, s_per_split, splits, eps,
                            HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr,
@@ -170,13 +184,8 @@ def _group_finalize_kernel(cmean_ptr, cm2_ptr, w_ptr, b_ptr, add_ptr, ss_ptr, me
     rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / count + eps)
     tl.store(mean_ptr + ng, mean)
     tl.store(rstd_ptr + ng, rstd)
-    for c0 in range(0, Cg, BLOCK):
-        c = g * Cg + c0 + tl.arange(0, BLOCK)
-        cm = c < (g + 1) * Cg
-        a, d, b, _, _ = _fold(n, c, cm, C, mean, rstd, w_ptr, b_ptr, add_ptr, ss_ptr, HAS_W, HAS_B, HAS_ADD, HAS_SS)
-        tl.store(a_ptr + n * C + c, a, mask=cm)
-        tl.store(d_ptr + n * C + c, d, mask=cm)
-        tl.store(bb_ptr + n * C + c, b, mask=cm)
+    _store_coefficients(n, g, C, Cg, mean, rstd, w_ptr, b_ptr, add_ptr, ss_ptr, a_ptr, d_ptr, bb_ptr,
+                        HAS_W, HAS_B, HAS_ADD, HAS_SS, BLOCK)
 
 
 @triton.jit
@@ -187,13 +196,8 @@ def _coef_kernel(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, ss_ptr, a_ptr, d_ptr
     ng = tl.program_id(0)
     n, g = ng // G, ng % G
     mean, rstd = tl.load(mean_ptr + ng), tl.load(rstd_ptr + ng)
-    for c0 in range(0, Cg, BLOCK):
-        c = g * Cg + c0 + tl.arange(0, BLOCK)
-        cm = c < (g + 1) * Cg
-        a, d, b, _, _ = _fold(n, c, cm, C, mean, rstd, w_ptr, b_ptr, add_ptr, ss_ptr, HAS_W, HAS_B, HAS_ADD, HAS_SS)
-        tl.store(a_ptr + n * C + c, a, mask=cm)
-        tl.store(d_ptr + n * C + c, d, mask=cm)
-        tl.store(bb_ptr + n * C + c, b, mask=cm)
+    _store_coefficients(n, g, C, Cg, mean, rstd, w_ptr, b_ptr, add_ptr, ss_ptr, a_ptr, d_ptr, bb_ptr,
+                        HAS_W, HAS_B, HAS_ADD, HAS_SS, BLOCK)
 
 
 @triton.jit
