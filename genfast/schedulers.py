@@ -94,6 +94,15 @@ class _Fused:
     device_step_counter = False  # True: the row is a device tensor the step advances (CUDA-graph replay)
     _gf_needs_schedule = True  # False: diffusers steps over the training schedule without set_timesteps (DDPM)
 
+    def _gf_x0_step(self, mo, sample, table, row, guidance, stochastic, noise, output_cls, return_dict):
+        """A step whose output is (prev_sample, pred_original_sample), clip_sample in the kernel (DDIM, DDPM)."""
+        prev, x0 = self._gf_run(mo, sample, table, row, guidance=guidance, stochastic=stochastic, noise=noise,
+                                clip=self._gf_clip, return_x0=True)
+        self._gf_counter = row + 1
+        if not return_dict:
+            return prev, x0
+        return _output(output_cls, prev_sample=prev, pred_original_sample=x0)
+
     @property
     def _gf_clip(self) -> float:
         """clip_sample's bound as the kernel takes it (0: no clipping)."""
@@ -407,13 +416,8 @@ def _ddim_class():
                 noise = variance_noise
             elif stochastic and generator is not None:
                 noise = self._gf_noise(probe.shape, generator, probe.device, probe.dtype)
-            clip = self._gf_clip
-            prev, x0 = self._gf_run(mo, sample, table, row, guidance=guidance, stochastic=stochastic, noise=noise,
-                                    clip=clip, return_x0=True)
-            self._gf_counter = row + 1
-            if not return_dict:
-                return prev, x0
-            return _output(DDIMSchedulerOutput, prev_sample=prev, pred_original_sample=x0)
+            return self._gf_x0_step(mo, sample, table, row, guidance, stochastic, noise, DDIMSchedulerOutput,
+                                    return_dict)
 
     return DDIMScheduler
 
@@ -464,13 +468,8 @@ def _ddpm_class():
             stochastic = noisy[row]
             noise = self._gf_noise(probe.shape, generator, probe.device, probe.dtype) \
                 if stochastic and generator is not None else None
-            clip = self._gf_clip
-            prev, x0 = self._gf_run(mo, sample, table, row, guidance=guidance, stochastic=stochastic, noise=noise,
-                                    clip=clip, return_x0=True)
-            self._gf_counter = row + 1
-            if not return_dict:
-                return prev, x0
-            return _output(DDPMSchedulerOutput, prev_sample=prev, pred_original_sample=x0)
+            return self._gf_x0_step(mo, sample, table, row, guidance, stochastic, noise, DDPMSchedulerOutput,
+                                    return_dict)
 
     return DDPMScheduler
 
