@@ -104,7 +104,7 @@ def _plan(quick: bool, device: torch.device):
     """(mode, size, layout, dtype) tuples."""
     if quick:
         sizes = ["unet 2x320x64x64", "vae 1x512x256x256"]
-        dtypes = [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
+        dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.float32]
         plan = [("fwd", s, layout, d) for s in sizes for layout in ("nchw", "cl") for d in dtypes]
         return plan + [("fwd+bwd", "unet 2x320x64x64", layout, torch.float32) for layout in ("nchw", "cl")]
     plan = []
@@ -118,7 +118,7 @@ def _plan(quick: bool, device: torch.device):
 
 def cases(quick: bool, device) -> list[Case]:
     """quick: the UNet's first shape and the SDXL VAE's (1, 512, 256, 256) in both layouts,
-    fp32 (bf16 too on a GPU), forward, plus forward+backward at the UNet shape; full:
+    fp32 (bf16 on a GPU), forward, plus forward+backward at the UNet shape; full:
     every shape, layout, fp32/bf16, forward and forward+backward."""
     device = torch.device(device)
     modes = {m: (moved, touched, build) for m, moved, touched, build in MODES}

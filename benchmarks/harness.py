@@ -263,6 +263,7 @@ def run_case(case: Case, copy_gbps: float, progress: Callable[[str], None] = lam
         progress(f"{case.label}: {impl}")
         hits = _compile_cache_hits()
         timings[impl] = measure(fns[impl], case.device)
+        progress(f"{case.label}: {impl} {timings[impl].median_s * 1e3:.4f} ms")  # kept in the log if the run is cut
         if impl in case.compiled and hits is not None:
             cache_hit[impl] = _compile_cache_hits() > hits
     del fns

@@ -33,8 +33,8 @@ import triton.language as tl
 
 from .rng import load_seed, uniform_at
 
-NAN_ROW, EMPTY_ROW = -1, -2
-KEY_INF = 0x7F800000  # the bits of +inf: every d's key is <= this
+NAN_ROW, EMPTY_ROW = tl.constexpr(-1), tl.constexpr(-2)  # compiled kernels read globals only as constexpr
+KEY_INF = tl.constexpr(0x7F800000)  # the bits of +inf: every d's key is <= this
 
 
 @triton.jit

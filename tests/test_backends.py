@@ -40,6 +40,7 @@ def test_failed_build_warns_once_and_falls_back_to_the_reference(monkeypatch):
     def broken():
         raise RuntimeError("Error building extension 'genfast_cpu': no compiler")
 
+    monkeypatch.delenv("GENFAST_DISABLE_CPP", raising=False)
     monkeypatch.setattr(_build, "_status", None)
     monkeypatch.setattr(_build, "_load", broken)
     with pytest.warns(RuntimeWarning, match="no compiler"):

@@ -458,3 +458,29 @@ def test_heun_table_is_heuns_method():
     # epsilon: d = (x - x0) / sigma = m; the second slope is evaluated at x1 with sigma t
     torch.testing.assert_close(x1, x + (t - s) * m1)
     torch.testing.assert_close(prev, x + (t - s) * (m1 + m2) / 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_guided_noisy_multistep_loop_replays_in_a_cuda_graph():
+    """One step captured once, replayed per step with the row and the seed read on the
+    device, gives the eager loop's samples and history bit for bit."""
+    gen = torch.Generator().manual_seed(21)
+    rows = torch.stack([random_row(gen) * 0.5 for _ in range(4)]).cuda()
+    x0, u, c = (torch.randn(2, 4, 8, 8, generator=gen).cuda() for _ in range(3))
+    kw = dict(guidance_scale=3.0, stochastic=True)
+    x, h, ref = x0.clone(), torch.zeros_like(x0), []
+    for i in range(4):
+        x = D.sampler_step(x, (u, c), rows, i, history=h, seed=7, **kw)
+        ref.append((x, h.clone()))
+    x_s, h_s = x0.clone(), torch.zeros_like(x0)
+    step, seed = torch.tensor(0, device="cuda"), torch.tensor(7, device="cuda")
+    D.sampler_step(x_s.clone(), (u, c), rows, step, history=h_s.clone(), seed=seed, **kw)  # compile outside
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = D.sampler_step(x_s, (u, c), rows, step, history=h_s, seed=seed, **kw)
+    for i in range(4):
+        step.fill_(i)
+        graph.replay()
+        assert torch.equal(out, ref[i][0]) and torch.equal(h_s, ref[i][1])
+        x_s.copy_(out)

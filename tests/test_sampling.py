@@ -447,3 +447,19 @@ def test_logits_sampler_advances_the_stream(backend):
     scores = hf(ids, logits)
     drawn = genfast.sample_tokens(logits, top_p=0.9, repetition_penalty=1.2, prev_tokens=ids, seed=5)
     assert torch.equal(scores.argmax(-1), drawn) and torch.isfinite(scores).sum().item() == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_sampling_replays_in_a_cuda_graph_with_the_seed_on_the_device():
+    logits = torch.randn(5, 1000, device="cuda") * 3
+    seed = torch.tensor(3, device="cuda")
+    kw = dict(top_k=50, top_p=0.9, temperature=0.8, check=False)
+    genfast.sample_tokens(logits, seed=seed, **kw)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = genfast.sample_tokens(logits, seed=seed, **kw)
+    for value in (5, 6):
+        seed.fill_(value)
+        graph.replay()
+        assert torch.equal(tokens, genfast.sample_tokens(logits, seed=value, **kw))
