@@ -22,7 +22,7 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1
 TEE_PID=$!
 
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-400}
 FAILED=()
 
