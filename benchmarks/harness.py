@@ -262,7 +262,11 @@ def run_case(case: Case, copy_gbps: float, progress: Callable[[str], None] = lam
     for impl in case.impls:
         progress(f"{case.label}: {impl}")
         hits = _compile_cache_hits()
-        timings[impl] = measure(fns[impl], case.device)
+        try:
+            timings[impl] = measure(fns[impl], case.device)
+        except Exception as e:  # a baseline that breaks (say, an inductor bug) must not end the run
+            progress(f"{case.label}: {impl} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
         progress(f"{case.label}: {impl} {timings[impl].median_s * 1e3:.4f} ms")  # kept in the log if the run is cut
         if impl in case.compiled and hits is not None:
             cache_hit[impl] = _compile_cache_hits() > hits
@@ -270,6 +274,8 @@ def run_case(case: Case, copy_gbps: float, progress: Callable[[str], None] = lam
     gc.collect()
     if case.device.type == "cuda":
         torch.cuda.empty_cache()
+    if GENFAST not in timings:
+        return []
     reference = timings[GENFAST].median_s
     rows = []
     for impl, t in timings.items():

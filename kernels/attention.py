@@ -98,11 +98,12 @@ def _append_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, seqlen_offset, bt_
     k = tl.load(k_ptr + src, mask=mask, other=0.0)
     v = tl.load(v_ptr + src, mask=mask, other=0.0)
     if FP8:
-        # fp8 has no inf: saturate instead of overflowing to NaN.
+        # fp8 has no inf: saturate instead of overflowing to NaN. div_rn: IEEE division as
+        # PyTorch's (a GPU's "/" is approximate, which moves values across fp8 rounding ties).
         ks = tl.load(k_scale_ptr + h, mask=h < HK, other=1.0)
         vs = tl.load(v_scale_ptr + h, mask=h < HK, other=1.0)
-        k = _round_e4m3(tl.clamp(k.to(tl.float32) / ks[:, None], -FP8_MAX, FP8_MAX))
-        v = _round_e4m3(tl.clamp(v.to(tl.float32) / vs[:, None], -FP8_MAX, FP8_MAX))
+        k = _round_e4m3(tl.clamp(tl.math.div_rn(k.to(tl.float32), ks[:, None] + zero), -FP8_MAX, FP8_MAX))
+        v = _round_e4m3(tl.clamp(tl.math.div_rn(v.to(tl.float32), vs[:, None] + zero), -FP8_MAX, FP8_MAX))
     tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
     tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
 

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import exp
 from .rng import load_seed, stream_block, stream_positions
 
 # 8 elements per thread: one or two 16-byte accesses per tensor, and enough
@@ -44,12 +45,12 @@ NUM_WARPS = 8
 
 @triton.jit
 def _kl(mu, lv):
-    return -0.5 * (1.0 + lv - mu * mu - tl.exp(lv))
+    return -0.5 * (1.0 + lv - mu * mu - exp(lv))
 
 
 @triton.jit
 def _kl_grads(g, mu, lv):
-    return g * mu, 0.5 * g * (tl.exp(lv) - 1.0)
+    return g * mu, 0.5 * g * (exp(lv) - 1.0)
 
 
 @triton.jit
@@ -75,7 +76,7 @@ def _reparameterize_kernel(mu_ptr, logvar_ptr, noise_ptr, z_ptr, numel, seed, se
         eps = tl.load(noise_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     else:
         eps = stream_block(load_seed(seed, seed_ptr, SEED_FROM_PTR), first, BLOCK, True)
-    z = mu + tl.exp(0.5 * lv) * eps
+    z = mu + exp(0.5 * lv) * eps
     tl.store(z_ptr + idx, z.to(z_ptr.dtype.element_ty), mask=mask)
 
 
@@ -91,7 +92,7 @@ def _reparameterize_backward_kernel(grad_z_ptr, logvar_ptr, noise_ptr, grad_logv
         eps = tl.load(noise_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     else:
         eps = stream_block(load_seed(seed, seed_ptr, SEED_FROM_PTR), first, BLOCK, True)
-    g = 0.5 * gz * tl.exp(0.5 * lv) * eps
+    g = 0.5 * gz * exp(0.5 * lv) * eps
     tl.store(grad_logvar_ptr + idx, g.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
 
 
@@ -132,7 +133,7 @@ def _reparameterize_with_kl_kernel(mu_ptr, logvar_ptr, z_ptr, kl_ptr, numel, see
     mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     eps = stream_block(load_seed(seed, seed_ptr, SEED_FROM_PTR), first, BLOCK, True)
-    z = mu + tl.exp(0.5 * lv) * eps
+    z = mu + exp(0.5 * lv) * eps
     tl.store(z_ptr + idx, z.to(z_ptr.dtype.element_ty), mask=mask)
     kl = _kl(mu, lv)
     if REDUCE:
@@ -155,7 +156,7 @@ def _reparameterize_with_kl_backward_kernel(grad_z_ptr, grad_kl_ptr, mu_ptr, log
     eps = stream_block(load_seed(seed, seed_ptr, SEED_FROM_PTR), first, BLOCK, True)
     g_mu, g_lv = _kl_grads(g, mu, lv)
     g_mu = g_mu + gz
-    g_lv = g_lv + 0.5 * gz * tl.exp(0.5 * lv) * eps
+    g_lv = g_lv + 0.5 * gz * exp(0.5 * lv) * eps
     tl.store(grad_mu_ptr + idx, g_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
     tl.store(grad_logvar_ptr + idx, g_lv.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
 

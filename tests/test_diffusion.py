@@ -84,6 +84,7 @@ def test_sampler_step_is_the_affine_map(backend, shape, dtype, variant):
         clip = 0.8
         hist1, hist2 = h1.clone(), h2.clone()
         kwargs = dict(noise=n.to(backend), clip=clip, history=hist1, history2=hist2, stochastic=True)
+    n = n.to(backend) if n is not None else None
     prev, x0 = D.sampler_step(x, model_output, rows, row, return_x0=True, **kwargs)
 
     k = {name: rows[row, i].item() for name, i in COEF.items()}

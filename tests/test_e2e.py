@@ -9,18 +9,20 @@ import torch
 import genfast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from e2e import decode, diffusion, gan, vae
+from e2e import common, decode, diffusion, gan, vae
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread_full_fp32():
     """Tiny models gain nothing from threads, and on a CPU shared with other jobs each op's
-    fork/join can wait a whole scheduler slice (seconds per test instead of milliseconds)."""
+    fork/join can wait a whole scheduler slice (seconds per test instead of milliseconds).
+    On a GPU, TF32 would swamp the differences the tests look for."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with common.full_fp32():
+        yield
     torch.set_num_threads(threads)
 
 

@@ -8,6 +8,7 @@ numbers are noisy: read speedups measured in the same run, not across runs.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import resource
 import statistics
@@ -20,6 +21,18 @@ import torch
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """Correctness checks run with TF32 off: a TF32 convolution or matrix product
+    turns the fused ops' last-bit differences into 1e-3 relative ones."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _sync(device: torch.device) -> None:

@@ -112,8 +112,9 @@ def bench(quick: bool = True, device=None, batch: int = 1, steps: int = 10, reps
         steps = 25
     unet, patched, sched = build(config, device)
     latents, text = inputs(config, batch, device)
-    ref = sample_eager(unet, sched, latents, text, steps)
-    err = check_close(sample_genfast(patched, sched, latents, text, steps), ref, "diffusion")
+    with common.full_fp32():
+        ref = sample_eager(unet, sched, latents, text, steps)
+        err = check_close(sample_genfast(patched, sched, latents, text, steps), ref, "diffusion")
     case = f"batch {batch}"
     fns = {"genfast": lambda: sample_genfast(patched, sched, latents, text, steps),
            "eager diffusers loop": lambda: sample_eager(unet, sched, latents, text, steps)}
