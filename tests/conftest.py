@@ -12,6 +12,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("GENFAST_COMPILE_CHECK") and os.environ.get("TRITON_INTERPRET") == "1":
+    pytest_plugins = ["triton_compile"]  # compile every launched kernel for a GPU (tests/triton_compile.py)
 # cuBLAS refuses matrix products in deterministic mode unless its workspace is fixed.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
