@@ -23,6 +23,7 @@ from . import _ops
 
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn)
 HEAD_DIMS = (64, 80, 96, 128, 256)  # what the C++ and Triton kernels are instantiated for
+MAX_GROUP = 64  # query heads per KV head that one kernel item holds (MQA up to 64 heads)
 
 
 def _fake_attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table,
@@ -159,6 +160,9 @@ def _check_cache(fn, q, k_cache, v_cache, paged_blocks):
     nheads, nheads_k = q.shape[2], k_cache.shape[2]
     if nheads_k == 0 or nheads % nheads_k:
         _fail(fn, f"nheads of q ({nheads}) must be a multiple of nheads_k of the cache ({nheads_k})")
+    if nheads // nheads_k > MAX_GROUP:
+        _fail(fn, f"nheads / nheads_k must be at most {MAX_GROUP} (query heads per KV head), got "
+                  f"{nheads} / {nheads_k}")
     if paged_blocks is None and k_cache.shape[0] < q.shape[0]:
         _fail(fn, f"k_cache must hold at least batch = {q.shape[0]} rows, got {k_cache.shape[0]}")
 
@@ -251,6 +255,26 @@ def _resolve(fn, q, k_cache, v_cache, k, v, cache_seqlens, block_table, k_scale,
     return k, v, seqlens, offset, block_table, k_scale, v_scale
 
 
+def _batch_idx_table(fn, cache_batch_idx, block_table, q, k_cache):
+    """A contiguous cache read through cache_batch_idx is a paged cache with one page per
+    row: page size seqlen_cache, block table cache_batch_idx[:, None]."""
+    if block_table is not None:
+        _fail(fn, "cache_batch_idx and block_table cannot be used together (index the block table instead)")
+    if not isinstance(cache_batch_idx, torch.Tensor):
+        _fail(fn, f"cache_batch_idx must be an int32 tensor (batch,), got {type(cache_batch_idx).__name__}",
+              TypeError)
+    if cache_batch_idx.dtype != torch.int32:
+        _fail(fn, f"cache_batch_idx must have dtype int32, got {cache_batch_idx.dtype}", TypeError)
+    if cache_batch_idx.shape != (q.shape[0],):
+        _fail(fn, f"cache_batch_idx must have shape (batch,) = ({q.shape[0]},), got {tuple(cache_batch_idx.shape)}")
+    _check_device(fn, "cache_batch_idx", cache_batch_idx, q.device)
+    if _host_checks_ok(cache_batch_idx) and cache_batch_idx.numel():
+        lo, hi = (int(x) for x in torch.aminmax(cache_batch_idx))
+        if lo < 0 or hi >= k_cache.shape[0]:
+            _fail(fn, f"cache_batch_idx entries must be in [0, batch_cache = {k_cache.shape[0]}), got [{lo}, {hi}]")
+    return cache_batch_idx.view(-1, 1)
+
+
 def _check_q(fn, q, rank=4, what="(batch, seqlen_q, nheads, headdim)"):
     _check_rank(fn, "q", q, rank, what)
     _ops.check_tensor(fn, "q", q)
@@ -266,7 +290,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            softmax_scale: float | None = None, causal: bool = True,
                            window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
                            alibi_slopes: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None, return_softmax_lse: bool = False):
+                           v_scale: torch.Tensor | None = None, cache_batch_idx: torch.Tensor | None = None,
+                           return_softmax_lse: bool = False):
     """Attention of q over a KV cache, after appending k/v to it in place (flash-attn's
     ``flash_attn_with_kvcache``).
 
@@ -274,7 +299,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     ----------
     q : Tensor (batch, seqlen_q, nheads, headdim), fp32/fp16/bf16 (fp64 runs on the reference)
         headdim one of 64, 80, 96, 128, 256; may be non-contiguous.
-    k_cache, v_cache : Tensor (batch_cache, seqlen_cache, nheads_k, headdim), batch_cache >= batch,
+    k_cache, v_cache : Tensor (batch_cache, seqlen_cache, nheads_k, headdim), batch_cache >= batch
+        (or any batch_cache with ``cache_batch_idx``),
         or paged (num_blocks, page_size, nheads_k, headdim) with ``block_table``; page_size any of 1..256.
         dtype of q, or float8_e4m3fn with ``k_scale``/``v_scale``. Strided views are fine as long as
         headdim is contiguous (written in place, never copied). nheads must be a multiple of nheads_k.
@@ -298,6 +324,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         Adds -slope * |query position - key position| to the logits.
     k_scale, v_scale : fp32 Tensor (), (1,) or (nheads_k,)
         Dequantization scales of an fp8 cache: stored value * scale = key/value. Required for fp8 caches.
+    cache_batch_idx : int32 Tensor (batch,), optional
+        Row b of q reads (and appends to) cache row ``cache_batch_idx[b]`` of a contiguous cache
+        instead of row b; rows must be distinct when k/v are given. Not with ``block_table``.
     return_softmax_lse : bool
         Also return the natural-log log-sum-exp of each query row's logits.
 
@@ -312,6 +341,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """
     fn = "attention_with_kvcache"
     _check_q(fn, q)
+    if cache_batch_idx is not None:
+        block_table = _batch_idx_table(fn, cache_batch_idx, block_table, q, k_cache)
     k, v, seqlens, offset, block_table, k_scale, v_scale = _resolve(
         fn, q, k_cache, v_cache, k, v, cache_seqlens, block_table, k_scale, v_scale)
     left, right = _window(fn, window_size, causal)
