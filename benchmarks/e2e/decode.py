@@ -262,7 +262,7 @@ def _bench_batch(model, prompt, n_new, compiled_step, device, reps) -> list[comm
     return rows + [common.Row("decode", f"{case} p.9", name, items, "tok/s", t[name]) for name in t]
 
 
-def bench(quick: bool = True, device=None, compile: bool = True, batches=(1, 8), prompt_len: int = 32,
+def bench(quick: bool = True, device=None, compile: bool = True, batches=(1, 16), prompt_len: int = 32,
           n_new: int = 32, reps: int = 3) -> list[common.Row]:
     device = torch.device(device) if device is not None else common.default_device()
     c = QUICK if quick or device.type == "cpu" else FULL
