@@ -1,4 +1,5 @@
-"""Conv-block family: GroupNorm + SiLU, the block of every UNet and VAE decoder.
+"""Conv-block family: GroupNorm + SiLU, the block of every UNet and VAE decoder; BatchNorm +
+ReLU of GAN generators and the conv epilogue (below `cases`).
 
 The baseline is written the way diffusers' ResnetBlock2D writes it,
 ``nonlinearity(norm(hidden_states))`` with ``nn.GroupNorm`` and ``F.silu``, run
@@ -116,10 +117,128 @@ def _plan(quick: bool, device: torch.device):
     return plan
 
 
+# ---- batch_norm_act (eval and training) and the per-channel affine epilogue ----------------
+#
+# DCGAN generator blocks (batch 64: ConvTranspose2d -> BatchNorm2d -> ReLU), the
+# baseline written as the PyTorch examples' generator runs it: ``nn.BatchNorm2d``
+# then ``nn.ReLU``. channel_affine_act is conv2d_act's epilogue after the
+# convolution, ``act((y + bias + residual) * scale)``, against the same
+# expression in PyTorch. Minimum traffic: read x and write out (2·N·s; the
+# epilogue reads the residual too: 3·N·s); training forward+backward as GroupNorm's, 5·N·s.
+
+BN_SHAPES = {"dcgan 64x128x16x16": (64, 128, 16, 16), "dcgan 64x64x32x32": (64, 64, 32, 32)}
+
+
+def eager_batch_norm_relu(bn: torch.nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    return F.relu(bn(x))
+
+
+def _bn_inputs(shape, layout, dtype, device, training, requires_grad=False):
+    bn = torch.nn.BatchNorm2d(shape[1]).to(device)  # parameters and running statistics in fp32
+    with torch.no_grad():
+        bn.weight.normal_(1.0, 0.2)
+        bn.bias.normal_(0.0, 0.2)
+        bn.running_mean.normal_(0.0, 0.5)
+        bn.running_var.uniform_(0.5, 1.5)
+    bn.train(training)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return bn.requires_grad_(requires_grad), x.requires_grad_(requires_grad)
+
+
+def _genfast_bn(bn, x):
+    return genfast.batch_norm_act(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=bn.training,
+                                  momentum=bn.momentum, eps=bn.eps, activation="relu")
+
+
+def _bn_builder(training, backward):
+    def build(shape, layout, dtype, device):
+        bn, x = _bn_inputs(shape, layout, dtype, device, training, requires_grad=backward)
+        compiled = _compile(eager_batch_norm_relu)
+        if backward:
+            grad = torch.randn_like(x)
+            params = (x, bn.weight, bn.bias)
+            return {name: (lambda fn=fn: torch.autograd.grad(fn(bn, x), params, grad))
+                    for name, fn in (("genfast", _genfast_bn), ("eager", eager_batch_norm_relu),
+                                     ("torch.compile", compiled))}
+
+        def no_grad(fn):
+            def run():
+                with torch.no_grad():
+                    return fn(bn, x)
+            return run
+
+        return {"genfast": no_grad(_genfast_bn), "eager": no_grad(eager_batch_norm_relu),
+                "torch.compile": no_grad(compiled)}
+    return build
+
+
+def eager_epilogue(y, bias, residual, scale):
+    """A conv block's tail after the convolution: bias, residual, scale, activation."""
+    return F.silu((y + bias[:, None, None] + residual) * scale)
+
+
+def _epilogue_builder(shape, layout, dtype, device):
+    y = torch.randn(shape, device=device, dtype=dtype)
+    residual = torch.randn(shape, device=device, dtype=dtype)
+    if layout == "cl":
+        y, residual = (t.contiguous(memory_format=torch.channels_last) for t in (y, residual))
+    bias = torch.randn(shape[1], device=device)
+    scale = 1 / 1.4142
+    # conv2d_act's epilogue as it calls it: the bias folded into the shift, (y + residual) * s + bias * s.
+    s, shift = torch.full_like(bias, scale), bias * scale
+    compiled = _compile(eager_epilogue)
+
+    def genfast_epilogue():
+        return genfast.conv._channel_affine_act(y, s, shift, residual, "silu", 0.01)
+
+    bias_x = bias.to(dtype)  # PyTorch adds the bias in the output's dtype
+    return {"genfast": genfast_epilogue, "eager": lambda: eager_epilogue(y, bias_x, residual, scale),
+            "torch.compile": lambda: compiled(y, bias_x, residual, scale)}
+
+
+# (op, mode, elements moved per element of x, elements touched, builder)
+BN_MODES = [
+    ("batch_norm_act", "eval fwd", 2, 2, _bn_builder(False, False)),
+    ("batch_norm_act", "train fwd", 2, 2, _bn_builder(True, False)),
+    ("batch_norm_act", "train fwd+bwd", 5, 4, _bn_builder(True, True)),
+    ("channel_affine_act", "silu+residual fwd", 3, 3, _epilogue_builder),
+]
+
+
+def _bn_plan(quick: bool, device: torch.device):
+    """(op, mode, size, layout, dtype) tuples: quick is one shape, fp32, each mode once
+    (the epilogue in channels_last, the layout diffusers' UNets run in)."""
+    if quick:
+        size = "dcgan 64x128x16x16"
+        return [(op, mode, size, "cl" if op == "channel_affine_act" else "nchw", torch.float32)
+                for op, mode, *_ in BN_MODES]
+    return [(op, mode, size, layout, dtype) for op, mode, *_ in BN_MODES for size in BN_SHAPES
+            for layout in ("nchw", "cl") for dtype in (torch.float32, torch.bfloat16)]
+
+
+def _bn_cases(quick: bool, device: torch.device) -> list[Case]:
+    modes = {(op, mode): (moved, touched, build) for op, mode, moved, touched, build in BN_MODES}
+    out = []
+    for op, mode, size, layout, dtype in _bn_plan(quick, device):
+        moved, touched, build = modes[(op, mode)]
+        shape = BN_SHAPES[size]
+        numel = torch.Size(shape).numel()
+        out.append(Case(
+            family=FAMILY, op=op, mode=mode, size=f"{size} {layout}", dtype=dtype, device=device,
+            nbytes=moved * numel * dtype.itemsize, footprint=touched * numel * dtype.itemsize,
+            impls=("genfast", "eager", "torch.compile"),
+            build=lambda build=build, shape=shape, layout=layout, dtype=dtype: build(shape, layout, dtype, device),
+        ))
+    return out
+
+
 def cases(quick: bool, device) -> list[Case]:
-    """quick: the UNet's first shape and the SDXL VAE's (1, 512, 256, 256) in both layouts,
-    fp32 (bf16 on a GPU), forward, plus forward+backward at the UNet shape; full:
-    every shape, layout, fp32/bf16, forward and forward+backward."""
+    """group_norm_act, quick: the UNet's first shape and the SDXL VAE's (1, 512, 256, 256)
+    in both layouts, fp32 (bf16 on a GPU), forward, plus forward+backward at the UNet
+    shape; full: every shape, layout, fp32/bf16, forward and forward+backward. Then
+    batch_norm_act and channel_affine_act (``_bn_plan``)."""
     device = torch.device(device)
     modes = {m: (moved, touched, build) for m, moved, touched, build in MODES}
     out = []
@@ -133,4 +252,4 @@ def cases(quick: bool, device) -> list[Case]:
             impls=("genfast", "eager", "torch.compile"),
             build=lambda build=build, shape=shape, layout=layout, dtype=dtype: build(shape, layout, dtype, device),
         ))
-    return out
+    return out + _bn_cases(quick, device)

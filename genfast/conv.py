@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops
-from .reference.conv import ACTIVATIONS, activate, activate_grad, compute_dtype
+from .reference.conv import ACTIVATIONS, activate_grad, compute_dtype
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -119,6 +119,46 @@ channel_affine_act_op = _ops.define(
     lambda x, *_: torch.empty_like(x),
     backward=_channel_affine_act_backward,
     setup_context=_channel_affine_act_setup,
+)
+
+
+def _params_of(x: torch.Tensor) -> torch.Tensor:
+    return _params_like(x, x.shape[1])
+
+
+batch_norm_act_backward_op = _ops.define(
+    "batch_norm_act_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
+    "str activation, float negative_slope) -> (Tensor, Tensor, Tensor)",
+    "conv",
+    lambda grad_out, x, *_: (torch.empty_like(x), _params_of(x), _params_of(x)),
+)
+
+
+def _batch_norm_act_train_setup(ctx, inputs, output):
+    x, weight, bias, _, activation, negative_slope = inputs
+    _, mean, rstd, _ = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.activation, ctx.negative_slope = activation, negative_slope
+
+
+def _batch_norm_act_train_backward(ctx, grad_out, grad_mean, grad_rstd, grad_var):
+    # mean, rstd and var are returned for the backward and the running statistics: no gradient flows through them.
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if not any(need[:3]):
+        return None, None, None, None, None, None
+    g = grad_out.contiguous(memory_format=memory_format(x))
+    gx, gw, gb = batch_norm_act_backward_op(g, x, weight, bias, mean, rstd, ctx.activation, ctx.negative_slope)
+    return gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, None, None, None
+
+
+batch_norm_act_train_op = _ops.define(
+    "batch_norm_act_train(Tensor x, Tensor? weight, Tensor? bias, float eps, str activation, float negative_slope) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    "conv",
+    lambda x, *_: (torch.empty_like(x), _params_of(x), _params_of(x), _params_of(x)),
+    backward=_batch_norm_act_train_backward,
+    setup_context=_batch_norm_act_train_setup,
 )
 
 
@@ -326,20 +366,26 @@ def batch_norm_act(x: torch.Tensor, running_mean: torch.Tensor | None, running_v
                    negative_slope: float = 0.2) -> torch.Tensor:
     """``act(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``.
 
-    Eval mode (``training=False`` with running statistics) is one fused pass: the
-    statistics, weight and bias folded into a per-channel scale and shift (as
-    PyTorch's batch_norm folds them), applied with the activation, NCHW or
-    channels_last kept. Training mode is PyTorch's batch_norm followed by the
-    activation (not fused yet); running statistics are updated in place exactly as
-    nn.BatchNorm2d does.
+    Eval mode (``training=False``) is one fused pass: the running statistics,
+    weight and bias folded into a per-channel scale and shift (as PyTorch's
+    batch_norm folds them), applied with the activation. Training mode is fused
+    too, forward and backward: per-channel batch statistics (mean and biased
+    variance, exact two-level moments) in one read of x, then normalize + affine
+    + activation in a second; the running statistics, when given, are updated in
+    place as F.batch_norm does: ``running = (1 - momentum) * running + momentum
+    * batch``, with the unbiased batch variance. NCHW or channels_last is kept.
 
     Parameters
     ----------
-    x : Tensor (N, C, *S)
-    running_mean, running_var : Tensor (C,) or None (None: always batch statistics)
+    x : Tensor (N, C, *S), fp32/fp16/bf16 (fp64 runs on the reference)
+    running_mean, running_var : Tensor (C,) or None
+        Float tensors on x's device (any float dtype: fp32 under autocast).
+        Needed when ``training=False``; with ``training=True`` None means no
+        running statistics are kept.
     weight, bias : Tensor (C,), optional
     training : bool
-        Normalize with the batch statistics (and update the running ones).
+        Normalize with the batch statistics (and update the running ones);
+        needs more than one value per channel (N * prod(S) > 1).
     momentum, eps : float
     activation : "silu" | "gelu" | "relu" | "leaky_relu" | "none"
     negative_slope : float
@@ -347,27 +393,45 @@ def batch_norm_act(x: torch.Tensor, running_mean: torch.Tensor | None, running_v
 
     Returns
     -------
-    out : Tensor, x's shape and dtype (and memory format, in eval mode).
+    out : Tensor, x's shape, dtype and memory format; differentiable in x,
+        weight and bias.
     """
     fn = "batch_norm_act"
     _ops.check_tensor(fn, "x", x)
     if x.dim() < 2:
         raise ValueError(f"{fn}: x must have shape (N, C, *spatial), got {tuple(x.shape)}")
     c = x.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                    ("bias", bias)):
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None:
             _ops.check_tensor(fn, name, t)
             if tuple(t.shape) != (c,):
                 raise ValueError(f"{fn}: {name} must have shape ({c},), got {tuple(t.shape)}")
+            if t.device != x.device:
+                raise ValueError(f"{fn}: {name} must be on the device of x ({x.device}), got {t.device}")
     negative_slope = _check_activation(fn, activation, negative_slope)
-    if not training and running_mean is not None and running_var is not None:
-        _check_eps(fn, eps)
+    _check_eps(fn, eps)
+    weight = _check_param(fn, "weight", weight, (c,), x)
+    bias = _check_param(fn, "bias", bias, (c,), x)
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError(f"{fn}: training=False needs running_mean and running_var (got None)")
         return _running_stats_affine_act(x, running_mean, running_var, weight, bias, eps, activation,
                                          negative_slope)
-    # Training (batch statistics, running-statistics update): PyTorch's batch_norm, then the activation.
-    y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    return activate(y, activation, negative_slope)
+    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+        raise TypeError(f"{fn}: momentum must be a float, got {type(momentum).__name__}")
+    count = x.numel() // c if c else 0
+    if count == 1:  # F.batch_norm's rule: an unbiased variance needs two values
+        raise ValueError(f"{fn}: training needs more than 1 value per channel, got x of shape {tuple(x.shape)}")
+    out, mean, _, var = batch_norm_act_train_op(x.contiguous(memory_format=memory_format(x)), weight, bias,
+                                                float(eps), activation, negative_slope)
+    if count > 1:
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            if running_var is not None:
+                unbiased = var * (count / (count - 1))
+                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return out
 
 
 def conv2d_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,

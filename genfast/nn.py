@@ -137,7 +137,8 @@ def _from_running_norm(cls, norm, act, base: type, what: str):
 class BatchNormAct(_BatchNorm):
     """``act(nn.BatchNorm(x))`` (genfast.batch_norm_act): nn.BatchNorm's parameters,
     buffers, state_dict and running-statistics rules, for x of shape (N, C, *S).
-    One fused pass in eval mode; training mode runs PyTorch's batch_norm, then the activation."""
+    Fused in both modes: one pass in eval mode; in training mode batch statistics,
+    normalize + activation and the running-statistics update, forward and backward."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, *, activation: str = "relu", negative_slope: float = 0.2,

@@ -201,6 +201,47 @@ def _coef_kernel(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, ss_ptr, a_ptr, d_ptr
 
 
 @triton.jit
+def _bn_finalize_kernel(cmean_ptr, cm2_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, var_ptr, a_ptr, d_ptr, bb_ptr,
+                        N, C, S, s_per_split, splits, eps,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+    """Batch norm, one program per channel: mean, rstd and biased variance from the
+    (n, split) moments, and the folded coefficients of y = (x + d) * a + b for every n."""
+    c = tl.program_id(0)
+    total = N * splits
+    # Exact two-level merge, as for a group: the channel mean first, then M2 about it.
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i0 in range(0, total, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        m = i < total
+        cnt = tl.minimum(S - (i % splits) * s_per_split, s_per_split).to(tl.float32)
+        acc += tl.where(m, cnt * tl.load(cmean_ptr + (i // splits * C + c) * splits + i % splits, mask=m, other=0.0),
+                        0.0)
+    count = (N * S).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / count
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i0 in range(0, total, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        m = i < total
+        cnt = tl.minimum(S - (i % splits) * s_per_split, s_per_split).to(tl.float32)
+        off = (i // splits * C + c) * splits + i % splits
+        dev = tl.load(cmean_ptr + off, mask=m, other=0.0) - mean
+        acc += tl.where(m, tl.load(cm2_ptr + off, mask=m, other=0.0) + cnt * dev * dev, 0.0)
+    var = tl.sum(acc, axis=0) / count
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + c, mean)
+    tl.store(rstd_ptr + c, rstd)
+    tl.store(var_ptr + c, var)
+    w = tl.load(w_ptr + c) if HAS_W else 1.0
+    bias = tl.load(b_ptr + c) if HAS_B else 0.0
+    for n0 in range(0, N, BLOCK):
+        n = n0 + tl.arange(0, BLOCK)
+        m = n < N
+        tl.store(a_ptr + n * C + c, tl.zeros([BLOCK], tl.float32) + rstd * w, mask=m)
+        tl.store(d_ptr + n * C + c, tl.zeros([BLOCK], tl.float32) - mean, mask=m)
+        tl.store(bb_ptr + n * C + c, tl.zeros([BLOCK], tl.float32) + bias, mask=m)
+
+
+@triton.jit
 def _channel_index(idx, C, S, CHANNELS_LAST: tl.constexpr):
     """n * C + c of flat element idx in memory order."""
     if CHANNELS_LAST:
@@ -467,3 +508,77 @@ def channel_affine_act(x, scale, shift, residual, activation, negative_slope):
         CHANNELS_LAST=cl, HAS_RES=residual is not None, ACT=ACT_CODES[activation], BLOCK=APPLY_BLOCK,
         num_warps=NUM_WARPS)
     return out
+
+
+# ---- batch norm in training mode: the group-norm kernels with one group per channel ----
+
+def _bn_layout(x: torch.Tensor):
+    """(N, C, S, channels_last) for batch statistics: channels_last x (and any x with
+    S = 1) is rows of C channels, one image of N * S rows."""
+    n, c, s, cl = _layout(x)
+    if cl or s == 1:
+        return 1, c, n * s, True
+    return n, c, s, False
+
+
+def batch_norm_act_train(x, weight, bias, eps, activation, negative_slope):
+    n, c, s, cl = _bn_layout(x)
+    out = torch.empty_like(x)
+    stats = x.new_empty((3, c), dtype=torch.float32)
+    mean, rstd, var = stats[0], stats[1], stats[2]
+    if c == 0:
+        return out, mean, rstd, var
+    if n * s == 0:
+        return out, mean.fill_(float("nan")), rstd.fill_(float("nan")), var.fill_(float("nan"))
+    block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
+    cmean = x.new_empty((n, c, splits), dtype=torch.float32)
+    cm2 = torch.empty_like(cmean)
+    _channel_moments_kernel[(n, triton.cdiv(c, block_c), splits)](
+        x, cmean, cm2, c, s, s_per_split, splits, CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_S=block_s,
+        num_warps=NUM_WARPS)
+    coef = x.new_empty((3, n, c), dtype=torch.float32)
+    _bn_finalize_kernel[(c,)](
+        cmean, cm2, _opt(weight, x), _opt(bias, x), mean, rstd, var, coef[0], coef[1], coef[2], n, c, s,
+        s_per_split, splits, eps, HAS_W=weight is not None, HAS_B=bias is not None,
+        BLOCK=min(triton.next_power_of_2(n * splits), 1024), num_warps=4)
+    numel = x.numel()
+    _apply_kernel[(triton.cdiv(numel, APPLY_BLOCK),)](
+        x, x, out, coef[0], coef[1], coef[2], numel, c, s, negative_slope, CHANNELS_LAST=cl, HAS_RES=False,
+        ACT=ACT_CODES[activation], BLOCK=APPLY_BLOCK, num_warps=NUM_WARPS)
+    return out, mean, rstd, var
+
+
+def batch_norm_act_backward(grad_out, x, weight, bias, mean, rstd, activation, negative_slope):
+    n, c, s, cl = _bn_layout(x)
+    grad_x = torch.empty_like(x)
+    grads = x.new_zeros((2, c), dtype=torch.float32)
+    if n * c * s == 0:
+        return grad_x.zero_(), grads[0], grads[1]
+    fmt = torch.contiguous_format if x.is_contiguous() else \
+        torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    g = grad_out.to(x.dtype).contiguous(memory_format=fmt)
+    w = weight if weight is not None else torch.ones_like(rstd)
+    b = bias if bias is not None else torch.zeros_like(rstd)
+    # The forward's folded coefficients, per (n, c) as the elementwise kernels index them.
+    coef = torch.stack([rstd * w, -mean, b])[:, None, :].expand(3, n, c).contiguous()
+    block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
+    sums = x.new_empty((3, n, c, splits), dtype=torch.float32)
+    act = ACT_CODES[activation]
+    _channel_sums_kernel[(n, triton.cdiv(c, block_c), splits)](
+        x, g, coef[0], coef[1], coef[2], sums[0], sums[1], sums[2], c, s, s_per_split, splits, negative_slope,
+        CHANNELS_LAST=cl, ACT=act, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS)
+    # Over the images, then one group per channel of one image of N * S elements.
+    sums = sums.sum(1)
+    back = x.new_empty((3, c), dtype=torch.float32)
+    unused = x.new_empty((3, c), dtype=torch.float32)  # the per-(n, c) gradients of add and scale_shift
+    splits_p2 = triton.next_power_of_2(splits)
+    _group_backward_kernel[(c,)](
+        sums[0], sums[1], sums[2], rstd, _opt(weight, x), _opt(bias, x), _dummy(x), back[0], back[1], back[2],
+        unused[0], unused[1:], grads[0], grads[1], c, n * s, c, 1, splits,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_SS=False, BLOCK=1, SPLITS_P2=splits_p2, num_warps=4)
+    back = back[:, None, :].expand(3, n, c).contiguous()
+    numel = x.numel()
+    _grad_apply_kernel[(triton.cdiv(numel, APPLY_BLOCK),)](
+        x, g, grad_x, coef[0], coef[1], coef[2], back[0], back[1], back[2], numel, c, s, negative_slope,
+        CHANNELS_LAST=cl, ACT=act, BLOCK=APPLY_BLOCK, num_warps=NUM_WARPS)
+    return grad_x, grads[0], grads[1]

@@ -559,3 +559,149 @@ def test_channel_affine_act_opcheck_and_compile():
         return genfast.batch_norm_act(x, rm, rv, scale, shift, activation="relu")
 
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x), fn(x))
+
+
+# ---- batch_norm_act in training mode: batch statistics, fused forward and backward -------------
+
+# Odd channel counts and spatial sizes, 5D, (N, C) and (N, C, L), S = 1, N = 1.
+TRAIN_SHAPES = [(3, 10, 7, 5), (2, 6, 3, 4, 5), (5, 7), (4, 5, 9), (6, 3, 1, 1), (1, 5, 2, 3), (2, 64, 13, 11)]
+
+
+def torch_batch_norm_act(x, rm, rv, w, b, activation, momentum=0.1, eps=1e-5):
+    return torch_activate(F.batch_norm(x, rm, rv, w, b, True, momentum, eps), activation)
+
+
+@pytest.mark.parametrize("shape", TRAIN_SHAPES, ids=["x".join(map(str, s)) for s in TRAIN_SHAPES])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_batch_norm_act_train_matches_torch(backend, shape, channels_last, dtype):
+    skip_unsupported(backend, dtype)
+    if channels_last and len(shape) < 4:
+        pytest.skip("no channels_last below 4D")
+    c = shape[1]
+    # A mean far from 0: a naive E[x^2] - E[x]^2 would fail.
+    x = to_layout((2 * torch.randn(shape, device=backend) + 3).to(dtype), channels_last)
+    w, b = 1 + 0.3 * torch.randn(c, device=backend), 0.3 * torch.randn(c, device=backend)
+    rm, rv = 0.5 * torch.randn(c, device=backend), 0.2 + torch.rand(c, device=backend)
+    grad = torch.randn(shape, device=backend).to(dtype)
+    count = x.numel() // c
+    for activation in ("silu", "leaky_relu", "gelu"):
+        rm_g, rv_g, rm64, rv64 = rm.clone(), rv.clone(), rm.double(), rv.double()
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        out = genfast.batch_norm_act(xs, rm_g, rv_g, ws, bs, training=True, momentum=0.3, activation=activation)
+        assert out.dtype == dtype and out.stride() == x.stride()
+        grads = torch.autograd.grad(out, (xs, ws, bs), grad)
+        x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+        ref64 = torch_batch_norm_act(x64, rm64, rv64, w64, b64, activation, 0.3)
+        g64 = torch.autograd.grad(ref64, (x64, w64, b64), grad.double())
+        # PyTorch in x's dtype (the parameters cast to it): the yardstick.
+        xl, wl, bl = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
+        lowp = torch_batch_norm_act(xl, None, None, wl, bl, activation)
+        glowp = torch.autograd.grad(lowp, (xl, wl, bl), grad)
+        # A channel's rounding magnified by its rstd (see conditioning_atol); sums over N*S elements.
+        dims = (0, *range(2, x.dim()))
+        pc = (...,) + (None,) * (x.dim() - 2)
+        rstd = torch.rsqrt(x64.detach().var(dim=dims, unbiased=False) + 1e-5)[pc]
+        u = 2.0**-24
+        wabs = w64.detach().abs()[pc]
+        cond_out = (2 * u * rstd * x64.detach().abs() * wabs).cpu()
+        cond_x = (8 * u * rstd * (grad.double().abs() * wabs).amax(dims, keepdim=True) * 1.2).expand(shape).cpu()
+        assert_close(out, ref64, lowp, atol=1e-6 + cond_out, name=f"{activation} out")
+        for name, g, r64, rl in zip(("x", "weight", "bias"), grads, g64, glowp):
+            assert g.dtype == (dtype if name == "x" else torch.float32), name
+            atol = cond_x if name == "x" else 1e-6 * count ** 0.5 * (1 + r64.abs().cpu())
+            assert_close(g, r64, rl, atol=atol, name=f"{activation} grad_{name}")
+        # The running statistics: momentum and the unbiased variance as F.batch_norm, in fp32.
+        torch.testing.assert_close(rm_g, rm64.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rv_g, rv64.float(), rtol=1e-5, atol=1e-6)
+        assert rv_g.dtype == torch.float32 and count > 1
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_batch_norm_act_train_gradcheck_fp64(activation):
+    """float64 runs on the reference: gradcheck of the training-mode backward (x, weight, bias)."""
+    for shape, channels_last in (((3, 4, 2, 3), False), ((2, 3, 3, 2), True), ((5, 3), False)):
+        x = to_layout(torch.randn(shape, dtype=torch.float64), channels_last).requires_grad_()
+        w = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: genfast.batch_norm_act(x, None, None, w, b, training=True, activation=activation,
+                                                   negative_slope=0.1), (x, w, b))
+        assert torch.autograd.gradcheck(
+            lambda x: genfast.batch_norm_act(x, None, None, training=True, activation=activation), (x,))
+
+
+@pytest.mark.parametrize("shape, channels_last", [((3, 5, 4, 7), True), ((4, 6), False), ((2, 3, 11), False)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_act_module_training_steps(backend, shape, channels_last, momentum):
+    """BatchNormAct trains as nn.BatchNorm*d + activation: outputs, gradients of x, weight and
+    bias, running statistics (momentum None: the cumulative average) and num_batches_tracked."""
+    bn = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[len(shape)](
+        shape[1], momentum=momentum).to(backend)
+    with torch.no_grad():
+        bn.weight.normal_(1.0, 0.3)
+        bn.bias.normal_(0.0, 0.3)
+    mine = genfast.nn.BatchNormAct.from_module(bn, torch.nn.ReLU())
+    for _ in range(3):
+        x = to_layout(torch.randn(shape, device=backend) * 2 + 1, channels_last).requires_grad_()
+        out, ref = mine(x), F.relu(bn(x))
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(ref)
+        for a, r in zip(torch.autograd.grad(out, (x, mine.weight, mine.bias), g),
+                        torch.autograd.grad(ref, (x, bn.weight, bn.bias), g)):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mine.running_mean, bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mine.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
+    assert int(mine.num_batches_tracked) == int(bn.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(x=torch.randn(1, 8, 1, 1)), ValueError, "more than 1 value"),
+    (dict(x=torch.randn(1, 8)), ValueError, "more than 1 value"),
+    (dict(x=torch.randn(8)), ValueError, "x must have shape"),
+    (dict(x=torch.ones(2, 8, 3, dtype=torch.int32)), TypeError, "x must have dtype"),
+    (dict(running_mean=torch.zeros(7)), ValueError, "running_mean must have shape"),
+    (dict(running_var=torch.ones(8, 1)), ValueError, "running_var must have shape"),
+    (dict(running_var=torch.ones(8, device="meta")), ValueError, "running_var must be on the device"),
+    (dict(weight=torch.ones(9)), ValueError, "weight must have shape"),
+    (dict(bias=torch.ones(8, dtype=torch.int64)), TypeError, "bias must have dtype"),
+    (dict(momentum="0.1"), TypeError, "momentum"),
+    (dict(eps=-1e-5), ValueError, "eps"),
+    (dict(activation="tanh"), ValueError, "activation"),
+    (dict(training=False, running_var=None), ValueError, "running_mean and running_var"),
+])
+def test_batch_norm_act_bad_input_raises_before_anything_runs(kwargs, error, match, monkeypatch):
+    args = {"x": torch.randn(2, 8, 3), "running_mean": torch.zeros(8), "running_var": torch.ones(8),
+            "weight": torch.ones(8), "bias": torch.zeros(8), "training": True, **kwargs}
+    monkeypatch.setattr(genfast._ops, "implementation", lambda *a: _never)
+    x, rm, rv = args.pop("x"), args.pop("running_mean"), args.pop("running_var")
+    stats = [(t, t.clone()) for t in (rm, rv) if t is not None and t.device.type == "cpu"]
+    with pytest.raises(error, match=match):
+        genfast.batch_norm_act(x, rm, rv, **args)
+    assert all(torch.equal(t, before) for t, before in stats), "running statistics touched"
+
+
+def test_batch_norm_act_train_opcheck_and_compile():
+    ops = torch.ops.genfast
+    x = torch.randn(3, 6, 5, 4, requires_grad=True)
+    w, b = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    for args in ((x, w, b, 1e-5, "silu", 0.01), (xcl, None, b, 1e-3, "leaky_relu", 0.2)):
+        torch.library.opcheck(ops.batch_norm_act_train.default, args)
+    _, mean, rstd, _ = ops.batch_norm_act_train(x.detach(), w.detach(), b.detach(), 1e-5, "gelu", 0.01)
+    torch.library.opcheck(ops.batch_norm_act_backward.default,
+                          (torch.randn(3, 6, 5, 4), x.detach(), w.detach(), b.detach(), mean, rstd, "gelu", 0.01))
+    torch._dynamo.reset()
+    rm, rv = torch.zeros(6), torch.ones(6)
+    rm_c, rv_c = rm.clone(), rv.clone()
+
+    def fn(x, rm, rv):
+        return genfast.batch_norm_act(x, rm, rv, w, b, training=True, activation="relu")
+
+    out = fn(x, rm, rv)
+    cout = torch.compile(fn, fullgraph=True)(x, rm_c, rv_c)
+    torch.testing.assert_close(cout, out)
+    torch.testing.assert_close(rm_c, rm)
+    torch.testing.assert_close(rv_c, rv)
+    for a, r in zip(torch.autograd.grad(cout.sum(), (x, w, b)), torch.autograd.grad(out.sum(), (x, w, b))):
+        torch.testing.assert_close(a, r)

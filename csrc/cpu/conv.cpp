@@ -34,8 +34,13 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "common.h"
 #include "ops.h"
@@ -157,6 +162,26 @@ inline void chunk_moments(const T* p, int64_t len, float& mean, float& m2) {
   m2 = lane_sum((a0 + a1) + (a2 + a3));
 }
 
+// A fresh output like x. A large one is asked to be backed by 2 MB pages
+// where the kernel allows (transparent huge pages in "madvise" mode): its
+// first touch then faults 64 times per 128 MB instead of 32768, which on this
+// VM cost about as much as the kernel itself.
+constexpr int64_t kHugePage = int64_t(2) << 20;
+
+Tensor empty_output(const Tensor& x) {
+  Tensor out = at::empty_like(x);
+#ifdef MADV_HUGEPAGE
+  const int64_t bytes = out.numel() * out.element_size();
+  if (bytes >= 4 * kHugePage) {
+    const auto first = reinterpret_cast<std::uintptr_t>(out.data_ptr());
+    const std::uintptr_t begin = (first + kHugePage - 1) & ~std::uintptr_t(kHugePage - 1);
+    const std::uintptr_t end = (first + bytes) & ~std::uintptr_t(kHugePage - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
+  }
+#endif
+  return out;
+}
+
 // Shapes and the optional per-channel inputs, all fp32 (the Python layer
 // converted weight, bias, add and scale_shift).
 struct Problem {
@@ -212,11 +237,14 @@ void fold_group(const Problem& p, int64_t n, int64_t g, float mean, float rstd, 
   }
 }
 
-void finish_group(const Problem& p, int64_t n, int64_t g, const Moments& m, float* mean, float* rstd, Coefs& k) {
-  const double var = m.count > 0 ? m.m2 / m.count : std::numeric_limits<double>::quiet_NaN();
-  const float mu = static_cast<float>(m.mean), r = static_cast<float>(1.0 / std::sqrt(var + p.eps));
+// Mean and rstd (and, with var, the biased variance) of group (n, g) from its moments.
+void finish_group(const Problem& p, int64_t n, int64_t g, const Moments& m, float* mean, float* rstd, Coefs& k,
+                  float* var = nullptr) {
+  const double v = m.count > 0 ? m.m2 / m.count : std::numeric_limits<double>::quiet_NaN();
+  const float mu = static_cast<float>(m.mean), r = static_cast<float>(1.0 / std::sqrt(v + p.eps));
   mean[n * p.G + g] = mu;
   rstd[n * p.G + g] = r;
+  if (var) var[n * p.G + g] = static_cast<float>(v);
   fold_group(p, n, g, mu, r, k);
 }
 
@@ -369,7 +397,8 @@ inline int64_t row_parts(const Problem& p) {
 }
 
 template <typename T, Act A>
-void nhwc_forward(const Problem& p, const T* x, const T* res, T* out, float* mean, float* rstd, Coefs& k) {
+void nhwc_forward(const Problem& p, const T* x, const T* res, T* out, float* mean, float* rstd, Coefs& k,
+                  float* var = nullptr) {
   const int64_t parts = row_parts(p), C = p.C;
   std::vector<float> pm(p.N * parts * C), pm2(p.N * parts * C);
   at::parallel_for(0, p.N * parts, 1, [&](int64_t begin, int64_t end) {
@@ -398,7 +427,7 @@ void nhwc_forward(const Problem& p, const T* x, const T* res, T* out, float* mea
           m.m2 += pm2[i] + cnt * dev * dev;
         }
       }
-      finish_group(p, n, g, m, mean, rstd, k);
+      finish_group(p, n, g, m, mean, rstd, k, var);
     }
   });
   at::parallel_for(0, p.N * parts, 1, [&](int64_t begin, int64_t end) {
@@ -451,7 +480,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_act(const Tensor& x, int64_t num_g
                                                   const OptTensor& bias, double eps, c10::string_view activation,
                                                   double negative_slope, const OptTensor& add,
                                                   const OptTensor& scale_shift, const OptTensor& residual) {
-  Tensor out = at::empty_like(x);
+  Tensor out = empty_output(x);
   auto [mean, rstd] = group_norm_act_into(x, num_groups, weight, bias, eps, activation, negative_slope, add,
                                           scale_shift, residual, out);
   return {out, mean, rstd};
@@ -716,7 +745,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_backward(
     const OptTensor& add, const OptTensor& scale_shift) {
   const Problem p = make_problem(x, num_groups, weight, bias, add, scale_shift, 0.0, negative_slope, activation);
   const auto f32 = x.options().dtype(at::kFloat);
-  Tensor grad_x = at::empty_like(x);
+  Tensor grad_x = empty_output(x);
   Tensor grad_add = at::zeros({p.N, p.C}, f32), grad_ss = at::zeros({p.N, 2 * p.C}, f32);
   Tensor wpart = at::zeros({p.N, p.C}, f32), bpart = at::zeros({p.N, p.C}, f32);
   if (p.N * p.C > 0 && p.S > 0) {
@@ -747,6 +776,181 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_backward(
     grad_x.zero_();
   }
   return {grad_x, wpart.sum(0), bpart.sum(0), grad_add, grad_ss};
+}
+
+// ---- batch norm in training mode --------------------------------------------
+//
+// Statistics per channel over N * S elements, then the group-norm blocks with
+// one group per channel. channels_last (and 2D (N, C) input) is one image of
+// N * S rows of C channels, which nhwc_forward and nhwc_backward handle as
+// they are. NCHW: channel c is N planes of S elements, each plane's moments
+// (or backward sums) taken in pieces by the threads and merged per channel in
+// a fixed order (deterministic), then the per-(n, c) apply passes.
+// Bytes (fp32): forward reads x twice and writes out, 12 per element (eager
+// batch_norm then the activation: 8 + 8 + 8); backward reads grad_out and x
+// twice and writes grad_x, 20 (eager autograd about 40).
+
+Problem bn_problem(const Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps, double slope,
+                   c10::string_view activation) {
+  Problem p = make_problem(x, x.size(1), weight, bias, std::nullopt, std::nullopt, eps, slope, activation);
+  if (p.S == 1) p.channels_last = true;  // (N, C, 1, ...) is already rows of C channels
+  if (p.channels_last) {
+    p.S *= p.N;
+    p.N = 1;
+  }
+  return p;
+}
+
+// Pieces per (n, c) plane so that N * C * parts tasks keep every thread busy.
+inline int64_t plane_parts(const Problem& p) {
+  const int64_t rows = p.N * p.C, threads = at::get_num_threads();
+  return std::max<int64_t>(1, std::min((4 * threads + rows - 1) / rows, p.S / (4 * kChunk)));
+}
+
+// The per-channel coefficients of one channel copied to every image: the apply passes index (n, c).
+void spread_channel(const Problem& p, int64_t c, Coefs& k) {
+  for (int64_t n = 1; n < p.N; ++n) {
+    k.a[n * p.C + c] = k.a[c];
+    k.d[n * p.C + c] = k.d[c];
+    k.b[n * p.C + c] = k.b[c];
+  }
+}
+
+template <typename T, Act A>
+void bn_nchw_forward(const Problem& p, const T* x, T* out, float* mean, float* rstd, float* var, Coefs& k) {
+  const int64_t parts = plane_parts(p), tasks = p.N * p.C * parts;
+  std::vector<Moments> partial(tasks);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nc = t / parts, q = t % parts;
+      partial[t] = nchw_moments(p, x, nc / p.C, nc % p.C, piece(p.S, parts, q), piece(p.S, parts, q + 1));
+    }
+  });
+  // finish_group indexes mean/rstd/var by n * G + g: channel c is (n = 0, g = c).
+  for (int64_t c = 0; c < p.C; ++c) {
+    Moments m;
+    for (int64_t n = 0; n < p.N; ++n)
+      for (int64_t q = 0; q < parts; ++q) {
+        const Moments& b = partial[(n * p.C + c) * parts + q];
+        m.merge(b.count, b.mean, b.m2);
+      }
+    finish_group(p, 0, c, m, mean, rstd, k, var);
+    spread_channel(p, c, k);
+  }
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nc = t / parts, q = t % parts;
+      nchw_apply<T, A>(p, k, x, nullptr, out, nc / p.C, nc % p.C, piece(p.S, parts, q), piece(p.S, parts, q + 1));
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(const Tensor& x, const OptTensor& weight,
+                                                                const OptTensor& bias, double eps,
+                                                                c10::string_view activation, double negative_slope) {
+  const Problem p = bn_problem(x, weight, bias, eps, negative_slope, activation);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor out = empty_output(x);
+  Tensor mean = at::empty({p.C}, f32), rstd = at::empty({p.C}, f32), var = at::empty({p.C}, f32);
+  if (p.C == 0) return {out, mean, rstd, var};
+  if (p.N * p.S == 0) {  // no values: NaN statistics, an empty output
+    for (const Tensor* t : {&mean, &rstd, &var}) t->fill_(std::numeric_limits<float>::quiet_NaN());
+    return {out, mean, rstd, var};
+  }
+  TORCH_CHECK(p.S < (int64_t(1) << 31) && p.C < (int64_t(1) << 31), "batch_norm_act: size too large");
+  Coefs k(p.N * p.C);
+  dispatch_float(x.scalar_type(), "batch_norm_act", [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_act(p.act, [&](auto act) {
+      constexpr Act A = decltype(act)::value;
+      if (p.channels_last) {
+        nhwc_forward<T, A>(p, x.data_ptr<T>(), nullptr, out.data_ptr<T>(), mean.data_ptr<float>(),
+                           rstd.data_ptr<float>(), k, var.data_ptr<float>());
+      } else {
+        bn_nchw_forward<T, A>(p, x.data_ptr<T>(), out.data_ptr<T>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                              var.data_ptr<float>(), k);
+      }
+    });
+  });
+  return {out, mean, rstd, var};
+}
+
+template <typename T, Act A>
+void bn_nchw_backward(const Problem& p, const Coefs& k, const float* rstd, const T* x, const T* gout, T* gx,
+                      GradOut go) {
+  const int64_t parts = plane_parts(p), tasks = p.N * p.C * parts;
+  std::vector<double> part(tasks * 3, 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nc = t / parts, q = t % parts, b = piece(p.S, parts, q), e = piece(p.S, parts, q + 1);
+      channel_sums<T, A>(x + nc * p.S + b, gout + nc * p.S + b, e - b, k.a[nc], k.d[nc], k.b[nc], p.slope,
+                         part[3 * t], part[3 * t + 1], part[3 * t + 2]);
+    }
+  });
+  // The channel sums in a fixed order, finished as one group per channel of one image of N * S.
+  Problem pooled = p;
+  pooled.S = p.N * p.S;
+  pooled.N = 1;
+  Sums s(p.C);
+  for (int64_t c = 0; c < p.C; ++c)
+    for (int64_t n = 0; n < p.N; ++n)
+      for (int64_t q = 0; q < parts; ++q) {
+        const int64_t t = (n * p.C + c) * parts + q;
+        s.s1[c] += part[3 * t];
+        s.s2[c] += part[3 * t + 1];
+        s.s3[c] += part[3 * t + 2];
+      }
+  BackCoefs bc(p.N * p.C);
+  for (int64_t c = 0; c < p.C; ++c) {
+    finish_group_backward(pooled, 0, c, s, rstd, bc, go.wpart, go.bpart, go.add, go.ss);
+    for (int64_t n = 1; n < p.N; ++n) {
+      bc.p[n * p.C + c] = bc.p[c];
+      bc.q[n * p.C + c] = bc.q[c];
+      bc.r[n * p.C + c] = bc.r[c];
+    }
+  }
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nc = t / parts, q = t % parts;
+      nchw_grad_apply<T, A>(p, k, bc, x, gout, gx, nc, piece(p.S, parts, q), piece(p.S, parts, q + 1));
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_backward(const Tensor& grad_out, const Tensor& x,
+                                                           const OptTensor& weight, const OptTensor& bias,
+                                                           const Tensor& mean, const Tensor& rstd,
+                                                           c10::string_view activation, double negative_slope) {
+  const Problem p = bn_problem(x, weight, bias, 0.0, negative_slope, activation);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor grad_x = empty_output(x);
+  Tensor grad_w = at::zeros({p.C}, f32), grad_b = at::zeros({p.C}, f32);
+  if (p.N * p.C * p.S == 0) return {grad_x, grad_w, grad_b};
+  TORCH_CHECK(p.S < (int64_t(1) << 31) && p.C < (int64_t(1) << 31), "batch_norm_act: size too large");
+  const Tensor g = grad_out.to(x.scalar_type()).contiguous(x.suggest_memory_format());
+  const Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  Coefs k(p.N * p.C);
+  for (int64_t c = 0; c < p.C; ++c) {
+    fold_group(p, 0, c, mean_c.data_ptr<float>()[c], rstd_c.data_ptr<float>()[c], k);
+    spread_channel(p, c, k);
+  }
+  // The (n, c) gradients of add and scale_shift are computed by the shared code and not needed here.
+  std::vector<float> unused_add(p.C), unused_ss(2 * p.C);
+  GradOut go{grad_w.data_ptr<float>(), grad_b.data_ptr<float>(), unused_add.data(), unused_ss.data()};
+  dispatch_float(x.scalar_type(), "batch_norm_act_backward", [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_act(p.act, [&](auto act) {
+      constexpr Act A = decltype(act)::value;
+      if (p.channels_last) {
+        nhwc_backward<T, A>(p, k, rstd_c.data_ptr<float>(), x.data_ptr<T>(), g.data_ptr<T>(), grad_x.data_ptr<T>(),
+                            go);
+      } else {
+        bn_nchw_backward<T, A>(p, k, rstd_c.data_ptr<float>(), x.data_ptr<T>(), g.data_ptr<T>(),
+                               grad_x.data_ptr<T>(), go);
+      }
+    });
+  });
+  return {grad_x, grad_w, grad_b};
 }
 
 // ---- per-channel affine + activation ------------------------------------------
@@ -792,7 +996,7 @@ void affine_rows(const T* x, const T* res, T* out, const float* scale, const flo
 
 Tensor channel_affine_act(const Tensor& x, const Tensor& scale, const Tensor& shift, const OptTensor& residual,
                           c10::string_view activation, double negative_slope) {
-  Tensor out = at::empty_like(x);
+  Tensor out = empty_output(x);
   const int64_t N = x.size(0), C = x.size(1), numel = x.numel();
   if (numel == 0) return out;
   const int64_t S = numel / (N * C);
@@ -833,6 +1037,8 @@ TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) {
         &group_norm_act_out);
   m.def("group_norm_act_backward", &group_norm_act_backward);
   m.def("channel_affine_act", &channel_affine_act);
+  m.def("batch_norm_act_train", &batch_norm_act_train);
+  m.def("batch_norm_act_backward", &batch_norm_act_backward);
 }
 
 }  // namespace genfast::cpu

@@ -165,3 +165,38 @@ def channel_affine_act(x, scale, shift, residual, activation, negative_slope):
         h = h + residual.to(h.dtype)
     y = h * _per_channel(scale, x) + _per_channel(shift, x)
     return _like_x(activate(y, activation, negative_slope), x)
+
+
+def _channel_dims(x: torch.Tensor) -> tuple:
+    """The dims batch statistics reduce over: all but the channel dim 1."""
+    return (0, *range(2, x.dim()))
+
+
+def _bn_xhat(x, mean, rstd):
+    return (x.to(mean.dtype) - _per_channel(mean, x)) * _per_channel(rstd, x)
+
+
+def batch_norm_act_train(x, weight, bias, eps, activation, negative_slope):
+    """Batch norm with batch statistics + activation: statistics per channel over
+    (N, *S). Returns (out like x, mean, rstd, var), the last three (C,) in the
+    compute dtype, var biased; rstd = 1 / sqrt(var + eps)."""
+    var, mean = torch.var_mean(x.to(compute_dtype(x.dtype)), dim=_channel_dims(x), unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    _, y = _pre_activation(_bn_xhat(x, mean, rstd), x, weight, bias, None)
+    return _like_x(activate(y, activation, negative_slope), x), mean, rstd, var
+
+
+def batch_norm_act_backward(grad_out, x, weight, bias, mean, rstd, activation, negative_slope):
+    """Gradients of batch_norm_act_train's out: (grad_x like x, grad_weight (C,),
+    grad_bias (C,)), the last two in the compute dtype whether or not weight and
+    bias were given."""
+    dims = _channel_dims(x)
+    xhat = _bn_xhat(x, mean, rstd)
+    _, y = _pre_activation(xhat, x, weight, bias, None)
+    dy = grad_out.to(xhat.dtype) * activate_grad(y, activation, negative_slope)
+    grad_weight, grad_bias = (dy * xhat).sum(dims), dy.sum(dims)
+    dxhat = dy if weight is None else dy * _per_channel(weight.to(xhat.dtype), x)
+    # d/dx of the normalization: dxhat minus its projections on 1 and on xhat, per channel.
+    dx = (dxhat - dxhat.mean(dims, keepdim=True) - xhat * (dxhat * xhat).mean(dims, keepdim=True)) \
+        * _per_channel(rstd, x)
+    return _like_x(dx, x), grad_weight, grad_bias
