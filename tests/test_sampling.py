@@ -210,6 +210,64 @@ def test_penalties_per_row_and_int32_prev_tokens(backend):
         assert abs(lp[r].item() - math.log(p.item())) < 1e-4
 
 
+def counts_of(prev_tokens, vocab, dtype=torch.int64):
+    """(batch, vocab) counts of each id in each row of prev_tokens (ids < 0 are padding), by a Python loop."""
+    counts = torch.zeros(prev_tokens.shape[0], vocab, dtype=dtype)
+    for r, row in enumerate(prev_tokens.tolist()):
+        for t in row:
+            if t >= 0:
+                counts[r, t] += 1
+    return counts
+
+
+@pytest.mark.parametrize("vocab", [1, 61, 1031])
+@pytest.mark.parametrize("counts_dtype", [torch.int64, torch.int32])
+def test_token_counts_give_the_tokens_of_prev_tokens(backend, vocab, counts_dtype):
+    g = torch.Generator().manual_seed(vocab)
+    batch = 7
+    logits = logits_like_a_model(batch, vocab, g)
+    prev = torch.randint(-1, vocab, (batch, 50), generator=g)
+    prev[:, :10] = prev[:, 10:20]  # repeats
+    prev[2] = -1  # nothing before
+    counts = counts_of(prev, vocab, counts_dtype)
+    per_row = dict(repetition_penalty=torch.rand(batch, generator=g) + 0.7,
+                   presence_penalty=torch.randn(batch, generator=g),
+                   frequency_penalty=torch.rand(batch, generator=g))
+    scalar = dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.25)
+    for pen in (scalar, per_row):
+        pen = {k: v.to(backend) if isinstance(v, torch.Tensor) else v for k, v in pen.items()}
+        for kw in (dict(temperature=0.0), dict(top_p=0.8, top_k=20, temperature=0.9)):
+            a, lp_a = genfast.sample_tokens(logits.to(backend), prev_tokens=prev.to(backend), seed=6, offset=2,
+                                            return_logprobs=True, **pen, **kw)
+            b, lp_b = genfast.sample_tokens(logits.to(backend), token_counts=counts.to(backend), seed=6, offset=2,
+                                            return_logprobs=True, **pen, **kw)
+            assert torch.equal(a, b)
+            assert torch.equal(lp_a, lp_b)
+            # and both are HF's penalties
+            for r in range(batch):
+                rowpen = {k: (v[r].item() if isinstance(v, torch.Tensor) else v) for k, v in pen.items()}
+                oracle = hf_penalize(logits[r:r + 1], prev[r:r + 1], rep=rowpen["repetition_penalty"],
+                                     presence=rowpen["presence_penalty"], frequency=rowpen["frequency_penalty"])
+                if kw["temperature"] == 0:
+                    assert b[r].item() == oracle.argmax().item()
+                else:
+                    p = hf_probs(oracle, **kw)[0, b[r].item()]
+                    assert abs(lp_b[r].item() - math.log(p.item())) < 1e-4
+
+
+def test_token_counts_with_large_counts(backend):
+    """Counts far beyond one repeat: the frequency penalty is frequency * count, once."""
+    logits = logits_like_a_model(3, 40, torch.Generator().manual_seed(2))
+    counts = torch.zeros(3, 40, dtype=torch.int64)
+    counts[0, logits[0].argmax()] = 1000
+    counts[1, 5] = 3
+    out = genfast.sample_tokens(logits.to(backend), token_counts=counts.to(backend), frequency_penalty=0.01,
+                                temperature=0)
+    x = logits.clone()
+    x[counts > 0] -= 0.01 * counts[counts > 0].float()
+    assert torch.equal(out.cpu(), x.argmax(-1))
+
+
 # ---- the noise stream and agreement between backends ----------------------------
 
 def test_row_r_uses_the_uniform_at_offset_plus_r(backend):
@@ -335,6 +393,13 @@ def _never(*args):
     (dict(prev_tokens=torch.tensor([[1, 2], [3, 99], [0, -1]])), ValueError, "prev_tokens .* row 1"),
     (dict(prev_tokens=torch.tensor([[1.0, 2.0]] * 3)), TypeError, "prev_tokens"),
     (dict(prev_tokens=torch.tensor([[1, 2]])), ValueError, "prev_tokens"),
+    (dict(token_counts=torch.zeros(3, 9, dtype=torch.int64)), ValueError, "token_counts"),
+    (dict(token_counts=torch.zeros(3, 10)), TypeError, "token_counts"),
+    (dict(token_counts=torch.zeros(3, 10, dtype=torch.int64, device="meta")), ValueError, "token_counts .* device"),
+    (dict(token_counts=torch.tensor([[0] * 10, [0] * 9 + [-1], [0] * 10])), ValueError, "token_counts .* row 1"),
+    (dict(token_counts=[[0] * 10] * 3), TypeError, "token_counts"),
+    (dict(token_counts=torch.zeros(3, 10, dtype=torch.int64), prev_tokens=torch.zeros(3, 2, dtype=torch.int64)),
+     ValueError, "prev_tokens or token_counts"),
     (dict(seed=2**64), ValueError, "seed"),
     (dict(offset=-1), ValueError, "offset"),
 ])
@@ -359,10 +424,13 @@ def test_opcheck():
     logits = torch.randn(4, 37, device=DEVICE)
     params = torch.tensor([[1.0, 3, 0.9, 0.0, 1.2, 0.1, 0.1]] * 4, device=DEVICE)
     prev = torch.randint(-1, 37, (4, 6), device=DEVICE)
+    counts = torch.randint(0, 3, (4, 37), device=DEVICE, dtype=torch.int32)
     op = torch.ops.genfast.sample_tokens.default
-    for args in [(logits, None, None, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 3, None, 0, True),
-                 (logits, params, prev, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 3, None, 0, False),
-                 (logits, None, prev, 2.0, 5, 0.8, 0.1, 1.3, 0.2, 0.3, 0, torch.tensor(4, device=DEVICE), 9, True)]:
+    for args in [(logits, None, None, None, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 3, None, 0, True),
+                 (logits, params, prev, None, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 3, None, 0, False),
+                 (logits, params, None, counts, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 3, None, 0, False),
+                 (logits, None, prev, None, 2.0, 5, 0.8, 0.1, 1.3, 0.2, 0.3, 0, torch.tensor(4, device=DEVICE), 9,
+                  True)]:
         torch.library.opcheck(op, args)
 
 
@@ -373,11 +441,17 @@ def test_torch_compile_fullgraph_decode_step():
         return genfast.sample_tokens(logits, top_k=20, top_p=0.9, temperature=0.7, repetition_penalty=1.1,
                                      prev_tokens=prev, seed=seed, offset=offset, check=False)
 
+    def step_counts(logits, counts, seed, offset):
+        return genfast.sample_tokens(logits, top_k=20, top_p=0.9, temperature=0.7, repetition_penalty=1.1,
+                                     token_counts=counts, seed=seed, offset=offset, check=False)
+
     logits = torch.randn(4, 100, device=DEVICE)
     prev = torch.randint(0, 100, (4, 8), device=DEVICE)
     seed = torch.tensor(3, device=DEVICE)
     expected = step(logits, prev, seed, 5)
     assert torch.equal(torch.compile(step, fullgraph=True)(logits, prev, seed, 5), expected)
+    counts = counts_of(prev.cpu(), 100).to(DEVICE)
+    assert torch.equal(torch.compile(step_counts, fullgraph=True)(logits, counts, seed, 5), expected)
 
 
 @settings(max_examples=25, deadline=None)

@@ -4,7 +4,8 @@
 //
 // Per row (V logits, a 512 KB fp32 row for Llama 3 stays in L2):
 //   A. read the row once into an fp32 scratch, max and NaN/+inf detection;
-//      penalties patch the scratch at the previous tokens' ids;
+//      penalties patch the scratch at the previous tokens' ids (or where the
+//      token counts are > 0);
 //   B. d = (max - x) * inv_temperature in place (d >= 0, 0 at the top), and
 //      what picks a candidate cut-off C: counts (top-k) or masses (top-p alone)
 //      of d <= 1, 2, 4, ..., 64 nats, in the same pass;
@@ -125,25 +126,64 @@ float load_row(const T* src, int64_t V, float* x) {
   return lane_max(m);
 }
 
-// Penalties from the raw logits, as the reference; returns whether any applied.
+// A penalized logit from its raw value and its count c > 0, as the reference
+// (left to right, one rounding per operation).
+inline float penalized(float raw, float c, const RowParams& rp) {
+  return (raw < 0.f ? raw * rp.rep : raw / rp.rep) - rp.presence - rp.freq * c;
+}
+
+// Penalties from previous token ids: each distinct id once, with its count
+// (runs of the sorted ids). Returns whether any applied.
 template <typename T>
-bool penalize(const T* src, int64_t V, const int64_t* prev, int64_t n, const RowParams& rp, float* x) {
-  bool any = false;
+bool penalize_prev(const T* src, int64_t V, const int64_t* prev, int64_t n, const RowParams& rp, float* x) {
+  std::vector<int64_t> ids;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t t = prev[i];
-    if (t < 0 || t >= V) continue;
-    const float raw = static_cast<float>(src[t]);
-    x[t] = (raw < 0.f ? raw * rp.rep : raw / rp.rep) - rp.presence;
-    any = true;
+    if (prev[i] >= 0 && prev[i] < V) ids.push_back(prev[i]);
   }
-  if (rp.freq != 0.f) {
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t t = prev[i];
-      if (t >= 0 && t < V) x[t] -= rp.freq;
+  std::sort(ids.begin(), ids.end());
+  for (size_t i = 0; i < ids.size();) {
+    size_t j = i;
+    while (j < ids.size() && ids[j] == ids[i]) ++j;
+    x[ids[i]] = penalized(static_cast<float>(src[ids[i]]), static_cast<float>(j - i), rp);
+    i = j;
+  }
+  return !ids.empty();
+}
+
+// Penalties from a row of token counts. Returns whether any applied.
+template <typename T, typename C>
+bool penalize_counts(const T* src, int64_t V, const C* counts, const RowParams& rp, float* x) {
+  bool any = false;
+  for (int64_t b = 0; b < V; b += 64) {
+    const int64_t end = std::min(V, b + 64);
+    C hit = 0;  // counts are mostly 0: test a block at once (the OR vectorizes)
+    for (int64_t j = b; j < end; ++j) hit |= counts[j];
+    if (hit == 0) continue;
+    for (int64_t j = b; j < end; ++j) {
+      if (counts[j] > 0) {
+        x[j] = penalized(static_cast<float>(src[j]), static_cast<float>(counts[j]), rp);
+        any = true;
+      }
     }
   }
   return any;
 }
+
+// Where a row's penalties come from: previous ids, or counts of one of two dtypes.
+struct PenaltySource {
+  const int64_t* prev = nullptr;
+  int64_t n_prev = 0;
+  const int64_t* counts64 = nullptr;
+  const int32_t* counts32 = nullptr;
+
+  template <typename T>
+  bool apply(const T* src, int64_t V, int64_t row, const RowParams& rp, float* x) const {
+    if (prev != nullptr) return penalize_prev(src, V, prev + row * n_prev, n_prev, rp, x);
+    if (counts64 != nullptr) return penalize_counts(src, V, counts64 + row * V, rp, x);
+    if (counts32 != nullptr) return penalize_counts(src, V, counts32 + row * V, rp, x);
+    return false;
+  }
+};
 
 int64_t first_index_of(const float* x, int64_t V, float value) {
   int64_t j = 0;
@@ -405,13 +445,13 @@ Draw draw(const float* cd, const float* ce, const int32_t* ci, int64_t n, float 
 }
 
 template <typename T>
-Draw sample_row(const T* src, int64_t V, const int64_t* prev, int64_t n_prev, const RowParams& rp, float u,
+Draw sample_row(const T* src, int64_t V, const PenaltySource& penalties, int64_t row, const RowParams& rp, float u,
                 Scratch& s) {
   float* x = s.x.get();
   float* e = s.e.get();
   float top = load_row(src, V, x);
   if (std::isnan(top) || top == kInf) return {kNanRow, 0.f};
-  if (prev != nullptr && penalize(src, V, prev, n_prev, rp, x)) top = row_max(x, V);
+  if (penalties.apply(src, V, row, rp, x)) top = row_max(x, V);
   if (top == -kInf) return {kEmptyRow, 0.f};
   if (rp.inv_t == kInf) return {first_index_of(x, V, top), 0.f};
 
@@ -468,7 +508,7 @@ Draw sample_row(const T* src, int64_t V, const int64_t* prev, int64_t n_prev, co
 }
 
 std::tuple<Tensor, Tensor> sample_tokens(const Tensor& logits, const OptTensor& params, const OptTensor& prev_tokens,
-                                         double inv_temperature, int64_t top_k, double top_p, double min_p,
+                                         const OptTensor& token_counts, double inv_temperature, int64_t top_k, double top_p, double min_p,
                                          double repetition_penalty, double presence_penalty, double frequency_penalty,
                                          int64_t seed, const OptTensor& seed_tensor, int64_t offset,
                                          bool return_logprobs) {
@@ -483,8 +523,17 @@ std::tuple<Tensor, Tensor> sample_tokens(const Tensor& logits, const OptTensor& 
     stream_uniforms(key, static_cast<uint64_t>(offset + b), static_cast<int>(std::min<int64_t>(kBlock, B - b)), u.data() + b);
   }
   const float* prm = params.has_value() ? params->data_ptr<float>() : nullptr;
-  const int64_t* prev = prev_tokens.has_value() ? prev_tokens->data_ptr<int64_t>() : nullptr;
-  const int64_t n_prev = prev_tokens.has_value() ? prev_tokens->size(1) : 0;
+  PenaltySource penalties;
+  if (prev_tokens.has_value()) {
+    penalties.prev = prev_tokens->data_ptr<int64_t>();
+    penalties.n_prev = prev_tokens->size(1);
+  } else if (token_counts.has_value()) {
+    if (token_counts->scalar_type() == at::kLong) {
+      penalties.counts64 = token_counts->data_ptr<int64_t>();
+    } else {
+      penalties.counts32 = token_counts->data_ptr<int32_t>();
+    }
+  }
   const RowParams scalar{static_cast<float>(inv_temperature), top_k, static_cast<float>(top_p),
                          static_cast<float>(min_p), static_cast<float>(repetition_penalty),
                          static_cast<float>(presence_penalty), static_cast<float>(frequency_penalty)};
@@ -503,7 +552,7 @@ std::tuple<Tensor, Tensor> sample_tokens(const Tensor& logits, const OptTensor& 
           const float* q = prm + r * 7;
           rp = RowParams{q[0], static_cast<int64_t>(q[1]), q[2], q[3], q[4], q[5], q[6]};
         }
-        const Draw d = sample_row(src + r * V, V, prev ? prev + r * n_prev : nullptr, n_prev, rp, u[r], s);
+        const Draw d = sample_row(src + r * V, V, penalties, r, rp, u[r], s);
         tok[r] = d.token;
         if (lp != nullptr) lp[r] = d.logprob;
       }
