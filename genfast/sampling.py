@@ -350,44 +350,65 @@ def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_ap
                          offset=offset or 0, check=check_nan).to(torch.int32)
 
 
-# The renorm/mask functions are plain PyTorch (topk; a sort for top-p), not fused kernels yet.
+# The renorm/mask ops: FlashInfer's semantics (ties at the threshold kept; top_p
+# absolute; rows renormalized by 1 / max(kept mass, 1e-8)), thresholds by
+# selection in the kernels. genfast/reference/sampling.py states them exactly.
 
-def _kth_largest(x: torch.Tensor, top_k) -> torch.Tensor:
-    """(batch, 1) threshold: the k-th largest value per row; -inf where k is 0 or >= vocab (no filter)."""
-    vocab = x.shape[-1]
-    k = torch.as_tensor(top_k, device=x.device).long().expand(x.shape[0])
-    kmax = int(k.clamp(1, vocab).max())
-    vals = torch.topk(x, kmax, dim=-1).values
-    kth = vals.gather(1, (k.clamp(1, vocab) - 1)[:, None])
-    return torch.where(((k > 0) & (k < vocab))[:, None], kth, torch.full_like(kth, -math.inf))
+def _fake_filter(x, per_row, param):
+    return torch.empty_like(x)
+
+
+top_k_renorm_probs_op = _ops.define("top_k_renorm_probs(Tensor probs, Tensor? top_k_arr, int top_k) -> Tensor",
+                                    "sampling", _fake_filter)
+top_p_renorm_probs_op = _ops.define("top_p_renorm_probs(Tensor probs, Tensor? top_p_arr, float top_p) -> Tensor",
+                                    "sampling", _fake_filter)
+top_k_mask_logits_op = _ops.define("top_k_mask_logits(Tensor logits, Tensor? top_k_arr, int top_k) -> Tensor",
+                                   "sampling", _fake_filter)
+
+
+def _filter_args(fn: str, name: str, x, param, param_name: str):
+    """Checked (x, per-row tensor or None, scalar) for a renorm/mask op."""
+    _ops.check_tensor(fn, name, x)
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: {name} must have shape (batch, vocab), got {tuple(x.shape)}")
+    value = _check_param(fn, param_name, param, x.shape[0], x.device, check_values=True)
+    if isinstance(value, torch.Tensor):
+        dtype = torch.int64 if param_name == "top_k" else torch.float32
+        return x.contiguous(), value.to(dtype).contiguous(), 0
+    return x.contiguous(), None, value
 
 
 def top_k_mask_logits(logits, top_k):
-    """``flashinfer.sampling.top_k_mask_logits``: logits below the k-th largest of their row set to -inf
-    (ties kept). logits (batch, vocab); top_k an int or a (batch,) tensor; returns logits' shape and dtype."""
-    _ops.check_tensor("top_k_mask_logits", "logits", logits)
-    return logits.masked_fill(logits < _kth_largest(logits, top_k), -math.inf)
+    """``flashinfer.sampling.top_k_mask_logits``: logits below the k-th largest of their row set to -inf.
+
+    logits (batch, vocab) fp32/fp16/bf16; top_k an int or a (batch,) integer tensor, 0 or >= vocab for no
+    mask. Ties at the k-th value are all kept. Returns a tensor of logits' shape and dtype.
+    """
+    x, per_row, k = _filter_args("top_k_mask_logits", "logits", logits, top_k, "top_k")
+    return top_k_mask_logits_op(x, per_row, k)
 
 
 def top_k_renorm_probs(probs, top_k):
-    """``flashinfer.sampling.top_k_renorm_probs``: keep the top-k probabilities of each row (ties kept), renormalize."""
-    _ops.check_tensor("top_k_renorm_probs", "probs", probs)
-    kept = probs.masked_fill(probs < _kth_largest(probs, top_k), 0)
-    return kept / kept.sum(dim=-1, keepdim=True)
+    """``flashinfer.sampling.top_k_renorm_probs``: keep each row's probabilities >= its k-th largest (ties
+    kept), zero the rest, renormalize.
+
+    probs (batch, vocab) fp32/fp16/bf16; top_k an int or a (batch,) integer tensor, 0 or >= vocab to only
+    renormalize. Returns probs' shape and dtype: ``kept * (1 / max(sum(kept), 1e-8))`` in fp32.
+    """
+    x, per_row, k = _filter_args("top_k_renorm_probs", "probs", probs, top_k, "top_k")
+    return top_k_renorm_probs_op(x, per_row, k)
 
 
 def top_p_renorm_probs(probs, top_p):
-    """``flashinfer.sampling.top_p_renorm_probs``: keep the smallest top set whose mass reaches top_p
-    (ties at the threshold kept), renormalize. probs (batch, vocab); top_p a float or a (batch,) tensor."""
-    _ops.check_tensor("top_p_renorm_probs", "probs", probs)
-    p = torch.as_tensor(top_p, device=probs.device, dtype=torch.float32).expand(probs.shape[0])[:, None]
-    sorted_probs = probs.float().sort(dim=-1, descending=True).values
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each sorted position
-    # the smallest kept probability: the last sorted position whose mass above is < top_p
-    last = ((before < p * sorted_probs.sum(dim=-1, keepdim=True)).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
-    threshold = sorted_probs.gather(1, last).to(probs.dtype)
-    kept = probs.masked_fill(probs < threshold, 0)
-    return kept / kept.sum(dim=-1, keepdim=True)
+    """``flashinfer.sampling.top_p_renorm_probs``: keep the smallest set of each row's top probabilities
+    whose mass reaches top_p (ties at the threshold kept), zero the rest, renormalize.
+
+    probs (batch, vocab) fp32/fp16/bf16, rows summing to 1 (top_p is compared with the mass itself, as in
+    FlashInfer; a row holding less than top_p is kept whole); top_p in (0, 1], a float or a (batch,) tensor.
+    Returns probs' shape and dtype: ``kept * (1 / max(sum(kept), 1e-8))`` in fp32.
+    """
+    x, per_row, p = _filter_args("top_p_renorm_probs", "probs", probs, top_p, "top_p")
+    return top_p_renorm_probs_op(x, per_row, p)
 
 
 # ---- a sampler object for decode loops -------------------------------------------

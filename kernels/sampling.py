@@ -225,3 +225,96 @@ def sample_tokens(logits, params, prev_tokens, token_counts, inv_temperature, to
         HAS_PARAMS=has_params, SEED_FROM_PTR=seed_tensor is not None, RETURN_LOGPROBS=return_logprobs,
         BLOCK=block, num_warps=8)
     return tokens, logprobs
+
+
+# ---- FlashInfer's renorm and mask ops ------------------------------------------------
+# One program per row: the threshold t (one of the row's values) by bisection
+# on order-preserving int32 keys, 32 passes over the row, then one pass (two
+# for renormalization) that keeps the values >= t. Semantics:
+# genfast/reference/sampling.py.
+
+@triton.jit
+def _order_key(x):
+    """int32 keys that order fp32 values: a < b iff key(a) < key(b) (neither NaN)."""
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+@triton.jit(do_not_specialize=["k_s", "p_s"])
+def _filter_kernel(x_ptr, arr_ptr, out_ptr, vocab, k_s, p_s, HAS_ARR: tl.constexpr, TOP_P: tl.constexpr,
+                   RENORM: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * vocab
+    out_row = out_ptr + row * vocab
+    if TOP_P:
+        target = (tl.load(arr_ptr + row) if HAS_ARR else p_s) + tl.zeros([], tl.float32)
+        total_v = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, vocab, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            total_v += tl.load(x_row + idx, mask=idx < vocab, other=0.0).to(tl.float32)
+        # top_p is absolute, as FlashInfer's: a row holding less mass is kept whole
+        on = (target < 1.0) & (tl.sum(total_v, axis=0) >= target)
+    else:
+        k = (tl.load(arr_ptr + row) if HAS_ARR else k_s) + tl.zeros([], tl.int64)
+        target = k.to(tl.float32)
+        on = (k > 0) & (k < vocab)
+    t = float("-inf")
+    if on:
+        # the largest key with F(key) >= target, F the count (or mass) of the keys >= it
+        lo = tl.zeros([], tl.int64) - 2147483648
+        hi = tl.zeros([], tl.int64) + 2147483648
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            f_v = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, vocab, BLOCK):
+                idx = start + tl.arange(0, BLOCK)
+                mask = idx < vocab
+                x = tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32)
+                w = x if TOP_P else tl.full([BLOCK], 1.0, tl.float32)
+                f_v += tl.where(mask & (_order_key(x).to(tl.int64) >= mid), w, 0.0)
+            if tl.sum(f_v, axis=0) >= target:
+                lo = mid
+            else:
+                hi = mid
+        key = lo.to(tl.int32)
+        t = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
+    if RENORM:
+        z_v = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, vocab, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            x = tl.load(x_row + idx, mask=idx < vocab, other=0.0).to(tl.float32)
+            z_v += tl.where(x >= t, x, 0.0)
+        inv = 1.0 / tl.maximum(tl.sum(z_v, axis=0), 1e-8)  # FlashInfer's guard against an all-zero row
+        for start in range(0, vocab, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            mask = idx < vocab
+            x = tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_row + idx, tl.where(x >= t, x * inv, 0.0), mask=mask)
+    else:
+        for start in range(0, vocab, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            mask = idx < vocab
+            raw = tl.load(x_row + idx, mask=mask, other=0.0)
+            tl.store(out_row + idx, tl.where(raw.to(tl.float32) >= t, raw, float("-inf")), mask=mask)
+
+
+def _filter(x, per_row, k, p, top_p: bool, renorm: bool):
+    batch, vocab = x.shape
+    out = torch.empty_like(x)
+    if batch > 0:
+        _filter_kernel[(batch,)](x, per_row if per_row is not None else x, out, vocab, k, p,
+                                 HAS_ARR=per_row is not None, TOP_P=top_p, RENORM=renorm, BLOCK=_block(vocab),
+                                 num_warps=8)
+    return out
+
+
+def top_k_renorm_probs(probs, top_k_arr, top_k):
+    return _filter(probs, top_k_arr, top_k, 1.0, top_p=False, renorm=True)
+
+
+def top_p_renorm_probs(probs, top_p_arr, top_p):
+    return _filter(probs, top_p_arr, 0, top_p, top_p=True, renorm=True)
+
+
+def top_k_mask_logits(logits, top_k_arr, top_k):
+    return _filter(logits, top_k_arr, top_k, 1.0, top_p=False, renorm=False)

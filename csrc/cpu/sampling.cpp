@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -561,8 +562,130 @@ std::tuple<Tensor, Tensor> sample_tokens(const Tensor& logits, const OptTensor& 
   return {tokens, logprobs};
 }
 
+// ---- FlashInfer's renorm and mask ops -----------------------------------------
+// Per row: a threshold t that is one of the row's values, found by selection on
+// order-preserving keys, then one pass that keeps the values >= t (ties kept).
+
+// a < b as floats (neither NaN) iff order_key(a) < order_key(b).
+inline uint32_t order_key(float f) {
+  const uint32_t b = static_cast<uint32_t>(float_to_key(f));
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+inline float key_value(uint32_t k) { return key_to_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k); }
+
+// The largest value t of x[0, n) with F(t) >= target, F(t) the number (kMass
+// false) or the sum of the values >= t. Most-significant-digit radix select on
+// the keys, 8 bits a round: each round counts (or sums) per digit, keeps the
+// digit holding t and moves its elements to the work buffer, so only the first
+// round reads the whole row.
+template <bool kMass>
+float select_value(const float* x, int64_t n, float target, float* work) {
+  const float* w = x;
+  int64_t wn = n;
+  float above = 0.f;  // F of the elements in the digits above the chosen ones
+  uint32_t prefix = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    float hist[256] = {};
+    for (int64_t i = 0; i < wn; ++i) hist[(order_key(w[i]) >> shift) & 255u] += kMass ? w[i] : 1.f;
+    uint32_t digit = 255;
+    while (digit > 0 && above + hist[digit] < target) above += hist[digit--];
+    prefix |= digit << shift;
+    int64_t m = 0;
+    for (int64_t i = 0; i < wn; ++i) {
+      if (((order_key(w[i]) >> shift) & 255u) == digit) work[m++] = w[i];  // in place after the first round
+    }
+    w = work;
+    wn = m;
+  }
+  return key_value(prefix);
+}
+
+enum class Filter { kTopKRenorm, kTopPRenorm, kTopKMask };
+
+// The sum of x[0, n) >= t: lanes over blocks of 1024, the blocks added in fp64,
+// about as accurate as PyTorch's cascaded sum (a running fp32 sum of a 128k row is not).
+float mass_ge(const float* x, int64_t n, float t) {
+  double sum = 0.0;
+  const Vec vt(t);
+  for (int64_t b = 0; b < n; b += 1024) {
+    Vec acc(0.f);
+    vec_steps(static_cast<int>(std::min<int64_t>(1024, n - b)), [&](int j, int m) {
+      const Vec v = Vec::loadu(x + b + j, m);  // the lanes past m load as 0
+      acc = acc + (v & (v >= vt));
+    });
+    sum += lane_sum(acc);
+  }
+  return static_cast<float>(sum);
+}
+
+template <Filter kFilter, typename T>
+void filter_row(const T* src, T* dst, int64_t V, double param, Scratch& s) {
+  float* x = s.x.get();
+  vec_steps(static_cast<int>(V), [&](int j, int m) { load_float(src + j, m).store(x + j, m); });
+  float t = -kInf;  // no filter: keep every value
+  if constexpr (kFilter == Filter::kTopPRenorm) {
+    // top_p is absolute, as FlashInfer's: if the whole row holds less mass, keep it all
+    const float p = static_cast<float>(param);
+    if (p < 1.f && mass_ge(x, V, -kInf) >= p) t = select_value<true>(x, V, p, s.e.get());
+  } else {
+    if (param > 0 && param < V) t = select_value<false>(x, V, static_cast<float>(param), s.e.get());
+  }
+  if constexpr (kFilter == Filter::kTopKMask) {
+    for (int64_t j = 0; j < V; ++j) dst[j] = x[j] >= t ? src[j] : static_cast<T>(-kInf);
+  } else {
+    const Vec vt(t), inv(1.f / std::max(mass_ge(x, V, t), 1e-8f));  // FlashInfer's guard against an all-zero row
+    vec_steps(static_cast<int>(V), [&](int j, int m) {
+      const Vec v = Vec::loadu(x + j, m);
+      store_float(dst + j, (v & (v >= vt)) * inv, m);
+    });
+  }
+}
+
+// params: a per-row tensor (int64 top_k or fp32 top_p) or the scalar for every row.
+template <Filter kFilter>
+Tensor filter_rows(const Tensor& x, const OptTensor& per_row, double scalar) {
+  const int64_t B = x.size(0), V = x.size(1);
+  Tensor out = at::empty_like(x);
+  dispatch_float(x.scalar_type(), "filter_rows", [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = x.data_ptr<T>();
+    T* dst = out.data_ptr<T>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      Scratch& s = thread_scratch();
+      s.reserve(round_up(V) + kLanes);
+      for (int64_t r = begin; r < end; ++r) {
+        double param = scalar;
+        if (per_row.has_value()) {
+          param = kFilter == Filter::kTopPRenorm ? per_row->data_ptr<float>()[r]
+                                                 : static_cast<double>(per_row->data_ptr<int64_t>()[r]);
+        }
+        filter_row<kFilter>(src + r * V, dst + r * V, V, param, s);
+      }
+    });
+  });
+  return out;
+}
+
+Tensor top_k_renorm_probs(const Tensor& probs, const OptTensor& top_k_arr, int64_t top_k) {
+  return filter_rows<Filter::kTopKRenorm>(probs, top_k_arr, static_cast<double>(top_k));
+}
+
+Tensor top_p_renorm_probs(const Tensor& probs, const OptTensor& top_p_arr, double top_p) {
+  return filter_rows<Filter::kTopPRenorm>(probs, top_p_arr, top_p);
+}
+
+Tensor top_k_mask_logits(const Tensor& logits, const OptTensor& top_k_arr, int64_t top_k) {
+  return filter_rows<Filter::kTopKMask>(logits, top_k_arr, static_cast<double>(top_k));
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) { m.def("sample_tokens", &sample_tokens); }
+TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) {
+  m.def("sample_tokens", &sample_tokens);
+  m.def("top_k_renorm_probs", &top_k_renorm_probs);
+  m.def("top_p_renorm_probs", &top_p_renorm_probs);
+  m.def("top_k_mask_logits", &top_k_mask_logits);
+}
 
 }  // namespace genfast::cpu

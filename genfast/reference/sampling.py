@@ -139,3 +139,53 @@ def sample_tokens(logits, params, prev_tokens, token_counts, inv_temperature, to
         lp = -d.gather(1, safe)[:, 0] - torch.log(z)
         logprobs.copy_(torch.where(greedy, torch.zeros_like(lp), lp).float())
     return tokens, logprobs
+
+
+# ---- FlashInfer's renorm and mask ops ---------------------------------------------
+# Per row, a threshold t that is one of the row's values; the values >= t are
+# kept (ties at t all kept), found here by a sort, by selection in the kernels.
+# top_k: t is the k-th largest (k 0 or >= vocab: no filter). top_p: t is the
+# largest value whose tie-inclusive mass sum(x >= t) reaches top_p, absolute as
+# in FlashInfer (probs sum to 1; a row with less mass, or top_p >= 1, is kept
+# whole). Renormalized rows are x * (1 / max(kept mass, 1e-8)), in fp32.
+
+def _per_row(x: torch.Tensor, per_row, scalar) -> torch.Tensor:
+    if per_row is not None:
+        return per_row
+    return torch.full((x.shape[0],), scalar, device=x.device)
+
+
+def _top_k_threshold(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(batch, 1): the k-th largest value of each row; -inf where k is 0 or >= vocab."""
+    vocab = x.shape[-1]
+    on = (k > 0) & (k < vocab)
+    kk = torch.where(on, k, 1).long()
+    kth = x.sort(dim=-1, descending=True).values.gather(1, (kk - 1)[:, None])
+    return torch.where(on[:, None], kth, -math.inf)
+
+
+def _renormalize(x: torch.Tensor, threshold: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    kept = torch.where(x >= threshold, x, 0)
+    return (kept * (1 / kept.sum(dim=-1, keepdim=True).clamp_min(1e-8))).to(dtype)
+
+
+def top_k_renorm_probs(probs, top_k_arr, top_k):
+    x = probs.to(compute_dtype(probs.dtype))
+    return _renormalize(x, _top_k_threshold(x, _per_row(x, top_k_arr, top_k)), probs.dtype)
+
+
+def top_p_renorm_probs(probs, top_p_arr, top_p):
+    x = probs.to(compute_dtype(probs.dtype))
+    p = _per_row(x, top_p_arr, top_p).to(x.dtype)[:, None]
+    sorted_x = x.sort(dim=-1, descending=True).values
+    # the first sorted position whose cumulative mass reaches top_p; its value is t
+    first = (sorted_x.cumsum(dim=-1) < p).sum(dim=-1, keepdim=True)
+    t = sorted_x.gather(1, first.clamp(max=x.shape[-1] - 1))
+    t = torch.where((p < 1) & (first < x.shape[-1]), t, -math.inf)
+    return _renormalize(x, t, probs.dtype)
+
+
+def top_k_mask_logits(logits, top_k_arr, top_k):
+    x = logits.to(compute_dtype(logits.dtype))
+    keep = x >= _top_k_threshold(x, _per_row(x, top_k_arr, top_k))
+    return torch.where(keep, logits, -math.inf)
