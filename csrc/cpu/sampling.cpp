@@ -7,9 +7,10 @@
 //      penalties patch the scratch at the previous tokens' ids (or where the
 //      token counts are > 0);
 //   B. d = (max - x) * inv_temperature in place (d >= 0, 0 at the top), and
-//      what picks a candidate cut-off C: counts (top-k) or masses (top-p alone)
-//      of d <= 1, 2, 4, ..., 64 nats, in the same pass;
-//   C. compact the candidates d <= C (AVX-512 compress-store), with exp(-d);
+//      what picks a candidate cut-off C, in the same pass: with top-k the
+//      counts of d <= 1, 2, 3, ..., 64 nats; for top-p alone the total mass
+//      and the mass of d <= 3, 5, 8, 11, 16 nats (or a bound from the total);
+//   C. compact the candidates d <= C (AVX-512 compress), with exp(-d);
 //   D. exact thresholds on the candidates by a selection that splits the
 //      working set at a pivot value and keeps the side holding the answer
 //      (passes shrink with the set; the last <= 128 values are sorted);
@@ -69,6 +70,13 @@ inline int64_t float_to_key(float f) {
 }
 
 inline Vec ones_where(const Vec& mask) { return mask & Vec(1.0f); }
+
+// exp(-d), the mass of a token d nats below the top. ATen's inlined exp_u20
+// (relative error <= 20 ulp, ~1e-6, under the fp32 rounding of a 128k-term sum;
+// it flushes below FLT_MIN, far under the top token's mass 1) rather than
+// SLEEF's u10 exp: top-p alone at 8 x 128256 took 1.1-1.2 ms instead of
+// 1.4-1.5 ms here (one thread), an exp per token being its largest cost.
+inline Vec exp_neg(const Vec& d) { return (Vec(0.f) - d).exp_u20(); }
 
 float lane_max(const Vec& v) {
   alignas(64) float lanes[kLanes];
@@ -203,31 +211,23 @@ int64_t first_index_of(const float* x, int64_t V, float value) {
 
 struct Levels {
   float count[kLevels] = {};
-  float mass[kLevels] = {};
-  float z_all = 0.f;
 };
 
-// B: d in place over the padded row; counts and/or masses of d <= each level;
+// B: d in place over the padded row; with kCount the counts of d <= each level;
 // with kMass also exp(-d) into e (0 in the padding).
-template <bool kCount, bool kMass, bool kMassLevels = kMass>
+template <bool kCount, bool kMass>
 Levels distances(float* x, float* e, int64_t n_pad, float top, float inv_t) {
   Levels out;
 #if defined(CPU_CAPABILITY_AVX512)
-  __m512 cnt[kLevels], mass[kLevels];
-  for (int l = 0; l < kLevels; ++l) cnt[l] = mass[l] = _mm512_setzero_ps();
-  __m512 z = _mm512_setzero_ps();
+  __m512 cnt[kLevels];
+  for (int l = 0; l < kLevels; ++l) cnt[l] = _mm512_setzero_ps();
   const __m512 vtop = _mm512_set1_ps(top), vinv = _mm512_set1_ps(inv_t), one = _mm512_set1_ps(1.f);
   for (int64_t j = 0; j < n_pad; j += 16) {
     const __m512 d = _mm512_mul_ps(_mm512_sub_ps(vtop, _mm512_loadu_ps(x + j)), vinv);
     _mm512_storeu_ps(x + j, d);
     if constexpr (kMass) {
       const __mmask16 real = _mm512_cmp_ps_mask(d, d, _CMP_ORD_Q);  // not the NaN padding
-      const __m512 ev = _mm512_maskz_mov_ps(real, Vec(_mm512_sub_ps(_mm512_setzero_ps(), d)).exp());
-      _mm512_storeu_ps(e + j, ev);
-      z = _mm512_add_ps(z, ev);
-      for (int l = 0; l < kLevels && kMassLevels; ++l) {
-        mass[l] = _mm512_mask_add_ps(mass[l], _mm512_cmp_ps_mask(d, _mm512_set1_ps(kLevel[l]), _CMP_LE_OQ), mass[l], ev);
-      }
+      _mm512_storeu_ps(e + j, _mm512_maskz_mov_ps(real, exp_neg(Vec(d))));
     }
     if constexpr (kCount) {
       for (int l = 0; l < kLevels; ++l) {
@@ -235,36 +235,69 @@ Levels distances(float* x, float* e, int64_t n_pad, float top, float inv_t) {
       }
     }
   }
-  for (int l = 0; l < kLevels; ++l) {
-    if (kCount) out.count[l] = lane_sum(Vec(cnt[l]));
-    if (kMass) out.mass[l] = lane_sum(Vec(mass[l]));
-  }
-  if (kMass) out.z_all = lane_sum(Vec(z));
+  for (int l = 0; l < kLevels && kCount; ++l) out.count[l] = lane_sum(Vec(cnt[l]));
 #else
-  Vec cnt[kLevels], mass[kLevels];
-  for (int l = 0; l < kLevels; ++l) cnt[l] = mass[l] = Vec(0.f);
-  Vec z(0.f);
+  Vec cnt[kLevels];
+  for (int l = 0; l < kLevels; ++l) cnt[l] = Vec(0.f);
   const Vec vtop(top), vinv(inv_t), vinf(kInf);
   for (int64_t j = 0; j < n_pad; j += kLanes) {
     const Vec d = (vtop - Vec::loadu(x + j)) * vinv;
     d.store(x + j);
-    if constexpr (kMass) {
-      const Vec ev = (Vec(0.f) - d).exp() & (d <= vinf);  // padding (NaN) adds nothing
-      ev.store(e + j);
-      z = z + ev;
-      for (int l = 0; l < kLevels && kMassLevels; ++l) mass[l] = mass[l] + (ev & (d <= Vec(kLevel[l])));
-    }
+    if constexpr (kMass) (exp_neg(d) & (d <= vinf)).store(e + j);  // padding (NaN) adds nothing
     if constexpr (kCount) {
       for (int l = 0; l < kLevels; ++l) cnt[l] = cnt[l] + ones_where(d <= Vec(kLevel[l]));
     }
   }
-  for (int l = 0; l < kLevels; ++l) {
-    if (kCount) out.count[l] = lane_sum(cnt[l]);
-    if (kMass) out.mass[l] = lane_sum(mass[l]);
-  }
-  if (kMass) out.z_all = lane_sum(z);
+  for (int l = 0; l < kLevels && kCount; ++l) out.count[l] = lane_sum(cnt[l]);
 #endif
   return out;
+}
+
+// B for top-p without top-k: d in place, the total mass Z (an exp per token,
+// this path's largest cost) and the mass of d <= a few levels (nats), in one
+// pass; the candidate cut is the first level holding p Z, or else a bound on
+// the top-p threshold: the tokens beyond C hold at most V e^-C of the mass, so
+// C = log(2 V / ((1 - p) Z)) leaves >= p Z below it (a factor 2 of slack for
+// rounding). Nothing else is stored: the candidates' exp(-d) is recomputed.
+constexpr int kMassLevels = 5;
+constexpr float kMassLevel[kMassLevels] = {3.f, 5.f, 8.f, 11.f, 16.f};
+
+float top_p_cut(float* x, int64_t n_pad, int64_t V, float top, float inv_t, float p, float& z_all) {
+  float mass[kMassLevels];
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 acc = _mm512_setzero_ps(), lv[kMassLevels];
+  for (int l = 0; l < kMassLevels; ++l) lv[l] = _mm512_setzero_ps();
+  const __m512 vtop = _mm512_set1_ps(top), vinv = _mm512_set1_ps(inv_t);
+  for (int64_t j = 0; j < n_pad; j += 16) {
+    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(vtop, _mm512_loadu_ps(x + j)), vinv);
+    _mm512_storeu_ps(x + j, d);
+    const __mmask16 real = _mm512_cmp_ps_mask(d, d, _CMP_ORD_Q);  // not the NaN padding
+    const __m512 ev = _mm512_maskz_mov_ps(real, exp_neg(Vec(d)));
+    acc = _mm512_add_ps(acc, ev);
+    for (int l = 0; l < kMassLevels; ++l) {
+      lv[l] = _mm512_mask_add_ps(lv[l], _mm512_cmp_ps_mask(d, _mm512_set1_ps(kMassLevel[l]), _CMP_LE_OQ), lv[l], ev);
+    }
+  }
+  z_all = lane_sum(Vec(acc));
+  for (int l = 0; l < kMassLevels; ++l) mass[l] = lane_sum(Vec(lv[l]));
+#else
+  Vec acc(0.f), lv[kMassLevels];
+  for (int l = 0; l < kMassLevels; ++l) lv[l] = Vec(0.f);
+  for (int64_t j = 0; j < n_pad; j += kLanes) {
+    const Vec d = (Vec(top) - Vec::loadu(x + j)) * Vec(inv_t);
+    d.store(x + j);
+    const Vec ev = exp_neg(d) & (d <= Vec(kInf));  // padding (NaN) adds nothing
+    acc = acc + ev;
+    for (int l = 0; l < kMassLevels; ++l) lv[l] = lv[l] + (ev & (d <= Vec(kMassLevel[l])));
+  }
+  z_all = lane_sum(acc);
+  for (int l = 0; l < kMassLevels; ++l) mass[l] = lane_sum(lv[l]);
+#endif
+  const float bound = std::log(2.f * static_cast<float>(V) / ((1.f - p) * z_all));
+  for (int l = 0; l < kMassLevels && kMassLevel[l] < bound; ++l) {
+    if (mass[l] >= p * z_all) return kMassLevel[l];
+  }
+  return bound;
 }
 
 // C: candidates d <= cut in vocabulary order, with their exp(-d) when e is
@@ -278,9 +311,10 @@ int64_t compact(const float* d, const float* e, int64_t n_pad, float cut, float*
     const __m512 v = _mm512_loadu_ps(d + j);
     const __mmask16 m = _mm512_cmp_ps_mask(v, vcut, _CMP_LE_OQ);
     if (m == 0) continue;
-    _mm512_mask_compressstoreu_ps(cd + n, m, v);
-    if (e != nullptr) _mm512_mask_compressstoreu_ps(ce + n, m, _mm512_loadu_ps(e + j));
-    _mm512_mask_compressstoreu_epi32(ci + n, m, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j))));
+    // compress in a register, then a full store: faster than a compress-store to memory
+    _mm512_storeu_ps(cd + n, _mm512_maskz_compress_ps(m, v));
+    if (e != nullptr) _mm512_storeu_ps(ce + n, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(e + j)));
+    _mm512_storeu_si512(ci + n, _mm512_maskz_compress_epi32(m, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j)))));
     n += __builtin_popcount(m);
   }
 #else
@@ -303,7 +337,7 @@ void candidate_mass(float* cd, float* ce, int64_t n, bool have_e) {
   if (have_e) return;
   for (int64_t j = 0; j < n_pad; j += kLanes) {
     const Vec d = Vec::loadu(cd + j);
-    ((Vec(0.f) - d).exp() & (d <= Vec(kInf))).store(ce + j);
+    (exp_neg(d) & (d <= Vec(kInf))).store(ce + j);
   }
 }
 
@@ -359,12 +393,13 @@ float select(const float* d, const float* e, int64_t n, float hi, float target, 
       const __mmask16 valid = wn - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (wn - j)) - 1);
       const __m512 v = _mm512_maskz_loadu_ps(valid, wd + j);
       const __mmask16 ml = _mm512_mask_cmp_ps_mask(valid, v, vp, _CMP_LE_OQ), mr = valid & ~ml;
-      _mm512_mask_compressstoreu_ps(ld + nl, ml, v);
-      _mm512_mask_compressstoreu_ps(rd + nr, mr, v);
+      // compress in a register, then a full store (the work buffers have a vector of slack)
+      _mm512_storeu_ps(ld + nl, _mm512_maskz_compress_ps(ml, v));
+      _mm512_storeu_ps(rd + nr, _mm512_maskz_compress_ps(mr, v));
       if constexpr (kMass) {
         const __m512 ev = _mm512_maskz_loadu_ps(valid, we + j);
-        _mm512_mask_compressstoreu_ps(le + nl, ml, ev);
-        _mm512_mask_compressstoreu_ps(re + nr, mr, ev);
+        _mm512_storeu_ps(le + nl, _mm512_maskz_compress_ps(ml, ev));
+        _mm512_storeu_ps(re + nr, _mm512_maskz_compress_ps(mr, ev));
         acc = _mm512_mask_add_ps(acc, ml, acc, ev);
       }
       nl += __builtin_popcount(ml);
@@ -459,32 +494,32 @@ Draw sample_row(const T* src, int64_t V, const PenaltySource& penalties, int64_t
   const int64_t n_pad = round_up(V);
   const bool need_k = rp.k > 0 && rp.k < V, need_p = rp.p < 1.f, need_m = rp.min_p > 0.f;
   const float d_m = need_m ? -std::log(rp.min_p) : kInf;
-  float cut = kInf, z_all = 0.f;
+  float z_all = 0.f, cut = kInf;  // cut: every threshold is <= it
   bool have_e = false;  // exp(-d) of the whole row is in e
-  if (need_k) {
-    const Levels lv = distances<true, false>(x, e, n_pad, top, rp.inv_t);
-    for (int l = 0; l < kLevels && cut == kInf; ++l) {
-      if (lv.count[l] >= static_cast<float>(rp.k)) cut = kLevel[l];
-    }
-  } else if (need_p) {
-    const Levels lv = distances<false, true>(x, e, n_pad, top, rp.inv_t);
-    z_all = lv.z_all;
-    have_e = true;
-    for (int l = 0; l < kLevels && cut == kInf; ++l) {
-      if (lv.mass[l] >= rp.p * lv.z_all) cut = kLevel[l];
-    }
-  } else if (!need_m) {  // no filter: the draw needs every exp(-d)
-    distances<false, true, false>(x, e, n_pad, top, rp.inv_t);
-    have_e = true;
-  } else {
-    distances<false, false>(x, e, n_pad, top, rp.inv_t);
-  }
-  // Without top-p, min-p alone bounds the kept set: D = min(D_k, D_m).
-  if (!need_p) cut = std::min(cut, d_m);
-
   float *cd = x, *ce = e;
   int32_t* ci = nullptr;
   int64_t n = V;
+  if (need_p && !need_k) {
+    cut = top_p_cut(x, n_pad, V, top, rp.inv_t, rp.p, z_all);
+  } else {
+    // Without top-p, min-p alone bounds the kept set: D = min(D_k, D_m); with it,
+    // top-p needs the whole mass top-k keeps.
+    if (!need_p) cut = d_m;
+    if (need_k) {
+      const Levels lv = distances<true, false>(x, e, n_pad, top, rp.inv_t);
+      for (int l = 0; l < kLevels; ++l) {
+        if (lv.count[l] >= static_cast<float>(rp.k)) {
+          cut = std::min(cut, kLevel[l]);
+          break;
+        }
+      }
+    } else if (!need_m) {  // no filter: the draw needs every exp(-d)
+      distances<false, true>(x, e, n_pad, top, rp.inv_t);
+      have_e = true;
+    } else {
+      distances<false, false>(x, e, n_pad, top, rp.inv_t);
+    }
+  }
   if (cut < kInf) {
     cd = s.cd.get();
     ce = s.ce.get();
