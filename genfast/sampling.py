@@ -4,10 +4,11 @@ min-p and the draw in one op, with no full sort of the vocabulary.
 Semantics (every backend; ``genfast/reference/sampling.py`` is the oracle):
 HF transformers' logits processors in HF's order, then one draw.
 
-- penalties from ``prev_tokens`` (ids < 0 are padding): every distinct previous
-  token gets HF's repetition penalty (``x * r`` if ``x < 0`` else ``x / r``),
-  then ``- presence_penalty`` once, then ``- frequency_penalty`` once per
-  occurrence (OpenAI/vLLM);
+- penalties from ``prev_tokens`` (ids < 0 are padding) or, equivalently, from
+  ``token_counts`` (how often each id occurred): every token with count c > 0
+  becomes ``(x * r if x < 0 else x / r) - presence_penalty - frequency_penalty * c``
+  in fp32 (HF's repetition penalty, then OpenAI/vLLM's presence and frequency
+  penalties);
 - temperature: logits ``/ temperature``; temperature 0 is greedy (the first
   index of the max penalized logit);
 - top-k keeps every token whose value is >= the k-th largest (ties at the
@@ -41,15 +42,17 @@ Param = Union[float, int, torch.Tensor]
 INT_DTYPES = (torch.int64, torch.int32)
 
 
-def _fake_sample_tokens(logits, params, prev_tokens, inv_temperature, top_k, top_p, min_p, repetition_penalty,
-                        presence_penalty, frequency_penalty, seed, seed_tensor, offset, return_logprobs):
+def _fake_sample_tokens(logits, params, prev_tokens, token_counts, inv_temperature, top_k, top_p, min_p,
+                        repetition_penalty, presence_penalty, frequency_penalty, seed, seed_tensor, offset,
+                        return_logprobs):
     batch = logits.shape[0]
     return (logits.new_empty((batch,), dtype=torch.int64),
             logits.new_empty((batch if return_logprobs else 0,), dtype=torch.float32))
 
 
 sample_tokens_op = _ops.define(
-    "sample_tokens(Tensor logits, Tensor? params, Tensor? prev_tokens, float inv_temperature, int top_k, "
+    "sample_tokens(Tensor logits, Tensor? params, Tensor? prev_tokens, Tensor? token_counts, "
+    "float inv_temperature, int top_k, "
     "float top_p, float min_p, float repetition_penalty, float presence_penalty, float frequency_penalty, "
     "int seed, Tensor? seed_tensor, int offset, bool return_logprobs) -> (Tensor, Tensor)",
     "sampling",
@@ -138,6 +141,28 @@ def _check_prev_tokens(fn: str, prev_tokens, logits, check_values: bool):
     return prev_tokens.to(torch.int64).contiguous()
 
 
+def _check_token_counts(fn: str, token_counts, prev_tokens, logits, check_values: bool):
+    if token_counts is None:
+        return None
+    if prev_tokens is not None:
+        raise ValueError(f"{fn}: pass prev_tokens or token_counts, not both")
+    if not isinstance(token_counts, torch.Tensor):
+        raise TypeError(f"{fn}: token_counts must be a torch.Tensor or None, got {type(token_counts).__name__}")
+    if token_counts.dtype not in INT_DTYPES:
+        raise TypeError(f"{fn}: token_counts must be int64 or int32, got {token_counts.dtype}")
+    if token_counts.shape != logits.shape:
+        raise ValueError(f"{fn}: token_counts must have the shape of logits (batch, vocab) = "
+                         f"{tuple(logits.shape)}, got {tuple(token_counts.shape)}")
+    if token_counts.device != logits.device:
+        raise ValueError(f"{fn}: token_counts must be on the device of logits ({logits.device}), "
+                         f"got {token_counts.device}")
+    if check_values and token_counts.numel():
+        row = _first_bad_row((token_counts < 0).any(dim=1))
+        if row is not None:
+            raise ValueError(f"{fn}: token_counts must be >= 0, got {int(token_counts[row].min())} in row {row}")
+    return token_counts.contiguous()
+
+
 def _raise_bad_rows(fn: str, tokens: torch.Tensor) -> None:
     row = _first_bad_row(tokens < 0)
     if row is None:
@@ -151,8 +176,9 @@ def _raise_bad_rows(fn: str, tokens: torch.Tensor) -> None:
 
 def sample_tokens(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0,
                   min_p: Param = 0.0, repetition_penalty: Param = 1.0, presence_penalty: Param = 0.0,
-                  frequency_penalty: Param = 0.0, prev_tokens: torch.Tensor | None = None, seed=None,
-                  offset: int = 0, return_logprobs: bool = False, check: bool = True):
+                  frequency_penalty: Param = 0.0, prev_tokens: torch.Tensor | None = None,
+                  token_counts: torch.Tensor | None = None, seed=None, offset: int = 0,
+                  return_logprobs: bool = False, check: bool = True):
     """Sample one token per row of ``logits`` in one fused op.
 
     Parameters
@@ -169,6 +195,10 @@ def sample_tokens(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Para
     prev_tokens : Tensor (batch, n) int64/int32, optional
         Previous tokens of each row (prompt and generated), -1 (any id < 0) for
         padding; the penalties apply to these ids.
+    token_counts : Tensor (batch, vocab) int64/int32, optional
+        Instead of prev_tokens: how often each id occurred in each row (>= 0),
+        as a serving loop keeps it; the same penalties, so counts built from
+        prev_tokens give the same tokens.
     seed : int, 0-d int64 tensor or None
         Noise key (``genfast.rng``); a tensor lets a CUDA graph replay with new seeds.
     offset : int
@@ -178,8 +208,8 @@ def sample_tokens(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Para
         temperature-scaled distribution (0 for greedy rows).
     check : bool
         Validate data-dependent values: per-row parameter tensors, prev_tokens ids
-        < vocab, and after the op NaN/+inf logits and rows with nothing to sample
-        (ValueError naming the row). On a GPU each check is a host sync: pass
+        < vocab, token_counts >= 0, and after the op NaN/+inf logits and rows
+        with nothing to sample (ValueError naming the row). On a GPU each check is a host sync: pass
         ``check=False`` inside CUDA graphs and ``torch.compile``; then a row with
         NaN/+inf returns token -1, a row of all -inf returns -2.
 
@@ -201,6 +231,7 @@ def sample_tokens(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Para
                         ("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
                         ("frequency_penalty", frequency_penalty)):
         values[name] = _check_param(fn, name, value, batch, device, check)
+    token_counts = _check_token_counts(fn, token_counts, prev_tokens, logits, check)
     prev_tokens = _check_prev_tokens(fn, prev_tokens, logits, check)
     greedy = not isinstance(values["temperature"], torch.Tensor) and values["temperature"] == 0
     # Greedy decoding draws nothing: don't take a seed from (and advance) torch's generator.
@@ -224,11 +255,11 @@ def sample_tokens(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Para
         scalars = (_inv_temperature(values["temperature"]), values["top_k"], values["top_p"], values["min_p"],
                    values["repetition_penalty"], values["presence_penalty"], values["frequency_penalty"])
         if scalars[4:] == (1.0, 0.0, 0.0):
-            prev_tokens = None  # no penalty: skip the gather
+            prev_tokens = token_counts = None  # no penalty: skip the gather
     if prev_tokens is not None and prev_tokens.shape[1] == 0:
         prev_tokens = None
-    tokens, logprobs = sample_tokens_op(logits.contiguous(), params, prev_tokens, *scalars, seed, seed_tensor,
-                                        offset, return_logprobs)
+    tokens, logprobs = sample_tokens_op(logits.contiguous(), params, prev_tokens, token_counts, *scalars, seed,
+                                        seed_tensor, offset, return_logprobs)
     if check:
         _raise_bad_rows(fn, tokens)
     return (tokens, logprobs) if return_logprobs else tokens
@@ -319,44 +350,65 @@ def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_ap
                          offset=offset or 0, check=check_nan).to(torch.int32)
 
 
-# The renorm/mask functions are plain PyTorch (topk; a sort for top-p), not fused kernels yet.
+# The renorm/mask ops: FlashInfer's semantics (ties at the threshold kept; top_p
+# absolute; rows renormalized by 1 / max(kept mass, 1e-8)), thresholds by
+# selection in the kernels. genfast/reference/sampling.py states them exactly.
 
-def _kth_largest(x: torch.Tensor, top_k) -> torch.Tensor:
-    """(batch, 1) threshold: the k-th largest value per row; -inf where k is 0 or >= vocab (no filter)."""
-    vocab = x.shape[-1]
-    k = torch.as_tensor(top_k, device=x.device).long().expand(x.shape[0])
-    kmax = int(k.clamp(1, vocab).max())
-    vals = torch.topk(x, kmax, dim=-1).values
-    kth = vals.gather(1, (k.clamp(1, vocab) - 1)[:, None])
-    return torch.where(((k > 0) & (k < vocab))[:, None], kth, torch.full_like(kth, -math.inf))
+def _fake_filter(x, per_row, param):
+    return torch.empty_like(x)
+
+
+top_k_renorm_probs_op = _ops.define("top_k_renorm_probs(Tensor probs, Tensor? top_k_arr, int top_k) -> Tensor",
+                                    "sampling", _fake_filter)
+top_p_renorm_probs_op = _ops.define("top_p_renorm_probs(Tensor probs, Tensor? top_p_arr, float top_p) -> Tensor",
+                                    "sampling", _fake_filter)
+top_k_mask_logits_op = _ops.define("top_k_mask_logits(Tensor logits, Tensor? top_k_arr, int top_k) -> Tensor",
+                                   "sampling", _fake_filter)
+
+
+def _filter_args(fn: str, name: str, x, param, param_name: str):
+    """Checked (x, per-row tensor or None, scalar) for a renorm/mask op."""
+    _ops.check_tensor(fn, name, x)
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: {name} must have shape (batch, vocab), got {tuple(x.shape)}")
+    value = _check_param(fn, param_name, param, x.shape[0], x.device, check_values=True)
+    if isinstance(value, torch.Tensor):
+        dtype = torch.int64 if param_name == "top_k" else torch.float32
+        return x.contiguous(), value.to(dtype).contiguous(), 0
+    return x.contiguous(), None, value
 
 
 def top_k_mask_logits(logits, top_k):
-    """``flashinfer.sampling.top_k_mask_logits``: logits below the k-th largest of their row set to -inf
-    (ties kept). logits (batch, vocab); top_k an int or a (batch,) tensor; returns logits' shape and dtype."""
-    _ops.check_tensor("top_k_mask_logits", "logits", logits)
-    return logits.masked_fill(logits < _kth_largest(logits, top_k), -math.inf)
+    """``flashinfer.sampling.top_k_mask_logits``: logits below the k-th largest of their row set to -inf.
+
+    logits (batch, vocab) fp32/fp16/bf16; top_k an int or a (batch,) integer tensor, 0 or >= vocab for no
+    mask. Ties at the k-th value are all kept. Returns a tensor of logits' shape and dtype.
+    """
+    x, per_row, k = _filter_args("top_k_mask_logits", "logits", logits, top_k, "top_k")
+    return top_k_mask_logits_op(x, per_row, k)
 
 
 def top_k_renorm_probs(probs, top_k):
-    """``flashinfer.sampling.top_k_renorm_probs``: keep the top-k probabilities of each row (ties kept), renormalize."""
-    _ops.check_tensor("top_k_renorm_probs", "probs", probs)
-    kept = probs.masked_fill(probs < _kth_largest(probs, top_k), 0)
-    return kept / kept.sum(dim=-1, keepdim=True)
+    """``flashinfer.sampling.top_k_renorm_probs``: keep each row's probabilities >= its k-th largest (ties
+    kept), zero the rest, renormalize.
+
+    probs (batch, vocab) fp32/fp16/bf16; top_k an int or a (batch,) integer tensor, 0 or >= vocab to only
+    renormalize. Returns probs' shape and dtype: ``kept * (1 / max(sum(kept), 1e-8))`` in fp32.
+    """
+    x, per_row, k = _filter_args("top_k_renorm_probs", "probs", probs, top_k, "top_k")
+    return top_k_renorm_probs_op(x, per_row, k)
 
 
 def top_p_renorm_probs(probs, top_p):
-    """``flashinfer.sampling.top_p_renorm_probs``: keep the smallest top set whose mass reaches top_p
-    (ties at the threshold kept), renormalize. probs (batch, vocab); top_p a float or a (batch,) tensor."""
-    _ops.check_tensor("top_p_renorm_probs", "probs", probs)
-    p = torch.as_tensor(top_p, device=probs.device, dtype=torch.float32).expand(probs.shape[0])[:, None]
-    sorted_probs = probs.float().sort(dim=-1, descending=True).values
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each sorted position
-    # the smallest kept probability: the last sorted position whose mass above is < top_p
-    last = ((before < p * sorted_probs.sum(dim=-1, keepdim=True)).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
-    threshold = sorted_probs.gather(1, last).to(probs.dtype)
-    kept = probs.masked_fill(probs < threshold, 0)
-    return kept / kept.sum(dim=-1, keepdim=True)
+    """``flashinfer.sampling.top_p_renorm_probs``: keep the smallest set of each row's top probabilities
+    whose mass reaches top_p (ties at the threshold kept), zero the rest, renormalize.
+
+    probs (batch, vocab) fp32/fp16/bf16, rows summing to 1 (top_p is compared with the mass itself, as in
+    FlashInfer; a row holding less than top_p is kept whole); top_p in (0, 1], a float or a (batch,) tensor.
+    Returns probs' shape and dtype: ``kept * (1 / max(sum(kept), 1e-8))`` in fp32.
+    """
+    x, per_row, p = _filter_args("top_p_renorm_probs", "probs", probs, top_p, "top_p")
+    return top_p_renorm_probs_op(x, per_row, p)
 
 
 # ---- a sampler object for decode loops -------------------------------------------
@@ -390,10 +442,11 @@ class LogitsSampler:
         self.offset = offset
         self.check = check
 
-    def sample(self, logits: torch.Tensor, prev_tokens: torch.Tensor | None = None, return_logprobs: bool = False):
+    def sample(self, logits: torch.Tensor, prev_tokens: torch.Tensor | None = None, return_logprobs: bool = False,
+               token_counts: torch.Tensor | None = None):
         """Tokens (batch,) int64 for logits (batch, vocab) (and log-probs with return_logprobs)."""
-        out = sample_tokens(logits, prev_tokens=prev_tokens, seed=self.seed, offset=self.offset,
-                            return_logprobs=return_logprobs, check=self.check, **self.settings)
+        out = sample_tokens(logits, prev_tokens=prev_tokens, token_counts=token_counts, seed=self.seed,
+                            offset=self.offset, return_logprobs=return_logprobs, check=self.check, **self.settings)
         self.offset += logits.shape[0]
         return out
 

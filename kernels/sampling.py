@@ -14,9 +14,9 @@ thresholds are found by bisection on the int32 bits of d):
    ``u * Z``, u = position ``offset + row`` of the uniform stream.
 
 Penalties, when asked for, first write an fp32 copy of the logits with the
-previous tokens' entries patched (``_penalize_kernel``): the frequency penalty
-is one ``atomic_add`` per occurrence, order-independent because every add
-subtracts the same value.
+penalized entries (``_penalize_kernel``), from ``token_counts`` or from counts
+of ``prev_tokens`` built in a zeroed int32 scratch by one integer
+``atomic_add`` per occurrence (exact, so independent of the order).
 
 Memory traffic for B rows of V logits of s bytes: the sort-based eager path
 (softmax, sort, cumsum, scatter, multinomial) moves ~15 B·V·4 bytes and sorts;
@@ -46,11 +46,13 @@ def _distance(x_ptr, start, vocab, top, inv_t, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n_prev"])
-def _penalize_kernel(logits_ptr, prev_ptr, params_ptr, out_ptr, vocab, n_prev, rep_s, presence_s, freq_s,
-                     HAS_PARAMS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+def _penalize_kernel(logits_ptr, prev_ptr, counts_ptr, params_ptr, out_ptr, vocab, n_prev, rep_s, presence_s,
+                     freq_s, HAS_PARAMS: tl.constexpr, FROM_PREV: tl.constexpr, BLOCK: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     src = logits_ptr + row * vocab
     dst = out_ptr + row * vocab
+    counts = counts_ptr + row * vocab
     if HAS_PARAMS:
         rep = tl.load(params_ptr + row * 7 + 4)
         presence = tl.load(params_ptr + row * 7 + 5)
@@ -59,26 +61,22 @@ def _penalize_kernel(logits_ptr, prev_ptr, params_ptr, out_ptr, vocab, n_prev, r
         rep = rep_s + tl.zeros([], tl.float32)
         presence = presence_s + tl.zeros([], tl.float32)
         freq = freq_s + tl.zeros([], tl.float32)
-    for start in range(0, vocab, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        mask = idx < vocab
-        tl.store(dst + idx, tl.load(src + idx, mask=mask).to(tl.float32), mask=mask)
-    tl.debug_barrier()
-    prev = prev_ptr + row * n_prev
-    for start in range(0, n_prev, BLOCK_N):
-        i = start + tl.arange(0, BLOCK_N)
-        t = tl.load(prev + i, mask=i < n_prev, other=-1)
-        valid = (t >= 0) & (t < vocab)
-        raw = tl.load(src + t, mask=valid, other=0.0).to(tl.float32)
-        pen = tl.where(raw < 0, raw * rep, raw / rep) - presence
-        tl.store(dst + t, pen, mask=valid)  # duplicates store the same value
-    tl.debug_barrier()
-    if freq != 0:
+    if FROM_PREV:
+        # counts is a zeroed int32 scratch row: one atomic add per occurrence
+        prev = prev_ptr + row * n_prev
         for start in range(0, n_prev, BLOCK_N):
             i = start + tl.arange(0, BLOCK_N)
             t = tl.load(prev + i, mask=i < n_prev, other=-1)
             valid = (t >= 0) & (t < vocab)
-            tl.atomic_add(dst + t, tl.zeros([BLOCK_N], tl.float32) - freq, mask=valid)
+            tl.atomic_add(counts + t, tl.full([BLOCK_N], 1, tl.int32), mask=valid)
+        tl.debug_barrier()
+    for start in range(0, vocab, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < vocab
+        raw = tl.load(src + idx, mask=mask).to(tl.float32)
+        c = tl.load(counts + idx, mask=mask, other=0)
+        pen = tl.where(raw < 0, raw * rep, raw / rep) - presence - freq * c.to(tl.float32)
+        tl.store(dst + idx, tl.where(c > 0, pen, raw), mask=mask)
 
 
 @triton.jit(do_not_specialize=["k_s", "seed", "offset"])
@@ -201,8 +199,9 @@ def _block(vocab: int) -> int:
     return min(triton.next_power_of_2(vocab), 2048)
 
 
-def sample_tokens(logits, params, prev_tokens, inv_temperature, top_k, top_p, min_p, repetition_penalty,
-                  presence_penalty, frequency_penalty, seed, seed_tensor, offset, return_logprobs):
+def sample_tokens(logits, params, prev_tokens, token_counts, inv_temperature, top_k, top_p, min_p,
+                  repetition_penalty, presence_penalty, frequency_penalty, seed, seed_tensor, offset,
+                  return_logprobs):
     batch, vocab = logits.shape
     tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(batch if return_logprobs else 0, dtype=torch.float32, device=logits.device)
@@ -211,16 +210,111 @@ def sample_tokens(logits, params, prev_tokens, inv_temperature, top_k, top_p, mi
     block = _block(vocab)
     has_params = params is not None
     x = logits
-    if prev_tokens is not None:
+    if prev_tokens is not None or token_counts is not None:
         x = torch.empty(batch, vocab, dtype=torch.float32, device=logits.device)
-        n_prev = prev_tokens.shape[1]
+        from_prev = prev_tokens is not None
+        n_prev = prev_tokens.shape[1] if from_prev else 0
+        counts = torch.zeros(batch, vocab, dtype=torch.int32, device=logits.device) if from_prev else token_counts
         _penalize_kernel[(batch,)](
-            logits, prev_tokens, params if has_params else logits, x, vocab, n_prev, repetition_penalty,
-            presence_penalty, frequency_penalty, HAS_PARAMS=has_params, BLOCK=block,
-            BLOCK_N=min(triton.next_power_of_2(max(n_prev, 1)), 1024), num_warps=4)
+            logits, prev_tokens if from_prev else counts, counts, params if has_params else logits, x, vocab, n_prev,
+            repetition_penalty, presence_penalty, frequency_penalty, HAS_PARAMS=has_params, FROM_PREV=from_prev,
+            BLOCK=block, BLOCK_N=min(triton.next_power_of_2(max(n_prev, 1)), 1024), num_warps=4)
     _sample_kernel[(batch,)](
         x, params if has_params else x, tokens, logprobs if return_logprobs else tokens, vocab,
         inv_temperature, top_k, top_p, min_p, seed, seed_tensor if seed_tensor is not None else tokens, offset,
         HAS_PARAMS=has_params, SEED_FROM_PTR=seed_tensor is not None, RETURN_LOGPROBS=return_logprobs,
         BLOCK=block, num_warps=8)
     return tokens, logprobs
+
+
+# ---- FlashInfer's renorm and mask ops ------------------------------------------------
+# One program per row: the threshold t (one of the row's values) by bisection
+# on order-preserving int32 keys, 32 passes over the row, then one pass (two
+# for renormalization) that keeps the values >= t. Semantics:
+# genfast/reference/sampling.py.
+
+@triton.jit
+def _order_key(x):
+    """int32 keys that order fp32 values: a < b iff key(a) < key(b) (neither NaN)."""
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+@triton.jit(do_not_specialize=["k_s", "p_s"])
+def _filter_kernel(x_ptr, arr_ptr, out_ptr, vocab, k_s, p_s, HAS_ARR: tl.constexpr, TOP_P: tl.constexpr,
+                   RENORM: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * vocab
+    out_row = out_ptr + row * vocab
+    if TOP_P:
+        target = (tl.load(arr_ptr + row) if HAS_ARR else p_s) + tl.zeros([], tl.float32)
+        total_v = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, vocab, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            total_v += tl.load(x_row + idx, mask=idx < vocab, other=0.0).to(tl.float32)
+        # top_p is absolute, as FlashInfer's: a row holding less mass is kept whole
+        on = (target < 1.0) & (tl.sum(total_v, axis=0) >= target)
+    else:
+        k = (tl.load(arr_ptr + row) if HAS_ARR else k_s) + tl.zeros([], tl.int64)
+        target = k.to(tl.float32)
+        on = (k > 0) & (k < vocab)
+    t = float("-inf")
+    if on:
+        # the largest key with F(key) >= target, F the count (or mass) of the keys >= it
+        lo = tl.zeros([], tl.int64) - 2147483648
+        hi = tl.zeros([], tl.int64) + 2147483648
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            f_v = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, vocab, BLOCK):
+                idx = start + tl.arange(0, BLOCK)
+                mask = idx < vocab
+                x = tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32)
+                w = x if TOP_P else tl.full([BLOCK], 1.0, tl.float32)
+                f_v += tl.where(mask & (_order_key(x).to(tl.int64) >= mid), w, 0.0)
+            if tl.sum(f_v, axis=0) >= target:
+                lo = mid
+            else:
+                hi = mid
+        key = lo.to(tl.int32)
+        t = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
+    if RENORM:
+        z_v = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, vocab, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            x = tl.load(x_row + idx, mask=idx < vocab, other=0.0).to(tl.float32)
+            z_v += tl.where(x >= t, x, 0.0)
+        inv = 1.0 / tl.maximum(tl.sum(z_v, axis=0), 1e-8)  # FlashInfer's guard against an all-zero row
+        for start in range(0, vocab, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            mask = idx < vocab
+            x = tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_row + idx, tl.where(x >= t, x * inv, 0.0), mask=mask)
+    else:
+        for start in range(0, vocab, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            mask = idx < vocab
+            raw = tl.load(x_row + idx, mask=mask, other=0.0)
+            tl.store(out_row + idx, tl.where(raw.to(tl.float32) >= t, raw, float("-inf")), mask=mask)
+
+
+def _filter(x, per_row, k, p, top_p: bool, renorm: bool):
+    batch, vocab = x.shape
+    out = torch.empty_like(x)
+    if batch > 0:
+        _filter_kernel[(batch,)](x, per_row if per_row is not None else x, out, vocab, k, p,
+                                 HAS_ARR=per_row is not None, TOP_P=top_p, RENORM=renorm, BLOCK=_block(vocab),
+                                 num_warps=8)
+    return out
+
+
+def top_k_renorm_probs(probs, top_k_arr, top_k):
+    return _filter(probs, top_k_arr, top_k, 1.0, top_p=False, renorm=True)
+
+
+def top_p_renorm_probs(probs, top_p_arr, top_p):
+    return _filter(probs, top_p_arr, 0, top_p, top_p=True, renorm=True)
+
+
+def top_k_mask_logits(logits, top_k_arr, top_k):
+    return _filter(logits, top_k_arr, top_k, 1.0, top_p=False, renorm=False)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import genfast
 from genfast.reference import rng as ref_rng
 
-from conftest import BACKENDS, DEVICE
+from conftest import BACKENDS, DEVICE, assert_close
 
 INF = math.inf
 CONFIGS = {
@@ -210,6 +210,64 @@ def test_penalties_per_row_and_int32_prev_tokens(backend):
         assert abs(lp[r].item() - math.log(p.item())) < 1e-4
 
 
+def counts_of(prev_tokens, vocab, dtype=torch.int64):
+    """(batch, vocab) counts of each id in each row of prev_tokens (ids < 0 are padding), by a Python loop."""
+    counts = torch.zeros(prev_tokens.shape[0], vocab, dtype=dtype)
+    for r, row in enumerate(prev_tokens.tolist()):
+        for t in row:
+            if t >= 0:
+                counts[r, t] += 1
+    return counts
+
+
+@pytest.mark.parametrize("vocab", [1, 61, 1031])
+@pytest.mark.parametrize("counts_dtype", [torch.int64, torch.int32])
+def test_token_counts_give_the_tokens_of_prev_tokens(backend, vocab, counts_dtype):
+    g = torch.Generator().manual_seed(vocab)
+    batch = 7
+    logits = logits_like_a_model(batch, vocab, g)
+    prev = torch.randint(-1, vocab, (batch, 50), generator=g)
+    prev[:, :10] = prev[:, 10:20]  # repeats
+    prev[2] = -1  # nothing before
+    counts = counts_of(prev, vocab, counts_dtype)
+    per_row = dict(repetition_penalty=torch.rand(batch, generator=g) + 0.7,
+                   presence_penalty=torch.randn(batch, generator=g),
+                   frequency_penalty=torch.rand(batch, generator=g))
+    scalar = dict(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.25)
+    for pen in (scalar, per_row):
+        pen = {k: v.to(backend) if isinstance(v, torch.Tensor) else v for k, v in pen.items()}
+        for kw in (dict(temperature=0.0), dict(top_p=0.8, top_k=20, temperature=0.9)):
+            a, lp_a = genfast.sample_tokens(logits.to(backend), prev_tokens=prev.to(backend), seed=6, offset=2,
+                                            return_logprobs=True, **pen, **kw)
+            b, lp_b = genfast.sample_tokens(logits.to(backend), token_counts=counts.to(backend), seed=6, offset=2,
+                                            return_logprobs=True, **pen, **kw)
+            assert torch.equal(a, b)
+            assert torch.equal(lp_a, lp_b)
+            # and both are HF's penalties
+            for r in range(batch):
+                rowpen = {k: (v[r].item() if isinstance(v, torch.Tensor) else v) for k, v in pen.items()}
+                oracle = hf_penalize(logits[r:r + 1], prev[r:r + 1], rep=rowpen["repetition_penalty"],
+                                     presence=rowpen["presence_penalty"], frequency=rowpen["frequency_penalty"])
+                if kw["temperature"] == 0:
+                    assert b[r].item() == oracle.argmax().item()
+                else:
+                    p = hf_probs(oracle, **kw)[0, b[r].item()]
+                    assert abs(lp_b[r].item() - math.log(p.item())) < 1e-4
+
+
+def test_token_counts_with_large_counts(backend):
+    """Counts far beyond one repeat: the frequency penalty is frequency * count, once."""
+    logits = logits_like_a_model(3, 40, torch.Generator().manual_seed(2))
+    counts = torch.zeros(3, 40, dtype=torch.int64)
+    counts[0, logits[0].argmax()] = 1000
+    counts[1, 5] = 3
+    out = genfast.sample_tokens(logits.to(backend), token_counts=counts.to(backend), frequency_penalty=0.01,
+                                temperature=0)
+    x = logits.clone()
+    x[counts > 0] -= 0.01 * counts[counts > 0].float()
+    assert torch.equal(out.cpu(), x.argmax(-1))
+
+
 # ---- the noise stream and agreement between backends ----------------------------
 
 def test_row_r_uses_the_uniform_at_offset_plus_r(backend):
@@ -335,6 +393,13 @@ def _never(*args):
     (dict(prev_tokens=torch.tensor([[1, 2], [3, 99], [0, -1]])), ValueError, "prev_tokens .* row 1"),
     (dict(prev_tokens=torch.tensor([[1.0, 2.0]] * 3)), TypeError, "prev_tokens"),
     (dict(prev_tokens=torch.tensor([[1, 2]])), ValueError, "prev_tokens"),
+    (dict(token_counts=torch.zeros(3, 9, dtype=torch.int64)), ValueError, "token_counts"),
+    (dict(token_counts=torch.zeros(3, 10)), TypeError, "token_counts"),
+    (dict(token_counts=torch.zeros(3, 10, dtype=torch.int64, device="meta")), ValueError, "token_counts .* device"),
+    (dict(token_counts=torch.tensor([[0] * 10, [0] * 9 + [-1], [0] * 10])), ValueError, "token_counts .* row 1"),
+    (dict(token_counts=[[0] * 10] * 3), TypeError, "token_counts"),
+    (dict(token_counts=torch.zeros(3, 10, dtype=torch.int64), prev_tokens=torch.zeros(3, 2, dtype=torch.int64)),
+     ValueError, "prev_tokens or token_counts"),
     (dict(seed=2**64), ValueError, "seed"),
     (dict(offset=-1), ValueError, "offset"),
 ])
@@ -359,10 +424,13 @@ def test_opcheck():
     logits = torch.randn(4, 37, device=DEVICE)
     params = torch.tensor([[1.0, 3, 0.9, 0.0, 1.2, 0.1, 0.1]] * 4, device=DEVICE)
     prev = torch.randint(-1, 37, (4, 6), device=DEVICE)
+    counts = torch.randint(0, 3, (4, 37), device=DEVICE, dtype=torch.int32)
     op = torch.ops.genfast.sample_tokens.default
-    for args in [(logits, None, None, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 3, None, 0, True),
-                 (logits, params, prev, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 3, None, 0, False),
-                 (logits, None, prev, 2.0, 5, 0.8, 0.1, 1.3, 0.2, 0.3, 0, torch.tensor(4, device=DEVICE), 9, True)]:
+    for args in [(logits, None, None, None, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 3, None, 0, True),
+                 (logits, params, prev, None, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 3, None, 0, False),
+                 (logits, params, None, counts, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 3, None, 0, False),
+                 (logits, None, prev, None, 2.0, 5, 0.8, 0.1, 1.3, 0.2, 0.3, 0, torch.tensor(4, device=DEVICE), 9,
+                  True)]:
         torch.library.opcheck(op, args)
 
 
@@ -373,11 +441,17 @@ def test_torch_compile_fullgraph_decode_step():
         return genfast.sample_tokens(logits, top_k=20, top_p=0.9, temperature=0.7, repetition_penalty=1.1,
                                      prev_tokens=prev, seed=seed, offset=offset, check=False)
 
+    def step_counts(logits, counts, seed, offset):
+        return genfast.sample_tokens(logits, top_k=20, top_p=0.9, temperature=0.7, repetition_penalty=1.1,
+                                     token_counts=counts, seed=seed, offset=offset, check=False)
+
     logits = torch.randn(4, 100, device=DEVICE)
     prev = torch.randint(0, 100, (4, 8), device=DEVICE)
     seed = torch.tensor(3, device=DEVICE)
     expected = step(logits, prev, seed, 5)
     assert torch.equal(torch.compile(step, fullgraph=True)(logits, prev, seed, 5), expected)
+    counts = counts_of(prev.cpu(), 100).to(DEVICE)
+    assert torch.equal(torch.compile(step_counts, fullgraph=True)(logits, counts, seed, 5), expected)
 
 
 @settings(max_examples=25, deadline=None)
@@ -422,16 +496,147 @@ def test_flashinfer_names(backend):
         genfast.top_k_top_p_sampling_from_logits(logits, 10, 0.8, filter_apply_order="joint")
 
 
-def test_flashinfer_renorm_and_mask():
-    logits = logits_like_a_model(5, 64, torch.Generator().manual_seed(13))
+def tied_logits(batch, vocab, generator):
+    """Logits on a coarse grid: many exact ties, at every threshold."""
+    return (torch.randn(batch, vocab, generator=generator) * 4).round() / 2
+
+
+def oracle_threshold_keep(x64, k=None, p=None):
+    """Which entries FlashInfer's top-k / top-p keep, by a sort in fp64: the values >= t, t the k-th largest
+    (k 0 or >= vocab: all), or the largest value whose tie-inclusive mass reaches p (p >= 1 or unreachable: all)."""
+    s, _ = x64.sort(dim=-1, descending=True)
+    vocab = x64.shape[-1]
+    keep = torch.ones_like(x64, dtype=torch.bool)
+    for r in range(x64.shape[0]):
+        if k is not None and 0 < int(k[r]) < vocab:
+            keep[r] = x64[r] >= s[r, int(k[r]) - 1]
+        if p is not None and float(p[r]) < 1:
+            cum = s[r].cumsum(0)
+            reached = (cum >= float(p[r])).nonzero()
+            if reached.numel():
+                keep[r] = x64[r] >= s[r, reached[0, 0]]
+    return keep
+
+
+def renormalized(x, keep):
+    kept = torch.where(keep, x, 0)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+FILTER_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def skip_interpreter_bf16(backend, dtype):
+    if dtype == torch.bfloat16 and is_triton() and backend == "cpu":
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 97, 1031, 128256])
+@pytest.mark.parametrize("dtype", FILTER_DTYPES)
+def test_top_k_mask_logits(backend, vocab, dtype):
+    skip_interpreter_bf16(backend, dtype)
+    small_vocab(backend, vocab)
+    g = torch.Generator().manual_seed(vocab)
+    batch = 6
+    logits = tied_logits(batch, vocab, g).to(dtype)
+    logits[1, : vocab // 2] = -INF
+    k = torch.tensor([0, 1, 3, vocab, vocab + 5, int(torch.randint(1, vocab + 1, (), generator=g))])
+    keep = oracle_threshold_keep(logits.double(), k=k)
+    expected = torch.where(keep, logits, -INF)
+    out = genfast.top_k_mask_logits(logits.to(backend), k.to(backend))
+    assert out.dtype == dtype and torch.equal(out.cpu(), expected)
+    for kk in (1, 5):  # scalar top_k
+        out = genfast.top_k_mask_logits(logits.to(backend), kk)
+        keep = oracle_threshold_keep(logits.double(), k=torch.full((batch,), kk))
+        assert torch.equal(out.cpu(), torch.where(keep, logits, -INF))
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 97, 1031, 128256])
+@pytest.mark.parametrize("dtype", FILTER_DTYPES)
+def test_top_k_renorm_probs(backend, vocab, dtype):
+    skip_interpreter_bf16(backend, dtype)
+    small_vocab(backend, vocab)
+    g = torch.Generator().manual_seed(vocab + 1)
+    batch = 5
+    probs = tied_logits(batch, vocab, g).softmax(-1).to(dtype)
+    k = torch.tensor([0, 1, 2, vocab + 1, int(torch.randint(1, vocab + 1, (), generator=g))])
+    keep = oracle_threshold_keep(probs.double(), k=k)
+    out = genfast.top_k_renorm_probs(probs.to(backend), k.to(backend))
+    assert out.dtype == dtype
+    assert torch.equal(out.cpu() > 0, keep & (probs > 0))
+    assert_close(out.cpu(), renormalized(probs.double(), keep), renormalized(probs, keep), atol=1e-7)
+    scalar = genfast.top_k_renorm_probs(probs.to(backend), 2)
+    assert torch.equal(scalar[2], out[2])
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 97, 1031, 128256])
+@pytest.mark.parametrize("dtype", FILTER_DTYPES)
+def test_top_p_renorm_probs(backend, vocab, dtype):
+    skip_interpreter_bf16(backend, dtype)
+    small_vocab(backend, vocab)
+    g = torch.Generator().manual_seed(vocab + 2)
+    batch = 6
+    probs = tied_logits(batch, vocab, g).softmax(-1).to(dtype)
+    x64 = probs.double()
+    s = x64.sort(dim=-1, descending=True).values
+    cum = s.cumsum(-1)
+    # top_p halfway between two cumulative masses: half a token of margin for fp32 sums in any order
+    j = torch.randint(0, vocab, (batch,), generator=g)
+    before = torch.where(j > 0, cum.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    p = ((before + cum.gather(1, j[:, None])[:, 0]) / 2).float().clamp(max=1.0)  # bf16 rows may sum past 1
+    p[0] = 1.0  # only renormalize
+    p[1] = 1e-6  # the top value (and its ties)
+    keep = oracle_threshold_keep(x64, p=p)
+    out = genfast.top_p_renorm_probs(probs.to(backend), p.to(backend))
+    assert out.dtype == dtype
+    assert torch.equal(out.cpu() > 0, keep & (probs > 0))
+    assert_close(out.cpu(), renormalized(x64, keep), renormalized(probs, keep), atol=1e-7)
+    # a row holding less mass than top_p is kept whole (FlashInfer compares top_p with the mass itself)
+    half = genfast.top_p_renorm_probs((probs.float() * 0.5).to(backend), 0.9).cpu()
+    torch.testing.assert_close(half, renormalized(probs.float() * 0.5, probs > 0).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_renorm_matches_sampling_with_the_filter(backend):
+    """top_k_renorm_probs then sampling_from_probs draws from the distribution top_k_sampling_from_probs uses."""
+    logits = logits_like_a_model(4, 300, torch.Generator().manual_seed(5)).to(backend)
     probs = logits.softmax(-1)
-    masked = genfast.top_k_mask_logits(logits, 7)
-    assert torch.equal(torch.isfinite(masked).sum(-1), torch.full((5,), 7))
-    torch.testing.assert_close(genfast.top_k_renorm_probs(probs, 7).double(), hf_probs(logits, top_k=7))
-    torch.testing.assert_close(genfast.top_p_renorm_probs(probs, 0.6).double(), hf_probs(logits, top_p=0.6))
-    k = torch.tensor([0, 1, 5, 64, 100])
-    kept = torch.isfinite(genfast.top_k_mask_logits(logits, k)).sum(-1)
-    assert kept.tolist() == [64, 1, 5, 64, 64]
+    for renorm, kw in ((genfast.top_k_renorm_probs(probs, 9), dict(top_k=9)),
+                       (genfast.top_p_renorm_probs(probs, 0.6), dict(top_p=0.6))):
+        expected = hf_probs(logits.cpu(), **kw)
+        torch.testing.assert_close(renorm.cpu().double(), expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("fn, x, arg, error, match", [
+    (genfast.top_k_mask_logits, torch.randn(2, 5), -1, ValueError, "top_k"),
+    (genfast.top_k_mask_logits, torch.randn(2, 5), 1.5, TypeError, "top_k"),
+    (genfast.top_k_mask_logits, torch.randn(5), 1, ValueError, "logits"),
+    (genfast.top_k_renorm_probs, torch.rand(2, 5), torch.tensor([1, -2]), ValueError, "top_k .* row 1"),
+    (genfast.top_k_renorm_probs, torch.randint(0, 3, (2, 5)), 1, TypeError, "probs"),
+    (genfast.top_p_renorm_probs, torch.rand(2, 5), 0.0, ValueError, "top_p"),
+    (genfast.top_p_renorm_probs, torch.rand(2, 5), torch.tensor([0.5, 1.5]), ValueError, "top_p .* row 1"),
+    (genfast.top_p_renorm_probs, torch.rand(2, 5), torch.tensor([0.5]), ValueError, "top_p"),
+])
+def test_renorm_and_mask_bad_arguments(fn, x, arg, error, match, monkeypatch):
+    monkeypatch.setattr(genfast._ops, "implementation", lambda *a: _never)
+    with pytest.raises(error, match=match):
+        fn(x, arg)
+
+
+def test_renorm_and_mask_opcheck_and_compile():
+    probs = torch.rand(3, 29, device=DEVICE).softmax(-1)
+    k = torch.tensor([1, 4, 0], device=DEVICE)
+    p = torch.tensor([0.3, 0.9, 1.0], device=DEVICE)
+    torch.library.opcheck(torch.ops.genfast.top_k_renorm_probs.default, (probs, k, 0))
+    torch.library.opcheck(torch.ops.genfast.top_k_renorm_probs.default, (probs, None, 3))
+    torch.library.opcheck(torch.ops.genfast.top_p_renorm_probs.default, (probs, p, 1.0))
+    torch.library.opcheck(torch.ops.genfast.top_p_renorm_probs.default, (probs, None, 0.5))
+    torch.library.opcheck(torch.ops.genfast.top_k_mask_logits.default, (probs.log(), k, 0))
+    torch._dynamo.reset()
+
+    def step(probs):
+        return genfast.top_p_renorm_probs(genfast.top_k_renorm_probs(probs, 5), 0.8)
+
+    assert torch.equal(torch.compile(step, fullgraph=True)(probs), step(probs))
 
 
 def test_logits_sampler_advances_the_stream(backend):

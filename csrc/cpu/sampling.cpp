@@ -4,11 +4,13 @@
 //
 // Per row (V logits, a 512 KB fp32 row for Llama 3 stays in L2):
 //   A. read the row once into an fp32 scratch, max and NaN/+inf detection;
-//      penalties patch the scratch at the previous tokens' ids;
+//      penalties patch the scratch at the previous tokens' ids (or where the
+//      token counts are > 0);
 //   B. d = (max - x) * inv_temperature in place (d >= 0, 0 at the top), and
-//      what picks a candidate cut-off C: counts (top-k) or masses (top-p alone)
-//      of d <= 1, 2, 4, ..., 64 nats, in the same pass;
-//   C. compact the candidates d <= C (AVX-512 compress-store), with exp(-d);
+//      what picks a candidate cut-off C, in the same pass: with top-k the
+//      counts of d <= 1, 2, 3, ..., 64 nats; for top-p alone the total mass
+//      and the mass of d <= 3, 5, 8, 11, 16 nats (or a bound from the total);
+//   C. compact the candidates d <= C (AVX-512 compress), with exp(-d);
 //   D. exact thresholds on the candidates by a selection that splits the
 //      working set at a pivot value and keeps the side holding the answer
 //      (passes shrink with the set; the last <= 128 values are sorted);
@@ -20,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -67,6 +70,13 @@ inline int64_t float_to_key(float f) {
 }
 
 inline Vec ones_where(const Vec& mask) { return mask & Vec(1.0f); }
+
+// exp(-d), the mass of a token d nats below the top. ATen's inlined exp_u20
+// (relative error <= 20 ulp, ~1e-6, under the fp32 rounding of a 128k-term sum;
+// it flushes below FLT_MIN, far under the top token's mass 1) rather than
+// SLEEF's u10 exp: top-p alone at 8 x 128256 took 1.1-1.2 ms instead of
+// 1.4-1.5 ms here (one thread), an exp per token being its largest cost.
+inline Vec exp_neg(const Vec& d) { return (Vec(0.f) - d).exp_u20(); }
 
 float lane_max(const Vec& v) {
   alignas(64) float lanes[kLanes];
@@ -125,25 +135,64 @@ float load_row(const T* src, int64_t V, float* x) {
   return lane_max(m);
 }
 
-// Penalties from the raw logits, as the reference; returns whether any applied.
+// A penalized logit from its raw value and its count c > 0, as the reference
+// (left to right, one rounding per operation).
+inline float penalized(float raw, float c, const RowParams& rp) {
+  return (raw < 0.f ? raw * rp.rep : raw / rp.rep) - rp.presence - rp.freq * c;
+}
+
+// Penalties from previous token ids: each distinct id once, with its count
+// (runs of the sorted ids). Returns whether any applied.
 template <typename T>
-bool penalize(const T* src, int64_t V, const int64_t* prev, int64_t n, const RowParams& rp, float* x) {
-  bool any = false;
+bool penalize_prev(const T* src, int64_t V, const int64_t* prev, int64_t n, const RowParams& rp, float* x) {
+  std::vector<int64_t> ids;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t t = prev[i];
-    if (t < 0 || t >= V) continue;
-    const float raw = static_cast<float>(src[t]);
-    x[t] = (raw < 0.f ? raw * rp.rep : raw / rp.rep) - rp.presence;
-    any = true;
+    if (prev[i] >= 0 && prev[i] < V) ids.push_back(prev[i]);
   }
-  if (rp.freq != 0.f) {
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t t = prev[i];
-      if (t >= 0 && t < V) x[t] -= rp.freq;
+  std::sort(ids.begin(), ids.end());
+  for (size_t i = 0; i < ids.size();) {
+    size_t j = i;
+    while (j < ids.size() && ids[j] == ids[i]) ++j;
+    x[ids[i]] = penalized(static_cast<float>(src[ids[i]]), static_cast<float>(j - i), rp);
+    i = j;
+  }
+  return !ids.empty();
+}
+
+// Penalties from a row of token counts. Returns whether any applied.
+template <typename T, typename C>
+bool penalize_counts(const T* src, int64_t V, const C* counts, const RowParams& rp, float* x) {
+  bool any = false;
+  for (int64_t b = 0; b < V; b += 64) {
+    const int64_t end = std::min(V, b + 64);
+    C hit = 0;  // counts are mostly 0: test a block at once (the OR vectorizes)
+    for (int64_t j = b; j < end; ++j) hit |= counts[j];
+    if (hit == 0) continue;
+    for (int64_t j = b; j < end; ++j) {
+      if (counts[j] > 0) {
+        x[j] = penalized(static_cast<float>(src[j]), static_cast<float>(counts[j]), rp);
+        any = true;
+      }
     }
   }
   return any;
 }
+
+// Where a row's penalties come from: previous ids, or counts of one of two dtypes.
+struct PenaltySource {
+  const int64_t* prev = nullptr;
+  int64_t n_prev = 0;
+  const int64_t* counts64 = nullptr;
+  const int32_t* counts32 = nullptr;
+
+  template <typename T>
+  bool apply(const T* src, int64_t V, int64_t row, const RowParams& rp, float* x) const {
+    if (prev != nullptr) return penalize_prev(src, V, prev + row * n_prev, n_prev, rp, x);
+    if (counts64 != nullptr) return penalize_counts(src, V, counts64 + row * V, rp, x);
+    if (counts32 != nullptr) return penalize_counts(src, V, counts32 + row * V, rp, x);
+    return false;
+  }
+};
 
 int64_t first_index_of(const float* x, int64_t V, float value) {
   int64_t j = 0;
@@ -162,31 +211,23 @@ int64_t first_index_of(const float* x, int64_t V, float value) {
 
 struct Levels {
   float count[kLevels] = {};
-  float mass[kLevels] = {};
-  float z_all = 0.f;
 };
 
-// B: d in place over the padded row; counts and/or masses of d <= each level;
+// B: d in place over the padded row; with kCount the counts of d <= each level;
 // with kMass also exp(-d) into e (0 in the padding).
-template <bool kCount, bool kMass, bool kMassLevels = kMass>
+template <bool kCount, bool kMass>
 Levels distances(float* x, float* e, int64_t n_pad, float top, float inv_t) {
   Levels out;
 #if defined(CPU_CAPABILITY_AVX512)
-  __m512 cnt[kLevels], mass[kLevels];
-  for (int l = 0; l < kLevels; ++l) cnt[l] = mass[l] = _mm512_setzero_ps();
-  __m512 z = _mm512_setzero_ps();
+  __m512 cnt[kLevels];
+  for (int l = 0; l < kLevels; ++l) cnt[l] = _mm512_setzero_ps();
   const __m512 vtop = _mm512_set1_ps(top), vinv = _mm512_set1_ps(inv_t), one = _mm512_set1_ps(1.f);
   for (int64_t j = 0; j < n_pad; j += 16) {
     const __m512 d = _mm512_mul_ps(_mm512_sub_ps(vtop, _mm512_loadu_ps(x + j)), vinv);
     _mm512_storeu_ps(x + j, d);
     if constexpr (kMass) {
       const __mmask16 real = _mm512_cmp_ps_mask(d, d, _CMP_ORD_Q);  // not the NaN padding
-      const __m512 ev = _mm512_maskz_mov_ps(real, Vec(_mm512_sub_ps(_mm512_setzero_ps(), d)).exp());
-      _mm512_storeu_ps(e + j, ev);
-      z = _mm512_add_ps(z, ev);
-      for (int l = 0; l < kLevels && kMassLevels; ++l) {
-        mass[l] = _mm512_mask_add_ps(mass[l], _mm512_cmp_ps_mask(d, _mm512_set1_ps(kLevel[l]), _CMP_LE_OQ), mass[l], ev);
-      }
+      _mm512_storeu_ps(e + j, _mm512_maskz_mov_ps(real, exp_neg(Vec(d))));
     }
     if constexpr (kCount) {
       for (int l = 0; l < kLevels; ++l) {
@@ -194,36 +235,69 @@ Levels distances(float* x, float* e, int64_t n_pad, float top, float inv_t) {
       }
     }
   }
-  for (int l = 0; l < kLevels; ++l) {
-    if (kCount) out.count[l] = lane_sum(Vec(cnt[l]));
-    if (kMass) out.mass[l] = lane_sum(Vec(mass[l]));
-  }
-  if (kMass) out.z_all = lane_sum(Vec(z));
+  for (int l = 0; l < kLevels && kCount; ++l) out.count[l] = lane_sum(Vec(cnt[l]));
 #else
-  Vec cnt[kLevels], mass[kLevels];
-  for (int l = 0; l < kLevels; ++l) cnt[l] = mass[l] = Vec(0.f);
-  Vec z(0.f);
+  Vec cnt[kLevels];
+  for (int l = 0; l < kLevels; ++l) cnt[l] = Vec(0.f);
   const Vec vtop(top), vinv(inv_t), vinf(kInf);
   for (int64_t j = 0; j < n_pad; j += kLanes) {
     const Vec d = (vtop - Vec::loadu(x + j)) * vinv;
     d.store(x + j);
-    if constexpr (kMass) {
-      const Vec ev = (Vec(0.f) - d).exp() & (d <= vinf);  // padding (NaN) adds nothing
-      ev.store(e + j);
-      z = z + ev;
-      for (int l = 0; l < kLevels && kMassLevels; ++l) mass[l] = mass[l] + (ev & (d <= Vec(kLevel[l])));
-    }
+    if constexpr (kMass) (exp_neg(d) & (d <= vinf)).store(e + j);  // padding (NaN) adds nothing
     if constexpr (kCount) {
       for (int l = 0; l < kLevels; ++l) cnt[l] = cnt[l] + ones_where(d <= Vec(kLevel[l]));
     }
   }
-  for (int l = 0; l < kLevels; ++l) {
-    if (kCount) out.count[l] = lane_sum(cnt[l]);
-    if (kMass) out.mass[l] = lane_sum(mass[l]);
-  }
-  if (kMass) out.z_all = lane_sum(z);
+  for (int l = 0; l < kLevels && kCount; ++l) out.count[l] = lane_sum(cnt[l]);
 #endif
   return out;
+}
+
+// B for top-p without top-k: d in place, the total mass Z (an exp per token,
+// this path's largest cost) and the mass of d <= a few levels (nats), in one
+// pass; the candidate cut is the first level holding p Z, or else a bound on
+// the top-p threshold: the tokens beyond C hold at most V e^-C of the mass, so
+// C = log(2 V / ((1 - p) Z)) leaves >= p Z below it (a factor 2 of slack for
+// rounding). Nothing else is stored: the candidates' exp(-d) is recomputed.
+constexpr int kMassLevels = 5;
+constexpr float kMassLevel[kMassLevels] = {3.f, 5.f, 8.f, 11.f, 16.f};
+
+float top_p_cut(float* x, int64_t n_pad, int64_t V, float top, float inv_t, float p, float& z_all) {
+  float mass[kMassLevels];
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 acc = _mm512_setzero_ps(), lv[kMassLevels];
+  for (int l = 0; l < kMassLevels; ++l) lv[l] = _mm512_setzero_ps();
+  const __m512 vtop = _mm512_set1_ps(top), vinv = _mm512_set1_ps(inv_t);
+  for (int64_t j = 0; j < n_pad; j += 16) {
+    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(vtop, _mm512_loadu_ps(x + j)), vinv);
+    _mm512_storeu_ps(x + j, d);
+    const __mmask16 real = _mm512_cmp_ps_mask(d, d, _CMP_ORD_Q);  // not the NaN padding
+    const __m512 ev = _mm512_maskz_mov_ps(real, exp_neg(Vec(d)));
+    acc = _mm512_add_ps(acc, ev);
+    for (int l = 0; l < kMassLevels; ++l) {
+      lv[l] = _mm512_mask_add_ps(lv[l], _mm512_cmp_ps_mask(d, _mm512_set1_ps(kMassLevel[l]), _CMP_LE_OQ), lv[l], ev);
+    }
+  }
+  z_all = lane_sum(Vec(acc));
+  for (int l = 0; l < kMassLevels; ++l) mass[l] = lane_sum(Vec(lv[l]));
+#else
+  Vec acc(0.f), lv[kMassLevels];
+  for (int l = 0; l < kMassLevels; ++l) lv[l] = Vec(0.f);
+  for (int64_t j = 0; j < n_pad; j += kLanes) {
+    const Vec d = (Vec(top) - Vec::loadu(x + j)) * Vec(inv_t);
+    d.store(x + j);
+    const Vec ev = exp_neg(d) & (d <= Vec(kInf));  // padding (NaN) adds nothing
+    acc = acc + ev;
+    for (int l = 0; l < kMassLevels; ++l) lv[l] = lv[l] + (ev & (d <= Vec(kMassLevel[l])));
+  }
+  z_all = lane_sum(acc);
+  for (int l = 0; l < kMassLevels; ++l) mass[l] = lane_sum(lv[l]);
+#endif
+  const float bound = std::log(2.f * static_cast<float>(V) / ((1.f - p) * z_all));
+  for (int l = 0; l < kMassLevels && kMassLevel[l] < bound; ++l) {
+    if (mass[l] >= p * z_all) return kMassLevel[l];
+  }
+  return bound;
 }
 
 // C: candidates d <= cut in vocabulary order, with their exp(-d) when e is
@@ -237,9 +311,10 @@ int64_t compact(const float* d, const float* e, int64_t n_pad, float cut, float*
     const __m512 v = _mm512_loadu_ps(d + j);
     const __mmask16 m = _mm512_cmp_ps_mask(v, vcut, _CMP_LE_OQ);
     if (m == 0) continue;
-    _mm512_mask_compressstoreu_ps(cd + n, m, v);
-    if (e != nullptr) _mm512_mask_compressstoreu_ps(ce + n, m, _mm512_loadu_ps(e + j));
-    _mm512_mask_compressstoreu_epi32(ci + n, m, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j))));
+    // compress in a register, then a full store: faster than a compress-store to memory
+    _mm512_storeu_ps(cd + n, _mm512_maskz_compress_ps(m, v));
+    if (e != nullptr) _mm512_storeu_ps(ce + n, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(e + j)));
+    _mm512_storeu_si512(ci + n, _mm512_maskz_compress_epi32(m, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j)))));
     n += __builtin_popcount(m);
   }
 #else
@@ -262,7 +337,7 @@ void candidate_mass(float* cd, float* ce, int64_t n, bool have_e) {
   if (have_e) return;
   for (int64_t j = 0; j < n_pad; j += kLanes) {
     const Vec d = Vec::loadu(cd + j);
-    ((Vec(0.f) - d).exp() & (d <= Vec(kInf))).store(ce + j);
+    (exp_neg(d) & (d <= Vec(kInf))).store(ce + j);
   }
 }
 
@@ -318,12 +393,13 @@ float select(const float* d, const float* e, int64_t n, float hi, float target, 
       const __mmask16 valid = wn - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (wn - j)) - 1);
       const __m512 v = _mm512_maskz_loadu_ps(valid, wd + j);
       const __mmask16 ml = _mm512_mask_cmp_ps_mask(valid, v, vp, _CMP_LE_OQ), mr = valid & ~ml;
-      _mm512_mask_compressstoreu_ps(ld + nl, ml, v);
-      _mm512_mask_compressstoreu_ps(rd + nr, mr, v);
+      // compress in a register, then a full store (the work buffers have a vector of slack)
+      _mm512_storeu_ps(ld + nl, _mm512_maskz_compress_ps(ml, v));
+      _mm512_storeu_ps(rd + nr, _mm512_maskz_compress_ps(mr, v));
       if constexpr (kMass) {
         const __m512 ev = _mm512_maskz_loadu_ps(valid, we + j);
-        _mm512_mask_compressstoreu_ps(le + nl, ml, ev);
-        _mm512_mask_compressstoreu_ps(re + nr, mr, ev);
+        _mm512_storeu_ps(le + nl, _mm512_maskz_compress_ps(ml, ev));
+        _mm512_storeu_ps(re + nr, _mm512_maskz_compress_ps(mr, ev));
         acc = _mm512_mask_add_ps(acc, ml, acc, ev);
       }
       nl += __builtin_popcount(ml);
@@ -405,45 +481,45 @@ Draw draw(const float* cd, const float* ce, const int32_t* ci, int64_t n, float 
 }
 
 template <typename T>
-Draw sample_row(const T* src, int64_t V, const int64_t* prev, int64_t n_prev, const RowParams& rp, float u,
+Draw sample_row(const T* src, int64_t V, const PenaltySource& penalties, int64_t row, const RowParams& rp, float u,
                 Scratch& s) {
   float* x = s.x.get();
   float* e = s.e.get();
   float top = load_row(src, V, x);
   if (std::isnan(top) || top == kInf) return {kNanRow, 0.f};
-  if (prev != nullptr && penalize(src, V, prev, n_prev, rp, x)) top = row_max(x, V);
+  if (penalties.apply(src, V, row, rp, x)) top = row_max(x, V);
   if (top == -kInf) return {kEmptyRow, 0.f};
   if (rp.inv_t == kInf) return {first_index_of(x, V, top), 0.f};
 
   const int64_t n_pad = round_up(V);
   const bool need_k = rp.k > 0 && rp.k < V, need_p = rp.p < 1.f, need_m = rp.min_p > 0.f;
   const float d_m = need_m ? -std::log(rp.min_p) : kInf;
-  float cut = kInf, z_all = 0.f;
+  float z_all = 0.f, cut = kInf;  // cut: every threshold is <= it
   bool have_e = false;  // exp(-d) of the whole row is in e
-  if (need_k) {
-    const Levels lv = distances<true, false>(x, e, n_pad, top, rp.inv_t);
-    for (int l = 0; l < kLevels && cut == kInf; ++l) {
-      if (lv.count[l] >= static_cast<float>(rp.k)) cut = kLevel[l];
-    }
-  } else if (need_p) {
-    const Levels lv = distances<false, true>(x, e, n_pad, top, rp.inv_t);
-    z_all = lv.z_all;
-    have_e = true;
-    for (int l = 0; l < kLevels && cut == kInf; ++l) {
-      if (lv.mass[l] >= rp.p * lv.z_all) cut = kLevel[l];
-    }
-  } else if (!need_m) {  // no filter: the draw needs every exp(-d)
-    distances<false, true, false>(x, e, n_pad, top, rp.inv_t);
-    have_e = true;
-  } else {
-    distances<false, false>(x, e, n_pad, top, rp.inv_t);
-  }
-  // Without top-p, min-p alone bounds the kept set: D = min(D_k, D_m).
-  if (!need_p) cut = std::min(cut, d_m);
-
   float *cd = x, *ce = e;
   int32_t* ci = nullptr;
   int64_t n = V;
+  if (need_p && !need_k) {
+    cut = top_p_cut(x, n_pad, V, top, rp.inv_t, rp.p, z_all);
+  } else {
+    // Without top-p, min-p alone bounds the kept set: D = min(D_k, D_m); with it,
+    // top-p needs the whole mass top-k keeps.
+    if (!need_p) cut = d_m;
+    if (need_k) {
+      const Levels lv = distances<true, false>(x, e, n_pad, top, rp.inv_t);
+      for (int l = 0; l < kLevels; ++l) {
+        if (lv.count[l] >= static_cast<float>(rp.k)) {
+          cut = std::min(cut, kLevel[l]);
+          break;
+        }
+      }
+    } else if (!need_m) {  // no filter: the draw needs every exp(-d)
+      distances<false, true>(x, e, n_pad, top, rp.inv_t);
+      have_e = true;
+    } else {
+      distances<false, false>(x, e, n_pad, top, rp.inv_t);
+    }
+  }
   if (cut < kInf) {
     cd = s.cd.get();
     ce = s.ce.get();
@@ -468,7 +544,7 @@ Draw sample_row(const T* src, int64_t V, const int64_t* prev, int64_t n_prev, co
 }
 
 std::tuple<Tensor, Tensor> sample_tokens(const Tensor& logits, const OptTensor& params, const OptTensor& prev_tokens,
-                                         double inv_temperature, int64_t top_k, double top_p, double min_p,
+                                         const OptTensor& token_counts, double inv_temperature, int64_t top_k, double top_p, double min_p,
                                          double repetition_penalty, double presence_penalty, double frequency_penalty,
                                          int64_t seed, const OptTensor& seed_tensor, int64_t offset,
                                          bool return_logprobs) {
@@ -483,8 +559,17 @@ std::tuple<Tensor, Tensor> sample_tokens(const Tensor& logits, const OptTensor& 
     stream_uniforms(key, static_cast<uint64_t>(offset + b), static_cast<int>(std::min<int64_t>(kBlock, B - b)), u.data() + b);
   }
   const float* prm = params.has_value() ? params->data_ptr<float>() : nullptr;
-  const int64_t* prev = prev_tokens.has_value() ? prev_tokens->data_ptr<int64_t>() : nullptr;
-  const int64_t n_prev = prev_tokens.has_value() ? prev_tokens->size(1) : 0;
+  PenaltySource penalties;
+  if (prev_tokens.has_value()) {
+    penalties.prev = prev_tokens->data_ptr<int64_t>();
+    penalties.n_prev = prev_tokens->size(1);
+  } else if (token_counts.has_value()) {
+    if (token_counts->scalar_type() == at::kLong) {
+      penalties.counts64 = token_counts->data_ptr<int64_t>();
+    } else {
+      penalties.counts32 = token_counts->data_ptr<int32_t>();
+    }
+  }
   const RowParams scalar{static_cast<float>(inv_temperature), top_k, static_cast<float>(top_p),
                          static_cast<float>(min_p), static_cast<float>(repetition_penalty),
                          static_cast<float>(presence_penalty), static_cast<float>(frequency_penalty)};
@@ -503,7 +588,7 @@ std::tuple<Tensor, Tensor> sample_tokens(const Tensor& logits, const OptTensor& 
           const float* q = prm + r * 7;
           rp = RowParams{q[0], static_cast<int64_t>(q[1]), q[2], q[3], q[4], q[5], q[6]};
         }
-        const Draw d = sample_row(src + r * V, V, prev ? prev + r * n_prev : nullptr, n_prev, rp, u[r], s);
+        const Draw d = sample_row(src + r * V, V, penalties, r, rp, u[r], s);
         tok[r] = d.token;
         if (lp != nullptr) lp[r] = d.logprob;
       }
@@ -512,8 +597,130 @@ std::tuple<Tensor, Tensor> sample_tokens(const Tensor& logits, const OptTensor& 
   return {tokens, logprobs};
 }
 
+// ---- FlashInfer's renorm and mask ops -----------------------------------------
+// Per row: a threshold t that is one of the row's values, found by selection on
+// order-preserving keys, then one pass that keeps the values >= t (ties kept).
+
+// a < b as floats (neither NaN) iff order_key(a) < order_key(b).
+inline uint32_t order_key(float f) {
+  const uint32_t b = static_cast<uint32_t>(float_to_key(f));
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+inline float key_value(uint32_t k) { return key_to_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k); }
+
+// The largest value t of x[0, n) with F(t) >= target, F(t) the number (kMass
+// false) or the sum of the values >= t. Most-significant-digit radix select on
+// the keys, 8 bits a round: each round counts (or sums) per digit, keeps the
+// digit holding t and moves its elements to the work buffer, so only the first
+// round reads the whole row.
+template <bool kMass>
+float select_value(const float* x, int64_t n, float target, float* work) {
+  const float* w = x;
+  int64_t wn = n;
+  float above = 0.f;  // F of the elements in the digits above the chosen ones
+  uint32_t prefix = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    float hist[256] = {};
+    for (int64_t i = 0; i < wn; ++i) hist[(order_key(w[i]) >> shift) & 255u] += kMass ? w[i] : 1.f;
+    uint32_t digit = 255;
+    while (digit > 0 && above + hist[digit] < target) above += hist[digit--];
+    prefix |= digit << shift;
+    int64_t m = 0;
+    for (int64_t i = 0; i < wn; ++i) {
+      if (((order_key(w[i]) >> shift) & 255u) == digit) work[m++] = w[i];  // in place after the first round
+    }
+    w = work;
+    wn = m;
+  }
+  return key_value(prefix);
+}
+
+enum class Filter { kTopKRenorm, kTopPRenorm, kTopKMask };
+
+// The sum of x[0, n) >= t: lanes over blocks of 1024, the blocks added in fp64,
+// about as accurate as PyTorch's cascaded sum (a running fp32 sum of a 128k row is not).
+float mass_ge(const float* x, int64_t n, float t) {
+  double sum = 0.0;
+  const Vec vt(t);
+  for (int64_t b = 0; b < n; b += 1024) {
+    Vec acc(0.f);
+    vec_steps(static_cast<int>(std::min<int64_t>(1024, n - b)), [&](int j, int m) {
+      const Vec v = Vec::loadu(x + b + j, m);  // the lanes past m load as 0
+      acc = acc + (v & (v >= vt));
+    });
+    sum += lane_sum(acc);
+  }
+  return static_cast<float>(sum);
+}
+
+template <Filter kFilter, typename T>
+void filter_row(const T* src, T* dst, int64_t V, double param, Scratch& s) {
+  float* x = s.x.get();
+  vec_steps(static_cast<int>(V), [&](int j, int m) { load_float(src + j, m).store(x + j, m); });
+  float t = -kInf;  // no filter: keep every value
+  if constexpr (kFilter == Filter::kTopPRenorm) {
+    // top_p is absolute, as FlashInfer's: if the whole row holds less mass, keep it all
+    const float p = static_cast<float>(param);
+    if (p < 1.f && mass_ge(x, V, -kInf) >= p) t = select_value<true>(x, V, p, s.e.get());
+  } else {
+    if (param > 0 && param < V) t = select_value<false>(x, V, static_cast<float>(param), s.e.get());
+  }
+  if constexpr (kFilter == Filter::kTopKMask) {
+    for (int64_t j = 0; j < V; ++j) dst[j] = x[j] >= t ? src[j] : static_cast<T>(-kInf);
+  } else {
+    const Vec vt(t), inv(1.f / std::max(mass_ge(x, V, t), 1e-8f));  // FlashInfer's guard against an all-zero row
+    vec_steps(static_cast<int>(V), [&](int j, int m) {
+      const Vec v = Vec::loadu(x + j, m);
+      store_float(dst + j, (v & (v >= vt)) * inv, m);
+    });
+  }
+}
+
+// params: a per-row tensor (int64 top_k or fp32 top_p) or the scalar for every row.
+template <Filter kFilter>
+Tensor filter_rows(const Tensor& x, const OptTensor& per_row, double scalar) {
+  const int64_t B = x.size(0), V = x.size(1);
+  Tensor out = at::empty_like(x);
+  dispatch_float(x.scalar_type(), "filter_rows", [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = x.data_ptr<T>();
+    T* dst = out.data_ptr<T>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      Scratch& s = thread_scratch();
+      s.reserve(round_up(V) + kLanes);
+      for (int64_t r = begin; r < end; ++r) {
+        double param = scalar;
+        if (per_row.has_value()) {
+          param = kFilter == Filter::kTopPRenorm ? per_row->data_ptr<float>()[r]
+                                                 : static_cast<double>(per_row->data_ptr<int64_t>()[r]);
+        }
+        filter_row<kFilter>(src + r * V, dst + r * V, V, param, s);
+      }
+    });
+  });
+  return out;
+}
+
+Tensor top_k_renorm_probs(const Tensor& probs, const OptTensor& top_k_arr, int64_t top_k) {
+  return filter_rows<Filter::kTopKRenorm>(probs, top_k_arr, static_cast<double>(top_k));
+}
+
+Tensor top_p_renorm_probs(const Tensor& probs, const OptTensor& top_p_arr, double top_p) {
+  return filter_rows<Filter::kTopPRenorm>(probs, top_p_arr, top_p);
+}
+
+Tensor top_k_mask_logits(const Tensor& logits, const OptTensor& top_k_arr, int64_t top_k) {
+  return filter_rows<Filter::kTopKMask>(logits, top_k_arr, static_cast<double>(top_k));
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) { m.def("sample_tokens", &sample_tokens); }
+TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) {
+  m.def("sample_tokens", &sample_tokens);
+  m.def("top_k_renorm_probs", &top_k_renorm_probs);
+  m.def("top_p_renorm_probs", &top_p_renorm_probs);
+  m.def("top_k_mask_logits", &top_k_mask_logits);
+}
 
 }  // namespace genfast::cpu

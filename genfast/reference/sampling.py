@@ -3,11 +3,11 @@
 The semantics every backend implements (``genfast/sampling.py`` documents
 them for users), for one row ``x`` of ``vocab`` logits:
 
-1. penalties on the raw logits, in fp32, from ``prev_tokens`` (ids < 0 are
-   padding): every distinct previous token t gets
-   ``x[t] = (x[t] * rep if x[t] < 0 else x[t] / rep) - presence`` computed
-   from the raw value (HF's repetition penalty, then OpenAI/vLLM's presence
-   penalty), then ``frequency`` is subtracted once per occurrence of t;
+1. penalties on the raw logits, in fp32, from the count c of each token
+   (``token_counts``, or counted from ``prev_tokens``, ids < 0 padding): every
+   token with c > 0 gets ``x = (x * rep if x < 0 else x / rep) - presence -
+   frequency * c``, evaluated left to right (HF's repetition penalty, then
+   OpenAI/vLLM's presence and frequency penalties);
 2. ``X = max(x)``, ``d = (X - x) * inv_temperature``: the distance below the
    top in temperature-scaled nats (d >= 0, exactly 0 at the max, +inf at
    -inf logits); the filtered distribution is ``exp(-d)`` over the kept set;
@@ -56,22 +56,23 @@ def row_params(batch: int, params, scalars, dtype, device) -> list[torch.Tensor]
     return [torch.full((batch,), float(s), dtype=dtype, device=device) for s in scalars]
 
 
-def penalize(x: torch.Tensor, logits: torch.Tensor, prev_tokens, rep, presence, freq) -> torch.Tensor:
-    """Apply the penalties to x (fp32/fp64 copy of logits) in place; return x."""
-    if prev_tokens is None or prev_tokens.shape[1] == 0:
+def count_tokens(prev_tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(batch, vocab) int64: how often each id occurs in each row of prev_tokens (ids outside [0, vocab) ignored)."""
+    batch = prev_tokens.shape[0]
+    # Padding goes to an extra column per row; bincount is deterministic on every device.
+    idx = torch.where((prev_tokens >= 0) & (prev_tokens < vocab), prev_tokens, vocab)
+    flat = idx + (vocab + 1) * torch.arange(batch, device=idx.device)[:, None]
+    counts = torch.bincount(flat.flatten(), minlength=batch * (vocab + 1))
+    return counts.view(batch, vocab + 1)[:, :vocab]
+
+
+def penalize(x: torch.Tensor, counts, rep, presence, freq) -> torch.Tensor:
+    """The penalties on x (fp32/fp64 copy of the logits) from counts (batch, vocab)."""
+    if counts is None:
         return x
-    batch, vocab = x.shape
-    valid = (prev_tokens >= 0) & (prev_tokens < vocab)
-    # Padding goes to an extra scratch column, so one scatter handles every row.
-    idx = torch.where(valid, prev_tokens, vocab)
-    ext = torch.cat([x, x.new_zeros(batch, 1)], dim=1)
-    raw = torch.cat([logits.to(x.dtype), x.new_zeros(batch, 1)], dim=1).gather(1, idx)
     rep, presence, freq = rep[:, None], presence[:, None], freq[:, None]
-    pen = torch.where(raw < 0, raw * rep, raw / rep) - presence
-    ext.scatter_(1, idx, pen)  # duplicates write the same value
-    # The same value subtracted once per occurrence: the result does not depend on the order.
-    ext.scatter_add_(1, idx, (-freq).expand_as(pen).contiguous())
-    return ext[:, :vocab]
+    pen = torch.where(x < 0, x * rep, x / rep) - presence - freq * counts.to(x.dtype)
+    return torch.where(counts > 0, pen, x)
 
 
 def _thresholds(d: torch.Tensor, k, p, min_p) -> torch.Tensor:
@@ -92,8 +93,9 @@ def _thresholds(d: torch.Tensor, k, p, min_p) -> torch.Tensor:
     return torch.minimum(torch.minimum(d_k, d_p), d_m)
 
 
-def sample_tokens(logits, params, prev_tokens, inv_temperature, top_k, top_p, min_p, repetition_penalty,
-                  presence_penalty, frequency_penalty, seed, seed_tensor, offset, return_logprobs):
+def sample_tokens(logits, params, prev_tokens, token_counts, inv_temperature, top_k, top_p, min_p,
+                  repetition_penalty, presence_penalty, frequency_penalty, seed, seed_tensor, offset,
+                  return_logprobs):
     batch, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     device = logits.device
@@ -110,7 +112,9 @@ def sample_tokens(logits, params, prev_tokens, inv_temperature, top_k, top_p, mi
 
     raw = logits.to(cdt)
     bad = torch.isnan(raw).any(dim=-1) | (raw == math.inf).any(dim=-1)
-    x = penalize(raw.clone(), logits, prev_tokens, rep, presence, freq)
+    if prev_tokens is not None and prev_tokens.shape[1] > 0:
+        token_counts = count_tokens(prev_tokens, vocab)
+    x = penalize(raw, token_counts, rep, presence, freq)
     top = x.max(dim=-1).values
     empty = top == -math.inf
     greedy = inv_t == math.inf
@@ -135,3 +139,53 @@ def sample_tokens(logits, params, prev_tokens, inv_temperature, top_k, top_p, mi
         lp = -d.gather(1, safe)[:, 0] - torch.log(z)
         logprobs.copy_(torch.where(greedy, torch.zeros_like(lp), lp).float())
     return tokens, logprobs
+
+
+# ---- FlashInfer's renorm and mask ops ---------------------------------------------
+# Per row, a threshold t that is one of the row's values; the values >= t are
+# kept (ties at t all kept), found here by a sort, by selection in the kernels.
+# top_k: t is the k-th largest (k 0 or >= vocab: no filter). top_p: t is the
+# largest value whose tie-inclusive mass sum(x >= t) reaches top_p, absolute as
+# in FlashInfer (probs sum to 1; a row with less mass, or top_p >= 1, is kept
+# whole). Renormalized rows are x * (1 / max(kept mass, 1e-8)), in fp32.
+
+def _per_row(x: torch.Tensor, per_row, scalar) -> torch.Tensor:
+    if per_row is not None:
+        return per_row
+    return torch.full((x.shape[0],), scalar, device=x.device)
+
+
+def _top_k_threshold(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(batch, 1): the k-th largest value of each row; -inf where k is 0 or >= vocab."""
+    vocab = x.shape[-1]
+    on = (k > 0) & (k < vocab)
+    kk = torch.where(on, k, 1).long()
+    kth = x.sort(dim=-1, descending=True).values.gather(1, (kk - 1)[:, None])
+    return torch.where(on[:, None], kth, -math.inf)
+
+
+def _renormalize(x: torch.Tensor, threshold: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    kept = torch.where(x >= threshold, x, 0)
+    return (kept * (1 / kept.sum(dim=-1, keepdim=True).clamp_min(1e-8))).to(dtype)
+
+
+def top_k_renorm_probs(probs, top_k_arr, top_k):
+    x = probs.to(compute_dtype(probs.dtype))
+    return _renormalize(x, _top_k_threshold(x, _per_row(x, top_k_arr, top_k)), probs.dtype)
+
+
+def top_p_renorm_probs(probs, top_p_arr, top_p):
+    x = probs.to(compute_dtype(probs.dtype))
+    p = _per_row(x, top_p_arr, top_p).to(x.dtype)[:, None]
+    sorted_x = x.sort(dim=-1, descending=True).values
+    # the first sorted position whose cumulative mass reaches top_p; its value is t
+    first = (sorted_x.cumsum(dim=-1) < p).sum(dim=-1, keepdim=True)
+    t = sorted_x.gather(1, first.clamp(max=x.shape[-1] - 1))
+    t = torch.where((p < 1) & (first < x.shape[-1]), t, -math.inf)
+    return _renormalize(x, t, probs.dtype)
+
+
+def top_k_mask_logits(logits, top_k_arr, top_k):
+    x = logits.to(compute_dtype(logits.dtype))
+    keep = x >= _top_k_threshold(x, _per_row(x, top_k_arr, top_k))
+    return torch.where(keep, logits, -math.inf)
