@@ -55,7 +55,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import _ops, backends
+from . import _ops
 from .reference.diffusion import COEF, NCOEF, compute_dtype
 from .rng import check_offset, normalize_seed
 
@@ -246,16 +246,6 @@ def sampler_step(sample: torch.Tensor, model_output, coefficients: torch.Tensor,
 # message stays sampler_step's.
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_direct_impls: dict = {}  # (device, dtype, forced backend) -> implementation; backends.select is stable per key
-
-
-def _direct_impl(sample: torch.Tensor):
-    key = (sample.device, sample.dtype, backends.forced())
-    fn = _direct_impls.get(key)
-    if fn is None:
-        fn = _direct_impls[key] = _ops.implementation("sampler_step", "diffusion",
-                                                      backends.select(sample.device, sample.dtype))
-    return fn
 
 
 def _plain(t: torch.Tensor, sample: torch.Tensor) -> bool:
@@ -281,9 +271,9 @@ def _step_rows(sample, model_output, coefficients, step, *, guidance_scale=1.0, 
         else:
             row, row_tensor = step, None
         seed_int, seed_tensor = normalize_seed("sampler_step", seed, sample.device) if stochastic else (0, None)
-        prev, x0 = _direct_impl(sample)(sample, uncond, cond, None, history, history2, coefficients, row,
-                                        row_tensor, guidance_scale, None, clip, bool(stochastic), seed_int,
-                                        seed_tensor, 0, return_x0)
+        impl = sampler_step_op.implementation_for(sample.device, sample.dtype)
+        prev, x0 = impl(sample, uncond, cond, None, history, history2, coefficients, row, row_tensor, guidance_scale,
+                        None, clip, bool(stochastic), seed_int, seed_tensor, 0, return_x0)
         return (prev, x0) if return_x0 else prev
     return sampler_step(sample, model_output, coefficients, step, guidance_scale=guidance_scale,
                         guidance_rescale=guidance_rescale, stochastic=stochastic, noise=noise, seed=seed,
