@@ -55,7 +55,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import _ops, backends
+from . import _ops
 from .reference.diffusion import COEF, NCOEF, compute_dtype
 from .rng import check_offset, normalize_seed
 
@@ -246,44 +246,38 @@ def sampler_step(sample: torch.Tensor, model_output, coefficients: torch.Tensor,
 # message stays sampler_step's.
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_direct_impls: dict = {}  # (device, dtype, forced backend) -> implementation; backends.select is stable per key
 
 
-def _direct_impl(sample: torch.Tensor):
-    key = (sample.device, sample.dtype, backends.forced())
-    fn = _direct_impls.get(key)
-    if fn is None:
-        fn = _direct_impls[key] = _ops.implementation("sampler_step", "diffusion",
-                                                      backends.select(sample.device, sample.dtype))
-    return fn
-
-
-def _plain(t: torch.Tensor, sample: torch.Tensor) -> bool:
-    """t can share sample's kernel call unchanged: a plain contiguous tensor of its shape, dtype, device."""
-    return (type(t) is torch.Tensor and t.is_contiguous() and t.dtype == sample.dtype and t.shape == sample.shape
-            and t.device == sample.device)
+def _plain(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> bool:
+    """t can share the sample's kernel call unchanged: a plain contiguous tensor of its shape, dtype, device."""
+    return (type(t) is torch.Tensor and t.is_contiguous() and t.dtype == dtype and t.shape == shape
+            and t.device == device)
 
 
 def _step_rows(sample, model_output, coefficients, step, *, guidance_scale=1.0, guidance_rescale=0.0,
                stochastic=False, noise=None, seed=None, history=None, history2=None, clip=0.0, return_x0=False):
     """``sampler_step`` for a table the caller built (see above) and a row in range."""
-    if isinstance(model_output, tuple):
+    if type(model_output) is tuple:
         uncond, cond = model_output
     else:
         uncond, cond = model_output, None
-    if (guidance_rescale == 0 and noise is None and type(sample) is torch.Tensor and sample.dtype in _KERNEL_DTYPES
-            and sample.is_contiguous() and _plain(uncond, sample) and (cond is None or _plain(cond, sample))
-            and (history is None or _plain(history, sample)) and (history2 is None or _plain(history2, sample))
+    # the sample's properties are read once: each read builds a new Python object
+    shape, dtype, device = sample.shape, sample.dtype, sample.device
+    if (guidance_rescale == 0 and noise is None and dtype in _KERNEL_DTYPES and type(sample) is torch.Tensor
+            and sample.is_contiguous() and _plain(uncond, shape, dtype, device)
+            and (cond is None or _plain(cond, shape, dtype, device))
+            and (history is None or _plain(history, shape, dtype, device))
+            and (history2 is None or _plain(history2, shape, dtype, device))
             and not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
                      or torch._C._are_functorch_transforms_active())):
         if isinstance(step, torch.Tensor):
             row, row_tensor = 0, step
         else:
             row, row_tensor = step, None
-        seed_int, seed_tensor = normalize_seed("sampler_step", seed, sample.device) if stochastic else (0, None)
-        prev, x0 = _direct_impl(sample)(sample, uncond, cond, None, history, history2, coefficients, row,
-                                        row_tensor, guidance_scale, None, clip, bool(stochastic), seed_int,
-                                        seed_tensor, 0, return_x0)
+        seed_int, seed_tensor = normalize_seed("sampler_step", seed, device) if stochastic else (0, None)
+        prev, x0 = sampler_step_op.implementation_for(device, dtype)(
+            sample, uncond, cond, None, history, history2, coefficients, row, row_tensor, guidance_scale, None, clip,
+            bool(stochastic), seed_int, seed_tensor, 0, return_x0)
         return (prev, x0) if return_x0 else prev
     return sampler_step(sample, model_output, coefficients, step, guidance_scale=guidance_scale,
                         guidance_rescale=guidance_rescale, stochastic=stochastic, noise=noise, seed=seed,

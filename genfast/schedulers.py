@@ -193,29 +193,25 @@ class _Fused:
         return entry
 
     def _gf_step_arg(self, row: int, device):
-        if not self.device_step_counter:
-            return row
+        """The device step counter (device_step_counter = True), created at the first step's row."""
         if self._gf_row is None or self._gf_row.device != device:
             self._gf_row = torch.tensor(row, dtype=torch.int64, device=device)
         return self._gf_row
 
-    def _gf_advance(self):
-        if self.device_step_counter and self._gf_row is not None:
-            self._gf_row.add_(1)
-
     def _gf_run(self, model_output, sample, table, row, *, guidance=None, stochastic=False, noise=None,
                 history=None, history2=None, clip=0.0, return_x0=False):
         """The fused step; model_output is a tensor or (uncond, cond); guidance = (scale, rescale)."""
-        out_dtype = (model_output[0] if isinstance(model_output, tuple) else model_output).dtype
+        out_dtype = (model_output[0] if type(model_output) is tuple else model_output).dtype
         if out_dtype != sample.dtype:  # diffusers computes in fp32 and returns the model's dtype
             sample = sample.to(out_dtype)
         scale, rescale = guidance if guidance is not None else (1.0, 0.0)
+        step = self._gf_step_arg(row, sample.device) if self.device_step_counter else row
         # the twin built the table and owns the row: only the per-step tensors are checked
-        result = D._step_rows(sample, model_output, table, self._gf_step_arg(row, sample.device),
-                                guidance_scale=scale, guidance_rescale=rescale, stochastic=stochastic,
-                                noise=noise, seed=self.noise_seed, history=history, history2=history2, clip=clip,
-                                return_x0=return_x0)
-        self._gf_advance()
+        result = D._step_rows(sample, model_output, table, step, guidance_scale=scale, guidance_rescale=rescale,
+                              stochastic=stochastic, noise=noise, seed=self.noise_seed, history=history,
+                              history2=history2, clip=clip, return_x0=return_x0)
+        if self.device_step_counter:
+            self._gf_row.add_(1)
         return result
 
     def _gf_noise(self, shape, generator, device, dtype):

@@ -56,6 +56,27 @@ def test_failed_build_warns_once_and_falls_back_to_the_reference(monkeypatch):
     assert torch.equal(z, normal_stream(5, 1, 0, "cpu"))
 
 
+def test_op_caches_its_choice_and_follows_the_forced_backend_and_the_build(monkeypatch):
+    from genfast.diffusion import sampler_step_op as op
+
+    x = torch.zeros(3)
+
+    def expected(backend):
+        return _ops.implementation(op.name, op.family, backend)
+
+    default = op.implementation_for(x.device, x.dtype)
+    assert default is expected(_ops.backends.select(x.device, x.dtype))
+    assert op.implementation_for(x.device, x.dtype) is default
+    assert op.implementation_for(x.device, torch.float64) is expected("reference")
+    with genfast.use_backend("reference"):
+        assert op.implementation_for(x.device, x.dtype) is expected("reference")
+    assert op.implementation_for(x.device, x.dtype) is default
+    monkeypatch.setattr(_build, "_status", (False, "the build failed (test)"))
+    assert op.implementation_for(x.device, x.dtype) is expected("reference")
+    monkeypatch.undo()
+    assert op.implementation_for(x.device, x.dtype) is default
+
+
 def test_cpp_library_is_vectorized_for_this_cpu():
     """at::vec silently compiles to scalar code without the ISA flags: look at the machine code."""
     live, reason = genfast.backends()["cpp"]
