@@ -89,11 +89,11 @@ def demo(args) -> None:
 
     import torch
 
-    import genfast
+    from .backends import backends
     from .demo import sample
 
     torch.set_num_threads(args.threads)
-    live = {name for name, (ok, _) in genfast.backends().items() if ok}
+    live = {name for name, (ok, _) in backends().items() if ok}
     backend = "cpp" if "cpp" in live else "reference (the C++ build is unavailable: no speedup expected)"
     print(f"genfast demo: CPU, {torch.get_num_threads()} threads, genfast backend {backend}, seed {args.seed}; "
           "time per sampling run: the median of 3 rounds of >= 0.1 s")

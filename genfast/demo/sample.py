@@ -269,7 +269,7 @@ def run(out_dir: str | Path = "genfast-demo", seed: int = 0, sizes: Sizes = Size
     if "vae" in names:
         vae, _ = load("vae")
         eager = models.to_eager(vae)
-        fn = lambda: sample_vae(vae, n, seed)  # noqa: E731
+        fn = lambda: sample_vae(vae, n, seed)
         results.append(_image_result("vae", f"{n} prior samples: GroupNorm+SiLU", {
             "genfast": fn, "reference": _reference(fn), "eager": lambda: sample_vae(eager, n, seed)}, sizes, out_dir))
     if "gan" in names:
@@ -285,7 +285,7 @@ def run(out_dir: str | Path = "genfast-demo", seed: int = 0, sizes: Sizes = Size
         unet, _ = load("ddpm")
         eager = models.to_eager(unet)
         steps = sizes.ddpm_steps
-        fn = lambda: sample_ddpm(unet, n, steps, seed)  # noqa: E731
+        fn = lambda: sample_ddpm(unet, n, steps, seed)
         results.append(_image_result("ddpm", f"{n} samples, {steps} steps: GN+SiLU, step", {
             "genfast": fn, "reference": _reference(fn),
             "eager": lambda: sample_ddpm_eager(eager, n, steps, seed)}, sizes, out_dir))
