@@ -37,9 +37,10 @@ if os.environ.get("GENFAST_NO_BUILD", "0") != "1":
         cmdclass["build_ext"] = BuildExtension.with_options(no_python_abi_suffix=True)
 
 setup(
-    packages=["genfast", "genfast.reference", "genfast.kernels", "genfast._csrc"],
+    packages=["genfast", "genfast.reference", "genfast.kernels", "genfast._csrc", "genfast.demo"],
     package_dir={"genfast": "genfast", "genfast.kernels": "kernels", "genfast._csrc": "csrc"},
-    package_data={"genfast._csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.h"]},
+    package_data={"genfast._csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.h"],
+                  "genfast.demo": ["*.pt"]},  # the demo's trained weights
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -283,3 +283,17 @@ def test_instance_norm_stack_like_cyclegan():
 def test_patch_rejects_non_modules():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         genfast.patch("unet")
+
+
+def test_patch_does_not_import_diffusers():
+    """A model without diffusers blocks is patched without importing diffusers (seconds of import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch.nn as nn, genfast\n"
+            "g = nn.Sequential(nn.ConvTranspose2d(4, 8, 4), nn.BatchNorm2d(8), nn.ReLU()).eval()\n"
+            "assert genfast.patch(g).replaced\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'diffusers'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
