@@ -25,14 +25,9 @@ Kernels:
   row's blocks; with more than one split, partial (out, lse) go to a
   workspace and ``_combine_kernel`` merges them.
 
-Measured on an H200 (benchmarks/RESULTS.md): decode with a bf16 cache reads it
-at 91-92% of the copy bandwidth (139 us for 537 MB at batch 8 x 16k and batch
-32 x 4k, Llama-3-8B heads), as fast as SDPA's flash kernel. An fp8 cache read
-through e4m3 -> bf16 conversions ran 122 us, not the ~70 us its bytes allow:
-sm_90 converts e4m3 to fp16 in one instruction per pair but to bf16 in a
-sequence, so a bf16 query now meets an fp8 cache in fp16 (exact for e4m3,
-more mantissa than bf16; q is clamped to fp16's range). Prefill is at 0.57x
-SDPA (1.70 ms for causal 8k).
+Not measured on a GPU yet: written on a machine without one and checked with
+``TRITON_INTERPRET=1`` against ``genfast/reference/attention.py``. Target: decode
+at >= 80% of HBM bandwidth for context >= 4k.
 """
 from __future__ import annotations
 
@@ -154,8 +149,6 @@ def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, seqlens_ptr, seql
         dmask = d < D
         q_rows = (q_start + qi).to(tl.int64) * H + h
         q = tl.load(q_ptr + q_rows[:, None] * D + d[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
-        if FP8 and (q.dtype == tl.bfloat16):  # fp8 meets fp16 (see the module docstring)
-            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
         # Visible keys of each row: [row_lo, row_hi); query i sits at position L - sq + i.
         qpos = L - sq + qi
         row_hi = tl.zeros_like(qpos) + L
@@ -200,8 +193,8 @@ def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, seqlens_ptr, seql
             k = tl.load(kc_ptr + offs, mask=kv_mask, other=0.0)
             v = tl.load(vc_ptr + offs, mask=kv_mask, other=0.0)
             if FP8:  # e4m3 is exact in fp16/bf16; the scales are applied to scores and output
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
+                k = k.to(q_ptr.dtype.element_ty)
+                v = v.to(q_ptr.dtype.element_ty)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -303,14 +296,9 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
     HK = k_cache.shape[-2]
     G = H // HK
     block_m = max(16, min(triton.next_power_of_2(G * max_sq), 64 if G <= 64 else triton.next_power_of_2(G)))
-    block_n = 64 if block_m <= 32 else 32
-    warps, stages = 4, None
-    if G * max_sq >= 128 and D <= 128 and q.dtype != torch.float32:
-        # Prefill in half precision: the tile shape of Triton's flash-attention on Hopper (64-row tiles
-        # with 4 warps ran at 0.57x SDPA on an H200). fp32 (IEEE dots) keeps the small tile's registers.
-        block_m, block_n, warps, stages = 128, 64, 8, 3
     ql = max(1, block_m // G)
     num_qc = triton.cdiv(max_sq, ql)
+    block_n = 64 if block_m <= 32 else 32
     block_d = triton.next_power_of_2(D)
     # Splits from shapes only: enough programs for two waves of the SMs, >= 4 key blocks per split.
     programs = batch * HK * num_qc
@@ -336,7 +324,7 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
         HK=HK, G=G, D=D, QL=ql, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=splits,
         KV_MODE=kv_mode, HAS_SEQLENS=seqlens is not None, VARLEN_Q=cu_q is not None, CAUSAL=causal,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, FP8=fp8,
-        IEEE=q.dtype == torch.float32, num_warps=warps, **({"num_stages": stages} if stages else {}))
+        IEEE=q.dtype == torch.float32)
     if splits > 1:
         _combine_kernel[(total_q * H,)](part_out, part_lse, out, lse, total_q, H, max_sq, D=D, BLOCK_D=block_d,
                                         NUM_SPLITS=splits, VARLEN_Q=cu_q is not None)
