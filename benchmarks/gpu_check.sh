@@ -104,8 +104,10 @@ GENFAST_CACHE=$(mktemp -d) timeout 300 "$PY" -m genfast build >"$OUT/.build.log"
 BUILD_PID=$!
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-step tests 160 140 env GENFAST_DISABLE_CPP=1 "$PY" -m pytest tests -q -p no:cacheprovider "${XDIST[@]}" \
+step tests 160 140 env GENFAST_DISABLE_CPP=1 "$PY" -m pytest tests -v --tb=short -p no:cacheprovider "${XDIST[@]}" \
     --maxfail=50 -rf -W ignore::UserWarning
+# -v: each test's result is in the log as it ends, even if the step is cut before the summary.
+pkill -9 -f -- "-m pytest" 2>/dev/null  # a run cut at its limit leaves its xdist workers busy
 # The benchmarks in three parts, most wanted first, each with its own tables.
 bench() {
     local name=$1
