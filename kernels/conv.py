@@ -440,6 +440,35 @@ def group_norm_act_out(x, num_groups, weight, bias, eps, activation, negative_sl
                                 residual, out)[1:]
 
 
+def _channel_moments(x, n, c, s, cl):
+    """(mean, M2) per (n, c, split) of x, fp32 (n, c, splits), with (splits, s_per_split)."""
+    block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
+    cmean = x.new_empty((n, c, splits), dtype=torch.float32)
+    cm2 = torch.empty_like(cmean)
+    _channel_moments_kernel[(n, triton.cdiv(c, block_c), splits)](
+        x, cmean, cm2, c, s, s_per_split, splits, CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_S=block_s,
+        num_warps=NUM_WARPS)
+    return cmean, cm2, splits, s_per_split
+
+
+def _apply(x, residual, out, coef, c, s, cl, activation, negative_slope):
+    """The norm's epilogue into out: the folded affine coef = (a, d, b) per (n, c), activation, residual."""
+    numel = x.numel()
+    _apply_kernel[(triton.cdiv(numel, APPLY_BLOCK),)](
+        x, residual if residual is not None else x, out, coef[0], coef[1], coef[2], numel, c, s, negative_slope,
+        CHANNELS_LAST=cl, HAS_RES=residual is not None, ACT=ACT_CODES[activation], BLOCK=APPLY_BLOCK,
+        num_warps=NUM_WARPS)
+    return out
+
+
+def _grad_apply(x, g, grad_x, coef, back, c, s, cl, act, negative_slope):
+    numel = x.numel()
+    _grad_apply_kernel[(triton.cdiv(numel, APPLY_BLOCK),)](
+        x, g, grad_x, coef[0], coef[1], coef[2], back[0], back[1], back[2], numel, c, s, negative_slope,
+        CHANNELS_LAST=cl, ACT=act, BLOCK=APPLY_BLOCK, num_warps=NUM_WARPS)
+    return grad_x
+
+
 def _group_norm_act_into(x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift, residual,
                          out):
     n, c, s, cl = _layout(x)
@@ -450,23 +479,14 @@ def _group_norm_act_into(x, num_groups, weight, bias, eps, activation, negative_
     if s == 0:
         return out, mean.fill_(float("nan")), rstd.fill_(float("nan"))
     cg = c // num_groups
-    block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
-    cmean = x.new_empty((n, c, splits), dtype=torch.float32)
-    cm2 = torch.empty_like(cmean)
-    _channel_moments_kernel[(n, triton.cdiv(c, block_c), splits)](
-        x, cmean, cm2, c, s, s_per_split, splits, CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_S=block_s,
-        num_warps=NUM_WARPS)
+    cmean, cm2, splits, s_per_split = _channel_moments(x, n, c, s, cl)
     coef = x.new_empty((3, n, c), dtype=torch.float32)
     _group_finalize_kernel[(n * num_groups,)](
         cmean, cm2, _opt(weight, x), _opt(bias, x), _opt(add, x), _opt(scale_shift, x), mean, rstd,
         coef[0], coef[1], coef[2], c, s, num_groups, cg, s_per_split, splits, eps,
         **_flags(weight, bias, add, scale_shift), BLOCK=min(triton.next_power_of_2(cg * splits), 1024),
         num_warps=4)
-    numel = x.numel()
-    _apply_kernel[(triton.cdiv(numel, APPLY_BLOCK),)](
-        x, residual if residual is not None else x, out, coef[0], coef[1], coef[2], numel, c, s, negative_slope,
-        CHANNELS_LAST=cl, HAS_RES=residual is not None, ACT=ACT_CODES[activation], BLOCK=APPLY_BLOCK,
-        num_warps=NUM_WARPS)
+    _apply(x, residual, out, coef, c, s, cl, activation, negative_slope)
     return out, mean, rstd
 
 
@@ -499,10 +519,7 @@ def group_norm_act_backward(grad_out, x, num_groups, weight, bias, mean, rstd, a
         back[2], grad_add, grad_ss, wpart, bpart, c, s, num_groups, cg, splits,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SS=scale_shift is not None,
         BLOCK=max(1, min(_cblock(cg), 2048 // splits_p2)), SPLITS_P2=splits_p2, num_warps=4)
-    numel = x.numel()
-    _grad_apply_kernel[(triton.cdiv(numel, APPLY_BLOCK),)](
-        x, g, grad_x, coef[0], coef[1], coef[2], back[0], back[1], back[2], numel, c, s, negative_slope,
-        CHANNELS_LAST=cl, ACT=act, BLOCK=APPLY_BLOCK, num_warps=NUM_WARPS)
+    _grad_apply(x, g, grad_x, coef, back, c, s, cl, act, negative_slope)
     return grad_x, wpart.sum(0), bpart.sum(0), grad_add, grad_ss
 
 
@@ -539,21 +556,13 @@ def batch_norm_act_train(x, weight, bias, eps, activation, negative_slope):
         return out, mean, rstd, var
     if n * s == 0:
         return out, mean.fill_(float("nan")), rstd.fill_(float("nan")), var.fill_(float("nan"))
-    block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
-    cmean = x.new_empty((n, c, splits), dtype=torch.float32)
-    cm2 = torch.empty_like(cmean)
-    _channel_moments_kernel[(n, triton.cdiv(c, block_c), splits)](
-        x, cmean, cm2, c, s, s_per_split, splits, CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_S=block_s,
-        num_warps=NUM_WARPS)
+    cmean, cm2, splits, s_per_split = _channel_moments(x, n, c, s, cl)
     coef = x.new_empty((3, n, c), dtype=torch.float32)
     _bn_finalize_kernel[(c,)](
         cmean, cm2, _opt(weight, x), _opt(bias, x), mean, rstd, var, coef[0], coef[1], coef[2], n, c, s,
         s_per_split, splits, eps, HAS_W=weight is not None, HAS_B=bias is not None,
         BLOCK=min(triton.next_power_of_2(n * splits), 1024), num_warps=4)
-    numel = x.numel()
-    _apply_kernel[(triton.cdiv(numel, APPLY_BLOCK),)](
-        x, x, out, coef[0], coef[1], coef[2], numel, c, s, negative_slope, CHANNELS_LAST=cl, HAS_RES=False,
-        ACT=ACT_CODES[activation], BLOCK=APPLY_BLOCK, num_warps=NUM_WARPS)
+    _apply(x, None, out, coef, c, s, cl, activation, negative_slope)
     return out, mean, rstd, var
 
 
@@ -586,8 +595,5 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, rstd, activation, n
         unused[0], unused[1:], grads[0], grads[1], c, n * s, c, 1, splits,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SS=False, BLOCK=1, SPLITS_P2=splits_p2, num_warps=4)
     back = back[:, None, :].expand(3, n, c).contiguous()
-    numel = x.numel()
-    _grad_apply_kernel[(triton.cdiv(numel, APPLY_BLOCK),)](
-        x, g, grad_x, coef[0], coef[1], coef[2], back[0], back[1], back[2], numel, c, s, negative_slope,
-        CHANNELS_LAST=cl, ACT=act, BLOCK=APPLY_BLOCK, num_warps=NUM_WARPS)
+    _grad_apply(x, g, grad_x, coef, back, c, s, cl, act, negative_slope)
     return grad_x, grads[0], grads[1]
