@@ -167,6 +167,12 @@ def _check_cache(fn, q, k_cache, v_cache, paged_blocks):
         _fail(fn, f"k_cache must hold at least batch = {q.shape[0]} rows, got {k_cache.shape[0]}")
 
 
+def _signature(*tensors) -> tuple:
+    """What the shape-level argument checks depend on."""
+    return tuple((t.shape, t.dtype, t.device, t.stride()) if isinstance(t, torch.Tensor) else type(t)
+                 for t in tensors)
+
+
 def _host_checks_ok(x: torch.Tensor) -> bool:
     """Data-dependent checks read tensor values: done on CPU tensors (cheap), skipped on GPUs (a host sync
     per decode step, impossible under CUDA graphs; the kernels there drop out-of-range writes) and while
@@ -492,6 +498,10 @@ class KVCache:
         self.seqlens = torch.zeros((batch,), dtype=torch.int32, device=self.k.device)
         self._lens = [0] * batch  # host mirror of seqlens
         self._pending = 0  # tokens written by update() this step, not yet committed by advance()
+        # The argument checks that depend only on shapes, dtypes, devices and strides run once per
+        # signature: in a decode loop they cost as much as a small model's attention.
+        self._checked_update = None
+        self._checked_attend = None
 
         def scale(name, s):
             if s is None:
@@ -532,12 +542,16 @@ class KVCache:
         if self._pending and k.shape[1] != self._pending:
             _fail(fn, f"every layer of a step appends the same seqlen_new ({self._pending}), got {k.shape[1]}")
         self._check_room(fn, k.shape[1])
-        if k.shape[0] != self.batch:
-            _fail(fn, f"k must have batch = {self.batch} rows, got {k.shape[0]}")
-        # the checks of attention_with_kvcache, with k standing in for q (dtype, device, heads)
-        k, v, seqlens, offset, bt, ks, vs = _resolve(fn, k, kc, vc, k, v, self.seqlens, self.block_table,
-                                                     self.k_scale, self.v_scale)
-        kvcache_append_op(kc, vc, k, v, seqlens, 0, bt, ks, vs)
+        signature = _signature(k, v)
+        if signature != self._checked_update:
+            if k.shape[0] != self.batch:
+                _fail(fn, f"k must have batch = {self.batch} rows, got {k.shape[0]}")
+            # the checks of attention_with_kvcache, with k standing in for q (dtype, device, heads); the
+            # lengths, block table and scales are this class's own, valid by construction
+            _resolve(fn, k, kc, vc, k, v, self.seqlens, self.block_table, self.k_scale, self.v_scale)
+            self._checked_update = signature
+        kvcache_append_op(kc, vc, k.contiguous(), v.contiguous(), self.seqlens, 0, self.block_table,
+                          self.k_scale, self.v_scale)
         self._pending = k.shape[1]
 
     def attend(self, layer: int, q: torch.Tensor, *, return_softmax_lse: bool = False, **kwargs):
@@ -546,18 +560,24 @@ class KVCache:
         (causal, softmax_scale, window_size, softcap, alibi_slopes)."""
         fn = "KVCache.attend"
         kc, vc = self._layer(layer)
-        _check_q(fn, q)
-        _check_cache(fn, q, kc, vc, kc.shape[0] if self.page_size is not None else None)
-        causal = kwargs.pop("causal", True)
-        left, right = _window(fn, kwargs.pop("window_size", (-1, -1)), causal)
-        alibi = _alibi(fn, kwargs.pop("alibi_slopes", None), q.shape[0], q.shape[2], q.device)
-        scale = _scale(fn, kwargs.pop("softmax_scale", None), q.shape[3])
-        softcap = _softcap(fn, kwargs.pop("softcap", 0.0))
-        if kwargs:
-            _fail(fn, f"unexpected arguments {sorted(kwargs)}", TypeError)
+        if kwargs or self._checked_attend is None or _signature(q) != self._checked_attend[0]:
+            _check_q(fn, q)
+            _check_cache(fn, q, kc, vc, kc.shape[0] if self.page_size is not None else None)
+            defaults = not kwargs
+            causal = bool(kwargs.pop("causal", True))
+            left, right = _window(fn, kwargs.pop("window_size", (-1, -1)), causal)
+            alibi = _alibi(fn, kwargs.pop("alibi_slopes", None), q.shape[0], q.shape[2], q.device)
+            scale = _scale(fn, kwargs.pop("softmax_scale", None), q.shape[3])
+            softcap = _softcap(fn, kwargs.pop("softcap", 0.0))
+            if kwargs:
+                _fail(fn, f"unexpected arguments {sorted(kwargs)}", TypeError)
+            args = (scale, causal, left, right, softcap, alibi)
+            if defaults:  # the decode loop's call: remember it (options may hold tensors: not cached)
+                self._checked_attend = (_signature(q), args)
+        else:
+            args = self._checked_attend[1]
         out, lse = attention_with_kvcache_op(q.contiguous(), kc, vc, None, None, self.seqlens, self._pending,
-                                             self.block_table, scale, bool(causal), left, right, softcap, alibi,
-                                             self.k_scale, self.v_scale)
+                                             self.block_table, *args, self.k_scale, self.v_scale)
         return (out, lse) if return_softmax_lse else out
 
     def advance(self) -> None:

@@ -375,6 +375,14 @@ def test_kvcache_errors_and_fork():
     q = torch.randn(1, 1, 1, 64).expand(2, 1, 1, 64)
     out = cache.attend(0, q)
     torch.testing.assert_close(out[0], out[1])
+    # the checks run once per signature: a call that differs after valid ones is still refused
+    with pytest.raises(TypeError, match="dtype"):
+        cache.update(0, k[:, :1].double(), k[:, :1].double())
+    with pytest.raises(ValueError, match="headdim"):
+        cache.attend(0, torch.randn(2, 1, 1, 80))
+    with pytest.raises(ValueError, match="layer"):
+        cache.attend(1, q)
+    assert cache.seqlens.tolist() == [3, 3]
     with pytest.raises(RuntimeError, match="out of pages"):
         genfast.KVCache(1, 1, 10, 1, 64, dtype=torch.float32, page_size=4, num_pages=1).allocate(0, 8)
 
