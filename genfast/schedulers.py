@@ -42,7 +42,6 @@ access, which imports it.
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 import numpy as np

@@ -125,7 +125,6 @@ def _sample_kernel(x_ptr, params_ptr, tok_ptr, lp_ptr, vocab, inv_t_s, k_s, p_s,
     else:
         # top-k: the k-th smallest d, by bisection on its bits
         d_k = float("inf")
-        z_k = 0.0
         if (k > 0) & (k < vocab):
             lo = -1
             hi = KEY_INF

@@ -15,7 +15,7 @@ from genfast import diffusion as D
 from genfast.reference import rng as ref_rng
 from genfast.reference.diffusion import COEF, NCOEF
 
-from conftest import DEVICE, assert_close
+from conftest import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(2, 3, 5, 7), (1, 4, 3, 5, 6), (3, 17)]

@@ -117,8 +117,8 @@ def main(path: str, target: str) -> int:
     from functools import partial
 
     arch = int(target.removeprefix("sm_"))
-    specs = [[m, n, s, c, o] for m, n, s, c, o in (json.loads(k) for k in json.load(open(path)))]
-    specs = _with_bf16(specs)
+    with open(path) as f:
+        specs = _with_bf16([json.loads(k) for k in json.load(f)])
     with ProcessPoolExecutor(os.cpu_count()) as pool:
         errors = [e for e in pool.map(partial(_compile, arch=arch), specs) if e]
     for e in errors:
