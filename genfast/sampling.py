@@ -83,8 +83,8 @@ _RULES = {
 }
 
 
-def _check_param(fn: str, name: str, value, batch: int, device, check_values: bool):
-    """Validate one parameter; return it as a Python number or a (batch,) tensor."""
+def _check_param(fn: str, name: str, value, batch: int, device, check_values: bool, of: str = "logits"):
+    """Validate one parameter (of the tensor named ``of``); return it as a Python number or a (batch,) tensor."""
     text, scalar_ok, tensor_ok = _RULES[name]
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
@@ -93,7 +93,7 @@ def _check_param(fn: str, name: str, value, batch: int, device, check_values: bo
             raise ValueError(f"{fn}: {name} must be a number or a tensor of shape (batch,) = ({batch},), "
                              f"got shape {tuple(value.shape)}")
         if value.device != device:
-            raise ValueError(f"{fn}: {name} must be on the device of logits ({device}), got {value.device}")
+            raise ValueError(f"{fn}: {name} must be on the device of {of} ({device}), got {value.device}")
         if name == "top_k":
             if value.dtype not in INT_DTYPES:
                 raise TypeError(f"{fn}: top_k must be an int or an integer tensor, got {value.dtype}")
@@ -163,10 +163,14 @@ def _check_token_counts(fn: str, token_counts, prev_tokens, logits, check_values
     return token_counts.contiguous()
 
 
-def _raise_bad_rows(fn: str, tokens: torch.Tensor) -> None:
+def _raise_bad_rows(fn: str, tokens: torch.Tensor, of: str) -> None:
     row = _first_bad_row(tokens < 0)
     if row is None:
         return
+    if of == "probs":  # sampled as log(probs)
+        if int(tokens[row]) == NAN_ROW:
+            raise ValueError(f"{fn}: probs row {row} contains NaN, +inf or a negative value")
+        raise ValueError(f"{fn}: probs row {row} has no token to sample: every probability is 0")
     if int(tokens[row]) == NAN_ROW:
         raise ValueError(f"{fn}: logits row {row} contains NaN or +inf")
     raise ValueError(f"{fn}: logits row {row} has no token to sample: every logit is -inf")
@@ -218,19 +222,32 @@ def sample_tokens(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Para
     tokens : Tensor (batch,) int64
     logprobs : Tensor (batch,) float32, only with ``return_logprobs=True``
     """
-    fn = "sample_tokens"
-    _ops.check_tensor(fn, "logits", logits)
-    if logits.dim() != 2:
-        raise ValueError(f"{fn}: logits must have shape (batch, vocab), got {tuple(logits.shape)}")
-    batch, vocab = logits.shape
+    return _sample("sample_tokens", "logits", logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                   min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                   frequency_penalty=frequency_penalty, prev_tokens=prev_tokens, token_counts=token_counts,
+                   seed=seed, offset=offset, return_logprobs=return_logprobs, check=check)
+
+
+def _sample(fn: str, of: str, x: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0,
+            min_p: Param = 0.0, repetition_penalty: Param = 1.0, presence_penalty: Param = 0.0,
+            frequency_penalty: Param = 0.0, prev_tokens=None, token_counts=None, seed=None, offset: int = 0,
+            return_logprobs: bool = False, check: bool = True, indices=None):
+    """sample_tokens for the public function ``fn`` whose input ``of`` ("logits", or "probs", sampled as
+    log(probs)) is x: errors name that function and argument. ``indices``: FlashInfer's row selection."""
+    _ops.check_tensor(fn, of, x)
+    x = _rows(x, indices)
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: {of} must have shape (batch, vocab), got {tuple(x.shape)}")
+    batch, vocab = x.shape
     if vocab == 0:
-        raise ValueError(f"{fn}: logits must have a non-empty vocabulary, got shape {tuple(logits.shape)}")
+        raise ValueError(f"{fn}: {of} must have a non-empty vocabulary, got shape {tuple(x.shape)}")
+    logits = torch.log(x) if of == "probs" else x  # log(0) = -inf: a zero-probability token is never drawn
     device = logits.device
     values = {}
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
                         ("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
                         ("frequency_penalty", frequency_penalty)):
-        values[name] = _check_param(fn, name, value, batch, device, check)
+        values[name] = _check_param(fn, name, value, batch, device, check, of)
     token_counts = _check_token_counts(fn, token_counts, prev_tokens, logits, check)
     prev_tokens = _check_prev_tokens(fn, prev_tokens, logits, check)
     greedy = not isinstance(values["temperature"], torch.Tensor) and values["temperature"] == 0
@@ -261,7 +278,7 @@ def sample_tokens(logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Para
     tokens, logprobs = sample_tokens_op(logits.contiguous(), params, prev_tokens, token_counts, *scalars, seed,
                                         seed_tensor, offset, return_logprobs)
     if check:
-        _raise_bad_rows(fn, tokens)
+        _raise_bad_rows(fn, tokens, of)
     return (tokens, logprobs) if return_logprobs else tokens
 
 
@@ -281,49 +298,42 @@ def _rows(x: torch.Tensor, indices) -> torch.Tensor:
     return x if indices is None else x.index_select(0, indices.to(device=x.device, dtype=torch.int64))
 
 
-def _from_probs(fn: str, probs):
-    _ops.check_tensor(fn, "probs", probs)
-    # log(0) = -inf: a zero-probability token is never drawn; softmax(log p) = p / sum(p).
-    return torch.log(probs)
-
-
 def sampling_from_logits(logits, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
                          offset=None):
     """``flashinfer.sampling.sampling_from_logits``: one token per row of logits (batch, vocab) -> int32 (batch,)."""
-    return sample_tokens(_rows(logits, indices), seed=_flashinfer_seed(seed, generator), offset=offset or 0,
-                         check=check_nan).to(torch.int32)
+    return _sample("sampling_from_logits", "logits", logits, indices=indices,
+                   seed=_flashinfer_seed(seed, generator), offset=offset or 0, check=check_nan).to(torch.int32)
 
 
 def sampling_from_probs(probs, indices=None, deterministic=True, generator=None, check_nan=False, seed=None,
                         offset=None):
     """``flashinfer.sampling.sampling_from_probs``: probs (batch, vocab), rows summing to 1 -> int32 (batch,)."""
-    logits = _from_probs("sampling_from_probs", probs)
-    return sample_tokens(_rows(logits, indices), seed=_flashinfer_seed(seed, generator), offset=offset or 0,
-                         check=check_nan).to(torch.int32)
+    return _sample("sampling_from_probs", "probs", probs, indices=indices,
+                   seed=_flashinfer_seed(seed, generator), offset=offset or 0, check=check_nan).to(torch.int32)
 
 
 def top_p_sampling_from_probs(probs, top_p, indices=None, deterministic=True, generator=None, check_nan=False,
                               seed=None, offset=None):
     """``flashinfer.sampling.top_p_sampling_from_probs``; top_p a float or a (batch,) tensor."""
-    logits = _from_probs("top_p_sampling_from_probs", probs)
-    return sample_tokens(_rows(logits, indices), top_p=top_p, seed=_flashinfer_seed(seed, generator),
-                         offset=offset or 0, check=check_nan).to(torch.int32)
+    return _sample("top_p_sampling_from_probs", "probs", probs, indices=indices,
+                   top_p=top_p, seed=_flashinfer_seed(seed, generator),
+                   offset=offset or 0, check=check_nan).to(torch.int32)
 
 
 def top_k_sampling_from_probs(probs, top_k, indices=None, deterministic=True, generator=None, check_nan=False,
                               seed=None, offset=None):
     """``flashinfer.sampling.top_k_sampling_from_probs``; top_k an int or a (batch,) integer tensor."""
-    logits = _from_probs("top_k_sampling_from_probs", probs)
-    return sample_tokens(_rows(logits, indices), top_k=top_k, seed=_flashinfer_seed(seed, generator),
-                         offset=offset or 0, check=check_nan).to(torch.int32)
+    return _sample("top_k_sampling_from_probs", "probs", probs, indices=indices,
+                   top_k=top_k, seed=_flashinfer_seed(seed, generator),
+                   offset=offset or 0, check=check_nan).to(torch.int32)
 
 
 def min_p_sampling_from_probs(probs, min_p, indices=None, deterministic=True, generator=None, check_nan=False,
                               seed=None, offset=None):
     """``flashinfer.sampling.min_p_sampling_from_probs``; min_p a float or a (batch,) tensor."""
-    logits = _from_probs("min_p_sampling_from_probs", probs)
-    return sample_tokens(_rows(logits, indices), min_p=min_p, seed=_flashinfer_seed(seed, generator),
-                         offset=offset or 0, check=check_nan).to(torch.int32)
+    return _sample("min_p_sampling_from_probs", "probs", probs, indices=indices,
+                   min_p=min_p, seed=_flashinfer_seed(seed, generator),
+                   offset=offset or 0, check=check_nan).to(torch.int32)
 
 
 def _check_order(fn: str, filter_apply_order: str) -> None:
@@ -337,17 +347,18 @@ def top_k_top_p_sampling_from_logits(logits, top_k, top_p, indices=None, filter_
                                      deterministic=True, generator=None, check_nan=False, seed=None, offset=None):
     """``flashinfer.sampling.top_k_top_p_sampling_from_logits`` (filter_apply_order="top_k_first")."""
     _check_order("top_k_top_p_sampling_from_logits", filter_apply_order)
-    return sample_tokens(_rows(logits, indices), top_k=top_k, top_p=top_p, seed=_flashinfer_seed(seed, generator),
-                         offset=offset or 0, check=check_nan).to(torch.int32)
+    return _sample("top_k_top_p_sampling_from_logits", "logits", logits, indices=indices,
+                   top_k=top_k, top_p=top_p, seed=_flashinfer_seed(seed, generator),
+                   offset=offset or 0, check=check_nan).to(torch.int32)
 
 
 def top_k_top_p_sampling_from_probs(probs, top_k, top_p, indices=None, filter_apply_order="top_k_first",
                                     deterministic=True, generator=None, check_nan=False, seed=None, offset=None):
     """``flashinfer.sampling.top_k_top_p_sampling_from_probs`` (filter_apply_order="top_k_first")."""
     _check_order("top_k_top_p_sampling_from_probs", filter_apply_order)
-    logits = _from_probs("top_k_top_p_sampling_from_probs", probs)
-    return sample_tokens(_rows(logits, indices), top_k=top_k, top_p=top_p, seed=_flashinfer_seed(seed, generator),
-                         offset=offset or 0, check=check_nan).to(torch.int32)
+    return _sample("top_k_top_p_sampling_from_probs", "probs", probs, indices=indices,
+                   top_k=top_k, top_p=top_p, seed=_flashinfer_seed(seed, generator),
+                   offset=offset or 0, check=check_nan).to(torch.int32)
 
 
 # The renorm/mask ops: FlashInfer's semantics (ties at the threshold kept; top_p
@@ -371,7 +382,7 @@ def _filter_args(fn: str, name: str, x, param, param_name: str):
     _ops.check_tensor(fn, name, x)
     if x.dim() != 2:
         raise ValueError(f"{fn}: {name} must have shape (batch, vocab), got {tuple(x.shape)}")
-    value = _check_param(fn, param_name, param, x.shape[0], x.device, check_values=True)
+    value = _check_param(fn, param_name, param, x.shape[0], x.device, check_values=True, of=name)
     if isinstance(value, torch.Tensor):
         dtype = torch.int64 if param_name == "top_k" else torch.float32
         return x.contiguous(), value.to(dtype).contiguous(), 0

@@ -418,6 +418,20 @@ def test_bad_logits(logits, error):
         genfast.sample_tokens(logits)
 
 
+@pytest.mark.parametrize("fn, probs, args, match", [
+    (genfast.top_p_sampling_from_probs, torch.rand(10), (0.5,), "top_p_sampling_from_probs: probs must have shape"),
+    (genfast.top_k_sampling_from_probs, torch.zeros(2, 10), (3,),
+     "top_k_sampling_from_probs: probs row 0 has no token to sample: every probability is 0"),
+    (genfast.min_p_sampling_from_probs, torch.tensor([[0.5, 0.5], [0.5, -0.5]]), (0.1,),
+     "min_p_sampling_from_probs: probs row 1 contains NaN, \\+inf or a negative value"),
+    (genfast.top_k_top_p_sampling_from_probs, torch.rand(2, 10), (torch.tensor([1, 2], device="meta"), 0.9),
+     "top_k must be on the device of probs"),
+])
+def test_flashinfer_probs_errors_name_the_function_and_probs(fn, probs, args, match):
+    with pytest.raises(ValueError, match=match):
+        fn(probs, *args, check_nan=True)
+
+
 # ---- the op ----------------------------------------------------------------------
 
 def test_opcheck():
@@ -615,6 +629,8 @@ def test_renorm_matches_sampling_with_the_filter(backend):
     (genfast.top_p_renorm_probs, torch.rand(2, 5), 0.0, ValueError, "top_p"),
     (genfast.top_p_renorm_probs, torch.rand(2, 5), torch.tensor([0.5, 1.5]), ValueError, "top_p .* row 1"),
     (genfast.top_p_renorm_probs, torch.rand(2, 5), torch.tensor([0.5]), ValueError, "top_p"),
+    (genfast.top_p_renorm_probs, torch.rand(2, 5), torch.tensor([0.5, 0.5], device="meta"), ValueError,
+     "top_p must be on the device of probs"),
 ])
 def test_renorm_and_mask_bad_arguments(fn, x, arg, error, match, monkeypatch):
     monkeypatch.setattr(genfast._ops, "implementation", lambda *a: _never)
