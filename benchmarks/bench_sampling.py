@@ -9,6 +9,11 @@ Baselines, written the way the field writes them:
 - ``gpt-fast``: gpt-fast's ``sample`` (``torch.topk`` for the k-th value,
   mask, softmax, and an exponential-race draw); top-k cases only, it has no top-p.
 
+FlashInfer's filter ops (``top_k_mask_logits``, ``top_k_renorm_probs``,
+``top_p_renorm_probs``) against the PyTorch a serving stack falls back to
+(``torch.topk`` for the k-th value; sort and cumsum for top-p) and its
+``torch.compile``; they read the row once and write it once.
+
 Bytes each op must move: read the logits once, B·V·s (s = 4 for fp32, 2 for
 bf16), plus 8·B bytes of tokens. Everything beyond that (eager PyTorch moves
 the row ~15 times and sorts it) is overhead, so the table's GB/s and % of copy
@@ -59,6 +64,40 @@ def gpt_fast_sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int =
     return torch.argmax(probs / q, dim=-1)
 
 
+def eager_top_k_mask_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, -float("inf"))
+
+
+def eager_top_k_renorm_probs(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    kth = torch.topk(probs, top_k, dim=-1).values[:, -1:]
+    kept = probs.masked_fill(probs < kth, 0.0)
+    return kept / kept.sum(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def eager_top_p_renorm_probs(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the larger probabilities
+    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return kept / kept.sum(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+FILTERS = {  # op: (genfast function, eager function, argument, input is probs)
+    "top_k_mask_logits": (genfast.top_k_mask_logits, eager_top_k_mask_logits, 50, False),
+    "top_k_renorm_probs": (genfast.top_k_renorm_probs, eager_top_k_renorm_probs, 50, True),
+    "top_p_renorm_probs": (genfast.top_p_renorm_probs, eager_top_p_renorm_probs, 0.9, True),
+}
+
+
+def _build_filter(batch: int, vocab: int, dtype: torch.dtype, device, op: str):
+    fn, eager, arg, probs = FILTERS[op]
+    x = torch.randn(batch, vocab, device=device) * 3
+    x = (x.softmax(-1) if probs else x).to(dtype)
+    compiled = torch.compile(eager, dynamic=False)
+    return {"genfast": lambda: fn(x, arg), "eager": lambda: eager(x, arg), "torch.compile": lambda: compiled(x, arg)}
+
+
 def _build(batch: int, vocab: int, dtype: torch.dtype, device, kw: dict):
     # Logits like a model's: a few nats of spread, so top-p keeps hundreds to thousands of tokens.
     logits = (torch.randn(batch, vocab, device=device) * 3).to(dtype)
@@ -75,7 +114,7 @@ def _build(batch: int, vocab: int, dtype: torch.dtype, device, kw: dict):
 
 def cases(quick: bool, device) -> list[Case]:
     """quick: Llama 3's vocabulary at batch 8 in fp32 (on a GPU also batch 64);
-    full: every vocabulary, batch 1/8/64, fp32 and bf16."""
+    full: every vocabulary, batch 1/8/64, fp32 and bf16. The same grid for the sampler and the filter ops."""
     device = torch.device(device)
     if quick:
         vocabs, batches, dtypes = ["llama3"], ([8, 64] if device.type == "cuda" else [8]), [torch.float32]
@@ -94,5 +133,17 @@ def cases(quick: bool, device) -> list[Case]:
                         nbytes=nbytes, footprint=nbytes, impls=impls,
                         build=lambda batch=batch, vocab=vocab, dtype=dtype, kw=kw: _build(batch, vocab, dtype,
                                                                                          device, kw),
+                    ))
+    for op in FILTERS:
+        for dtype in dtypes:
+            for vname in vocabs:
+                for batch in batches:
+                    vocab = VOCABS[vname]
+                    nbytes = 2 * batch * vocab * dtype.itemsize
+                    out.append(Case(
+                        family=FAMILY, op=op, mode="filter", size=f"{batch}x{vname}", dtype=dtype, device=device,
+                        nbytes=nbytes, footprint=nbytes, impls=("genfast", "eager", "torch.compile"),
+                        build=lambda batch=batch, vocab=vocab, dtype=dtype, op=op: _build_filter(batch, vocab, dtype,
+                                                                                                device, op),
                     ))
     return out

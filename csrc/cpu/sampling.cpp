@@ -598,8 +598,12 @@ std::tuple<Tensor, Tensor> sample_tokens(const Tensor& logits, const OptTensor& 
 }
 
 // ---- FlashInfer's renorm and mask ops -----------------------------------------
-// Per row: a threshold t that is one of the row's values, found by selection on
-// order-preserving keys, then one pass that keeps the values >= t (ties kept).
+// Per row: a threshold t that is one of the row's values, then one pass that
+// keeps the values >= t (ties kept). t comes from the candidates only, as in
+// sample_tokens: one vectorized pass counts (or sums) the values at or above a
+// few cut-offs below the row's max, the first cut-off that holds the answer
+// picks the candidates (compress-stored), and an exact selection on them
+// finds t. For top_k = 50 of 128k logits that is a few hundred candidates.
 
 // a < b as floats (neither NaN) iff order_key(a) < order_key(b).
 inline uint32_t order_key(float f) {
@@ -612,8 +616,7 @@ inline float key_value(uint32_t k) { return key_to_float((k & 0x80000000u) ? (k 
 // The largest value t of x[0, n) with F(t) >= target, F(t) the number (kMass
 // false) or the sum of the values >= t. Most-significant-digit radix select on
 // the keys, 8 bits a round: each round counts (or sums) per digit, keeps the
-// digit holding t and moves its elements to the work buffer, so only the first
-// round reads the whole row.
+// digit holding t and moves its elements to the work buffer.
 template <bool kMass>
 float select_value(const float* x, int64_t n, float target, float* work) {
   const float* w = x;
@@ -654,22 +657,92 @@ float mass_ge(const float* x, int64_t n, float t) {
   return static_cast<float>(sum);
 }
 
+// Candidate cut-offs: the logits within kLevel[l] nats of the max, or the
+// probabilities within a factor e^kLevel[l] of it. One pass over the padded
+// row (NaN padding is never >= a cut-off) counts, or sums, the values >= each.
+struct Cuts {
+  float at[kLevels], count[kLevels], mass[kLevels];
+};
+
+template <bool kMass>
+Cuts cut_stats(const float* x, int64_t n_pad, float top, bool probs) {
+  Cuts c;
+  Vec cnt[kLevels], vcut[kLevels];
+  for (int l = 0; l < kLevels; ++l) {
+    c.at[l] = probs ? top * std::exp(-kLevel[l]) : top - kLevel[l];
+    vcut[l] = Vec(c.at[l]);
+    cnt[l] = Vec(0.f);
+  }
+  for (int64_t j = 0; j < n_pad; j += kLanes) {
+    const Vec v = Vec::loadu(x + j);
+    for (int l = 0; l < kLevels; ++l) cnt[l] = cnt[l] + ((kMass ? v : Vec(1.f)) & (v >= vcut[l]));
+  }
+  for (int l = 0; l < kLevels; ++l) (kMass ? c.mass : c.count)[l] = lane_sum(cnt[l]);
+  return c;
+}
+
+// The values >= cut, in any order; returns their number.
+int64_t compact_ge(const float* x, int64_t n_pad, float cut, float* out) {
+  int64_t n = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 vcut = _mm512_set1_ps(cut);
+  for (int64_t j = 0; j < n_pad; j += 16) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    const __mmask16 m = _mm512_cmp_ps_mask(v, vcut, _CMP_GE_OQ);
+    if (m == 0) continue;
+    _mm512_storeu_ps(out + n, _mm512_maskz_compress_ps(m, v));
+    n += __builtin_popcount(m);
+  }
+#else
+  for (int64_t j = 0; j < n_pad; ++j) {
+    if (x[j] >= cut) out[n++] = x[j];
+  }
+#endif
+  return n;
+}
+
 template <Filter kFilter, typename T>
 void filter_row(const T* src, T* dst, int64_t V, double param, Scratch& s) {
   float* x = s.x.get();
-  vec_steps(static_cast<int>(V), [&](int j, int m) { load_float(src + j, m).store(x + j, m); });
+  const float top = load_row(src, V, x);  // NaN-padded to a vector multiple
+  const int64_t n_pad = round_up(V);
   float t = -kInf;  // no filter: keep every value
+  float cut = -kInf;  // the candidates: the values >= cut
   if constexpr (kFilter == Filter::kTopPRenorm) {
     // top_p is absolute, as FlashInfer's: if the whole row holds less mass, keep it all
-    const float p = static_cast<float>(param);
-    if (p < 1.f && mass_ge(x, V, -kInf) >= p) t = select_value<true>(x, V, p, s.e.get());
-  } else {
-    if (param > 0 && param < V) t = select_value<false>(x, V, static_cast<float>(param), s.e.get());
+    const float p = static_cast<float>(param), z = mass_ge(x, V, -kInf);
+    if (p < 1.f && z >= p) {
+      const Cuts c = cut_stats<true>(x, n_pad, top, true);
+      // Values below (z - p) / (2 V) hold under (z - p) / 2 of the mass: the rest holds more than p.
+      cut = (z - p) / (2.f * static_cast<float>(V));
+      for (int l = 0; l < kLevels; ++l) {
+        if (c.at[l] > cut && c.mass[l] * (1.f - 1e-5f) >= p) {  // a margin for the lanes' rounding
+          cut = c.at[l];
+          break;
+        }
+      }
+      t = select_value<true>(s.cd.get(), compact_ge(x, n_pad, cut, s.cd.get()), p, s.e.get());
+    }
+  } else if (param > 0 && param < V) {
+    const Cuts c = cut_stats<false>(x, n_pad, top, kFilter == Filter::kTopKRenorm);
+    for (int l = 0; l < kLevels; ++l) {
+      if (c.count[l] >= static_cast<float>(param)) {
+        cut = c.at[l];
+        break;
+      }
+    }
+    t = select_value<false>(s.cd.get(), compact_ge(x, n_pad, cut, s.cd.get()), static_cast<float>(param),
+                            s.e.get());
   }
+  const Vec vt(t);
   if constexpr (kFilter == Filter::kTopKMask) {
-    for (int64_t j = 0; j < V; ++j) dst[j] = x[j] >= t ? src[j] : static_cast<T>(-kInf);
+    // the kept logits are x = float(src) exactly, so they round-trip to T
+    vec_steps(static_cast<int>(V), [&](int j, int m) {
+      const Vec v = Vec::loadu(x + j);
+      store_float(dst + j, Vec::blendv(Vec(-kInf), v, v >= vt), m);
+    });
   } else {
-    const Vec vt(t), inv(1.f / std::max(mass_ge(x, V, t), 1e-8f));  // FlashInfer's guard against an all-zero row
+    const Vec inv(1.f / std::max(mass_ge(x, V, t), 1e-8f));  // FlashInfer's guard against an all-zero row
     vec_steps(static_cast<int>(V), [&](int j, int m) {
       const Vec v = Vec::loadu(x + j, m);
       store_float(dst + j, (v & (v >= vt)) * inv, m);
