@@ -117,18 +117,16 @@ class _Fused:
     def _gf_threshold(self):
         """(dynamic_thresholding_ratio, sample_max_value) when thresholding is on, else None."""
         c = self.config
-        if not c.get("thresholding"):
-            return None
-        return D.check_threshold(f"{type(self).__name__}.step",
-                                 (c.dynamic_thresholding_ratio, c.sample_max_value))
+        return (c.dynamic_thresholding_ratio, c.sample_max_value) if c.get("thresholding") else None
 
     def _gf_reset(self):
         self._gf_tables = {}
-        self._gf_x0_rows = {}  # id(table) -> (table, its x0 rows): the first pass of a thresholded step
+        self._gf_x0_table = None  # x0_rows of the table fetched last (the first pass of a thresholded step)
         self._gf_history = None
         self._gf_row = None
         self._gf_host = None  # host fp64 copies of the schedule, taken at set_timesteps
         self._gf_counter = None  # the next row, for schedulers that look rows up by timestep value
+        self._gf_start = None  # the first row of the multistep warm-up (see _gf_warmup_start)
         self.noise_seed = int(torch.empty((), dtype=torch.int64).random_().item())
 
     def set_timesteps(self, *args, **kwargs):
@@ -152,6 +150,8 @@ class _Fused:
             self._gf_bad_input(model_output, sample, name)
         if model_output.shape != sample.shape or model_output.device != sample.device:
             self._gf_bad_input(model_output, sample, name)
+        if self.config.get("thresholding"):  # checked here, before any state changes
+            D.check_threshold(f"{type(self).__name__}.step", self._gf_threshold)
 
     def _gf_bad_input(self, model_output, sample, name):
         fn = f"{type(self).__name__}.step"
@@ -192,6 +192,15 @@ class _Fused:
             return int(hits[0])
         return self._gf_index_of(timestep) if self._gf_counter is None else self._gf_counter
 
+    def _gf_warmup_start(self, row: int) -> int:
+        """The row where this loop's multistep warm-up began (DPM-Solver, UniPC): it fixes
+        every row's order, so it keys the table. Once the warm-up is over
+        (lower_order_nums == solver_order) the rows from here on are the same for any
+        earlier start: the loop keeps the one it had, and the table is not rebuilt."""
+        if self._gf_start is None or self.lower_order_nums < self.config.solver_order:
+            self._gf_start = row - self.lower_order_nums
+        return self._gf_start
+
     def _gf_init_step_index(self, timestep) -> None:
         if self.step_index is None:
             self._step_index = self._begin_index if self.begin_index is not None else self._gf_index_of(timestep)
@@ -199,13 +208,16 @@ class _Fused:
     def _gf_table(self, key, device, build):
         """The fp32 coefficient table on ``device`` (built once per schedule and key) and
         the host-side facts about its rows that build returned (plain Python values,
-        so step() never inspects a tensor on the host)."""
+        so step() never inspects a tensor on the host). With thresholding on, the
+        table's ``x0_rows`` are built with it and kept in ``_gf_x0_table`` for this step."""
         entry = self._gf_tables.get((key, device))
         if entry is None:
             table, meta = build()
-            entry = (table.to(device=device, dtype=torch.float32), meta)
+            table = table.to(device=device, dtype=torch.float32)
+            entry = (table, meta, D.x0_rows(table) if self.config.get("thresholding") else None)
             self._gf_tables[(key, device)] = entry
-        return entry
+        self._gf_x0_table = entry[2]
+        return entry[0], entry[1]
 
     def _gf_step_arg(self, row: int, device):
         """The device step counter (device_step_counter = True), created at the first step's row."""
@@ -224,17 +236,12 @@ class _Fused:
         scale, rescale = guidance if guidance is not None else (1.0, 0.0)
         step = self._gf_step_arg(row, sample.device) if self.device_step_counter else row
         threshold = self._gf_threshold
-        x0_rows = None
-        if threshold is not None:
-            x0_rows = self._gf_x0_rows.get(id(table))
-            if x0_rows is None or x0_rows[0] is not table:
-                x0_rows = self._gf_x0_rows[id(table)] = (table, D.x0_rows(table))
-            x0_rows = x0_rows[1]
         # the twin built the table and owns the row: only the per-step tensors are checked
         result = D._step_rows(sample, model_output, table, step, guidance_scale=scale, guidance_rescale=rescale,
                               stochastic=stochastic, noise=noise, seed=self.noise_seed, history=history,
                               history2=history2, history3=history3, clip=clip, threshold=threshold,
-                              threshold_rows=x0_rows, return_x0=return_x0)
+                              threshold_rows=self._gf_x0_table if threshold is not None else None,
+                              return_x0=return_x0)
         if self.device_step_counter:
             self._gf_row.add_(1)
         return result
@@ -521,9 +528,9 @@ def _lcm_class():
         def _step(self, model_output, timestep, sample, generator=None, return_dict=True):
             mo, guidance, probe = _unpack(model_output)
             self._gf_check(probe, sample)
+            table, meta = self._gf_table(("lcm",), sample.device, self._build)  # before any state changes
             self._gf_init_step_index(timestep)
             row = self.step_index
-            table, meta = self._gf_table(("lcm",), sample.device, self._build)
             stochastic = not meta["last"][row]
             noise = self._gf_noise(probe.shape, generator, probe.device, probe.dtype) \
                 if stochastic and generator is not None else None
@@ -657,7 +664,7 @@ def _dpm_class():
             self._gf_check(probe, sample)
             self._gf_init_step_index(timestep)
             row = self.step_index
-            start = row - self.lower_order_nums
+            start = self._gf_warmup_start(row)
             table, _ = self._gf_table(("dpm", start), sample.device, lambda: (self._build(start), None))
             if self._gf_history is None or self._gf_history.shape != sample.shape \
                     or self._gf_history.dtype != probe.dtype or self._gf_history.device != sample.device:
@@ -740,7 +747,7 @@ def _unipc_class():
             self._gf_check(probe, sample)
             self._gf_init_step_index(timestep)
             row = self.step_index
-            start = row - self.lower_order_nums
+            start = self._gf_warmup_start(row)
             table, _ = self._gf_table(("unipc", start), sample.device, lambda: self._build(start))
             if self._gf_history is None or self._gf_history[0].shape != sample.shape \
                     or self._gf_history[0].dtype != probe.dtype or self._gf_history[0].device != sample.device:
