@@ -23,10 +23,41 @@ the host.
 Multistep state lives in ``history`` buffers the kernel updates in place
 (each element is read and rewritten by the same thread): fixed addresses from
 step to step, as a CUDA graph needs. DPM++ 2M keeps the previous x0 there;
-Heun the first stage's x + (dt / 2) d1; UniPC the previous x0 and, in
-``history2``, the part of the next corrector that is known a step early.
-Zero them (or fill with any finite values) before the first step: its
-coefficients on them are 0.
+Heun the first stage's x + (dt / 2) d1; UniPC the previous x0, in
+``history2`` the part of the next corrector that is known a step early and,
+at order 3, in ``history3`` the x0 before the previous one. Zero them (or
+fill with any finite values) before the first step: its coefficients on them
+are 0.
+
+Dynamic thresholding
+--------------------
+diffusers' ``thresholding=True`` (Imagen's dynamic thresholding) replaces the
+predicted x0 of each sample by clamp(x0, -s, s) / s, s = the
+``dynamic_thresholding_ratio`` quantile of |x0| over the sample, clamped to
+[1, sample_max_value]; everything after uses that x0. The bound is a
+reduction over the whole sample, so one elementwise pass cannot apply it.
+``sampler_step(..., threshold=(ratio, sample_max_value))`` runs three things,
+all on the device:
+
+1. the same kernel with the table's x0 rows only (``x0_rows``: the x0 columns,
+   p0 = 1) and no history: it writes x0 (read u, c, x; write x0: 4Ns);
+2. ``dynamic_threshold_bound``: per sample, one ``topk`` of |x0| at the short
+   end of the order (the top 0.5% at ratio 0.995) gives the two order
+   statistics around the quantile, interpolated as ``torch.quantile`` does
+   (bit for bit); a (B,) bound (~2Ns plus the selection);
+3. the step itself with the bound as one more (B,) input: the kernel clamps and
+   divides x0 by its sample's bound before using it.
+
+Why this shape: the step's kernel stays one kernel with one extra per-sample
+load (the way guidance_rescale's factor enters), so every sampler whose x0
+has its own columns (p0, pd, hj0: the table builders' clip form) gains
+thresholding without a new kernel; recomputing x0 in step 3 costs a re-read
+of u, c and x, against a stored x0 that would need a second, different
+kernel. A selection kernel of our own would have to beat ``topk``'s radix
+select at k = 0.5% of the sample to be worth its code; the quantile stays a
+plain, traceable reduction with no host sync (the rank and weight come from
+the static shape), so a thresholded step still compiles with
+``fullgraph=True`` and replays in a CUDA graph.
 
 Coefficient precision: the table is fp32, computed in fp64. The schedule's
 scalars that diffusers derives in fp32 (alpha_t, lambda, exp(-h), ...) are
@@ -36,7 +67,8 @@ schedule's scalars in fp64 too) the twins' error is at most diffusers' own.
 
 Bytes per step for N latent elements of s bytes, guidance in the step:
 read uncond, cond, sample, write prev: 4Ns (6Ns for DPM++ 2M with its
-history read and written, +Ns when x0 is returned). diffusers' step with the
+history read and written, +Ns when x0 is returned, +2Ns per further
+history; thresholding adds the x0 pass and the selection above). diffusers' step with the
 pipeline's guidance moves ~20 passes of fp32 temporaries (see
 ``kernels/diffusion.py`` for the count per sampler).
 

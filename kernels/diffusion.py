@@ -21,6 +21,8 @@ Memory traffic per step for N latent elements of s bytes, with guidance
 | DDPM, LCM | guidance + ~8 elementwise ops + randn (W) | 4Ns (+Ns for x0 / denoised) |
 | Heun (per stage) | guidance + ~5 ops, a saved sample and derivative | read u, c, x, h; write prev, h (first stage), x0: 7Ns |
 | UniPC (2M, bh2) | guidance + corrector (~8 ops) + predictor (~7 ops), fp32 temporaries | read u, c, x, h1, h2; write prev, h1, h2: 8Ns |
+| UniPC order 3 | the same with 2 more difference terms in each, a 3x3 solve on the host | + h3 read and written: 10Ns |
+| + dynamic thresholding (DDIM, DDPM, LCM, DPM++, UniPC) | x0.float(), reshape, abs, torch.quantile (a full sort per sample), clamp, divide, .to(dtype): ~8 passes + the sort | x0 pass (read u, c, x; write x0: 4Ns), abs + topk of the top 0.5% (~2Ns), then the step with a per-sample bound |
 
 Target on a GPU: >= 80% of the copy bandwidth on SDXL-size and larger
 latents; not measured yet (written on a machine without a GPU and checked
@@ -29,6 +31,9 @@ with ``TRITON_INTERPRET=1`` against the reference).
 guidance_rescale needs the per-sample std of cond and of the guided output:
 ``_rescale_partials_kernel`` reads u and c once more and writes shifted sums
 per block (2Ns), a few tiny torch ops on the device finish the factor.
+Dynamic thresholding's bound (see ``genfast/diffusion.py``) enters the same
+way, one (B,) load per element: x0 = clamp(x0, -s, s) / s, divided correctly
+rounded as torch divides.
 """
 from __future__ import annotations
 
