@@ -374,9 +374,10 @@ def _plain(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype, device: torch
 
 def _step_rows(sample, model_output, coefficients, step, *, guidance_scale=1.0, guidance_rescale=0.0,
                stochastic=False, noise=None, seed=None, history=None, history2=None, history3=None, clip=0.0,
-               threshold=None, threshold_rows=None, return_x0=False):
+               threshold=None, threshold_rows=None, x0_noise=True, return_x0=False):
     """``sampler_step`` for a table the caller built (see above) and a row in range;
-    ``threshold_rows`` is ``x0_rows(coefficients)`` when ``threshold`` is given."""
+    ``threshold_rows`` is ``x0_rows(coefficients)`` when ``threshold`` is given, and
+    ``x0_noise=False`` says its x0 has no noise term (the x0 pass then draws none)."""
     if type(model_output) is tuple:
         uncond, cond = model_output
     else:
@@ -401,7 +402,8 @@ def _step_rows(sample, model_output, coefficients, step, *, guidance_scale=1.0, 
         bound = None
         if threshold is not None:
             x0, _ = impl(sample, uncond, cond, None, None, None, None, threshold_rows, row, row_tensor,
-                         guidance_scale, None, 0.0, None, bool(stochastic), seed_int, seed_tensor, 0, False)
+                         guidance_scale, None, 0.0, None, bool(stochastic and x0_noise), seed_int, seed_tensor, 0,
+                         False)
             bound = dynamic_threshold_bound(x0, *threshold)
         prev, x0 = impl(sample, uncond, cond, None, history, history2, history3, coefficients, row, row_tensor,
                         guidance_scale, None, clip, bound, bool(stochastic), seed_int, seed_tensor, 0, return_x0)

@@ -121,7 +121,7 @@ class _Fused:
 
     def _gf_reset(self):
         self._gf_tables = {}
-        self._gf_x0_table = None  # x0_rows of the table fetched last (the first pass of a thresholded step)
+        self._gf_x0_table = None  # (x0_rows, takes noise) of the table fetched last: a thresholded step's x0 pass
         self._gf_history = None
         self._gf_row = None
         self._gf_host = None  # host fp64 copies of the schedule, taken at set_timesteps
@@ -209,12 +209,16 @@ class _Fused:
         """The fp32 coefficient table on ``device`` (built once per schedule and key) and
         the host-side facts about its rows that build returned (plain Python values,
         so step() never inspects a tensor on the host). With thresholding on, the
-        table's ``x0_rows`` are built with it and kept in ``_gf_x0_table`` for this step."""
+        table's ``x0_rows`` are built with it and kept in ``_gf_x0_table`` for this step,
+        with whether any row's x0 takes noise (churn), read on the host before the copy."""
         entry = self._gf_tables.get((key, device))
         if entry is None:
             table, meta = build()
-            table = table.to(device=device, dtype=torch.float32)
-            entry = (table, meta, D.x0_rows(table) if self.config.get("thresholding") else None)
+            x0_rows = None
+            if self.config.get("thresholding"):
+                x0_rows = (D.x0_rows(table.to(device=device, dtype=torch.float32)),
+                           bool(table[:, D.COEF["an"]].any()))
+            entry = (table.to(device=device, dtype=torch.float32), meta, x0_rows)
             self._gf_tables[(key, device)] = entry
         self._gf_x0_table = entry[2]
         return entry[0], entry[1]
@@ -236,12 +240,12 @@ class _Fused:
         scale, rescale = guidance if guidance is not None else (1.0, 0.0)
         step = self._gf_step_arg(row, sample.device) if self.device_step_counter else row
         threshold = self._gf_threshold
+        x0_rows, x0_noise = self._gf_x0_table if threshold is not None else (None, True)
         # the twin built the table and owns the row: only the per-step tensors are checked
         result = D._step_rows(sample, model_output, table, step, guidance_scale=scale, guidance_rescale=rescale,
                               stochastic=stochastic, noise=noise, seed=self.noise_seed, history=history,
                               history2=history2, history3=history3, clip=clip, threshold=threshold,
-                              threshold_rows=self._gf_x0_table if threshold is not None else None,
-                              return_x0=return_x0)
+                              threshold_rows=x0_rows, x0_noise=x0_noise, return_x0=return_x0)
         if self.device_step_counter:
             self._gf_row.add_(1)
         return result
