@@ -41,10 +41,11 @@ all on the device:
 
 1. the same kernel with the table's x0 rows only (``x0_rows``: the x0 columns,
    p0 = 1) and no history: it writes x0 (read u, c, x; write x0: 4Ns);
-2. ``dynamic_threshold_bound``: per sample, one ``topk`` of |x0| at the short
-   end of the order (the top 0.5% at ratio 0.995) gives the two order
-   statistics around the quantile, interpolated as ``torch.quantile`` does
-   (bit for bit); a (B,) bound (~2Ns plus the selection);
+2. ``dynamic_threshold_bound``: per sample, one unsorted ``topk`` of |x0| at
+   the short end of the order (the top 0.5% at ratio 0.995) and a top-2 of
+   that give the two order statistics around the quantile, interpolated as
+   ``torch.quantile`` does (bit for bit); a (B,) bound (~2Ns plus the
+   selection);
 3. the step itself with the bound as one more (B,) input: the kernel clamps and
    divides x0 by its sample's bound before using it.
 
@@ -57,7 +58,8 @@ kernel. A selection kernel of our own would have to beat ``topk``'s radix
 select at k = 0.5% of the sample to be worth its code; the quantile stays a
 plain, traceable reduction with no host sync (the rank and weight come from
 the static shape), so a thresholded step still compiles with
-``fullgraph=True`` and replays in a CUDA graph.
+``fullgraph=True``, and nothing in it waits on the host, as CUDA-graph
+capture needs (a captured thresholded loop is not yet tested on a GPU).
 
 Coefficient precision: the table is fp32, computed in fp64. The schedule's
 scalars that diffusers derives in fp32 (alpha_t, lambda, exp(-h), ...) are
@@ -324,11 +326,12 @@ def dynamic_threshold_bound(x0: torch.Tensor, ratio: float, sample_max_value: fl
 
     x0 must be dense with the batch outermost (any order within a sample: the
     quantile does not depend on it). The two order statistics around the
-    quantile come from one ``topk`` per sample, of the high end (k = the count
-    from the quantile up, 0.5% of the sample at diffusers' default ratio 0.995)
-    or of the low end, whichever is shorter; the rank and the interpolation
-    weight are computed in the compute dtype, as torch.quantile does, so the
-    bound equals diffusers' bit for bit given the same x0.
+    quantile come from one unsorted ``topk`` per sample, of the high end (k = the
+    count from the quantile up, 0.5% of the sample at diffusers' default ratio
+    0.995) or of the low end, whichever is shorter, then a top-2 of those k. The
+    rank and the interpolation weight are computed in the compute dtype, as
+    torch.quantile does, so the bound equals diffusers' bit for bit given the
+    same x0.
     """
     batch = x0.shape[0]
     inner = x0.numel() // batch
@@ -342,12 +345,16 @@ def dynamic_threshold_bound(x0: torch.Tensor, ratio: float, sample_max_value: fl
         rank = _round_fp32(_round_fp32(ratio) * _round_fp32(n - 1))
     lo, hi = math.floor(rank), math.ceil(rank)
     weight = rank - lo  # exact: the fraction of a float
+    # the short end of the order, unsorted (a sort of k elements would cost more than the
+    # selection), then its two elements nearest the quantile
     if n - lo <= hi + 1:
-        top = torch.topk(a, n - lo, dim=1).values  # descending: the j-th smallest is at n - 1 - j
-        below, above = top[:, n - 1 - lo], top[:, n - 1 - hi]
+        top = torch.topk(a, n - lo, dim=1, sorted=False).values  # sorted[lo:]
+        ends = torch.topk(top, min(2, n - lo), dim=1, largest=False).values  # sorted[lo], sorted[lo + 1]
+        below, above = ends[:, 0], ends[:, hi - lo]
     else:
-        low = torch.topk(a, hi + 1, dim=1, largest=False).values
-        below, above = low[:, lo], low[:, hi]
+        low = torch.topk(a, hi + 1, dim=1, largest=False, sorted=False).values  # sorted[:hi + 1]
+        ends = torch.topk(low, min(2, hi + 1), dim=1).values  # sorted[hi], sorted[hi - 1]
+        below, above = ends[:, hi - lo], ends[:, 0]
     return torch.clamp(torch.lerp(below, above, weight), min=1.0, max=sample_max_value)
 
 

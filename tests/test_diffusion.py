@@ -446,7 +446,7 @@ def test_opcheck():
     torch.library.opcheck(D.guidance_rescale_factor_op.packet, (u, c, 5.0, 0.7))
 
 
-@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m", "flow_match_euler"])
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m", "flow_match_euler", "ddim_threshold"])
 def test_benchmark_compiled_baseline_is_diffusers_step(sampler):
     """The benchmark's torch.compile baseline (the step's math as a plain function)
     computes what diffusers' step plus the pipeline's guidance computes, bit for bit in eager."""
