@@ -16,6 +16,8 @@ sampler                traffic                                          bytes
 =====================  ===============================================  =====
 euler, ddim, flow      read uncond, cond, sample; write prev            4·N·s
 dpmpp_2m               + read and write the previous x0 (history)       6·N·s
+ddim_threshold         x0 pass (read u, c, x; write x0), |x0| (read,   12·N·s
+                       write), topk (read), then the step with x0
 =====================  ===============================================  =====
 
 Euler and DDIM also return x0 (pred_original_sample) as diffusers does: +N·s,
@@ -42,6 +44,9 @@ SAMPLERS = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, 6),
     "ddim": ("DDIMScheduler", {}, 5),
     "flow_match_euler": ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, 4),
+    # dynamic thresholding as pixel-space pipelines set it (DeepFloyd IF's values)
+    "ddim_threshold": ("DDIMScheduler", {"thresholding": True, "dynamic_thresholding_ratio": 0.95,
+                                         "sample_max_value": 1.5}, 12),
 }
 GUIDANCE = 7.5
 STEP = 10
@@ -85,6 +90,22 @@ def ddim_math(noise_pred, sample, alpha_prod_t, alpha_prod_t_prev, g, clip_range
     return alpha_prod_t_prev**0.5 * x0 + direction, x0
 
 
+def ddim_threshold_math(noise_pred, sample, alpha_prod_t, alpha_prod_t_prev, g, ratio: float = 0.95,
+                        max_value: float = 1.5):
+    """DDIMScheduler.step (epsilon, eta = 0) with dynamic thresholding: x0's per-sample
+    quantile of |x0| (upcast to fp32), clamped to [1, max_value], bounds and divides x0."""
+    m = _guide(noise_pred, g)
+    beta_prod_t = 1 - alpha_prod_t
+    x0 = (sample - beta_prod_t**0.5 * m) / alpha_prod_t**0.5
+    flat = x0.float().reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    x0 = (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
+    variance = (1 - alpha_prod_t_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std_dev_t = 0.0 * variance**0.5
+    direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * m
+    return alpha_prod_t_prev**0.5 * x0 + direction, x0
+
+
 def _vp(sigma):
     alpha = 1 / (sigma**2 + 1) ** 0.5
     return alpha, sigma * alpha
@@ -122,7 +143,7 @@ def _scalars(sampler: str, sched, device):
     def dev(v):
         return torch.as_tensor(v, dtype=torch.float32).to(device)
 
-    if sampler == "ddim":
+    if sampler.startswith("ddim"):
         t = int(sched.timesteps[STEP])
         prev_t = t - sched.config.num_train_timesteps // sched.num_inference_steps
         a_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
@@ -134,7 +155,7 @@ def _scalars(sampler: str, sched, device):
 
 
 MATH = {"euler": euler_math, "ddim": ddim_math, "dpmpp_2m": dpmpp_2m_math,
-        "flow_match_euler": flow_match_euler_math}
+        "flow_match_euler": flow_match_euler_math, "ddim_threshold": ddim_threshold_math}
 
 
 def _build(sampler: str, shape, dtype, device):

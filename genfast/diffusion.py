@@ -23,10 +23,43 @@ the host.
 Multistep state lives in ``history`` buffers the kernel updates in place
 (each element is read and rewritten by the same thread): fixed addresses from
 step to step, as a CUDA graph needs. DPM++ 2M keeps the previous x0 there;
-Heun the first stage's x + (dt / 2) d1; UniPC the previous x0 and, in
-``history2``, the part of the next corrector that is known a step early.
-Zero them (or fill with any finite values) before the first step: its
-coefficients on them are 0.
+Heun the first stage's x + (dt / 2) d1; UniPC the previous x0, in
+``history2`` the part of the next corrector that is known a step early and,
+at order 3, in ``history3`` the x0 before the previous one. Zero them (or
+fill with any finite values) before the first step: its coefficients on them
+are 0.
+
+Dynamic thresholding
+--------------------
+diffusers' ``thresholding=True`` (Imagen's dynamic thresholding) replaces the
+predicted x0 of each sample by clamp(x0, -s, s) / s, s = the
+``dynamic_thresholding_ratio`` quantile of |x0| over the sample, clamped to
+[1, sample_max_value]; everything after uses that x0. The bound is a
+reduction over the whole sample, so one elementwise pass cannot apply it.
+``sampler_step(..., threshold=(ratio, sample_max_value))`` runs three things,
+all on the device:
+
+1. the same kernel with the table's x0 rows only (``x0_rows``: the x0 columns,
+   p0 = 1) and no history: it writes x0 (read u, c, x; write x0: 4Ns);
+2. ``dynamic_threshold_bound``: per sample, one unsorted ``topk`` of |x0| at
+   the short end of the order (the top 0.5% at ratio 0.995) and a top-2 of
+   that give the two order statistics around the quantile, interpolated as
+   ``torch.quantile`` does (bit for bit); a (B,) bound (~2Ns plus the
+   selection);
+3. the step itself with the bound as one more (B,) input: the kernel clamps and
+   divides x0 by its sample's bound before using it.
+
+Why this shape: the step's kernel stays one kernel with one extra per-sample
+load (the way guidance_rescale's factor enters), so every sampler whose x0
+has its own columns (p0, pd, hj0: the table builders' clip form) gains
+thresholding without a new kernel; recomputing x0 in step 3 costs a re-read
+of u, c and x, against a stored x0 that would need a second, different
+kernel. A selection kernel of our own would have to beat ``topk``'s radix
+select at k = 0.5% of the sample to be worth its code; the quantile stays a
+plain, traceable reduction with no host sync (the rank and weight come from
+the static shape), so a thresholded step still compiles with
+``fullgraph=True``, and nothing in it waits on the host, as CUDA-graph
+capture needs (a captured thresholded loop is not yet tested on a GPU).
 
 Coefficient precision: the table is fp32, computed in fp64. The schedule's
 scalars that diffusers derives in fp32 (alpha_t, lambda, exp(-h), ...) are
@@ -36,7 +69,8 @@ schedule's scalars in fp64 too) the twins' error is at most diffusers' own.
 
 Bytes per step for N latent elements of s bytes, guidance in the step:
 read uncond, cond, sample, write prev: 4Ns (6Ns for DPM++ 2M with its
-history read and written, +Ns when x0 is returned). diffusers' step with the
+history read and written, +Ns when x0 is returned, +2Ns per further
+history; thresholding adds the x0 pass and the selection above). diffusers' step with the
 pipeline's guidance moves ~20 passes of fp32 temporaries (see
 ``kernels/diffusion.py`` for the count per sampler).
 
@@ -51,6 +85,7 @@ uses them for drop-in diffusers schedulers.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Callable, Sequence
 
 import torch
@@ -62,16 +97,16 @@ from .rng import check_offset, normalize_seed
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def _fake_sampler_step(sample, model_output, cond, noise, history, history2, coeffs, row, row_tensor,
-                       guidance_scale, guidance_factor, clip, draw_noise, seed, seed_tensor, offset, return_x0):
+def _fake_sampler_step(sample, model_output, cond, noise, history, history2, history3, coeffs, row, row_tensor,
+                       guidance_scale, guidance_factor, clip, bound, draw_noise, seed, seed_tensor, offset, return_x0):
     return torch.empty_like(sample), (torch.empty_like(sample) if return_x0 else sample.new_empty((0,)))
 
 
 sampler_step_op = _ops.define(
     "sampler_step(Tensor sample, Tensor model_output, Tensor? cond, Tensor? noise, Tensor(a!)? history, "
-    "Tensor(b!)? history2, Tensor coeffs, int row, Tensor? row_tensor, float guidance_scale, "
-    "Tensor? guidance_factor, float clip, bool draw_noise, int seed, Tensor? seed_tensor, int offset, "
-    "bool return_x0) -> (Tensor, Tensor)",
+    "Tensor(b!)? history2, Tensor(c!)? history3, Tensor coeffs, int row, Tensor? row_tensor, "
+    "float guidance_scale, Tensor? guidance_factor, float clip, Tensor? bound, bool draw_noise, int seed, "
+    "Tensor? seed_tensor, int offset, bool return_x0) -> (Tensor, Tensor)",
     "diffusion",
     _fake_sampler_step,
 )
@@ -141,7 +176,8 @@ def sampler_step(sample: torch.Tensor, model_output, coefficients: torch.Tensor,
                  guidance_scale: float = 1.0, guidance_rescale: float = 0.0, stochastic: bool = False,
                  noise: torch.Tensor | None = None, seed=None, offset: int = 0,
                  history: torch.Tensor | None = None, history2: torch.Tensor | None = None,
-                 clip: float = 0.0, return_x0: bool = False):
+                 history3: torch.Tensor | None = None, clip: float = 0.0, threshold=None,
+                 return_x0: bool = False):
     """One sampler step as one kernel: guidance, prediction conversion, update, noise.
 
     Parameters
@@ -165,10 +201,17 @@ def sampler_step(sample: torch.Tensor, model_output, coefficients: torch.Tensor,
     seed : int, 0-d int64 tensor or None
         Noise key (``genfast.rng``); element i in memory order uses ``offset + row * numel + i``.
     offset : int
-    history, history2 : Tensor of sample's shape, dtype and strides, optional
+    history, history2, history3 : Tensor of sample's shape, dtype and strides, optional
         Multistep state, updated in place.
     clip : float
         > 0 clamps the predicted x0 to [-clip, clip] (diffusers' clip_sample).
+    threshold : (ratio, sample_max_value) or None
+        diffusers' dynamic thresholding of the predicted x0: per sample, s = the
+        ``ratio`` quantile of |x0| clamped to [1, sample_max_value], then
+        x0 = clamp(x0, -s, s) / s. Needs a batch dimension; excludes ``clip``.
+        Costs a pass that predicts x0 and a per-sample selection (see the module
+        docstring); the coefficients must take x0 through its own columns (p0, pd,
+        hj0), as the builders do when asked to clip.
     return_x0 : bool
         Also return the predicted clean sample (diffusers' pred_original_sample).
 
@@ -197,11 +240,18 @@ def sampler_step(sample: torch.Tensor, model_output, coefficients: torch.Tensor,
         raise ValueError(f"{fn}: guidance_rescale > 0 needs model_output as a pair (uncond, cond)")
     if not isinstance(clip, (int, float)) or clip < 0 or math.isnan(clip):
         raise ValueError(f"{fn}: clip must be a float >= 0 (0: no clipping), got {clip!r}")
+    if threshold is not None:
+        threshold = check_threshold(fn, threshold)
+        if clip > 0:
+            raise ValueError(f"{fn}: clip and threshold exclude each other (diffusers thresholds and ignores "
+                             f"clip_sample); got clip={clip!r}")
     numel = sample.numel()
-    if guidance_rescale > 0 and (sample.dim() < 2 or numel // max(sample.shape[0], 1) < 2):
-        raise ValueError(f"{fn}: guidance_rescale needs a batch dimension and >= 2 elements per sample, "
-                         f"got shape {tuple(sample.shape)}")
-    for name, h in (("history", history), ("history2", history2)):
+    per_sample = (guidance_rescale > 0) or threshold is not None
+    if per_sample and (sample.dim() < 2 or numel // max(sample.shape[0], 1) < (2 if guidance_rescale > 0 else 1)):
+        what = "guidance_rescale" if guidance_rescale > 0 else "threshold"
+        raise ValueError(f"{fn}: {what} needs a batch dimension and >= {2 if guidance_rescale > 0 else 1} "
+                         f"elements per sample, got shape {tuple(sample.shape)}")
+    for name, h in (("history", history), ("history2", history2), ("history3", history3)):
         if h is not None:
             _ops.check_tensor(fn, name, h)
             _ops.check_like(fn, name, h, "sample", sample)
@@ -214,9 +264,9 @@ def sampler_step(sample: torch.Tensor, model_output, coefficients: torch.Tensor,
 
     # One memory order for every tensor; history (updated in place) cannot be re-laid.
     layout = sample
-    if not _is_dense(sample) or (guidance_rescale > 0 and not _batch_outermost(sample)):
+    if not _is_dense(sample) or (per_sample and not _batch_outermost(sample)):
         layout = sample.contiguous()
-    for name, h in (("history", history), ("history2", history2)):
+    for name, h in (("history", history), ("history2", history2), ("history3", history3)):
         if h is not None and h.stride() != layout.stride():
             raise ValueError(f"{fn}: {name} must have the strides of a dense sample {layout.stride()} "
                              f"(allocate it with torch.zeros_like(sample)), got {h.stride()}")
@@ -228,10 +278,84 @@ def sampler_step(sample: torch.Tensor, model_output, coefficients: torch.Tensor,
     factor = None
     if guidance_rescale > 0:
         factor = guidance_rescale_factor_op(uncond, cond, float(guidance_scale), float(guidance_rescale))
-    prev, x0 = sampler_step_op(layout, uncond, cond, noise, history, history2, coefficients, row, row_tensor,
-                               float(guidance_scale), factor, float(clip), draw, seed_int, seed_tensor, offset,
-                               bool(return_x0))
+    bound = None
+    if threshold is not None:
+        x0, _ = sampler_step_op(layout, uncond, cond, noise, None, None, None, x0_rows(coefficients), row,
+                                row_tensor, float(guidance_scale), factor, 0.0, None, draw, seed_int, seed_tensor,
+                                offset, False)
+        bound = dynamic_threshold_bound(x0, *threshold)
+    prev, x0 = sampler_step_op(layout, uncond, cond, noise, history, history2, history3, coefficients, row,
+                               row_tensor, float(guidance_scale), factor, float(clip), bound, draw, seed_int,
+                               seed_tensor, offset, bool(return_x0))
     return (prev, x0) if return_x0 else prev
+
+
+# ---- dynamic thresholding ---------------------------------------------------
+
+def check_threshold(fn: str, threshold) -> tuple[float, float]:
+    """(ratio, sample_max_value) as floats, or a ValueError naming what is wrong."""
+    if not isinstance(threshold, (tuple, list)) or len(threshold) != 2:
+        raise ValueError(f"{fn}: threshold must be a pair (ratio, sample_max_value), got {threshold!r}")
+    ratio, max_value = threshold
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{fn}: the thresholding ratio (dynamic_thresholding_ratio) must be a float in [0, 1], "
+                         f"got {ratio!r}")
+    if isinstance(max_value, bool) or not isinstance(max_value, (int, float)) or not max_value > 0 \
+            or math.isnan(max_value):
+        raise ValueError(f"{fn}: sample_max_value must be a float > 0, got {max_value!r}")
+    return float(ratio), float(max_value)
+
+
+def x0_rows(coefficients: torch.Tensor) -> torch.Tensor:
+    """The table whose step returns the predicted x0 as its output (the x0 columns
+    of ``coefficients``, p0 = 1, nothing else): the first pass of a thresholded step."""
+    table = torch.zeros_like(coefficients)
+    table[:, :3] = coefficients[:, :3]  # ax, am, an
+    table[:, COEF["p0"]] = 1.0
+    return table
+
+
+def _round_fp32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def dynamic_threshold_bound(x0: torch.Tensor, ratio: float, sample_max_value: float) -> torch.Tensor:
+    """Per sample, the ``ratio`` quantile of |x0| (linear interpolation, as
+    ``torch.quantile``) clamped to [1, sample_max_value]: a (B,) tensor in fp32
+    (fp64 for fp64 x0), on x0's device, computed without a host sync.
+
+    x0 must be dense with the batch outermost (any order within a sample: the
+    quantile does not depend on it). The two order statistics around the
+    quantile come from one unsorted ``topk`` per sample, of the high end (k = the
+    count from the quantile up, 0.5% of the sample at diffusers' default ratio
+    0.995) or of the low end, whichever is shorter, then a top-2 of those k. The
+    rank and the interpolation weight are computed in the compute dtype, as
+    torch.quantile does, so the bound equals diffusers' bit for bit given the
+    same x0.
+    """
+    batch = x0.shape[0]
+    inner = x0.numel() // batch
+    a = x0.as_strided((batch, inner), (inner, 1)).abs()  # each sample's elements in memory order
+    if a.dtype not in (torch.float32, torch.float64):
+        a = a.float()  # diffusers upcasts fp16/bf16 for the quantile
+    n = a.shape[1]
+    if a.dtype == torch.float64:
+        rank = ratio * (n - 1)
+    else:  # the fp32 product of fp32 operands (exact in fp64, then rounded once)
+        rank = _round_fp32(_round_fp32(ratio) * _round_fp32(n - 1))
+    lo, hi = math.floor(rank), math.ceil(rank)
+    weight = rank - lo  # exact: the fraction of a float
+    # the short end of the order, unsorted (a sort of k elements would cost more than the
+    # selection), then its two elements nearest the quantile
+    if n - lo <= hi + 1:
+        top = torch.topk(a, n - lo, dim=1, sorted=False).values  # sorted[lo:]
+        ends = torch.topk(top, min(2, n - lo), dim=1, largest=False).values  # sorted[lo], sorted[lo + 1]
+        below, above = ends[:, 0], ends[:, hi - lo]
+    else:
+        low = torch.topk(a, hi + 1, dim=1, largest=False, sorted=False).values  # sorted[:hi + 1]
+        ends = torch.topk(low, min(2, hi + 1), dim=1).values  # sorted[hi], sorted[hi - 1]
+        below, above = ends[:, hi - lo], ends[:, 0]
+    return torch.clamp(torch.lerp(below, above, weight), min=1.0, max=sample_max_value)
 
 
 # ---- the per-step path of callers that own their table ----------------------
@@ -243,7 +367,8 @@ def sampler_step(sample: torch.Tensor, model_output, coefficients: torch.Tensor,
 # handed) and calls the implementation directly; anything but the common case
 # (contiguous tensors of one dtype, shape and device, no rescale, no noise
 # tensor, nothing tracing) goes through ``sampler_step``, so every error
-# message stays sampler_step's.
+# message stays sampler_step's. A thresholded step takes its x0 table
+# (``x0_rows`` of the table) from the caller, who builds it once.
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -255,8 +380,11 @@ def _plain(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype, device: torch
 
 
 def _step_rows(sample, model_output, coefficients, step, *, guidance_scale=1.0, guidance_rescale=0.0,
-               stochastic=False, noise=None, seed=None, history=None, history2=None, clip=0.0, return_x0=False):
-    """``sampler_step`` for a table the caller built (see above) and a row in range."""
+               stochastic=False, noise=None, seed=None, history=None, history2=None, history3=None, clip=0.0,
+               threshold=None, threshold_rows=None, x0_noise=True, return_x0=False):
+    """``sampler_step`` for a table the caller built (see above) and a row in range;
+    ``threshold_rows`` is ``x0_rows(coefficients)`` when ``threshold`` is given, and
+    ``x0_noise=False`` says its x0 has no noise term (the x0 pass then draws none)."""
     if type(model_output) is tuple:
         uncond, cond = model_output
     else:
@@ -268,6 +396,8 @@ def _step_rows(sample, model_output, coefficients, step, *, guidance_scale=1.0, 
             and (cond is None or _plain(cond, shape, dtype, device))
             and (history is None or _plain(history, shape, dtype, device))
             and (history2 is None or _plain(history2, shape, dtype, device))
+            and (history3 is None or _plain(history3, shape, dtype, device))
+            and (threshold is None or len(shape) >= 2)
             and not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
                      or torch._C._are_functorch_transforms_active())):
         if isinstance(step, torch.Tensor):
@@ -275,13 +405,20 @@ def _step_rows(sample, model_output, coefficients, step, *, guidance_scale=1.0, 
         else:
             row, row_tensor = step, None
         seed_int, seed_tensor = normalize_seed("sampler_step", seed, device) if stochastic else (0, None)
-        prev, x0 = sampler_step_op.implementation_for(device, dtype)(
-            sample, uncond, cond, None, history, history2, coefficients, row, row_tensor, guidance_scale, None, clip,
-            bool(stochastic), seed_int, seed_tensor, 0, return_x0)
+        impl = sampler_step_op.implementation_for(device, dtype)
+        bound = None
+        if threshold is not None:
+            x0, _ = impl(sample, uncond, cond, None, None, None, None, threshold_rows, row, row_tensor,
+                         guidance_scale, None, 0.0, None, bool(stochastic and x0_noise), seed_int, seed_tensor, 0,
+                         False)
+            bound = dynamic_threshold_bound(x0, *threshold)
+        prev, x0 = impl(sample, uncond, cond, None, history, history2, history3, coefficients, row, row_tensor,
+                        guidance_scale, None, clip, bound, bool(stochastic), seed_int, seed_tensor, 0, return_x0)
         return (prev, x0) if return_x0 else prev
     return sampler_step(sample, model_output, coefficients, step, guidance_scale=guidance_scale,
                         guidance_rescale=guidance_rescale, stochastic=stochastic, noise=noise, seed=seed,
-                        history=history, history2=history2, clip=clip, return_x0=return_x0)
+                        history=history, history2=history2, history3=history3, clip=clip, threshold=threshold,
+                        return_x0=return_x0)
 
 
 def guidance(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0):
@@ -327,6 +464,14 @@ def x0_coefficients(prediction_type: str, alpha, sigma):
         return torch.ones_like(alpha), -sigma
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES + ('flow_prediction',)}, "
                      f"got {prediction_type!r}")
+
+
+def _vp_x0_coefficients(prediction_type: str, alpha, sigma):
+    """x0_coefficients for the samplers that know epsilon, v_prediction and sample only
+    (DDIM, DDPM, LCM: diffusers refuses flow_prediction there)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return x0_coefficients(prediction_type, alpha, sigma)
 
 
 def euler_coefficients(sigma, sigma_next, prediction_type: str = "epsilon", gamma=0.0, s_noise: float = 1.0):
@@ -376,7 +521,7 @@ def ddim_coefficients(alpha_prod_t, alpha_prod_t_prev, prediction_type: str = "e
     """DDIM: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - std^2) eps + std n, std = eta sigma_t.
 
     alpha_prod_t, alpha_prod_t_prev : 1-D (steps,) cumulative alphas of the step.
-    clip : whether the kernel clamps x0 (then x0 enters the update through p0).
+    clip : whether the kernel clamps or thresholds x0 (then x0 enters the update through p0).
     """
     a = _f64(alpha_prod_t).reshape(-1)
     ap = _f64(alpha_prod_t_prev, a.device).reshape(-1)
@@ -385,7 +530,7 @@ def ddim_coefficients(alpha_prod_t, alpha_prod_t_prev, prediction_type: str = "e
     std = eta * torch.sqrt(variance.clamp_min(0.0))
     direction = torch.sqrt((1.0 - ap - std**2).clamp_min(0.0))
     sa, sb, sap = torch.sqrt(a), torch.sqrt(beta), torch.sqrt(ap)
-    ax, am = x0_coefficients(prediction_type, sa, sb)
+    ax, am = _vp_x0_coefficients(prediction_type, sa, sb)
     if prediction_type == "epsilon":
         ex, em = torch.zeros_like(a), torch.ones_like(a)
     elif prediction_type == "v_prediction":
@@ -474,7 +619,7 @@ def ddpm_coefficients(alpha_prod_t, alpha_prod_t_prev, prediction_type: str = "e
                          f"got {variance_type!r}")
     if noisy is not None:
         std = torch.where(torch.as_tensor(noisy, device=a.device).reshape(-1), std, 0.0)
-    ax, am = x0_coefficients(prediction_type, torch.sqrt(a), torch.sqrt(beta_prod_t))
+    ax, am = _vp_x0_coefficients(prediction_type, torch.sqrt(a), torch.sqrt(beta_prod_t))
     return _table(a.numel(), a.device, ax=ax, am=am, p0=torch.sqrt(ap) * current_beta / beta_prod_t,
                   px=torch.sqrt(current_alpha) * (1.0 - ap) / beta_prod_t, pn=std)
 
@@ -486,8 +631,9 @@ def lcm_coefficients(alpha_prod_t, alpha_prod_t_prev, c_skip, c_out, prediction_
 
     alpha_prod_t, alpha_prod_t_prev, c_skip, c_out : 1-D (steps,). last : 1-D bool
     (steps,), the rows without noise (diffusers: the final step). Without clip the
-    kernel's x0 output is ``denoised`` (diffusers' second output); with clip it is the
-    clamped x0 and the caller forms denoised = c_out x0 + c_skip x.
+    kernel's x0 output is ``denoised`` (diffusers' second output); with clip (the kernel
+    clamps or thresholds x0) it is the clamped x0 and the caller forms
+    denoised = c_out x0 + c_skip x.
     """
     a = _f64(alpha_prod_t).reshape(-1)
     ap = _f64(alpha_prod_t_prev, a.device).reshape(-1)
@@ -495,7 +641,7 @@ def lcm_coefficients(alpha_prod_t, alpha_prod_t_prev, c_skip, c_out, prediction_
     last = torch.zeros_like(a, dtype=torch.bool) if last is None else torch.as_tensor(last, device=a.device)
     keep = torch.where(last, 1.0, torch.sqrt(ap))
     pn = torch.where(last, 0.0, torch.sqrt(1.0 - ap))
-    ax, am = x0_coefficients(prediction_type, torch.sqrt(a), torch.sqrt(1.0 - a))
+    ax, am = _vp_x0_coefficients(prediction_type, torch.sqrt(a), torch.sqrt(1.0 - a))
     if clip:
         return _table(a.numel(), a.device, ax=ax, am=am, px=keep * c_skip, p0=keep * c_out, pn=pn)
     return _table(a.numel(), a.device, ax=c_out * ax + c_skip, am=c_out * am, p0=keep, pn=pn)
@@ -545,22 +691,57 @@ def _unipc_b(hh: float, solver_type: str) -> float:
     raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
 
 
+def _unipc_rhos(hh: float, b_h: float, rks: list, rows: int) -> list:
+    """UniPC's rho: the solution of sum_j rho_j rks_j^(i-1) = b_i, i = 1..rows, for the
+    first ``rows`` of ``rks`` (the r_k of the earlier x0s, then 1), where
+    b_i = i! h phi_(i+1)(hh) / B(h); a zero pivot (a step onto sigma = 0) gives NaN,
+    as diffusers' solve does."""
+    b, phi, fact = [], math.expm1(hh) / hh - 1.0, 1
+    for i in range(1, rows + 1):
+        b.append(phi * fact / b_h)
+        fact *= i + 1
+        phi = phi / hh - 1.0 / fact
+    if rows == 1:
+        return [b[0]]
+    r = rks[:rows]
+    if rows == 2:  # [[1, 1], [r0, r1]] rho = b
+        det = r[1] - r[0]
+        return [(b[0] * r[1] - b[1]) / det, (b[1] - b[0] * r[0]) / det] if det != 0 else [math.nan] * 2
+    # rows == 3: Gaussian elimination on the Vandermonde system [[1,1,1],[r0,r1,r2],[r0^2,r1^2,r2^2]]
+    a = [[r[j] ** i for j in range(3)] + [b[i]] for i in range(3)]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda q: abs(a[q][col]))
+        a[col], a[pivot] = a[pivot], a[col]
+        if a[col][col] == 0:
+            return [math.nan] * 3
+        for q in range(col + 1, 3):
+            f = a[q][col] / a[col][col]
+            a[q] = [v - f * w for v, w in zip(a[q], a[col])]
+    rho = [0.0] * 3
+    for q in (2, 1, 0):
+        rho[q] = (a[q][3] - sum(a[q][j] * rho[j] for j in range(q + 1, 3))) / a[q][q]
+    return rho
+
+
 def unipc_coefficients(alpha, sigma, orders, use_corrector, *, x0_ax, x0_am, solver_type: str = "bh2"):
-    """UniPC (data prediction, UniP + UniC of order 1 or 2) as one kernel per step.
+    """UniPC (data prediction, UniP + UniC of order 1 to 3) as one kernel per step.
 
     alpha, sigma : 1-D (steps + 1,) the schedule's alpha_t and sigma_t. orders :
     1-D (steps,) the predictor's order per step (the corrector at step i has order
     ``orders[i - 1]``). use_corrector : 1-D bool (steps,). x0_ax, x0_am : 1-D (steps,)
     the model-output conversion at each step's sigma.
 
-    Step i corrects the sample it is given, x_c = x_last-terms + d (x0_i - x0_{i-1}),
-    then predicts from x_c. Everything in UniC except the new x0 is known one step
-    earlier, so the kernel keeps two buffers: history = x0_{i-1} and history2 = the
-    corrector's partial sum K_i = a x_c,{i-1} + b x0_{i-1} + e (x0_{i-2} - x0_{i-1}),
-    which step i-1 writes. Then x_c = K_i + d (x0_i - x0_{i-1}) and
-    x_prev = A x_c + Bm x0_i + pd (x0_i - x0_{i-1}), all in one affine map.
-    Coefficients follow diffusers' ``multistep_uni_p_bh_update`` /
-    ``multistep_uni_c_bh_update`` (order 2 predictor with rho = 1/2), in fp64.
+    Step i corrects the sample it is given, x_c = K_i + d (x0_i - x0_{i-1}), then
+    predicts from x_c. Everything in UniC except the new x0 is known one step
+    earlier, so the kernel keeps the corrector's partial sum
+    K_i = a x_c,{i-1} + b x0_{i-1} + sum_k e_k (x0_{i-1-k} - x0_{i-1}) in ``history2``
+    (step i - 1 writes it), the previous x0 in ``history`` and, for order 3, the
+    one before in ``history3``. Then
+    x_prev = A x_c + Bm x0_i + sum_k c_k (x0_i - x0_{i-k}), all in one affine map
+    (k = 1 through the difference column pd, k = 2 through p0 and p3).
+    Coefficients follow the UniP/UniC B(h) updates of the UniPC paper as diffusers
+    implements them (order-2 predictor with rho = 1/2, order-1 corrector with
+    rho = 1/2), in fp64.
     """
     if solver_type not in ("bh1", "bh2"):
         raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
@@ -572,25 +753,26 @@ def unipc_coefficients(alpha, sigma, orders, use_corrector, *, x0_ax, x0_am, sol
     if len(al) != n + 1 or len(sg) != n + 1 or len(use_c) != n:
         raise ValueError(f"unipc_coefficients: alpha and sigma need steps + 1 = {n + 1} values, use_corrector "
                          f"{n}; got {len(al)}, {len(sg)}, {len(use_c)}")
+    if max(orders, default=1) > 3:  # (rows before the first step may say 0: they are never run)
+        raise ValueError(f"unipc_coefficients: orders must be at most 3, got {max(orders)}")
 
     def lam(k):  # log-SNR; +inf at sigma = 0 (the final step of a "zero" schedule)
         return math.log(al[k]) - math.log(sg[k]) if sg[k] > 0 else math.inf
 
+    def ratio(num, den):  # NaN where diffusers divides by zero too (r_k = 0: a step onto sigma = 0)
+        return num / den if den != 0 else math.nan
+
     def corrector(j, q):
-        """(a, b, d, e) of UniC at step j (from j - 1 to j), order q."""
+        """(a, b, d, [e_1 .. e_(q-1)]) of UniC at step j (from j - 1 to j), order q."""
         h = lam(j) - lam(j - 1)
         hh = -h
         b_h = _unipc_b(hh, solver_type)
         a, b = sg[j] / sg[j - 1], -al[j] * math.expm1(hh)
         if q == 1:
-            return a, b, -al[j] * b_h * 0.5, 0.0
-        rk = (lam(j - 2) - lam(j - 1)) / h
-        phi = math.expm1(hh) / hh - 1.0
-        b1 = phi / b_h
-        b2 = (phi / hh - 0.5) * 2.0 / b_h
-        rho0 = (b1 - b2) / (1.0 - rk)  # [[1, 1], [rk, 1]] rho = [b1, b2]
-        rho1 = b1 - rho0
-        return a, b, -al[j] * b_h * rho1, -al[j] * b_h * rho0 / rk
+            return a, b, -al[j] * b_h * 0.5, []
+        rks = [ratio(lam(j - 1 - k) - lam(j - 1), h) for k in range(1, q)] + [1.0]
+        rho = _unipc_rhos(hh, b_h, rks, q)
+        return a, b, -al[j] * b_h * rho[-1], [ratio(-al[j] * b_h * rho[k], rks[k]) for k in range(q - 1)]
 
     rows = torch.zeros((n, NCOEF), dtype=torch.float64)
     ax = _f64(x0_ax).reshape(-1).expand(n).tolist()
@@ -598,27 +780,38 @@ def unipc_coefficients(alpha, sigma, orders, use_corrector, *, x0_ax, x0_am, sol
     for i in range(n):
         k = {name: 0.0 for name in COEF}
         k["ax"], k["am"] = ax[i], am[i]
-        hh = -(lam(i + 1) - lam(i))
+        h = lam(i + 1) - lam(i)
+        hh = -h
         big_a = sg[i + 1] / sg[i]
         k["p0"] = -al[i + 1] * math.expm1(hh)
-        pd = 0.0
-        if orders[i] == 2:
-            r1 = (lam(i - 1) - lam(i)) / -hh
-            # r1 = 0 only for a second-order step onto sigma = 0, where diffusers divides by zero too
-            pd = al[i + 1] * _unipc_b(hh, solver_type) * 0.5 / r1 if r1 != 0 else math.nan
+        c = []  # c_k on (x0_i - x0_{i-k})
+        if orders[i] >= 2:
+            b_h = _unipc_b(hh, solver_type)
+            rks = [ratio(lam(i - q) - lam(i), h) for q in range(1, orders[i])] + [1.0]
+            # the order-2 predictor takes rho = 1/2 (diffusers' simplification); order 3 solves
+            rho = [0.5] if orders[i] == 2 else _unipc_rhos(hh, b_h, rks, orders[i] - 1)
+            c = [ratio(al[i + 1] * b_h * rho[q], rks[q]) for q in range(orders[i] - 1)]
+        pd = c[0] if c else 0.0
+        if len(c) == 2:  # (x0 - h3): x0 through p0, h3 through p3
+            k["p0"] += c[1]
+            k["p3"] = -c[1]
         d = 0.0
         if use_c[i]:  # x_c = h2 + d (x0 - h1)
             _, _, d, _ = corrector(i, orders[i - 1])
             k["p2"], k["pd"] = big_a, big_a * d + pd
         else:
             k["px"], k["pd"] = big_a, pd
-        k["h10"] = 1.0
-        if i + 1 < n and use_c[i + 1]:  # K_{i+1} = a x_c + b x0 + e (h1 - x0)
-            a2, b2, _, e2 = corrector(i + 1, orders[i])
+        k["h10"], k["h31"] = 1.0, 1.0  # history <- x0, history3 <- the previous x0 (when order 3 keeps one)
+        if i + 1 < n and use_c[i + 1]:  # K_{i+1} = a x_c + b x0 + e_1 (h1 - x0) + e_2 (h3 - x0)
+            a2, b2, _, e = corrector(i + 1, orders[i])
+            e1, e2 = (e + [0.0, 0.0])[:2]
+            k["h20"], k["h21"], k["h23"] = b2 - e1 - e2, e1, e2
             if use_c[i]:
-                k["h22"], k["h20"], k["h21"] = a2, a2 * d + b2 - e2, e2 - a2 * d
+                k["h22"] = a2
+                k["h20"] += a2 * d
+                k["h21"] -= a2 * d
             else:
-                k["h2x"], k["h20"], k["h21"] = a2, b2 - e2, e2
+                k["h2x"] = a2
         rows[i] = torch.tensor([k[name] for name in COEF], dtype=torch.float64)
     return rows
 
@@ -674,11 +867,13 @@ def euler_ancestral_step(sample, model_output, sigma, sigma_next, *, prediction_
 def ddim_step(sample, model_output, alpha_prod_t, alpha_prod_t_prev, *, prediction_type: str = "epsilon",
               eta: float = 0.0, clip_sample_range: float | None = None, use_clipped_model_output: bool = False,
               **kwargs):
-    """One DDIM step between cumulative alphas (floats or 0-d tensors); eta > 0 adds noise."""
+    """One DDIM step between cumulative alphas (floats or 0-d tensors); eta > 0 adds noise.
+    ``threshold=(ratio, sample_max_value)`` in kwargs applies diffusers' dynamic thresholding."""
     dev = _device_of(sample, alpha_prod_t, alpha_prod_t_prev)
     clip = clip_sample_range is not None
-    table = ddim_coefficients(_f64(alpha_prod_t, dev), _f64(alpha_prod_t_prev, dev), prediction_type, eta, clip,
-                              use_clipped_model_output)
+    # x0 enters through its own column when the kernel clamps or thresholds it
+    table = ddim_coefficients(_f64(alpha_prod_t, dev), _f64(alpha_prod_t_prev, dev), prediction_type, eta,
+                              clip or kwargs.get("threshold") is not None, use_clipped_model_output)
     return sampler_step(sample, model_output, _row_to(table, sample), stochastic=eta > 0,
                         clip=float(clip_sample_range) if clip else 0.0, **kwargs)
 

@@ -25,17 +25,21 @@ kernel draws from genfast's stream with a seed drawn from torch's default
 generator at ``set_timesteps`` (``torch.manual_seed`` governs it; ``noise_seed``
 may be set to an int or a 0-d int64 device tensor).
 
-Multistep state is one or two buffers that the kernel updates in place: the
+Multistep state is one to three buffers that the kernel updates in place: the
 previous x0 (DPM++ 2M), the first stage's partial update (Heun), the previous
-x0 and the corrector's partial sum (UniPC). diffusers' own state
-(``model_outputs``, ``last_sample``, Heun's ``sample``/``prev_derivative``) is
-not maintained.
+x0, the corrector's partial sum and, at order 3, the x0 before (UniPC).
+diffusers' own state (``model_outputs``, ``last_sample``, Heun's
+``sample``/``prev_derivative``) is not maintained.
 
-Configurations the kernel does not cover (dynamic thresholding, third-order
-DPM-Solver and UniPC, noise-prediction DPM-Solver and UniPC, learned
-variance, per-token timesteps, UniPC with ``solver_p``) run diffusers' own
-``step`` unchanged: a twin is never wrong, only sometimes not faster
-(``fused`` says which).
+Dynamic thresholding (``thresholding=True``: DDPM, DDIM, LCM, DPMSolverMultistep,
+UniPCMultistep) is fused too: the step predicts x0 in one pass, takes each
+sample's bound from it on the device and runs the step on the thresholded x0
+(``genfast.diffusion.sampler_step``'s ``threshold``); no host sync.
+
+Configurations the kernel does not cover (third-order DPM-Solver,
+noise-prediction DPM-Solver and UniPC, learned variance, per-token
+timesteps, UniPC with ``solver_p``) run diffusers' own ``step`` unchanged: a
+twin is never wrong, only sometimes not faster (``fused`` says which).
 
 diffusers is an optional dependency: the twin classes are created on first
 access, which imports it.
@@ -94,7 +98,8 @@ class _Fused:
     _gf_needs_schedule = True  # False: diffusers steps over the training schedule without set_timesteps (DDPM)
 
     def _gf_x0_step(self, mo, sample, table, row, guidance, stochastic, noise, output_cls, return_dict):
-        """A step whose output is (prev_sample, pred_original_sample), clip_sample in the kernel (DDIM, DDPM)."""
+        """A step whose output is (prev_sample, pred_original_sample), clip_sample or
+        thresholding in the kernel (DDIM, DDPM)."""
         prev, x0 = self._gf_run(mo, sample, table, row, guidance=guidance, stochastic=stochastic, noise=noise,
                                 clip=self._gf_clip, return_x0=True)
         self._gf_counter = row + 1
@@ -104,15 +109,24 @@ class _Fused:
 
     @property
     def _gf_clip(self) -> float:
-        """clip_sample's bound as the kernel takes it (0: no clipping)."""
-        return float(self.config.clip_sample_range) if self.config.clip_sample else 0.0
+        """clip_sample's bound as the kernel takes it (0: no clipping; thresholding, when on, wins)."""
+        c = self.config
+        return float(c.clip_sample_range) if c.get("clip_sample") and not c.get("thresholding") else 0.0
+
+    @property
+    def _gf_threshold(self):
+        """(dynamic_thresholding_ratio, sample_max_value) when thresholding is on, else None."""
+        c = self.config
+        return (c.dynamic_thresholding_ratio, c.sample_max_value) if c.get("thresholding") else None
 
     def _gf_reset(self):
         self._gf_tables = {}
+        self._gf_x0_table = None  # (x0_rows, takes noise) of the table fetched last: a thresholded step's x0 pass
         self._gf_history = None
         self._gf_row = None
         self._gf_host = None  # host fp64 copies of the schedule, taken at set_timesteps
         self._gf_counter = None  # the next row, for schedulers that look rows up by timestep value
+        self._gf_start = None  # the first row of the multistep warm-up (see _gf_warmup_start)
         self.noise_seed = int(torch.empty((), dtype=torch.int64).random_().item())
 
     def set_timesteps(self, *args, **kwargs):
@@ -136,6 +150,8 @@ class _Fused:
             self._gf_bad_input(model_output, sample, name)
         if model_output.shape != sample.shape or model_output.device != sample.device:
             self._gf_bad_input(model_output, sample, name)
+        if self.config.get("thresholding"):  # checked here, before any state changes
+            D.check_threshold(f"{type(self).__name__}.step", self._gf_threshold)
 
     def _gf_bad_input(self, model_output, sample, name):
         fn = f"{type(self).__name__}.step"
@@ -176,6 +192,15 @@ class _Fused:
             return int(hits[0])
         return self._gf_index_of(timestep) if self._gf_counter is None else self._gf_counter
 
+    def _gf_warmup_start(self, row: int) -> int:
+        """The row where this loop's multistep warm-up began (DPM-Solver, UniPC): it fixes
+        every row's order, so it keys the table. Once the warm-up is over
+        (lower_order_nums == solver_order) the rows from here on are the same for any
+        earlier start: the loop keeps the one it had, and the table is not rebuilt."""
+        if self._gf_start is None or self.lower_order_nums < self.config.solver_order:
+            self._gf_start = row - self.lower_order_nums
+        return self._gf_start
+
     def _gf_init_step_index(self, timestep) -> None:
         if self.step_index is None:
             self._step_index = self._begin_index if self.begin_index is not None else self._gf_index_of(timestep)
@@ -183,13 +208,20 @@ class _Fused:
     def _gf_table(self, key, device, build):
         """The fp32 coefficient table on ``device`` (built once per schedule and key) and
         the host-side facts about its rows that build returned (plain Python values,
-        so step() never inspects a tensor on the host)."""
+        so step() never inspects a tensor on the host). With thresholding on, the
+        table's ``x0_rows`` are built with it and kept in ``_gf_x0_table`` for this step,
+        with whether any row's x0 takes noise (churn), read on the host before the copy."""
         entry = self._gf_tables.get((key, device))
         if entry is None:
             table, meta = build()
-            entry = (table.to(device=device, dtype=torch.float32), meta)
+            x0_rows = None
+            if self.config.get("thresholding"):
+                x0_rows = (D.x0_rows(table.to(device=device, dtype=torch.float32)),
+                           bool(table[:, D.COEF["an"]].any()))
+            entry = (table.to(device=device, dtype=torch.float32), meta, x0_rows)
             self._gf_tables[(key, device)] = entry
-        return entry
+        self._gf_x0_table = entry[2]
+        return entry[0], entry[1]
 
     def _gf_step_arg(self, row: int, device):
         """The device step counter (device_step_counter = True), created at the first step's row."""
@@ -198,17 +230,22 @@ class _Fused:
         return self._gf_row
 
     def _gf_run(self, model_output, sample, table, row, *, guidance=None, stochastic=False, noise=None,
-                history=None, history2=None, clip=0.0, return_x0=False):
-        """The fused step; model_output is a tensor or (uncond, cond); guidance = (scale, rescale)."""
+                history=None, history2=None, history3=None, clip=0.0, return_x0=False):
+        """The fused step; model_output is a tensor or (uncond, cond); guidance = (scale, rescale).
+        With thresholding on, the first pass predicts x0 with the x0 rows of ``table``
+        (built once per table)."""
         out_dtype = (model_output[0] if type(model_output) is tuple else model_output).dtype
         if out_dtype != sample.dtype:  # diffusers computes in fp32 and returns the model's dtype
             sample = sample.to(out_dtype)
         scale, rescale = guidance if guidance is not None else (1.0, 0.0)
         step = self._gf_step_arg(row, sample.device) if self.device_step_counter else row
+        threshold = self._gf_threshold
+        x0_rows, x0_noise = self._gf_x0_table if threshold is not None else (None, True)
         # the twin built the table and owns the row: only the per-step tensors are checked
         result = D._step_rows(sample, model_output, table, step, guidance_scale=scale, guidance_rescale=rescale,
                               stochastic=stochastic, noise=noise, seed=self.noise_seed, history=history,
-                              history2=history2, clip=clip, return_x0=return_x0)
+                              history2=history2, history3=history3, clip=clip, threshold=threshold,
+                              threshold_rows=x0_rows, x0_noise=x0_noise, return_x0=return_x0)
         if self.device_step_counter:
             self._gf_row.add_(1)
         return result
@@ -377,14 +414,8 @@ def _ddim_class():
         or a CPU tensor, and otherwise counts steps from the first (looked up once).
         """
 
-        def _gf_supported(self):
-            return "thresholding" if self.config.thresholding else None
-
         def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
                  generator=None, variance_noise=None, return_dict: bool = True):
-            if not self.fused:
-                return super().step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
-                                    variance_noise, return_dict)
             return self._step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
                               variance_noise, return_dict)
 
@@ -401,8 +432,9 @@ def _ddim_class():
                 prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
                 alphas = _host(self.alphas_cumprod)
                 a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp_min(0)], float(self.final_alpha_cumprod))
-                return D.ddim_coefficients(alphas[t], a_prev, self.config.prediction_type, eta,
-                                           bool(self.config.clip_sample), use_clipped_model_output), None
+                x0_alone = bool(self.config.clip_sample or self.config.thresholding)  # the kernel modifies x0
+                return D.ddim_coefficients(alphas[t], a_prev, self.config.prediction_type, eta, x0_alone,
+                                           use_clipped_model_output), None
 
             table, _ = self._gf_table(("ddim", eta, use_clipped_model_output), sample.device, build)
             stochastic = eta > 0
@@ -425,15 +457,13 @@ def _ddpm_class():
 
     class DDPMScheduler(_Fused, diffusers.DDPMScheduler):
         """diffusers' DDPMScheduler with a fused ``step()`` for the fixed variance types
-        ("fixed_small", "fixed_small_log", "fixed_large"); learned variances and
-        thresholding run diffusers' step. Rows are looked up by timestep value, as
-        diffusers does (see ``DDIMScheduler``)."""
+        ("fixed_small", "fixed_small_log", "fixed_large"); learned variances run
+        diffusers' step. Rows are looked up by timestep value, as diffusers does
+        (see ``DDIMScheduler``)."""
 
         _gf_needs_schedule = False  # before set_timesteps diffusers steps over every training timestep
 
         def _gf_supported(self):
-            if self.config.thresholding:
-                return "thresholding"
             if self.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
                 return f"variance_type {self.variance_type!r}"
             return None
@@ -476,19 +506,14 @@ def _lcm_class():
     from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 
     class LCMScheduler(_Fused, diffusers.LCMScheduler):
-        """diffusers' LCMScheduler with a fused ``step()`` (thresholding runs diffusers' step).
+        """diffusers' LCMScheduler with a fused ``step()``.
 
         ``denoised`` (the second output) is the kernel's x0 output: the boundary-condition
-        scalings are folded into the x0 row. With clip_sample the clamp must act on the
-        x0 before that fold, so the kernel returns the clamped x0 and one more op forms
-        denoised = c_out x0 + c_skip x (with host scalars: no sync)."""
-
-        def _gf_supported(self):
-            return "thresholding" if self.config.thresholding else None
+        scalings are folded into the x0 row. With clip_sample or thresholding the clamp
+        must act on the x0 before that fold, so the kernel returns the clamped x0 and one
+        more op forms denoised = c_out x0 + c_skip x (with host scalars: no sync)."""
 
         def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
-            if not self.fused:
-                return super().step(model_output, timestep, sample, generator, return_dict)
             return self._step(model_output, timestep, sample, generator, return_dict)
 
         def _build(self):
@@ -499,24 +524,24 @@ def _lcm_class():
             a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp_min(0)], float(self.final_alpha_cumprod))
             c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(t)  # diffusers' formula, in fp64
             last = torch.arange(n) == self.num_inference_steps - 1
-            clip = bool(self.config.clip_sample)
-            table = D.lcm_coefficients(alphas[t.long()], a_prev, c_skip, c_out, self.config.prediction_type, clip,
-                                       last)
+            x0_alone = bool(self.config.clip_sample or self.config.thresholding)  # the kernel modifies x0
+            table = D.lcm_coefficients(alphas[t.long()], a_prev, c_skip, c_out, self.config.prediction_type,
+                                       x0_alone, last)
             return table, {"last": last.tolist(), "c_skip": c_skip.tolist(), "c_out": c_out.tolist()}
 
         def _step(self, model_output, timestep, sample, generator=None, return_dict=True):
             mo, guidance, probe = _unpack(model_output)
             self._gf_check(probe, sample)
+            table, meta = self._gf_table(("lcm",), sample.device, self._build)  # before any state changes
             self._gf_init_step_index(timestep)
             row = self.step_index
-            table, meta = self._gf_table(("lcm",), sample.device, self._build)
             stochastic = not meta["last"][row]
             noise = self._gf_noise(probe.shape, generator, probe.device, probe.dtype) \
                 if stochastic and generator is not None else None
             clip = self._gf_clip
             prev, denoised = self._gf_run(mo, sample, table, row, guidance=guidance, stochastic=stochastic,
                                           noise=noise, clip=clip, return_x0=True)
-            if clip > 0:  # the kernel returned the clamped x0
+            if clip > 0 or self.config.thresholding:  # the kernel returned the clamped x0
                 x = sample.to(denoised.dtype)
                 denoised = torch.add(x * meta["c_skip"][row], denoised, alpha=meta["c_out"][row])
             self._step_index += 1
@@ -590,7 +615,8 @@ def _dpm_class():
     class DPMSolverMultistepScheduler(_Fused, diffusers.DPMSolverMultistepScheduler):
         """diffusers' DPMSolverMultistepScheduler with a fused ``step()`` for DPM++ 1S/2M
         and SDE-DPM++ 1S/2M (``algorithm_type`` "dpmsolver++" / "sde-dpmsolver++",
-        ``solver_order`` 1 or 2); other configurations run diffusers' step."""
+        ``solver_order`` 1 or 2, with or without thresholding); other configurations run
+        diffusers' step."""
 
         def _gf_supported(self):
             c = self.config
@@ -598,8 +624,6 @@ def _dpm_class():
                 return f"algorithm_type {c.algorithm_type!r}"
             if c.solver_order not in (1, 2):
                 return f"solver_order {c.solver_order}"
-            if c.thresholding:
-                return "thresholding"
             if c.variance_type is not None:
                 return f"variance_type {c.variance_type!r}"
             return None
@@ -644,7 +668,7 @@ def _dpm_class():
             self._gf_check(probe, sample)
             self._gf_init_step_index(timestep)
             row = self.step_index
-            start = row - self.lower_order_nums
+            start = self._gf_warmup_start(row)
             table, _ = self._gf_table(("dpm", start), sample.device, lambda: (self._build(start), None))
             if self._gf_history is None or self._gf_history.shape != sample.shape \
                     or self._gf_history.dtype != probe.dtype or self._gf_history.device != sample.device:
@@ -679,20 +703,19 @@ def _unipc_class():
 
     class UniPCMultistepScheduler(_Fused, diffusers.UniPCMultistepScheduler):
         """diffusers' UniPCMultistepScheduler with a fused ``step()`` for data prediction
-        (``predict_x0``), ``solver_order`` 1 or 2, bh1/bh2: the corrector (UniC) of the
+        (``predict_x0``), ``solver_order`` 1 to 3, bh1/bh2: the corrector (UniC) of the
         previous step and this step's predictor (UniP) are one kernel. Two buffers carry
         the state (the previous x0 and the corrector's partial sum, see
-        ``genfast.diffusion.unipc_coefficients``); diffusers' ``model_outputs``,
-        ``timestep_list`` and ``last_sample`` are not maintained."""
+        ``genfast.diffusion.unipc_coefficients``), a third the x0 before at order 3;
+        diffusers' ``model_outputs``, ``timestep_list`` and ``last_sample`` are not
+        maintained."""
 
         def _gf_supported(self):
             c = self.config
             if not c.predict_x0:
                 return "predict_x0=False"
-            if c.solver_order not in (1, 2):
+            if c.solver_order not in (1, 2, 3):
                 return f"solver_order {c.solver_order}"
-            if c.thresholding:
-                return "thresholding"
             if self.solver_p is not None:
                 return "solver_p"
             return None
@@ -728,7 +751,7 @@ def _unipc_class():
             self._gf_check(probe, sample)
             self._gf_init_step_index(timestep)
             row = self.step_index
-            start = row - self.lower_order_nums
+            start = self._gf_warmup_start(row)
             table, _ = self._gf_table(("unipc", start), sample.device, lambda: self._build(start))
             if self._gf_history is None or self._gf_history[0].shape != sample.shape \
                     or self._gf_history[0].dtype != probe.dtype or self._gf_history[0].device != sample.device:
@@ -737,10 +760,11 @@ def _unipc_class():
                     # fused form here, so diffusers finishes this loop; the next one is fused
                     return super().step(_materialize(model_output), timestep, sample, return_dict)
                 layout = sample if D._is_dense(sample) else sample.contiguous()
-                self._gf_history = (torch.zeros_like(layout, dtype=probe.dtype),
-                                    torch.zeros_like(layout, dtype=probe.dtype))
-            prev = self._gf_run(mo, sample, table, row, guidance=guidance, history=self._gf_history[0],
-                                history2=self._gf_history[1])
+                buffers = 3 if self.config.solver_order == 3 else 2
+                self._gf_history = tuple(torch.zeros_like(layout, dtype=probe.dtype) for _ in range(buffers)) \
+                    + (None,) * (3 - buffers)
+            h1, h2, h3 = self._gf_history
+            prev = self._gf_run(mo, sample, table, row, guidance=guidance, history=h1, history2=h2, history3=h3)
             if self.lower_order_nums < self.config.solver_order:
                 self.lower_order_nums += 1
             self._step_index += 1

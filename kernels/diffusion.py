@@ -21,6 +21,8 @@ Memory traffic per step for N latent elements of s bytes, with guidance
 | DDPM, LCM | guidance + ~8 elementwise ops + randn (W) | 4Ns (+Ns for x0 / denoised) |
 | Heun (per stage) | guidance + ~5 ops, a saved sample and derivative | read u, c, x, h; write prev, h (first stage), x0: 7Ns |
 | UniPC (2M, bh2) | guidance + corrector (~8 ops) + predictor (~7 ops), fp32 temporaries | read u, c, x, h1, h2; write prev, h1, h2: 8Ns |
+| UniPC order 3 | the same with 2 more difference terms in each, a 3x3 solve on the host | + h3 read and written: 10Ns |
+| + dynamic thresholding (DDIM, DDPM, LCM, DPM++, UniPC) | x0.float(), reshape, abs, torch.quantile (a full sort per sample), clamp, divide, .to(dtype): ~8 passes + the sort | x0 pass (read u, c, x; write x0: 4Ns), abs + topk of the top 0.5% (~2Ns), then the step with a per-sample bound |
 
 Target on a GPU: >= 80% of the copy bandwidth on SDXL-size and larger
 latents; not measured yet (written on a machine without a GPU and checked
@@ -29,6 +31,9 @@ with ``TRITON_INTERPRET=1`` against the reference).
 guidance_rescale needs the per-sample std of cond and of the guided output:
 ``_rescale_partials_kernel`` reads u and c once more and writes shifted sums
 per block (2Ns), a few tiny torch ops on the device finish the factor.
+Dynamic thresholding's bound (see ``genfast/diffusion.py``) enters the same
+way, one (B,) load per element: x0 = clamp(x0, -s, s) / s, divided correctly
+rounded as torch divides.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from .rng import load_seed, normal_at
 
 BLOCK = 1024  # 4 fp32 per thread: a 16-byte access per input, 6 inputs at most stay in registers
 NUM_WARPS = 8
-NCOEF = 20  # the row layout of genfast.reference.diffusion.COEF
+NCOEF = 29  # the row layout of genfast.reference.diffusion.COEF
 
 
 @triton.jit
@@ -55,19 +60,20 @@ def _guided(u_ptr, c_ptr, gf_ptr, idx, mask, g, inner, HAS_COND: tl.constexpr, H
 
 
 @triton.jit(do_not_specialize=["row", "g", "inner", "clip", "seed", "offset"])  # per-step values must not recompile
-def _sampler_step_kernel(x_ptr, u_ptr, c_ptr, n_ptr, h1_ptr, h2_ptr, coef_ptr, row, row_ptr, g, gf_ptr, inner,
-                         clip, seed, seed_ptr, offset, prev_ptr, x0_ptr, numel,
+def _sampler_step_kernel(x_ptr, u_ptr, c_ptr, n_ptr, h1_ptr, h2_ptr, h3_ptr, coef_ptr, row, row_ptr, g, gf_ptr,
+                         inner, clip, bound_ptr, seed, seed_ptr, offset, prev_ptr, x0_ptr, numel,
                          HAS_COND: tl.constexpr, HAS_NOISE: tl.constexpr, DRAW: tl.constexpr,
-                         HAS_H1: tl.constexpr, HAS_H2: tl.constexpr, ROW_FROM_PTR: tl.constexpr,
-                         HAS_GF: tl.constexpr, CLIP: tl.constexpr, WRITE_X0: tl.constexpr,
-                         SEED_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_H1: tl.constexpr, HAS_H2: tl.constexpr, HAS_H3: tl.constexpr,
+                         ROW_FROM_PTR: tl.constexpr, HAS_GF: tl.constexpr, CLIP: tl.constexpr,
+                         HAS_BOUND: tl.constexpr, WRITE_X0: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+                         NCOEF: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = idx < numel
     if ROW_FROM_PTR:
         r = tl.load(row_ptr).to(tl.int64)  # read on the device: a replayed graph picks up the new step
     else:
         r = row.to(tl.int64)
-    k = coef_ptr + r * 20
+    k = coef_ptr + r * NCOEF
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     m = _guided(u_ptr, c_ptr, gf_ptr, idx, mask, g, inner, HAS_COND, HAS_GF)
     x0 = tl.load(k + 0) * x + tl.load(k + 1) * m
@@ -81,6 +87,10 @@ def _sampler_step_kernel(x_ptr, u_ptr, c_ptr, n_ptr, h1_ptr, h2_ptr, coef_ptr, r
         prev += tl.load(k + 6) * n
     if CLIP:
         x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+    if HAS_BOUND:  # dynamic thresholding: the sample's bound s >= 1 (or sample_max_value)
+        s = tl.load(bound_ptr + idx // inner, mask=mask, other=1.0)
+        # correctly rounded, as torch divides (Triton's fp32 "/" may be an approximate division)
+        x0 = tl.math.div_rn(tl.minimum(tl.maximum(x0, -s), s), s)
     prev += tl.load(k + 5) * x0
     if HAS_H1:
         h1 = tl.load(h1_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -91,17 +101,31 @@ def _sampler_step_kernel(x_ptr, u_ptr, c_ptr, n_ptr, h1_ptr, h2_ptr, coef_ptr, r
     if HAS_H2:
         h2 = tl.load(h2_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         prev += tl.load(k + 8) * h2
+    if HAS_H3:
+        h3 = tl.load(h3_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        prev += tl.load(k + 20) * h3
     # Each element's history is read above and written below by the same thread: in place is safe.
     if HAS_H1:
         new1 = tl.load(k + 9) * x + tl.load(k + 10) * m + tl.load(k + 11) * x0 + tl.load(k + 12) * h1
         if HAS_H2:
             new1 += tl.load(k + 13) * h2
+        if HAS_H3:
+            new1 += tl.load(k + 21) * h3
         tl.store(h1_ptr + idx, new1.to(h1_ptr.dtype.element_ty), mask=mask)
     if HAS_H2:
         new2 = tl.load(k + 14) * x + tl.load(k + 15) * m + tl.load(k + 16) * x0 + tl.load(k + 18) * h2
         if HAS_H1:
             new2 += tl.load(k + 17) * h1
+        if HAS_H3:
+            new2 += tl.load(k + 22) * h3
         tl.store(h2_ptr + idx, new2.to(h2_ptr.dtype.element_ty), mask=mask)
+    if HAS_H3:
+        new3 = tl.load(k + 23) * x + tl.load(k + 24) * m + tl.load(k + 25) * x0 + tl.load(k + 28) * h3
+        if HAS_H1:
+            new3 += tl.load(k + 26) * h1
+        if HAS_H2:
+            new3 += tl.load(k + 27) * h2
+        tl.store(h3_ptr + idx, new3.to(h3_ptr.dtype.element_ty), mask=mask)
     tl.store(prev_ptr + idx, prev.to(prev_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
         tl.store(x0_ptr + idx, x0.to(x0_ptr.dtype.element_ty), mask=mask)
@@ -135,24 +159,28 @@ def _rescale_partials_kernel(u_ptr, c_ptr, out_ptr, g, inner, BLOCK: tl.constexp
 
 # ---- launchers (argument order = the op schemas in genfast/diffusion.py) -----
 
-def sampler_step(sample, model_output, cond, noise, history, history2, coeffs, row, row_tensor, guidance_scale,
-                 guidance_factor, clip, draw_noise, seed, seed_tensor, offset, return_x0):
+def sampler_step(sample, model_output, cond, noise, history, history2, history3, coeffs, row, row_tensor,
+                 guidance_scale, guidance_factor, clip, bound, draw_noise, seed, seed_tensor, offset, return_x0):
     prev = torch.empty_like(sample)
     x0 = torch.empty_like(sample) if return_x0 else sample.new_empty((0,))
     numel = sample.numel()
     if numel == 0:
         return prev, x0
-    inner = numel // guidance_factor.numel() if guidance_factor is not None else numel
+    per_sample = guidance_factor if guidance_factor is not None else bound  # both (B,): one batch split
+    inner = numel // per_sample.numel() if per_sample is not None else numel
     _sampler_step_kernel[(triton.cdiv(numel, BLOCK),)](
         sample, model_output, cond if cond is not None else sample, noise if noise is not None else sample,
         history if history is not None else sample, history2 if history2 is not None else sample,
+        history3 if history3 is not None else sample,
         coeffs, row, row_tensor if row_tensor is not None else coeffs, guidance_scale,
-        guidance_factor if guidance_factor is not None else coeffs, inner, clip, seed,
+        guidance_factor if guidance_factor is not None else coeffs, inner, clip,
+        bound if bound is not None else coeffs, seed,
         seed_tensor if seed_tensor is not None else coeffs, offset, prev, x0 if return_x0 else prev, numel,
         HAS_COND=cond is not None, HAS_NOISE=noise is not None, DRAW=draw_noise and noise is None,
-        HAS_H1=history is not None, HAS_H2=history2 is not None, ROW_FROM_PTR=row_tensor is not None,
-        HAS_GF=guidance_factor is not None, CLIP=clip > 0, WRITE_X0=return_x0,
-        SEED_FROM_PTR=seed_tensor is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        HAS_H1=history is not None, HAS_H2=history2 is not None, HAS_H3=history3 is not None,
+        ROW_FROM_PTR=row_tensor is not None, HAS_GF=guidance_factor is not None, CLIP=clip > 0,
+        HAS_BOUND=bound is not None, WRITE_X0=return_x0, SEED_FROM_PTR=seed_tensor is not None, NCOEF=NCOEF,
+        BLOCK=BLOCK, num_warps=NUM_WARPS)
     return prev, x0
 
 

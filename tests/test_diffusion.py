@@ -33,20 +33,34 @@ def random_row(gen, *, noise=True, h1=True, h2=True):
     return row.float()
 
 
-def affine(x, m, n, h1, h2, k, clip, dtype):
+def threshold_like_diffusers(x0, ratio, max_value):
+    """diffusers' dynamic thresholding, written out: per sample, s = the ratio quantile of
+    |x0| clamped to [1, max_value], x0 = clamp(x0, -s, s) / s; fp16/bf16 upcast to fp32."""
+    dtype = x0.dtype
+    flat = x0.reshape(x0.shape[0], -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
+
+
+def affine(x, m, n, h1, h2, k, clip, dtype, h3=None, threshold=None):
     """The step's map in ``dtype`` with plain torch ops (k: dict of floats)."""
     x, m = x.to(dtype), m.to(dtype)
     n = n.to(dtype) if n is not None else torch.zeros_like(x)
     h1 = h1.to(dtype) if h1 is not None else torch.zeros_like(x)
     h2 = h2.to(dtype) if h2 is not None else torch.zeros_like(x)
+    h3 = h3.to(dtype) if h3 is not None else torch.zeros_like(x)
     x0 = k["ax"] * x + k["am"] * m + k["an"] * n
     if clip > 0:
         x0 = x0.clamp(-clip, clip)
+    if threshold is not None:
+        x0 = threshold_like_diffusers(x0, *threshold)
     prev = k["px"] * x + k["pm"] * m + k["p0"] * x0 + k["pn"] * n + k["p1"] * h1 + k["p2"] * h2 \
-        + k["pd"] * (x0 - h1)
-    new1 = k["h1x"] * x + k["h1m"] * m + k["h10"] * x0 + k["h11"] * h1 + k["h12"] * h2
-    new2 = k["h2x"] * x + k["h2m"] * m + k["h20"] * x0 + k["h21"] * h1 + k["h22"] * h2
-    return prev, x0, new1, new2
+        + k["p3"] * h3 + k["pd"] * (x0 - h1)
+    new = [k[f"h{j}x"] * x + k[f"h{j}m"] * m + k[f"h{j}0"] * x0 + k[f"h{j}1"] * h1 + k[f"h{j}2"] * h2
+           + k[f"h{j}3"] * h3 for j in (1, 2, 3)]
+    return (prev, x0, *new)
 
 
 def guided(u, c, g, dtype):
@@ -61,14 +75,15 @@ def stream(shape, seed, counter0):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", ["plain", "guided-drawn-noise-history", "given-noise-clip-2history"])
+@pytest.mark.parametrize("variant", ["plain", "guided-drawn-noise-history", "given-noise-clip-2history",
+                                     "guided-drawn-noise-threshold-3history"])
 def test_sampler_step_is_the_affine_map(backend, shape, dtype, variant):
     skip_unsupported(backend, dtype)
     gen = torch.Generator().manual_seed(hash((shape, str(dtype), variant)) % 2**31)
-    x, u, c, h1, h2 = (torch.randn(shape, generator=gen).to(backend, dtype) for _ in range(5))
+    x, u, c, h1, h2, h3 = (torch.randn(shape, generator=gen).to(backend, dtype) for _ in range(6))
     rows = torch.stack([random_row(gen) for _ in range(3)]).to(backend)
     row, seed, offset, g = 2, 1234, 55, 5.5
-    kwargs, n, clip, hist1, hist2 = {}, None, 0.0, None, None
+    kwargs, n, clip, hist1, hist2, hist3, threshold = {}, None, 0.0, None, None, None, None
     if variant == "plain":
         rows[:, [COEF["an"], COEF["pn"]]] = 0.0
         model_output = u
@@ -78,6 +93,11 @@ def test_sampler_step_is_the_affine_map(backend, shape, dtype, variant):
         n = stream(shape, seed, offset + row * x.numel())
         hist1 = h1.clone()
         kwargs["history"] = hist1
+        if "threshold" in variant:
+            # |x0| is ~N(0, 10)-sized here: the bound is a quantile in (1, 25) for most samples
+            threshold = (0.9, 25.0)
+            hist2, hist3 = h2.clone(), h3.clone()
+            kwargs.update(history2=hist2, history3=hist3, threshold=threshold)
     else:
         model_output = u
         n = torch.randn(shape, generator=gen)
@@ -92,9 +112,11 @@ def test_sampler_step_is_the_affine_map(backend, shape, dtype, variant):
     mlow = guided(u, c, g, dtype) if isinstance(model_output, tuple) else u
     h1_in = h1 if hist1 is not None else None
     h2_in = h2 if hist2 is not None else None
-    ref64 = affine(x.double(), m64, n.double() if n is not None else None, h1_in, h2_in, k, clip, torch.float64)
+    h3_in = h3 if hist3 is not None else None
+    ref64 = affine(x.double(), m64, n.double() if n is not None else None, h1_in, h2_in, k, clip, torch.float64,
+                   h3_in, threshold)
     n_low = n.to(backend, dtype) if n is not None else None
-    low = affine(x, mlow, n_low, h1_in, h2_in, k, clip, dtype)
+    low = affine(x, mlow, n_low, h1_in, h2_in, k, clip, dtype, h3_in, threshold)
     # the stream agrees with the fp64 oracle within 1e-6; the coefficients multiply that
     atol = 2e-6 * (abs(k["pn"]) + abs(k["p0"] * k["an"])) if "drawn" in variant else 1e-6
     assert prev.dtype == dtype and prev.shape == x.shape
@@ -105,6 +127,8 @@ def test_sampler_step_is_the_affine_map(backend, shape, dtype, variant):
         assert_close(hist1, ref64[2], low[2], atol=atol, name="history")
     if hist2 is not None:
         assert_close(hist2, ref64[3], low[3], atol=atol, name="history2")
+    if hist3 is not None:
+        assert_close(hist3, ref64[4], low[4], atol=atol, name="history3")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -160,7 +184,8 @@ def test_device_row_equals_int_row_and_moves_the_noise(backend):
 
 
 @pytest.mark.parametrize("case", ["plain", "guided-history", "drawn-noise", "device-row-and-seed", "two-histories",
-                                  "channels-last", "rescale", "given-noise", "strided-cond"])
+                                  "channels-last", "rescale", "given-noise", "strided-cond",
+                                  "threshold-three-histories", "threshold-rescale"])
 def test_step_rows_equals_sampler_step(backend, case, monkeypatch):
     """The schedulers' per-step path (direct call when the tensors are plain) gives
     sampler_step's results bit for bit, and falls back to it otherwise."""
@@ -172,10 +197,12 @@ def test_step_rows_equals_sampler_step(backend, case, monkeypatch):
     histories = {}
     if case == "plain":
         model_output, kw = u, {}
-    elif case in ("guided-history", "two-histories"):
+    elif case in ("guided-history", "two-histories", "threshold-three-histories"):
         histories["history"] = torch.randn(x.shape, generator=gen).to(backend)
-        if case == "two-histories":
+        if case != "guided-history":
             histories["history2"] = torch.randn(x.shape, generator=gen).to(backend)
+        if case == "threshold-three-histories":
+            histories["history3"] = torch.randn(x.shape, generator=gen).to(backend)
     elif case == "drawn-noise":
         kw.update(stochastic=True, seed=12)
     elif case == "device-row-and-seed":
@@ -189,13 +216,20 @@ def test_step_rows_equals_sampler_step(backend, case, monkeypatch):
         kw.update(stochastic=True, noise=torch.randn(x.shape, generator=gen).to(backend))
     elif case == "strided-cond":
         model_output = (u, torch.randn(2, 3, 5, 14, generator=gen).to(backend)[..., ::2])
+    if case.startswith("threshold"):
+        kw.update(threshold=(0.8, 3.0), stochastic=True, seed=14, guidance_rescale=0.6 if "rescale" in case else 0.0)
+    else:
+        kw.update(clip=1.5)
     h_ref = {k: v.clone() for k, v in histories.items()}
-    ref = D.sampler_step(x, model_output, rows, step, clip=1.5, return_x0=True, **h_ref, **kw)
+    ref = D.sampler_step(x, model_output, rows, step, return_x0=True, **h_ref, **kw)
     fell_back = []
     full = D.sampler_step
     monkeypatch.setattr(D, "sampler_step", lambda *a, **k: fell_back.append(1) or full(*a, **k))
-    out = D._step_rows(x, model_output, rows, step, clip=1.5, return_x0=True, **histories, **kw)
-    assert bool(fell_back) == (case in ("channels-last", "rescale", "given-noise", "strided-cond"))
+    if case.startswith("threshold"):
+        kw["threshold_rows"] = D.x0_rows(rows)
+    out = D._step_rows(x, model_output, rows, step, return_x0=True, **histories, **kw)
+    assert bool(fell_back) == (case in ("channels-last", "rescale", "given-noise", "strided-cond",
+                                        "threshold-rescale"))
     for a, b in zip(out, ref):
         assert torch.equal(a, b) and a.stride() == b.stride()
     for k, h in histories.items():
@@ -401,14 +435,18 @@ def test_opcheck():
     x, u, c, n, h = (torch.randn(2, 3, 4, generator=gen) for _ in range(5))
     rows = torch.stack([random_row(gen) for _ in range(2)])
     factor = torch.rand(2) + 0.5
-    torch.library.opcheck(D.sampler_step_op.packet, (x, u, c, n, h.clone(), None, rows, 1, None, 2.0, factor, 0.5, True,
-                                              3, None, 0, True))
-    torch.library.opcheck(D.sampler_step_op.packet, (x, u, None, None, None, None, rows, 0, torch.tensor(1), 1.0, None,
-                                              0.0, True, 0, torch.tensor(9), 4, False))
+    bound = torch.rand(2) + 1.0
+    op = D.sampler_step_op.packet
+    torch.library.opcheck(op, (x, u, c, n, h.clone(), None, None, rows, 1, None, 2.0, factor, 0.5, None, True, 3,
+                               None, 0, True))
+    torch.library.opcheck(op, (x, u, None, None, None, None, None, rows, 0, torch.tensor(1), 1.0, None, 0.0, None,
+                               True, 0, torch.tensor(9), 4, False))
+    torch.library.opcheck(op, (x, u, c, None, h.clone(), h.clone(), h.clone(), rows, 1, None, 2.0, factor, 0.0, bound,
+                               False, 0, None, 0, True))
     torch.library.opcheck(D.guidance_rescale_factor_op.packet, (u, c, 5.0, 0.7))
 
 
-@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m", "flow_match_euler"])
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m", "flow_match_euler", "ddim_threshold"])
 def test_benchmark_compiled_baseline_is_diffusers_step(sampler):
     """The benchmark's torch.compile baseline (the step's math as a plain function)
     computes what diffusers' step plus the pipeline's guidance computes, bit for bit in eager."""
@@ -444,6 +482,12 @@ def test_new_table_builders_reject_bad_arguments():
         D.unipc_coefficients([1.0, 0.5], [0.1, 0.9], [1, 2], [False, True], x0_ax=1.0, x0_am=-0.1)
     with pytest.raises(ValueError, match="solver_type"):
         D.unipc_coefficients([0.5, 0.9], [0.9, 0.4], [1], [False], x0_ax=2.0, x0_am=-1.8, solver_type="bh3")
+    with pytest.raises(ValueError, match="orders"):
+        D.unipc_coefficients([0.5, 0.9], [0.9, 0.4], [4], [False], x0_ax=2.0, x0_am=-1.8)
+    for builder in (lambda p: D.ddim_coefficients([0.5], [0.6], p), lambda p: D.ddpm_coefficients([0.5], [0.6], p),
+                    lambda p: D.lcm_coefficients([0.5], [0.6], [0.1], [0.9], p)):
+        with pytest.raises(ValueError, match="prediction_type"):  # diffusers refuses it there too
+            builder("flow_prediction")
     with pytest.raises(ValueError, match="prediction_type"):
         D.heun_coefficients([1.0], [0.5], [True], prediction_type="x")
 
@@ -460,6 +504,82 @@ def test_heun_table_is_heuns_method():
     # epsilon: d = (x - x0) / sigma = m; the second slope is evaluated at x1 with sigma t
     torch.testing.assert_close(x1, x + (t - s) * m1)
     torch.testing.assert_close(prev, x + (t - s) * (m1 + m2) / 2)
+
+
+# ---- dynamic thresholding ------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_threshold_bound_is_torch_quantile_bit_for_bit(dtype):
+    """The bound's selection (topk of the shorter end) and interpolation equal
+    torch.quantile's, as diffusers calls it, at every rank position."""
+    gen = torch.Generator().manual_seed(15)
+    for inner in (1, 2, 7, 252, 1001):
+        x0 = (torch.randn(3, inner, generator=gen, dtype=torch.float64) * 3).to(dtype)
+        for ratio in (0.0, 0.3, 0.5, 0.9, 0.995, 0.9999, 1.0):
+            a = x0.abs() if dtype != torch.float16 else x0.float().abs()
+            ref = torch.quantile(a, ratio, dim=1).clamp(min=1, max=7.5)
+            assert torch.equal(D.dynamic_threshold_bound(x0, ratio, 7.5), ref), (inner, ratio)
+
+
+def test_threshold_bound_reads_memory_order_per_sample():
+    """Any dense layout with the batch outermost: the quantile ignores the order within a sample."""
+    x0 = torch.randn(2, 3, 4, 5) * 4
+    cl = x0.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(D.dynamic_threshold_bound(cl, 0.8, 9.0), D.dynamic_threshold_bound(x0, 0.8, 9.0),
+                               rtol=0, atol=0)
+
+
+def test_thresholded_step_clamps_and_divides_by_the_bound(backend):
+    """A step whose update is x0 itself: the output is diffusers' thresholded x0, for a
+    sample whose bound is capped at sample_max_value, one below the floor of 1 (left
+    unchanged) and one in between."""
+    gen = torch.Generator().manual_seed(16)
+    x, m = (torch.randn(3, 4, 5, 3, generator=gen).to(backend) for _ in range(2))
+    x[1], m[1] = 0.1 * x[1], 0.1 * m[1]
+    x[2], m[2] = 0.3 * x[2], 0.3 * m[2]
+    rows = torch.zeros(1, NCOEF)
+    rows[0, COEF["ax"]], rows[0, COEF["am"]], rows[0, COEF["p0"]] = 4.0, 0.5, 1.0
+    rows = rows.to(backend)
+    out = D.sampler_step(x, (m, m), rows, threshold=(0.95, 3.0), guidance_scale=2.0)
+    x0 = 4.0 * x + 0.5 * m
+    s = D.dynamic_threshold_bound(x0, 0.95, 3.0)
+    assert s[0] == 3 and s[1] == 1 and 1 < s[2] < 3 and (x0.abs().amax(dim=(1, 2, 3))[[0, 2]] > s[[0, 2]]).all()
+    torch.testing.assert_close(out, threshold_like_diffusers(x0, 0.95, 3.0), rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_thresholded_step_has_no_graph_break(backend):
+    gen = torch.Generator().manual_seed(17)
+    x, u, c = (torch.randn(2, 3, 4, 5, generator=gen).to(backend) for _ in range(3))
+    rows = torch.stack([random_row(gen) for _ in range(3)]).to(backend)
+    step = torch.tensor(1, device=backend)
+
+    def fn(x, u, c, h1, h2, h3):
+        return D.sampler_step(x, (u, c), rows, step, guidance_scale=3.0, stochastic=True, seed=5, history=h1,
+                              history2=h2, history3=h3, threshold=(0.9, 4.0), return_x0=True)
+
+    hs_eager = [torch.randn(x.shape, generator=gen).to(backend) for _ in range(3)]
+    hs_comp = [h.clone() for h in hs_eager]
+    eager = fn(x, u, c, *hs_eager)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, u, c, *hs_comp)
+    for a, b in zip(list(compiled) + hs_comp, list(eager) + hs_eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_threshold_bad_inputs_name_the_argument():
+    x = torch.randn(2, 3, 4)
+    rows = D.identity_coefficients()
+    with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
+        D.sampler_step(x, x, rows, threshold=(1.5, 2.0))
+    with pytest.raises(ValueError, match="sample_max_value"):
+        D.sampler_step(x, x, rows, threshold=(0.9, 0.0))
+    with pytest.raises(ValueError, match="threshold"):
+        D.sampler_step(x, x, rows, threshold=0.9)
+    with pytest.raises(ValueError, match="clip"):
+        D.sampler_step(x, x, rows, threshold=(0.9, 2.0), clip=1.0)
+    with pytest.raises(ValueError, match="batch dimension"):
+        D.sampler_step(x[0, 0], x[0, 0], rows, threshold=(0.9, 2.0))
+    with pytest.raises(ValueError, match="history3"):
+        D.sampler_step(x, x, rows, history3=torch.zeros(2, 3))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

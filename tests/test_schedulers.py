@@ -146,7 +146,33 @@ CONFIGS = [
     ("UniPCMultistepScheduler", {"solver_order": 1, "timestep_spacing": "trailing"}, {}),
     ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0},
      {}),
+    ("UniPCMultistepScheduler", {"solver_order": 3}, {}),  # 32: bh2, order 3
+    ("UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh1", "use_karras_sigmas": True,
+                                 "final_sigmas_type": "sigma_min"}, {}),
+    ("UniPCMultistepScheduler", {"solver_order": 3, "lower_order_final": False, "final_sigmas_type": "sigma_min",
+                                 "disable_corrector": [1, 4], "prediction_type": "v_prediction"}, {}),
+    ("UniPCMultistepScheduler", {"solver_order": 3, "use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                                 "flow_shift": 3.0}, {}),
 ]
+
+# Dynamic thresholding: sample_max_value above 1 so that the quantile itself (not only
+# the floor of 1) sets the bound; test_thresholding_changes_the_trajectory checks that
+# the bound acts on each.
+THRESHOLDED = [
+    ("DDIMScheduler", {"thresholding": True, "sample_max_value": 3.0}, {}),
+    ("DDIMScheduler", {"thresholding": True, "prediction_type": "v_prediction", "dynamic_thresholding_ratio": 0.9,
+                       "sample_max_value": 2.0, "clip_sample": True}, {"eta": 0.5, "use_clipped_model_output": True}),
+    ("DDPMScheduler", {"thresholding": True, "sample_max_value": 2.5}, {}),
+    ("LCMScheduler", {"thresholding": True, "sample_max_value": 3.0}, {}),
+    ("DPMSolverMultistepScheduler", {"thresholding": True, "sample_max_value": 3.0}, {}),
+    ("DPMSolverMultistepScheduler", {"thresholding": True, "algorithm_type": "sde-dpmsolver++",
+                                     "prediction_type": "sample", "sample_max_value": 2.0}, {}),
+    ("UniPCMultistepScheduler", {"thresholding": True, "sample_max_value": 3.0}, {}),
+    ("UniPCMultistepScheduler", {"thresholding": True, "solver_order": 3, "solver_type": "bh1",
+                                 "prediction_type": "v_prediction", "sample_max_value": 2.5,
+                                 "final_sigmas_type": "sigma_min"}, {}),
+]
+CONFIGS += THRESHOLDED
 
 
 def _ids(cfg):
@@ -181,7 +207,7 @@ def test_trajectory_matches_diffusers_fp32(cfg, steps):
     assert_close(out, ref64, ref, atol=2e-6 * ref64.abs().max().item(), name=f"{name} final sample")
 
 
-LOW_PRECISION = [CONFIGS[i] for i in (0, 7, 10, 12, 17, 19, 22, 24, 27)]
+LOW_PRECISION = [CONFIGS[i] for i in (0, 7, 10, 12, 17, 19, 22, 24, 27, 32)] + [THRESHOLDED[i] for i in (0, 4, 7)]
 
 
 @pytest.mark.parametrize("cfg", LOW_PRECISION, ids=[_ids(c) for c in LOW_PRECISION])
@@ -197,6 +223,62 @@ def test_trajectory_low_precision(cfg, dtype):
     out = trajectory(twin, x, steps=15, **kwargs)
     assert out.dtype == dtype
     assert_close(out, ref64, ref, atol=torch.finfo(dtype).eps * ref64.abs().max().item(), name="final sample")
+
+
+@pytest.mark.parametrize("cfg", THRESHOLDED, ids=[_ids(c) for c in THRESHOLDED])
+def test_thresholding_acts_in_these_trajectories(cfg, monkeypatch):
+    """The thresholded trajectories above are ones where the bound matters: some step's
+    bound is a quantile strictly inside (1, sample_max_value), x0 exceeds its bound, and
+    the result differs clearly from the same loop without thresholding."""
+    name, config, kwargs = cfg
+    base = getattr(diffusers, name)(**config)
+    seen = []
+    bound = S.D.dynamic_threshold_bound
+
+    def recording(x0, ratio, max_value):
+        s = bound(x0, ratio, max_value)
+        seen.append((s, x0.flatten(1).abs().amax(dim=1)))
+        return s
+
+    monkeypatch.setattr(S.D, "dynamic_threshold_bound", recording)
+    x = _start(base, (2, 4, 9, 7), torch.float32)
+    out = trajectory(S.from_diffusers(copy.deepcopy(base)), x, steps=10, **kwargs)
+    assert len(seen) == 10
+    assert any(((1 < s) & (s < config["sample_max_value"])).any() for s, _ in seen)
+    assert any((top > s).any() for s, top in seen)
+    plain = trajectory(S.from_diffusers(getattr(diffusers, name)(**{**config, "thresholding": False})), x, steps=10,
+                       **kwargs)
+    assert (out - plain).abs().max() > 1e-2 * plain.abs().max()
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "LCMScheduler"])
+def test_thresholding_with_a_prediction_type_diffusers_refuses(name):
+    """flow_prediction: diffusers' step raises ValueError for these; so does the twin's,
+    naming prediction_type, before any state changes."""
+    config = {"thresholding": True, "prediction_type": "flow_prediction"}
+    x = torch.randn(1, 4, 5, 5)
+    base = getattr(diffusers, name)(**config)
+    base.set_timesteps(5)
+    with pytest.raises(ValueError, match="prediction_type"):
+        base.step(x, base.timesteps[0], x)
+    twin = getattr(S, name)(**config)
+    twin.set_timesteps(5)
+    with pytest.raises(ValueError, match="prediction_type"):
+        twin.step(x, twin.timesteps[0], x)
+    assert getattr(twin, "step_index", None) is None and twin._gf_history is None
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"dynamic_thresholding_ratio": 1.5}, "dynamic_thresholding_ratio"),
+    ({"sample_max_value": 0.0}, "sample_max_value"),
+])
+def test_thresholding_out_of_range_parameters(config, match):
+    twin = S.DPMSolverMultistepScheduler(thresholding=True, **config)
+    twin.set_timesteps(5)
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match=match):
+        twin.step(x, twin.timesteps[0], x)
+    assert twin.step_index is None and twin._gf_history is None
 
 
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
@@ -215,17 +297,21 @@ def test_fused_guidance_equals_guidance_then_step(name, rescale):
     assert_close(out, ref64, ref, atol=2e-6 * ref64.abs().max().item(), name="guided")
 
 
-@pytest.mark.parametrize("base", [
-    pytest.param(lambda: diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), id="dpmpp_2m_sde"),
-    pytest.param(lambda: diffusers.HeunDiscreteScheduler(), id="heun"),  # one history, read and rewritten
-    pytest.param(lambda: diffusers.UniPCMultistepScheduler(), id="unipc"),  # two histories with cross terms
+@pytest.mark.parametrize("base,steps", [
+    pytest.param(lambda: diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), 4, id="dpmpp_2m_sde"),
+    pytest.param(lambda: diffusers.HeunDiscreteScheduler(), 4, id="heun"),  # one history, read and rewritten
+    pytest.param(lambda: diffusers.UniPCMultistepScheduler(), 4, id="unipc"),  # two histories with cross terms
+    # three histories (order 3 from the third step on) and a bound per sample with the rescale factor
+    pytest.param(lambda: diffusers.UniPCMultistepScheduler(solver_order=3, thresholding=True, sample_max_value=3.0),
+                 6, id="unipc3-threshold"),
+    pytest.param(lambda: diffusers.DDPMScheduler(thresholding=True, sample_max_value=2.5), 4, id="ddpm-threshold"),
 ])
-def test_every_backend_runs_the_loop(backend, base):
+def test_every_backend_runs_the_loop(backend, base, steps):
     """A short loop with guidance on each backend (Triton interpreted on small latents)."""
     base = base()
-    x = _start(base, (1, 4, 5, 6), torch.float32).to(backend)
-    ref = trajectory(copy.deepcopy(base), x, steps=4, guidance=(5.0, 0.5))
-    out = trajectory(S.from_diffusers(copy.deepcopy(base)), x, steps=4, guidance=(5.0, 0.5), twin=True)
+    x = _start(base, (2, 4, 5, 6) if base.config.get("thresholding") else (1, 4, 5, 6), torch.float32).to(backend)
+    ref = trajectory(copy.deepcopy(base), x, steps=steps, guidance=(5.0, 0.5))
+    out = trajectory(S.from_diffusers(copy.deepcopy(base)), x, steps=steps, guidance=(5.0, 0.5), twin=True)
     torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
 
 
@@ -282,7 +368,7 @@ def test_config_round_trip_and_from_diffusers():
 
 
 def test_unsupported_config_runs_diffusers_step():
-    base = diffusers.DDIMScheduler(thresholding=True)
+    base = diffusers.DPMSolverMultistepScheduler(solver_order=3)
     twin = S.from_diffusers(copy.deepcopy(base))
     assert not twin.fused
     x = _start(base, (2, 4, 6, 5), torch.float32)
@@ -325,15 +411,22 @@ def test_bad_input_leaves_state_unchanged(name):
     s.step(x, t, x)  # and the scheduler still works
 
 
-@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
-                                  "LCMScheduler"])
-def test_compiled_step_has_no_host_sync(name):
+@pytest.mark.parametrize("name,kwargs", [
+    ("EulerDiscreteScheduler", {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("UniPCMultistepScheduler", {}),
+    ("LCMScheduler", {}),
+    ("DPMSolverMultistepScheduler", {"thresholding": True, "sample_max_value": 3.0}),
+    ("UniPCMultistepScheduler", {"solver_order": 3, "thresholding": True, "sample_max_value": 3.0}),
+    ("DDPMScheduler", {"thresholding": True, "sample_max_value": 3.0}),
+], ids=["euler", "dpmpp_2m_sde", "unipc", "lcm", "dpm-threshold", "unipc3-threshold", "ddpm-threshold"])
+def test_compiled_step_has_no_host_sync(name, kwargs):
     """After the first step (which looks its timestep up), a step compiles with
     fullgraph=True: nothing in it reads a tensor on the host. The device step
     counter makes the step's row a device value, as a CUDA graph replay needs."""
-    kwargs = {"algorithm_type": "sde-dpmsolver++"} if name.startswith("DPM") else {}
+    torch._dynamo.reset()  # each step compiles anew (its row is a guarded int): keep under the recompile limit
     eager, comp = getattr(S, name)(**kwargs), getattr(S, name)(**kwargs)
-    x = torch.randn(1, 4, 6, 5)
+    x = torch.randn(2, 4, 6, 5) * 3
     for s in (eager, comp):
         s.device_step_counter = True
         s.set_timesteps(8)
@@ -344,9 +437,10 @@ def test_compiled_step_has_no_host_sync(name):
         t0 = s.timesteps[0]
         y = s.step(stand_in_model(y, t0), t0, y).prev_sample
         step = wrap(lambda m, t, y, s=s: s.step_with_guidance(m, 1.1 * m, t, y, 4.0).prev_sample)
-        for t in s.timesteps[1:3]:
+        for t in s.timesteps[1:4]:
             y = step(stand_in_model(y, t), t, y)
         ys.append(y)
+        assert len(s._gf_tables) == 1  # built once, at the first step, not inside a compiled one
     torch.testing.assert_close(ys[1], ys[0])
 
 
@@ -364,7 +458,6 @@ def test_ddpm_steps_the_training_schedule_without_set_timesteps():
 
 def test_learned_variance_runs_diffusers_step():
     assert not S.from_diffusers(diffusers.DDPMScheduler(variance_type="learned_range")).fused
-    assert not S.from_diffusers(diffusers.LCMScheduler(thresholding=True)).fused
 
 
 def test_heun_switch_between_its_two_stages():

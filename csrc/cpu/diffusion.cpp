@@ -3,8 +3,11 @@
 // Every supported sampler step is the affine map documented in
 // genfast/reference/diffusion.py, with the step's coefficients in one row of
 // an fp32 table (columns: ax am an | px pm p0 pn p1 p2 | h1x h1m h10 h11 h12 |
-// h2x h2m h20 h21 h22 | pd on x0 - h1). Tensors are walked in memory order (the Python
-// layer guarantees dense tensors with identical strides).
+// h2x h2m h20 h21 h22 | pd on x0 - h1 | p3 h13 h23 | h3x h3m h30 h31 h32 h33).
+// Tensors are walked in memory order (the Python layer guarantees dense tensors
+// with identical strides, the batch outermost when a per-sample factor or bound
+// is given). A bound (dynamic thresholding) clamps x0 to [-s, s] and divides by
+// s, the sample's bound, before x0 is used.
 //
 // Bytes per element of s bytes: Euler/DDIM/flow-match with guidance read u, c,
 // x and write prev: 4s (16 in fp32); DPM++ 2M also reads and writes its
@@ -28,10 +31,13 @@
 namespace genfast::cpu {
 namespace {
 
-constexpr int kCoef = 20;
+constexpr int kCoef = 29;
 constexpr int64_t kChunk = 16 * kBlock;  // elements per parallel work item: 64 KiB of fp32 per input
 
-enum Col { AX, AM, AN, PX, PM, P0, PN, P1, P2, H1X, H1M, H10, H11, H12, H2X, H2M, H20, H21, H22, PD };
+enum Col {
+  AX, AM, AN, PX, PM, P0, PN, P1, P2, H1X, H1M, H10, H11, H12, H2X, H2M, H20, H21, H22, PD,
+  P3, H13, H23, H3X, H3M, H30, H31, H32, H33
+};
 
 template <typename T>
 const T* ptr_or_null(const OptTensor& t) {
@@ -40,8 +46,9 @@ const T* ptr_or_null(const OptTensor& t) {
 
 std::tuple<Tensor, Tensor> sampler_step(const Tensor& sample, const Tensor& model_output, const OptTensor& cond,
                                         const OptTensor& noise, const OptTensor& history, const OptTensor& history2,
-                                        const Tensor& coeffs, int64_t row, const OptTensor& row_tensor,
-                                        double guidance_scale, const OptTensor& guidance_factor, double clip,
+                                        const OptTensor& history3, const Tensor& coeffs, int64_t row,
+                                        const OptTensor& row_tensor, double guidance_scale,
+                                        const OptTensor& guidance_factor, double clip, const OptTensor& bound,
                                         bool draw_noise, int64_t seed, const OptTensor& seed_tensor, int64_t offset,
                                         bool return_x0) {
   Tensor prev = at::empty_like(sample);
@@ -52,14 +59,19 @@ std::tuple<Tensor, Tensor> sampler_step(const Tensor& sample, const Tensor& mode
   float k[kCoef];
   std::copy_n(coeffs.data_ptr<float>() + r * kCoef, kCoef, k);
   const bool has_noise = noise.has_value(), draw = draw_noise && !has_noise;
-  const bool has_h1 = history.has_value(), has_h2 = history2.has_value(), has_cond = cond.has_value();
+  const bool has_h1 = history.has_value(), has_h2 = history2.has_value(), has_h3 = history3.has_value();
+  const bool has_cond = cond.has_value();
   const bool do_clip = clip > 0;
   const float g = static_cast<float>(guidance_scale), lim = static_cast<float>(clip);
   const PhiloxKey key(draw ? resolve_seed(seed, seed_tensor) : 0);
   const uint64_t first_counter = static_cast<uint64_t>(offset) + static_cast<uint64_t>(r) * numel;
   const float* nz = has_noise ? noise->data_ptr<float>() : nullptr;
   const float* gf = guidance_factor.has_value() ? guidance_factor->data_ptr<float>() : nullptr;
-  const int64_t nbatch = guidance_factor.has_value() ? guidance_factor->numel() : 1;
+  const float* bd = bound.has_value() ? bound->data_ptr<float>() : nullptr;
+  // the factor and the bound are both (B,): one batch split serves both
+  const int64_t nbatch = guidance_factor.has_value() ? guidance_factor->numel()
+                         : bound.has_value()         ? bound->numel()
+                                                     : 1;
   const int64_t inner = numel / nbatch;
   const int64_t chunks = (inner + kChunk - 1) / kChunk;
 
@@ -67,10 +79,12 @@ std::tuple<Tensor, Tensor> sampler_step(const Tensor& sample, const Tensor& mode
     using T = decltype(tag);
     const T *xp = sample.data_ptr<T>(), *up = model_output.data_ptr<T>(), *cp = ptr_or_null<T>(cond);
     T *h1p = has_h1 ? history->data_ptr<T>() : nullptr, *h2p = has_h2 ? history2->data_ptr<T>() : nullptr;
+    T* h3p = has_h3 ? history3->data_ptr<T>() : nullptr;
     T *pp = prev.data_ptr<T>(), *x0p = return_x0 ? x0_out.data_ptr<T>() : nullptr;
     const Vec ax(k[AX]), am(k[AM]), an(k[AN]), px(k[PX]), pm(k[PM]), p0(k[P0]), pn(k[PN]), p1(k[P1]), p2(k[P2]), pd(k[PD]);
     const Vec w1x(k[H1X]), w1m(k[H1M]), w10(k[H10]), w11(k[H11]), w12(k[H12]);
-    const Vec w2x(k[H2X]), w2m(k[H2M]), w20(k[H20]), w21(k[H21]), w22(k[H22]);
+    const Vec w13(k[H13]), w2x(k[H2X]), w2m(k[H2M]), w20(k[H20]), w21(k[H21]), w22(k[H22]), w23(k[H23]);
+    const Vec p3(k[P3]), w3x(k[H3X]), w3m(k[H3M]), w30(k[H30]), w31(k[H31]), w32(k[H32]), w33(k[H33]);
     const Vec gv(g), lo(-lim), hi(lim);
     at::parallel_for(0, nbatch * chunks, 1, [&](int64_t item_begin, int64_t item_end) {
       alignas(64) float buf[kBlock];
@@ -79,6 +93,8 @@ std::tuple<Tensor, Tensor> sampler_step(const Tensor& sample, const Tensor& mode
         const int64_t start = b * inner + (item % chunks) * kChunk;
         const int64_t stop = std::min(b * inner + inner, start + kChunk);
         const Vec scale(gf != nullptr ? gf[b] : 1.0f);
+        const float s_b = bd != nullptr ? bd[b] : 1.0f;
+        const Vec bhi(s_b), blo(-s_b);
         for (int64_t s = start; s < stop; s += kBlock) {
           const int n = static_cast<int>(std::min<int64_t>(kBlock, stop - s));
           const float* eps = nullptr;
@@ -105,16 +121,21 @@ std::tuple<Tensor, Tensor> sampler_step(const Tensor& sample, const Tensor& mode
               out = at::vec::fmadd(pn, e, out);
             }
             if (do_clip) x0 = at::vec::minimum(at::vec::maximum(x0, lo), hi);
+            if (bd != nullptr) x0 = at::vec::minimum(at::vec::maximum(x0, blo), bhi) / bhi;
             out = at::vec::fmadd(p0, x0, out);
-            Vec h1(0.0f), h2(0.0f);
+            Vec h1(0.0f), h2(0.0f), h3(0.0f);
             if (has_h1) h1 = load_float(h1p + i, w);
             if (has_h2) h2 = load_float(h2p + i, w);
+            if (has_h3) h3 = load_float(h3p + i, w);
             // consecutive x0 predictions nearly agree: difference them before scaling
             out = at::vec::fmadd(pd, x0 - h1, out);  // h1 is 0 without a history
             if (has_h1) out = at::vec::fmadd(p1, h1, out);
             if (has_h2) out = at::vec::fmadd(p2, h2, out);
-            if (has_h1) store_float(h1p + i, w1x * x + w1m * m + w10 * x0 + w11 * h1 + w12 * h2, w);
-            if (has_h2) store_float(h2p + i, w2x * x + w2m * m + w20 * x0 + w21 * h1 + w22 * h2, w);
+            if (has_h3) out = at::vec::fmadd(p3, h3, out);
+            // an absent history is 0: its terms add nothing
+            if (has_h1) store_float(h1p + i, w1x * x + w1m * m + w10 * x0 + w11 * h1 + w12 * h2 + w13 * h3, w);
+            if (has_h2) store_float(h2p + i, w2x * x + w2m * m + w20 * x0 + w21 * h1 + w22 * h2 + w23 * h3, w);
+            if (has_h3) store_float(h3p + i, w3x * x + w3m * m + w30 * x0 + w31 * h1 + w32 * h2 + w33 * h3, w);
             store_float(pp + i, out, w);
             if (x0p != nullptr) store_float(x0p + i, x0, w);
           });
@@ -190,9 +211,9 @@ Tensor guidance_rescale_factor(const Tensor& uncond, const Tensor& cond, double 
 TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) {
   // Explicit schema: the history buffers are updated in place.
   m.def("sampler_step(Tensor sample, Tensor model_output, Tensor? cond, Tensor? noise, Tensor(a!)? history, "
-        "Tensor(b!)? history2, Tensor coeffs, int row, Tensor? row_tensor, float guidance_scale, "
-        "Tensor? guidance_factor, float clip, bool draw_noise, int seed, Tensor? seed_tensor, int offset, "
-        "bool return_x0) -> (Tensor, Tensor)",
+        "Tensor(b!)? history2, Tensor(c!)? history3, Tensor coeffs, int row, Tensor? row_tensor, "
+        "float guidance_scale, Tensor? guidance_factor, float clip, Tensor? bound, bool draw_noise, int seed, "
+        "Tensor? seed_tensor, int offset, bool return_x0) -> (Tensor, Tensor)",
         &sampler_step);
   m.def("guidance_rescale_factor", &guidance_rescale_factor);
 }

@@ -4,15 +4,18 @@ csrc/cpu/diffusion.cpp, and the fallback.
 Every supported sampler step is one affine map of the step's inputs, whose
 coefficients the scheduler computes ahead of time (``genfast/diffusion.py``
 builds them per sampler). With ``x`` the sample, ``u``/``c`` the unconditional
-and conditional model outputs, ``n`` the noise, ``h1``/``h2`` the multistep
-state and ``k`` the coefficient row of this step (layout ``COEF`` below):
+and conditional model outputs, ``n`` the noise, ``h1``/``h2``/``h3`` the
+multistep state and ``k`` the coefficient row of this step (layout ``COEF``
+below):
 
     m    = (u + g (c - u)) * f[b]                   guidance; f = guidance-rescale factor of sample b
     x0   = k.ax x + k.am m + k.an n                  predicted clean sample
     x0   = clamp(x0, -clip, clip)                    when clip > 0
-    prev = k.px x + k.pm m + k.p0 x0 + k.pn n + k.p1 h1 + k.p2 h2 + k.pd (x0 - h1)
-    h1  <- k.h1x x + k.h1m m + k.h10 x0 + k.h11 h1 + k.h12 h2      (in place)
-    h2  <- k.h2x x + k.h2m m + k.h20 x0 + k.h21 h1 + k.h22 h2      (in place)
+    x0   = clamp(x0, -s[b], s[b]) / s[b]             when a per-sample bound s is given (dynamic thresholding)
+    prev = k.px x + k.pm m + k.p0 x0 + k.pn n + k.p1 h1 + k.p2 h2 + k.p3 h3 + k.pd (x0 - h1)
+    hj  <- k.hjx x + k.hjm m + k.hj0 x0 + k.hj1 h1 + k.hj2 h2 + k.hj3 h3   (j = 1, 2, 3; in place)
+
+An absent history reads as zeros and is not written.
 
 The difference term ``pd (x0 - h1)`` is how multistep methods use the previous
 x0: two consecutive predictions nearly agree, and subtracting them before
@@ -37,8 +40,10 @@ COEF = {name: i for i, name in enumerate([
     "h1x", "h1m", "h10", "h11", "h12",
     "h2x", "h2m", "h20", "h21", "h22",
     "pd",
+    "p3", "h13", "h23",
+    "h3x", "h3m", "h30", "h31", "h32", "h33",
 ])}
-NCOEF = 20
+NCOEF = 29
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,8 +76,8 @@ def guided(uncond, cond, guidance_scale, guidance_factor, cdt):
     return m
 
 
-def sampler_step(sample, model_output, cond, noise, history, history2, coeffs, row, row_tensor, guidance_scale,
-                 guidance_factor, clip, draw_noise, seed, seed_tensor, offset, return_x0):
+def sampler_step(sample, model_output, cond, noise, history, history2, history3, coeffs, row, row_tensor,
+                 guidance_scale, guidance_factor, clip, bound, draw_noise, seed, seed_tensor, offset, return_x0):
     cdt = compute_dtype(sample.dtype)
     k = _row(coeffs, row, row_tensor).to(cdt)
     c = {name: k[i] for name, i in COEF.items()}
@@ -87,17 +92,20 @@ def sampler_step(sample, model_output, cond, noise, history, history2, coeffs, r
     x0 = c["ax"] * x + c["am"] * m + c["an"] * n
     if clip > 0:
         x0 = x0.clamp(-clip, clip)
+    if bound is not None:
+        s = bound.to(cdt).view(-1, 1)
+        x0 = (torch.clamp(x0.view(s.numel(), -1), -s, s) / s).view(-1)
     # copies: the history buffers are rewritten below while these are still read
-    h1 = flat(history).to(cdt, copy=True) if history is not None else torch.zeros_like(x)
-    h2 = flat(history2).to(cdt, copy=True) if history2 is not None else torch.zeros_like(x)
-    prev = (c["px"] * x + c["pm"] * m + c["p0"] * x0 + c["pn"] * n + c["p1"] * h1 + c["p2"] * h2
+    hs = [flat(h).to(cdt, copy=True) if h is not None else torch.zeros_like(x)
+          for h in (history, history2, history3)]
+    h1, h2, h3 = hs
+    prev = (c["px"] * x + c["pm"] * m + c["p0"] * x0 + c["pn"] * n + c["p1"] * h1 + c["p2"] * h2 + c["p3"] * h3
             + c["pd"] * (x0 - h1))
-    if history is not None:
-        new = c["h1x"] * x + c["h1m"] * m + c["h10"] * x0 + c["h11"] * h1 + c["h12"] * h2
-        flat(history).copy_(new)
-    if history2 is not None:
-        new = c["h2x"] * x + c["h2m"] * m + c["h20"] * x0 + c["h21"] * h1 + c["h22"] * h2
-        flat(history2).copy_(new)
+    for j, h in enumerate((history, history2, history3), start=1):
+        if h is not None:
+            new = (c[f"h{j}x"] * x + c[f"h{j}m"] * m + c[f"h{j}0"] * x0 + c[f"h{j}1"] * h1 + c[f"h{j}2"] * h2
+                   + c[f"h{j}3"] * h3)
+            flat(h).copy_(new)
     out = torch.empty_like(sample)
     flat(out).copy_(prev)
     if return_x0:
