@@ -2,6 +2,8 @@
 processors that ``generate`` applies, and LogitsSampler inside ``generate``
 with a tiny random-weight Llama (nothing downloaded). Skipped without
 transformers."""
+import inspect
+
 import pytest
 import torch
 
@@ -10,9 +12,12 @@ import genfast
 from conftest import DEVICE
 
 transformers = pytest.importorskip("transformers")
-from transformers import (LlamaConfig, LlamaForCausalLM, LogitsProcessorList, MinPLogitsWarper,  # noqa: E402
-                          RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                          TopPLogitsWarper)
+from transformers import (LlamaConfig, LlamaForCausalLM, LlamaModel, LogitsProcessorList,  # noqa: E402
+                          MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+
+# the name under which generate takes a cache (renamed from past_key_values during transformers 5.x)
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 CONFIGS = {
     "repetition": dict(repetition_penalty=1.3),
@@ -113,12 +118,13 @@ def test_top_k_and_top_p_masks_are_hf_warpers(backend):
 
 # ---- LogitsSampler inside generate ---------------------------------------------------
 
-def tiny_llama(seed=0):
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+def tiny_llama(seed=0, attn_implementation="sdpa"):
+    """Random weights; head_dim 64, the smallest genfast's attention takes; 4 query heads per KV head."""
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=64, max_position_embeddings=64,
                          tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(seed)
-    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").to(DEVICE).eval()
+    return LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation).to(DEVICE).eval()
 
 
 def test_logits_sampler_greedy_in_generate_gives_hf_greedy_tokens():
@@ -146,3 +152,38 @@ def test_logits_sampler_in_generate_samples_like_a_plain_loop():
         tok = genfast.sample_tokens(logits, prev_tokens=seq, seed=3, offset=step * batch, **settings)
         seq = torch.cat([seq, tok[:, None]], dim=1)
     assert torch.equal(got, seq)
+
+
+# ---- genfast.hf: HF's Llama on genfast's attention and cache ----------------------------
+
+@pytest.mark.parametrize("cache", ["dynamic", "genfast"])
+def test_hf_llama_on_genfast_attention_gives_hf_greedy_tokens(backend, cache):
+    hf = pytest.importorskip("genfast.hf")
+    model = tiny_llama(seed=2)
+    ids = torch.randint(0, 96, (3, 6), device=backend)
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        expected_logits = model(ids).logits
+    model.set_attn_implementation(hf.ATTENTION)
+    kw = {}
+    if cache == "genfast":
+        kw[CACHE_ARG] = hf.GenfastCache(model.config, 3, 16, device=backend)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, **kw), expected)
+    if cache == "genfast":  # the last token is never fed back
+        assert kw[CACHE_ARG].length == 6 + 8 - 1 and kw[CACHE_ARG].kv.seqlens.tolist() == [13] * 3
+        kw[CACHE_ARG].reset()
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, **kw), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected_logits)
+
+
+def test_genfast_attention_refuses_padding_and_hf_static_cache():
+    hf = pytest.importorskip("genfast.hf")
+    model = tiny_llama(attn_implementation=hf.ATTENTION)
+    ids = torch.randint(0, 96, (2, 5), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="padded"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match="static cache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static")
