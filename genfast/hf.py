@@ -20,8 +20,8 @@ with transformers' default dynamic cache; its static cache is refused (its
 keys are the whole buffer). Limits: causal decoders, batches without padding
 (every row the same length; a padded batch raises), no sliding window or
 logit softcap, head_dim one of 64, 80, 96, 128, 256 (``attention_with_kvcache``'s),
-no beam search with :class:`GenfastCache`. Written for transformers 5.x
-(``CacheLayerMixin`` layers, the attention and mask registries).
+no beam search with :class:`GenfastCache`. Tested with transformers 4.57 and
+5.24 (it needs ``CacheLayerMixin`` layers and the attention and mask registries).
 """
 from __future__ import annotations
 
@@ -57,6 +57,9 @@ def attention_mask(batch_size=None, q_length=None, kv_length=None, q_offset=None
     causally by itself), after checking that the keys will be exactly the tokens seen so far and
     this forward's (not so in transformers' static cache, whose keys are the whole buffer) and
     that no row is padded."""
+    cache_position = kwargs.get("cache_position")
+    if cache_position is not None:  # transformers 4.5x: the new tokens' positions instead of offset and length
+        q_offset, q_length = cache_position[0], cache_position.shape[0]
     if q_offset is not None and kv_length is not None and int(q_offset) + q_length != kv_length:
         raise ValueError(f"genfast attention: the keys must be the {int(q_offset)} cached tokens and the "
                          f"{q_length} new ones, the cache gives {kv_length} (transformers' static cache is not "
@@ -94,7 +97,9 @@ class _GenfastLayer(CacheLayerMixin):
         n = owner.length
         return kv.k[self.index, :, :n].transpose(1, 2), kv.v[self.index, :, :n].transpose(1, 2)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # transformers 4.5x passes cache_position (seq_q,)
+            query_length = query_length.shape[0]
         return self.owner.length + query_length, 0
 
     def get_seq_length(self) -> int:
@@ -102,6 +107,8 @@ class _GenfastLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.owner.kv.max_seqlen
+
+    get_max_cache_shape = get_max_length  # the name in transformers 4.5x
 
     def reset(self) -> None:
         self.owner.reset()
