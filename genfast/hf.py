@@ -12,7 +12,7 @@ written in place by genfast's append op::
     model = LlamaForCausalLM.from_pretrained(name, attn_implementation="genfast")
     cache = genfast.hf.GenfastCache(model.config, batch_size=ids.shape[0], max_cache_len=1024,
                                     dtype=model.dtype, device=ids.device)
-    out = model.generate(ids, cache=cache, max_new_tokens=256)  # past_key_values= before 5.x renamed it
+    out = model.generate(ids, max_new_tokens=256, **{genfast.hf.cache_argument(model): cache})
 
 or ``model.set_attn_implementation("genfast")`` on a loaded model. A fresh
 cache (or ``cache.reset()``) per ``generate`` call. The attention also works
@@ -24,6 +24,8 @@ no beam search with :class:`GenfastCache`. Tested with transformers 4.57 and
 5.24 (it needs ``CacheLayerMixin`` layers and the attention and mask registries).
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, Cache
@@ -67,6 +69,12 @@ def attention_mask(batch_size=None, q_length=None, kv_length=None, q_offset=None
     if attention_mask is not None and not bool(attention_mask[:, -kv_length:].all()):
         raise ValueError("genfast attention: padded batches are not supported (every row must hold the same "
                          "number of tokens)")
+
+
+def cache_argument(model) -> str:
+    """The keyword under which ``model.generate`` takes a cache: ``"cache"`` where transformers has
+    renamed ``past_key_values`` (during 5.x), else ``"past_key_values"``."""
+    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
 
 
 AttentionInterface.register(ATTENTION, attention_forward)

@@ -2,8 +2,6 @@
 processors that ``generate`` applies, and LogitsSampler inside ``generate``
 with a tiny random-weight Llama (nothing downloaded). Skipped without
 transformers."""
-import inspect
-
 import pytest
 import torch
 
@@ -12,12 +10,9 @@ import genfast
 from conftest import DEVICE
 
 transformers = pytest.importorskip("transformers")
-from transformers import (LlamaConfig, LlamaForCausalLM, LlamaModel, LogitsProcessorList,  # noqa: E402
+from transformers import (LlamaConfig, LlamaForCausalLM, LogitsProcessorList,  # noqa: E402
                           MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
-
-# the name under which generate takes a cache (renamed from past_key_values during transformers 5.x)
-CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 CONFIGS = {
     "repetition": dict(repetition_penalty=1.3),
@@ -165,13 +160,12 @@ def test_hf_llama_on_genfast_attention_gives_hf_greedy_tokens(backend, cache):
     with torch.no_grad():
         expected_logits = model(ids).logits
     model.set_attn_implementation(hf.ATTENTION)
-    kw = {}
-    if cache == "genfast":
-        kw[CACHE_ARG] = hf.GenfastCache(model.config, 3, 16, device=backend)
+    store = hf.GenfastCache(model.config, 3, 16, device=backend) if cache == "genfast" else None
+    kw = {hf.cache_argument(model): store} if store is not None else {}
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, **kw), expected)
-    if cache == "genfast":  # the last token is never fed back
-        assert kw[CACHE_ARG].length == 6 + 8 - 1 and kw[CACHE_ARG].kv.seqlens.tolist() == [13] * 3
-        kw[CACHE_ARG].reset()
+    if store is not None:  # the last token is never fed back
+        assert store.length == 6 + 8 - 1 and store.kv.seqlens.tolist() == [13] * 3
+        store.reset()
         assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, **kw), expected)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected_logits)

@@ -11,10 +11,13 @@ loop runs the same weights and differs only in how it attends and samples:
   SDPA with a boolean mask row per position, argmax;
 - torch.compile: that eager decode step compiled (its compile time reported);
 - HF generate: transformers' ``LlamaForCausalLM`` built from the same config
-  with the same weights copied in, SDPA attention, ``generate`` with its
+  sharing the same weights, SDPA attention, ``generate`` with its
   default dynamic cache and with ``cache_implementation="static"`` (which
   ``generate`` compiles on a GPU, not on the CPU). Skipped, with a note, when
-  transformers is not installed.
+  transformers is not installed;
+- HF generate + genfast.hf: that model on genfast's attention
+  (``attn_implementation="genfast"``) with a ``genfast.hf.GenfastCache``:
+  what genfast gains inside an HF loop.
 
 At temperature 0 the loops must produce the same tokens (asserted). The same
 loops are also timed at temperature 0.8, top-p 0.9, the eager one sampling as
@@ -236,14 +239,17 @@ def generate_eager(model: Llama, prompt: torch.Tensor, n_new: int, step=eager_st
 
 # ---- the HF transformers baseline ------------------------------------------------
 
-def build_hf_model(model: Llama):
-    """transformers' ``LlamaForCausalLM`` (SDPA attention) holding ``model``'s weights, or None
-    without transformers. The two compute the same function: HF's RoPE rotates the same
-    (first half, second half) pairs, so the weights copy over unpermuted."""
+def build_hf_model(model: Llama, attn_implementation: str = "sdpa"):
+    """transformers' ``LlamaForCausalLM`` sharing ``model``'s weights (no copy), or None without
+    transformers. The two compute the same function: HF's RoPE rotates the same (first half,
+    second half) pairs, so the weights go over unpermuted. ``attn_implementation="genfast"``:
+    HF's model on genfast's attention (``genfast.hf``)."""
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
         return None
+    if attn_implementation == "genfast":
+        import genfast.hf  # noqa: F401  (registers the attention)
     c = model.c
     config = LlamaConfig(vocab_size=c.vocab, hidden_size=c.dim, intermediate_size=c.ffn_dim,
                          num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
@@ -251,7 +257,7 @@ def build_hf_model(model: Llama):
                          rope_theta=c.rope_base, rms_norm_eps=model.norm.eps, tie_word_embeddings=False,
                          bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no EOS: every loop runs n_new
     with torch.device(model.cos.device):  # allocate (and randomly initialize) in place: 1.1B on a GPU is quick
-        hf = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+        hf = LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation)
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
              "lm_head.weight": model.out.weight}
@@ -263,19 +269,26 @@ def build_hf_model(model: Llama):
                         ("mlp.down_proj", block.w2.weight), ("input_layernorm", block.attn_norm.weight),
                         ("post_attention_layernorm", block.ffn_norm.weight)):
             state[f"model.layers.{i}.{name}.weight"] = w
-    hf.load_state_dict(state)  # strict: every HF weight comes from the model
-    return hf.to(model.cos.dtype).eval()
+    hf.load_state_dict(state, assign=True)  # strict: every HF weight is one of the model's
+    return hf.eval()
 
 
 @torch.no_grad()
 def generate_hf(hf, prompt: torch.Tensor, n_new: int, cache: str = "dynamic", temperature: float = 0.0,
                 top_p: float = 1.0) -> torch.Tensor:
     """Tokens (batch, n_new) from HF ``generate`` (greedy at temperature 0; else HF's temperature
-    and top-p warpers, no top-k)."""
-    sampling = (dict(do_sample=False) if temperature == 0 else
-                dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0))
-    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
-                      cache_implementation=None if cache == "dynamic" else cache, **sampling)
+    and top-p warpers, no top-k). cache: "dynamic" (HF's default), "static", or "genfast" (a
+    ``genfast.hf.GenfastCache`` made for the call, as generate makes its static cache)."""
+    kw = (dict(do_sample=False) if temperature == 0 else
+          dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0))
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    elif cache == "genfast":
+        import genfast.hf
+
+        kw[genfast.hf.cache_argument(hf)] = genfast.hf.GenfastCache(
+            hf.config, prompt.shape[0], prompt.shape[1] + n_new, dtype=hf.dtype, device=prompt.device)
+    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, **kw)
     return out[:, prompt.shape[1]:]
 
 
@@ -288,7 +301,7 @@ def _check_tokens(case: str, name: str, got: torch.Tensor, ref: torch.Tensor) ->
                              f"(row, step) = {bad}")
 
 
-def _bench_batch(model, hf, prompt, n_new, compiled_step, device, reps) -> list[common.Row]:
+def _bench_batch(model, hf, hf_genfast, prompt, n_new, compiled_step, device, reps) -> list[common.Row]:
     case = f"batch {prompt.shape[0]}"
     items = prompt.shape[0] * n_new
     ref = generate_eager(model, prompt, n_new)
@@ -311,6 +324,8 @@ def _bench_batch(model, hf, prompt, n_new, compiled_step, device, reps) -> list[
         else:
             _check_tokens(case, static, got, ref)
         fns[static] = lambda: generate_hf(hf, prompt, n_new, "static")
+        _check_tokens(case, "HF + genfast.hf", generate_hf(hf_genfast, prompt, n_new, "genfast"), ref)
+        fns["HF + genfast.hf"] = lambda: generate_hf(hf_genfast, prompt, n_new, "genfast")
     if compiled_step is not None:
         torch._dynamo.reset()
         # compilation included: the prefill runs eager, the first decode step compiles
@@ -340,6 +355,7 @@ def bench(quick: bool = True, device=None, compile: bool = True, batches=(1, 16)
         n_new, prompt_len = 128, 128
     model = build_model(c, device)
     hf = build_hf_model(model)
+    hf_genfast = build_hf_model(model, "genfast")
     rows = []
     compiled_step = None
     if compile:
@@ -355,7 +371,7 @@ def bench(quick: bool = True, device=None, compile: bool = True, batches=(1, 16)
     for batch in batches:
         prompt = torch.randint(0, c.vocab, (batch, prompt_len), device=device,
                                generator=torch.Generator(device).manual_seed(batch))
-        rows += _bench_batch(model, hf, prompt, n_new, compiled_step, device, reps)
+        rows += _bench_batch(model, hf, hf_genfast, prompt, n_new, compiled_step, device, reps)
     title = (f"decode: Llama-style {c.n_layers} layers, dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads, "
              f"vocab {c.vocab}, fp32, random weights; prompt {prompt_len}, {n_new} new tokens, greedy; {device}")
     common.print_rows(rows, title)
