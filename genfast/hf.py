@@ -54,7 +54,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     return out, None
 
 
-def attention_mask(batch_size=None, q_length=None, kv_length=None, q_offset=None, attention_mask=None, **kwargs):
+def causal_mask(batch_size=None, q_length=None, kv_length=None, q_offset=None, attention_mask=None, **kwargs):
     """The mask-function protocol, called once per forward: None (``attention_forward`` masks
     causally by itself), after checking that the keys will be exactly the tokens seen so far and
     this forward's (not so in transformers' static cache, whose keys are the whole buffer) and
@@ -78,7 +78,7 @@ def cache_argument(model) -> str:
 
 
 AttentionInterface.register(ATTENTION, attention_forward)
-AttentionMaskInterface.register(ATTENTION, attention_mask)
+AttentionMaskInterface.register(ATTENTION, causal_mask)
 
 
 class _GenfastLayer(CacheLayerMixin):

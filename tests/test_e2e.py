@@ -44,11 +44,11 @@ def test_decode_greedy_tokens_match_hf_generate(cache):
     prompt = torch.randint(0, decode.TINY.vocab, (2, 5), device=DEVICE)
     expected = decode.generate_hf(hf, prompt, 9, cache)
     assert torch.equal(decode.generate_genfast(model, prompt, 9), expected)
-    # the copied weights make HF's model the same function, not merely the same argmax
-    cache = decode.EagerCache(decode.TINY, 2, 5, torch.float32, DEVICE)
-    cache.positions = torch.arange(5, device=DEVICE)
+    # with the shared weights HF's model is the same function, not merely the same argmax
+    eager = decode.EagerCache(decode.TINY, 2, 5, torch.float32, DEVICE)
+    eager.positions = torch.arange(5, device=DEVICE)
     with torch.no_grad():
-        torch.testing.assert_close(hf(prompt).logits, model(prompt, cache.positions, cache.attend))
+        torch.testing.assert_close(hf(prompt).logits, model(prompt, eager.positions, eager.attend))
 
 
 def test_diffusion_latents_match_diffusers_loop():
