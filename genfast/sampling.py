@@ -432,10 +432,15 @@ class LogitsSampler:
         sampler = genfast.LogitsSampler(temperature=0.7, top_p=0.9, seed=0)
         next_token = sampler.sample(logits[:, -1], prev_tokens=tokens)
 
-    HF ``generate``, in one line (the processor leaves only the drawn token
-    finite, so greedy decoding picks it; penalties use ``input_ids``)::
+    HF transformers' ``generate``, in one line: called as a ``LogitsProcessor``
+    it leaves only the drawn token finite, so greedy decoding picks it; the
+    penalties count ``input_ids`` (prompt and generated tokens)::
 
         model.generate(ids, do_sample=False, logits_processor=[genfast.LogitsSampler(top_p=0.9)])
+
+    ``generate`` runs its own processors first (those the generation config
+    asks for: leave its repetition penalty unset) and, with ``do_sample=True``,
+    its warpers too: pass ``do_sample=False`` so that only genfast filters.
 
     Each call uses stream positions ``offset .. offset + batch - 1`` and advances
     ``offset`` by batch, so a run is reproducible from ``seed`` (drawn once from

@@ -35,6 +35,22 @@ def test_decode_greedy_tokens_match_gpt_fast_loop(batch):
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static", "genfast"])
+def test_decode_greedy_tokens_match_hf_generate(cache):
+    """HF's Llama with the benchmark model's weights, its own SDPA and caches or genfast.hf's."""
+    pytest.importorskip("transformers")
+    model = decode.build_model(decode.TINY, DEVICE, seed=4)
+    hf = decode.build_hf_model(model, "genfast" if cache == "genfast" else "sdpa")
+    prompt = torch.randint(0, decode.TINY.vocab, (2, 5), device=DEVICE)
+    expected = decode.generate_hf(hf, prompt, 9, cache)
+    assert torch.equal(decode.generate_genfast(model, prompt, 9), expected)
+    # with the shared weights HF's model is the same function, not merely the same argmax
+    eager = decode.EagerCache(decode.TINY, 2, 5, torch.float32, DEVICE)
+    eager.positions = torch.arange(5, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(prompt).logits, model(prompt, eager.positions, eager.attend))
+
+
 def test_diffusion_latents_match_diffusers_loop():
     pytest.importorskip("diffusers")
     unet, patched, sched = diffusion.build(diffusion.TINY, DEVICE)

@@ -9,11 +9,20 @@ loop runs the same weights and differs only in how it attends and samples:
 - eager: gpt-fast's way, a preallocated (batch, kv_heads, max_seq, head_dim)
   cache written with ``index_copy_``, K/V heads repeated to the query heads,
   SDPA with a boolean mask row per position, argmax;
-- torch.compile: that eager decode step compiled (its compile time reported).
+- torch.compile: that eager decode step compiled (its compile time reported);
+- HF generate: transformers' ``LlamaForCausalLM`` built from the same config
+  sharing the same weights, SDPA attention, ``generate`` with its
+  default dynamic cache and with ``cache_implementation="static"`` (which
+  ``generate`` compiles on a GPU, not on the CPU). Skipped, with a note, when
+  transformers is not installed;
+- HF generate + genfast.hf: that model on genfast's attention
+  (``attn_implementation="genfast"``) with a ``genfast.hf.GenfastCache``:
+  what genfast gains inside an HF loop.
 
 At temperature 0 the loops must produce the same tokens (asserted). The same
 loops are also timed at temperature 0.8, top-p 0.9, the eager one sampling as
-HF transformers' warpers do (sort, cumsum, multinomial).
+HF transformers' warpers do (sort, cumsum, multinomial) and HF generate with
+those warpers.
 
     python benchmarks/e2e/decode.py [--full] [--device cpu|cuda] [--no-compile] [--threads N]
 """
@@ -228,37 +237,113 @@ def generate_eager(model: Llama, prompt: torch.Tensor, n_new: int, step=eager_st
     return out
 
 
+# ---- the HF transformers baseline ------------------------------------------------
+
+def build_hf_model(model: Llama, attn_implementation: str = "sdpa"):
+    """transformers' ``LlamaForCausalLM`` sharing ``model``'s weights (no copy), or None without
+    transformers. The two compute the same function: HF's RoPE rotates the same (first half,
+    second half) pairs, so the weights go over unpermuted. ``attn_implementation="genfast"``:
+    HF's model on genfast's attention (``genfast.hf``)."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    if attn_implementation == "genfast":
+        import genfast.hf  # noqa: F401  (registers the attention)
+    c = model.c
+    config = LlamaConfig(vocab_size=c.vocab, hidden_size=c.dim, intermediate_size=c.ffn_dim,
+                         num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+                         num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq,
+                         rope_theta=c.rope_base, rms_norm_eps=model.norm.eps, tie_word_embeddings=False,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no EOS: every loop runs n_new
+    with torch.device(model.cos.device):  # allocate (and randomly initialize) in place: 1.1B on a GPU is quick
+        hf = LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation)
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
+             "lm_head.weight": model.out.weight}
+    for i, block in enumerate(model.layers):
+        wq, wk, wv = block.wqkv.weight.split([q, kv, kv])
+        gate, up = block.w13.weight.chunk(2)
+        for name, w in (("self_attn.q_proj", wq), ("self_attn.k_proj", wk), ("self_attn.v_proj", wv),
+                        ("self_attn.o_proj", block.wo.weight), ("mlp.gate_proj", gate), ("mlp.up_proj", up),
+                        ("mlp.down_proj", block.w2.weight), ("input_layernorm", block.attn_norm.weight),
+                        ("post_attention_layernorm", block.ffn_norm.weight)):
+            state[f"model.layers.{i}.{name}.weight"] = w
+    hf.load_state_dict(state, assign=True)  # strict: every HF weight is one of the model's
+    return hf.eval()
+
+
+@torch.no_grad()
+def generate_hf(hf, prompt: torch.Tensor, n_new: int, cache: str = "dynamic", temperature: float = 0.0,
+                top_p: float = 1.0) -> torch.Tensor:
+    """Tokens (batch, n_new) from HF ``generate`` (greedy at temperature 0; else HF's temperature
+    and top-p warpers, no top-k). cache: "dynamic" (HF's default), "static", or "genfast" (a
+    ``genfast.hf.GenfastCache`` made for the call, as generate makes its static cache)."""
+    kw = (dict(do_sample=False) if temperature == 0 else
+          dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0))
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    elif cache == "genfast":
+        import genfast.hf
+
+        kw[genfast.hf.cache_argument(hf)] = genfast.hf.GenfastCache(
+            hf.config, prompt.shape[0], prompt.shape[1] + n_new, dtype=hf.dtype, device=prompt.device)
+    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, **kw)
+    return out[:, prompt.shape[1]:]
+
+
 # ---- the benchmark --------------------------------------------------------------
 
-def _bench_batch(model, prompt, n_new, compiled_step, device, reps) -> list[common.Row]:
+def _check_tokens(case: str, name: str, got: torch.Tensor, ref: torch.Tensor) -> None:
+    if not torch.equal(got, ref):
+        bad = (got != ref).nonzero()[0].tolist()
+        raise AssertionError(f"decode {case}: {name}'s greedy tokens differ from eager's first at "
+                             f"(row, step) = {bad}")
+
+
+def _bench_batch(model, hf, hf_genfast, prompt, n_new, compiled_step, device, reps) -> list[common.Row]:
     case = f"batch {prompt.shape[0]}"
     items = prompt.shape[0] * n_new
     ref = generate_eager(model, prompt, n_new)
-    got = generate_genfast(model, prompt, n_new)
-    if not torch.equal(got, ref):
-        bad = (got != ref).nonzero()[0].tolist()
-        raise AssertionError(f"decode {case}: genfast's greedy tokens differ from eager's first at "
-                             f"(row, step) = {bad}")
+    _check_tokens(case, "genfast", generate_genfast(model, prompt, n_new), ref)
     fns = {"genfast": lambda: generate_genfast(model, prompt, n_new),
            "eager (gpt-fast)": lambda: generate_eager(model, prompt, n_new)}
     # time to the first sampled decode token in a warm process (genfast has nothing to compile)
     firsts = {"genfast": common.time_once(lambda: generate_genfast(model, prompt, 2), device)}
-    note = ""
+    notes = {}
+    if hf is not None:
+        _check_tokens(case, "HF generate", generate_hf(hf, prompt, n_new), ref)
+        fns["HF generate"] = lambda: generate_hf(hf, prompt, n_new)
+        static = "HF generate static"
+        if device.type == "cuda":  # generate compiles the static-cache decode step: time it as a fresh run
+            torch._dynamo.reset()
+            firsts[static] = common.time_once(lambda: generate_hf(hf, prompt, 2, "static"), device)
+        got = generate_hf(hf, prompt, n_new, "static")
+        if device.type == "cuda":
+            notes[static] = "compiled" + ("" if torch.equal(got, ref) else ", tokens differ")
+        else:
+            _check_tokens(case, static, got, ref)
+        fns[static] = lambda: generate_hf(hf, prompt, n_new, "static")
+        _check_tokens(case, "HF + genfast.hf", generate_hf(hf_genfast, prompt, n_new, "genfast"), ref)
+        fns["HF + genfast.hf"] = lambda: generate_hf(hf_genfast, prompt, n_new, "genfast")
     if compiled_step is not None:
         torch._dynamo.reset()
         # compilation included: the prefill runs eager, the first decode step compiles
         firsts["torch.compile step"] = (
             common.time_once(lambda: generate_eager(model, prompt, 1, compiled_step), device)
             + common.time_once(lambda: generate_eager(model, prompt, 2, compiled_step), device))
-        note = "" if torch.equal(generate_eager(model, prompt, n_new, compiled_step), ref) else "tokens differ"
+        if not torch.equal(generate_eager(model, prompt, n_new, compiled_step), ref):
+            notes["torch.compile step"] = "tokens differ"
         fns["torch.compile step"] = lambda: generate_eager(model, prompt, n_new, compiled_step)
     t = common.time_many(fns, device, reps)
     rows = [common.Row("decode", case, name, items, "tok/s", t[name], first_s=firsts.get(name),
-                       note=note if name == "torch.compile step" else "") for name in fns]
+                       note=notes.get(name, "")) for name in fns]
     # temperature 0.8, top-p 0.9: random tokens, so timed only; shows what sort-based top-p costs
-    t = common.time_many({"genfast": lambda: generate_genfast(model, prompt, n_new, 0.8, 0.9),
-                          "eager (HF top-p)": lambda: generate_eager(model, prompt, n_new, eager_step, 0.8, 0.9)},
-                         device, reps)
+    fns = {"genfast": lambda: generate_genfast(model, prompt, n_new, 0.8, 0.9),
+           "eager (HF top-p)": lambda: generate_eager(model, prompt, n_new, eager_step, 0.8, 0.9)}
+    if hf is not None:
+        fns["HF generate"] = lambda: generate_hf(hf, prompt, n_new, temperature=0.8, top_p=0.9)
+    t = common.time_many(fns, device, reps)
     return rows + [common.Row("decode", f"{case} p.9", name, items, "tok/s", t[name]) for name in t]
 
 
@@ -269,6 +354,8 @@ def bench(quick: bool = True, device=None, compile: bool = True, batches=(1, 16)
     if not quick:
         n_new, prompt_len = 128, 128
     model = build_model(c, device)
+    hf = build_hf_model(model)
+    hf_genfast = build_hf_model(model, "genfast")
     rows = []
     compiled_step = None
     if compile:
@@ -284,10 +371,12 @@ def bench(quick: bool = True, device=None, compile: bool = True, batches=(1, 16)
     for batch in batches:
         prompt = torch.randint(0, c.vocab, (batch, prompt_len), device=device,
                                generator=torch.Generator(device).manual_seed(batch))
-        rows += _bench_batch(model, prompt, n_new, compiled_step, device, reps)
+        rows += _bench_batch(model, hf, hf_genfast, prompt, n_new, compiled_step, device, reps)
     title = (f"decode: Llama-style {c.n_layers} layers, dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads, "
              f"vocab {c.vocab}, fp32, random weights; prompt {prompt_len}, {n_new} new tokens, greedy; {device}")
     common.print_rows(rows, title)
+    if hf is None:
+        print("HF generate baseline skipped: transformers is not installed (pip install transformers)")
     return rows
 
 
