@@ -27,7 +27,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/string_view.h>
@@ -37,10 +36,6 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #include "common.h"
 #include "ops.h"
@@ -160,26 +155,6 @@ inline void chunk_moments(const T* p, int64_t len, float& mean, float& m2) {
     a0 = at::vec::fmadd(d, d, a0);
   }
   m2 = lane_sum((a0 + a1) + (a2 + a3));
-}
-
-// A fresh output like x. A large one is asked to be backed by 2 MB pages
-// where the kernel allows (transparent huge pages in "madvise" mode): its
-// first touch then faults 64 times per 128 MB instead of 32768, which on this
-// VM cost about as much as the kernel itself.
-constexpr int64_t kHugePage = int64_t(2) << 20;
-
-Tensor empty_output(const Tensor& x) {
-  Tensor out = at::empty_like(x);
-#ifdef MADV_HUGEPAGE
-  const int64_t bytes = out.numel() * out.element_size();
-  if (bytes >= 4 * kHugePage) {
-    const auto first = reinterpret_cast<std::uintptr_t>(out.data_ptr());
-    const std::uintptr_t begin = (first + kHugePage - 1) & ~std::uintptr_t(kHugePage - 1);
-    const std::uintptr_t end = (first + bytes) & ~std::uintptr_t(kHugePage - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
-  }
-#endif
-  return out;
 }
 
 // Shapes and the optional per-channel inputs, all fp32 (the Python layer

@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -51,8 +50,8 @@ std::tuple<Tensor, Tensor> sampler_step(const Tensor& sample, const Tensor& mode
                                         const OptTensor& guidance_factor, double clip, const OptTensor& bound,
                                         bool draw_noise, int64_t seed, const OptTensor& seed_tensor, int64_t offset,
                                         bool return_x0) {
-  Tensor prev = at::empty_like(sample);
-  Tensor x0_out = return_x0 ? at::empty_like(sample) : at::empty({0}, sample.options());
+  Tensor prev = empty_output(sample);
+  Tensor x0_out = return_x0 ? empty_output(sample) : at::empty({0}, sample.options());
   const int64_t numel = sample.numel();
   if (numel == 0) return {prev, x0_out};
   const int64_t r = row_tensor.has_value() ? row_tensor->item<int64_t>() : row;

@@ -14,4 +14,8 @@ using OptTensor = std::optional<Tensor>;
 // rng.cpp: the seed an op runs with (a 0-d seed tensor wins over the int).
 int64_t resolve_seed(int64_t seed, const OptTensor& seed_tensor);
 
+// pool.cpp: an uninitialized output with like's shape, strides and dtype; large
+// ones come from a pool of recycled blocks (no fresh pages to fault in).
+Tensor empty_output(const Tensor& like);
+
 }  // namespace genfast::cpu

@@ -22,7 +22,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -754,7 +753,7 @@ void filter_row(const T* src, T* dst, int64_t V, double param, Scratch& s) {
 template <Filter kFilter>
 Tensor filter_rows(const Tensor& x, const OptTensor& per_row, double scalar) {
   const int64_t B = x.size(0), V = x.size(1);
-  Tensor out = at::empty_like(x);
+  Tensor out = empty_output(x);
   dispatch_float(x.scalar_type(), "filter_rows", [&](auto tag) {
     using T = decltype(tag);
     const T* src = x.data_ptr<T>();

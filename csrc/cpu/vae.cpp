@@ -13,7 +13,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/string_view.h>
 #include <torch/library.h>
 
@@ -96,7 +95,7 @@ Tensor reduced(double sum, c10::string_view reduction, const Tensor& mu) {
 
 Tensor reparameterize(const Tensor& mu, const Tensor& logvar, const OptTensor& noise, int64_t seed,
                       const OptTensor& seed_tensor, int64_t offset) {
-  Tensor z = at::empty_like(mu);
+  Tensor z = empty_output(mu);
   const Tensor given = float_noise(noise);
   const Noise nz = make_noise(given, seed, seed_tensor, offset);
   dispatch_float(mu.scalar_type(), "reparameterize", [&](auto tag) {
@@ -116,7 +115,7 @@ Tensor reparameterize(const Tensor& mu, const Tensor& logvar, const OptTensor& n
 
 Tensor reparameterize_backward(const Tensor& grad_z, const Tensor& logvar, const OptTensor& noise, int64_t seed,
                                const OptTensor& seed_tensor, int64_t offset) {
-  Tensor grad_logvar = at::empty_like(logvar);
+  Tensor grad_logvar = empty_output(logvar);
   const Tensor given = float_noise(noise);
   const Noise nz = make_noise(given, seed, seed_tensor, offset);
   // grad_z comes from autograd in z's dtype, which is logvar's.
@@ -138,7 +137,7 @@ Tensor reparameterize_backward(const Tensor& grad_z, const Tensor& logvar, const
 
 Tensor gaussian_kl(const Tensor& mu, const Tensor& logvar, c10::string_view reduction) {
   const bool elementwise = is_elementwise(reduction);
-  Tensor kl = elementwise ? at::empty_like(mu) : Tensor();
+  Tensor kl = elementwise ? empty_output(mu) : Tensor();
   double sum = 0.0;
   dispatch_float(mu.scalar_type(), "gaussian_kl", [&](auto tag) {
     using T = decltype(tag);
@@ -164,7 +163,7 @@ Tensor gaussian_kl(const Tensor& mu, const Tensor& logvar, c10::string_view redu
 std::tuple<Tensor, Tensor> gaussian_kl_backward(const Tensor& grad_kl, const Tensor& mu, const Tensor& logvar,
                                                 c10::string_view reduction) {
   const bool elementwise = is_elementwise(reduction);
-  Tensor grad_mu = at::empty_like(mu), grad_logvar = at::empty_like(logvar);
+  Tensor grad_mu = empty_output(mu), grad_logvar = empty_output(logvar);
   const Tensor gk = elementwise ? grad_kl.to(mu.scalar_type()).contiguous() : Tensor();
   const float g0 = elementwise ? 0.f : static_cast<float>(grad_kl.item<double>() * reduction_scale(reduction, mu));
   dispatch_float(mu.scalar_type(), "gaussian_kl_backward", [&](auto tag) {
@@ -188,8 +187,8 @@ std::tuple<Tensor, Tensor> reparameterize_with_kl(const Tensor& mu, const Tensor
                                                   const OptTensor& seed_tensor, int64_t offset,
                                                   c10::string_view reduction) {
   const bool elementwise = is_elementwise(reduction);
-  Tensor z = at::empty_like(mu);
-  Tensor kl = elementwise ? at::empty_like(mu) : Tensor();
+  Tensor z = empty_output(mu);
+  Tensor kl = elementwise ? empty_output(mu) : Tensor();
   const Noise nz = make_noise(Tensor(), seed, seed_tensor, offset);
   double sum = 0.0;
   dispatch_float(mu.scalar_type(), "reparameterize_with_kl", [&](auto tag) {
@@ -221,7 +220,7 @@ std::tuple<Tensor, Tensor> reparameterize_with_kl_backward(const Tensor& grad_z,
                                                            const OptTensor& seed_tensor, int64_t offset,
                                                            c10::string_view reduction) {
   const bool elementwise = is_elementwise(reduction);
-  Tensor grad_mu = at::empty_like(mu), grad_logvar = at::empty_like(logvar);
+  Tensor grad_mu = empty_output(mu), grad_logvar = empty_output(logvar);
   const Tensor gz = grad_z.to(mu.scalar_type()).contiguous();
   const Tensor gk = elementwise ? grad_kl.to(mu.scalar_type()).contiguous() : Tensor();
   const float g0 = elementwise ? 0.f : static_cast<float>(grad_kl.item<double>() * reduction_scale(reduction, mu));
