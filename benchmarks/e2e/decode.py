@@ -351,7 +351,7 @@ def bench(quick: bool = True, device=None, compile: bool = True, batches=(1, 16)
           n_new: int = 32, reps: int = 3) -> list[common.Row]:
     device = torch.device(device) if device is not None else common.default_device()
     c = QUICK if quick or device.type == "cpu" else FULL
-    if not quick:
+    if not quick and (prompt_len, n_new) == (32, 32):
         n_new, prompt_len = 128, 128
     model = build_model(c, device)
     hf = build_hf_model(model)
@@ -385,9 +385,13 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="TinyLlama-1.1B shapes, 128+128 tokens (GPU)")
     common.add_common_args(p)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="batch sizes (default: 1 16)")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32; a chat turn is 500-2000)")
+    p.add_argument("--new", type=int, default=32, help="generated tokens (default 32)")
     a = p.parse_args(argv)
     common.apply_common_args(a)
-    bench(quick=not a.full, device=a.device, compile=not a.no_compile)
+    bench(quick=not a.full, device=a.device, compile=not a.no_compile, batches=a.batches, prompt_len=a.prompt,
+          n_new=a.new)
 
 
 if __name__ == "__main__":
