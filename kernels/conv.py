@@ -6,12 +6,22 @@ vectors and per-(n, group) statistics are a rounding error beside it:
 
 | op | eager torch (nn.GroupNorm, F.silu, + residual) | this file |
 | --- | --- | --- |
-| forward | norm R+W (statistics are a second R on the GPU), silu R+W, add 2R+W: 5-8 passes | read x twice, write out: 3Ns (+ Ns residual) |
-| backward | autograd of the three: about 10 passes | read grad_out and x twice, write grad_x: 5Ns |
+| forward | norm R+W (statistics are a second R on the GPU), silu R+W, add 2R+W: 5-8 passes | read x, write out: 2Ns (+ Ns residual); groups over 64K elements read x twice: 3Ns |
+| backward | autograd of the three: about 10 passes | read grad_out and x, write grad_x: 3Ns; groups over 64K: 5Ns |
 | batch norm (eval) + act | batch_norm R+W, act R+W: 4Ns | read x, write out: 2Ns |
 | conv epilogue: act((y + bias + res) * s) | up to four passes of 2-3 each: 8-11Ns | read y and res, write out: 3Ns |
 
-Forward, three launches:
+Forward, by the size of a group (``_one_program_tiling``, shapes only, no host sync):
+
+- Groups of up to ``GROUP_ONE_PROGRAM`` elements (every group of SD's UNet at
+  64x64 and below): one launch, ``_group_norm_act_one_program_kernel``, one
+  program per (n, group). A group that fits one register tile of
+  ``GROUP_TILE`` lanes is read once and its variance taken exactly in two
+  passes over the registers; a larger one is read in tiles along S with
+  per-lane Welford moments, then read again (from L2: this program has just
+  read it) to write the output. DRAM traffic 2Ns (+ Ns residual), the least
+  there is.
+- Larger groups, three launches:
 
 1. ``_channel_moments_kernel``, grid (N, C blocks, S splits): per-channel mean
    and M2 over a slice of the spatial positions, by tiles of
@@ -24,13 +34,29 @@ Forward, three launches:
 3. ``_apply_kernel``: elementwise over x in memory order, activation and
    residual fused.
 
+Host work per forward call (``group_norm_act``): weight, bias, add and
+scale_shift reach the kernels in their own dtype and are converted in
+registers (``_load_f32``; the Python layer casts them only for the C++
+backend), absent ones are replaced by x's pointer, not a dummy allocation.
+One-program path: 2 allocations (out; mean and rstd in one buffer), 1 launch.
+Three-kernel path: 4 allocations (out, statistics, channel moments,
+coefficients), 3 launches.
+
 Per-channel affine + activation (``_channel_affine_act_kernel``, batch_norm_act in
 eval mode and the conv2d_act epilogue) is the apply pass alone, with (C,)
 coefficients: ``out = act((x + res) * scale[c] + shift[c])``.
 
 The backward has the same shape: per-channel sums of dy, dy·(h - mean) and
 (h - mean), a per-group finalize to coefficients P, Q, R of
-grad_h = dy·P + (h - mean)·Q + R, and an elementwise pass.
+grad_h = dy·P + (h - mean)·Q + R, and an elementwise pass. For groups of up to
+``GROUP_ONE_PROGRAM`` elements all of it is one program per (n, group)
+(``_group_norm_act_backward_one_program_kernel``): DRAM traffic 3Ns (read x
+and grad_out, write grad_x), one launch, plus one sum over the images of the
+per-image weight and bias gradients when N > 1; 4 allocations (grad_x,
+grad_add, grad_scale_shift, the per-image parts; +1 for the sum). Larger
+groups: the coefficient kernel, the sums, the group finalize and the
+elementwise pass, 4 launches (+1 sum), 3 more allocations. No buffer is
+zero-filled: the kernels write every element.
 
 Target on a GPU: >= 70% of copy bandwidth counting one read of x and one
 write. Not measured yet: written without a GPU and checked with
@@ -671,8 +697,9 @@ def group_norm_act_backward(grad_out, x, num_groups, weight, bias, mean, rstd, a
     grad_ss = x.new_empty((n, 2 * c), dtype=torch.float32)
     wb = x.new_empty((2, n, c), dtype=torch.float32)  # per-image parts of grad_weight, grad_bias
     if n * c == 0 or s == 0:
-        grad_add.zero_(), grad_ss.zero_()
-        return grad_x.zero_(), *wb.zero_().sum(1), grad_add, grad_ss
+        for t in (grad_x, grad_add, grad_ss, wb):
+            t.zero_()
+        return grad_x, *wb.sum(1), grad_add, grad_ss
     g = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last if cl and x.dim() == 4 else
                                         torch.channels_last_3d if cl else torch.contiguous_format)
     cg = c // num_groups
