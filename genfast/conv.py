@@ -199,9 +199,9 @@ def _check_eps(fn: str, eps) -> None:
         raise ValueError(f"{fn}: eps must be a float >= 0, got {eps!r}")
 
 
-def _check_param(fn: str, name: str, t, shape: tuple, x: torch.Tensor):
-    """A small float tensor of exactly ``shape`` on x's device, returned in the compute
-    dtype (autograd casts its gradient back) and contiguous; None passes."""
+def _check_param(fn: str, name: str, t, shape: tuple, x: torch.Tensor, cast: bool = True):
+    """A small float tensor of exactly ``shape`` on x's device, returned contiguous and,
+    with ``cast``, in the compute dtype (autograd casts its gradient back); None passes."""
     if t is None:
         return None
     _ops.check_tensor(fn, name, t)
@@ -209,7 +209,15 @@ def _check_param(fn: str, name: str, t, shape: tuple, x: torch.Tensor):
         raise ValueError(f"{fn}: {name} must have shape {shape}, got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{fn}: {name} must be on the device of x ({x.device}), got {t.device}")
-    return t.to(compute_dtype(x.dtype)).contiguous()
+    return (t.to(compute_dtype(x.dtype)) if cast else t).contiguous()
+
+
+def _params_cast(x: torch.Tensor) -> bool:
+    """Whether group_norm_act's parameters must be cast to the compute dtype first: only
+    the C++ kernels (CPU tensors, backend not forced elsewhere) read them as fp32. The
+    Triton kernels convert each in registers and the reference casts its own, so a GPU
+    call launches no casts (bf16 weight, bias and add were three extra launches)."""
+    return x.device.type == "cpu" and _ops.backends.forced() in (None, "cpp")
 
 
 def _group_norm_act(fn, x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift, residual,
@@ -225,10 +233,11 @@ def _group_norm_act(fn, x, num_groups, weight, bias, eps, activation, negative_s
         raise ValueError(f"{fn}: num_groups ({num_groups}) must divide the channel count C = {c}")
     _check_eps(fn, eps)
     negative_slope = _check_activation(fn, activation, negative_slope)
-    weight = _check_param(fn, "weight", weight, (c,), x)
-    bias = _check_param(fn, "bias", bias, (c,), x)
-    add = _check_param(fn, "add", add, (n, c), x)
-    scale_shift = _check_param(fn, "scale_shift", scale_shift, (n, 2 * c), x)
+    cast = _params_cast(x)
+    weight = _check_param(fn, "weight", weight, (c,), x, cast)
+    bias = _check_param(fn, "bias", bias, (c,), x, cast)
+    add = _check_param(fn, "add", add, (n, c), x, cast)
+    scale_shift = _check_param(fn, "scale_shift", scale_shift, (n, 2 * c), x, cast)
     fmt = memory_format(x)
     if residual is not None:
         _ops.check_tensor(fn, "residual", residual)

@@ -6,12 +6,22 @@ vectors and per-(n, group) statistics are a rounding error beside it:
 
 | op | eager torch (nn.GroupNorm, F.silu, + residual) | this file |
 | --- | --- | --- |
-| forward | norm R+W (statistics are a second R on the GPU), silu R+W, add 2R+W: 5-8 passes | read x twice, write out: 3Ns (+ Ns residual) |
-| backward | autograd of the three: about 10 passes | read grad_out and x twice, write grad_x: 5Ns |
+| forward | norm R+W (statistics are a second R on the GPU), silu R+W, add 2R+W: 5-8 passes | read x, write out: 2Ns (+ Ns residual); groups over 64K elements read x twice: 3Ns |
+| backward | autograd of the three: about 10 passes | read grad_out and x, write grad_x: 3Ns; groups over 64K: 5Ns |
 | batch norm (eval) + act | batch_norm R+W, act R+W: 4Ns | read x, write out: 2Ns |
 | conv epilogue: act((y + bias + res) * s) | up to four passes of 2-3 each: 8-11Ns | read y and res, write out: 3Ns |
 
-Forward, three launches:
+Forward, by the size of a group (``_one_program_tiling``, shapes only, no host sync):
+
+- Groups of up to ``GROUP_ONE_PROGRAM`` elements (every group of SD's UNet at
+  64x64 and below): one launch, ``_group_norm_act_one_program_kernel``, one
+  program per (n, group). A group that fits one register tile of
+  ``GROUP_TILE`` lanes is read once and its variance taken exactly in two
+  passes over the registers; a larger one is read in tiles along S with
+  per-lane Welford moments, then read again (from L2: this program has just
+  read it) to write the output. DRAM traffic 2Ns (+ Ns residual), the least
+  there is.
+- Larger groups, three launches:
 
 1. ``_channel_moments_kernel``, grid (N, C blocks, S splits): per-channel mean
    and M2 over a slice of the spatial positions, by tiles of
@@ -24,13 +34,29 @@ Forward, three launches:
 3. ``_apply_kernel``: elementwise over x in memory order, activation and
    residual fused.
 
+Host work per forward call (``group_norm_act``): weight, bias, add and
+scale_shift reach the kernels in their own dtype and are converted in
+registers (``_load_f32``; the Python layer casts them only for the C++
+backend), absent ones are replaced by x's pointer, not a dummy allocation.
+One-program path: 2 allocations (out; mean and rstd in one buffer), 1 launch.
+Three-kernel path: 4 allocations (out, statistics, channel moments,
+coefficients), 3 launches.
+
 Per-channel affine + activation (``_channel_affine_act_kernel``, batch_norm_act in
 eval mode and the conv2d_act epilogue) is the apply pass alone, with (C,)
 coefficients: ``out = act((x + res) * scale[c] + shift[c])``.
 
 The backward has the same shape: per-channel sums of dy, dy·(h - mean) and
 (h - mean), a per-group finalize to coefficients P, Q, R of
-grad_h = dy·P + (h - mean)·Q + R, and an elementwise pass.
+grad_h = dy·P + (h - mean)·Q + R, and an elementwise pass. For groups of up to
+``GROUP_ONE_PROGRAM`` elements all of it is one program per (n, group)
+(``_group_norm_act_backward_one_program_kernel``): DRAM traffic 3Ns (read x
+and grad_out, write grad_x), one launch, plus one sum over the images of the
+per-image weight and bias gradients when N > 1; 4 allocations (grad_x,
+grad_add, grad_scale_shift, the per-image parts; +1 for the sum). Larger
+groups: the coefficient kernel, the sums, the group finalize and the
+elementwise pass, 4 launches (+1 sum), 3 more allocations. No buffer is
+zero-filled: the kernels write every element.
 
 Target on a GPU: >= 70% of copy bandwidth counting one read of x and one
 write. Not measured yet: written without a GPU and checked with
@@ -49,6 +75,17 @@ NUM_WARPS = 8
 TILE = 4096
 # Programs to aim for when S is split: enough to fill a large GPU a few times over.
 TARGET_PROGRAMS = 1024
+# Groups of at most this many elements take the one-program-per-(n, group) kernels:
+# one launch instead of three (four in the backward), a group's x read from DRAM
+# once (again from L2 when it spans several tiles). 64K covers every group of SD's
+# UNet at 64x64 and below (2x320x64x64, G = 32: 40960); above it a group is
+# 128 KB or more of bf16 for one SM to stream alone, and the few (n, group) pairs
+# of a VAE decoder (1x512x256x256: 32 groups of 2M) need the split moments
+# kernel to fill the GPU. Not timed yet: to be set by the benchmark on a GPU.
+GROUP_ONE_PROGRAM = 65536
+# Register tile of those kernels (lanes): the moments kernels' TILE; a group that
+# fits is read once and its variance taken in two passes over the registers.
+GROUP_TILE = TILE
 
 
 @triton.jit
@@ -132,15 +169,22 @@ def _channel_moments_kernel(x_ptr, mean_ptr, m2_ptr, C, S, s_per_split, splits,
 
 
 @triton.jit
+def _load_f32(ptr, mask, other):
+    """A parameter in its own dtype (fp32, fp16, bf16, fp64), converted in registers:
+    the Python layer passes weight, bias, add and scale_shift uncast."""
+    return tl.load(ptr, mask=mask, other=other).to(tl.float32)
+
+
+@triton.jit
 def _fold(n, c, cmask, C, mean, rstd, w_ptr, b_ptr, add_ptr, ss_ptr,
           HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr):
     """(a, d, b) of y = (x + d) * a + b for channels c of image n, and (w, 1 + scale)."""
-    w = tl.load(w_ptr + c, mask=cmask, other=1.0) if HAS_W else tl.full(c.shape, 1.0, tl.float32)
-    bias = tl.load(b_ptr + c, mask=cmask, other=0.0) if HAS_B else tl.zeros(c.shape, tl.float32)
-    add = tl.load(add_ptr + n * C + c, mask=cmask, other=0.0) if HAS_ADD else tl.zeros(c.shape, tl.float32)
+    w = _load_f32(w_ptr + c, cmask, 1.0) if HAS_W else tl.full(c.shape, 1.0, tl.float32)
+    bias = _load_f32(b_ptr + c, cmask, 0.0) if HAS_B else tl.zeros(c.shape, tl.float32)
+    add = _load_f32(add_ptr + n * C + c, cmask, 0.0) if HAS_ADD else tl.zeros(c.shape, tl.float32)
     if HAS_SS:
-        scale1 = 1.0 + tl.load(ss_ptr + n * 2 * C + c, mask=cmask, other=0.0)
-        shift = tl.load(ss_ptr + n * 2 * C + C + c, mask=cmask, other=0.0)
+        scale1 = 1.0 + _load_f32(ss_ptr + n * 2 * C + c, cmask, 0.0)
+        shift = _load_f32(ss_ptr + n * 2 * C + C + c, cmask, 0.0)
     else:
         scale1 = tl.full(c.shape, 1.0, tl.float32)
         shift = tl.zeros(c.shape, tl.float32)
@@ -177,7 +221,7 @@ def _group_finalize_kernel(cmean_ptr, cm2_ptr, w_ptr, b_ptr, add_ptr, ss_ptr, me
         m = i < total
         sp = i % splits
         cnt = tl.minimum(S - sp * s_per_split, s_per_split).to(tl.float32)
-        add = tl.load(add_ptr + n * C + g * Cg + i // splits, mask=m, other=0.0) if HAS_ADD else 0.0
+        add = _load_f32(add_ptr + n * C + g * Cg + i // splits, m, 0.0) if HAS_ADD else 0.0
         acc += tl.where(m, cnt * (tl.load(cmean_ptr + base + i, mask=m, other=0.0) + add), 0.0)
     count = (Cg * S).to(tl.float32)
     mean = tl.sum(acc, axis=0) / count
@@ -187,7 +231,7 @@ def _group_finalize_kernel(cmean_ptr, cm2_ptr, w_ptr, b_ptr, add_ptr, ss_ptr, me
         m = i < total
         sp = i % splits
         cnt = tl.minimum(S - sp * s_per_split, s_per_split).to(tl.float32)
-        add = tl.load(add_ptr + n * C + g * Cg + i // splits, mask=m, other=0.0) if HAS_ADD else 0.0
+        add = _load_f32(add_ptr + n * C + g * Cg + i // splits, m, 0.0) if HAS_ADD else 0.0
         dev = tl.load(cmean_ptr + base + i, mask=m, other=0.0) + add - mean
         acc += tl.where(m, tl.load(cm2_ptr + base + i, mask=m, other=0.0) + cnt * dev * dev, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / count + eps)
@@ -207,6 +251,145 @@ def _coef_kernel(mean_ptr, rstd_ptr, w_ptr, b_ptr, add_ptr, ss_ptr, a_ptr, d_ptr
     mean, rstd = tl.load(mean_ptr + ng), tl.load(rstd_ptr + ng)
     _store_coefficients(n, g, C, Cg, mean, rstd, w_ptr, b_ptr, add_ptr, ss_ptr, a_ptr, d_ptr, bb_ptr,
                         HAS_W, HAS_B, HAS_ADD, HAS_SS, BLOCK)
+
+
+@triton.jit
+def _group_tile(n, g, Cg, C, S, s0, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets and mask of the [BLOCK_C, BLOCK_S] tile of group g of image n at positions s0 + [0, BLOCK_S)."""
+    c = g * Cg + tl.arange(0, BLOCK_C)
+    s = s0 + tl.arange(0, BLOCK_S)
+    off, _ = _tile(n, c, s, C, S, S, CHANNELS_LAST)
+    return off, (c[:, None] < (g + 1) * Cg) & (s[None, :] < S)
+
+
+@triton.jit
+def _group_norm_act_one_program_kernel(x_ptr, res_ptr, out_ptr, w_ptr, b_ptr, add_ptr, ss_ptr, mean_ptr, rstd_ptr,
+                                       C, S, G, Cg, eps, slope,
+                                       CHANNELS_LAST: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                                       HAS_ADD: tl.constexpr, HAS_SS: tl.constexpr, HAS_RES: tl.constexpr,
+                                       ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                                       ONE_TILE: tl.constexpr):
+    """The whole forward of one (n, group) in one program: statistics, then the
+    normalized, activated output. ONE_TILE: the group is one register tile, read
+    once, with an exact two-pass variance on the registers. Otherwise the tiles
+    along S are read twice, the second time from L2 (this program has just read
+    them): per-lane Welford moments merged once at the end, as in
+    ``_channel_moments_kernel``, then the apply pass."""
+    ng = tl.program_id(0)
+    n, g = ng // G, ng % G
+    c = g * Cg + tl.arange(0, BLOCK_C)
+    cm = c < (g + 1) * Cg
+    count = (Cg * S).to(tl.float32)
+    add = _load_f32(add_ptr + n * C + c, cm, 0.0)[:, None] if HAS_ADD else 0.0
+    if ONE_TILE:
+        off, mask = _group_tile(n, g, Cg, C, S, 0, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+        h = tl.where(mask, tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) + add, 0.0)
+        mean = tl.sum(tl.sum(h, axis=1), axis=0) / count
+        dev = tl.where(mask, h - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(dev * dev, axis=1), axis=0) / count + eps)
+    else:
+        wmean = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+        wm2 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+        k = 0.0
+        for s0 in range(0, S, BLOCK_S):
+            k += 1.0
+            inv = 1.0 / k
+            off, mask = _group_tile(n, g, Cg, C, S, s0, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+            v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) + add
+            delta = v - wmean
+            wmean = tl.where(mask, wmean + delta * inv, wmean)
+            wm2 = tl.where(mask, wm2 + delta * (v - wmean), wm2)
+        # Lanes of column j saw ceil((S - j) / BLOCK_S) positions; padding rows saw none.
+        j = tl.arange(0, BLOCK_S)
+        lane_count = tl.where(cm[:, None], tl.maximum((S - j + BLOCK_S - 1) // BLOCK_S, 0)[None, :], 0).to(tl.float32)
+        mean = tl.sum(tl.sum(wmean * lane_count, axis=1), axis=0) / count
+        ldev = wmean - mean
+        m2 = tl.sum(tl.sum(tl.where(lane_count > 0.0, wm2 + lane_count * ldev * ldev, 0.0), axis=1), axis=0)
+        rstd = 1.0 / tl.sqrt(m2 / count + eps)
+    tl.store(mean_ptr + ng, mean)
+    tl.store(rstd_ptr + ng, rstd)
+    a, d, b, _, _ = _fold(n, c, cm, C, mean, rstd, w_ptr, b_ptr, add_ptr, ss_ptr, HAS_W, HAS_B, HAS_ADD, HAS_SS)
+    if ONE_TILE:
+        y = _activate(dev * a[:, None] + b[:, None], slope, ACT)
+        if HAS_RES:
+            y += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        for s0 in range(0, S, BLOCK_S):
+            off, mask = _group_tile(n, g, Cg, C, S, s0, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+            xv = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            y = _activate((xv + d[:, None]) * a[:, None] + b[:, None], slope, ACT)
+            if HAS_RES:
+                y += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_act_backward_one_program_kernel(
+        x_ptr, g_ptr, gx_ptr, w_ptr, b_ptr, add_ptr, ss_ptr, mean_ptr, rstd_ptr, gadd_ptr, gss_ptr, gw_ptr, gb_ptr,
+        C, S, G, Cg, slope,
+        CHANNELS_LAST: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr,
+        HAS_SS: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+        ONE_TILE: tl.constexpr):
+    """The whole backward of one (n, group) in one program: the per-channel sums of
+    dy, dy * (h - mean) and (h - mean) (``_channel_sums_kernel``), the group's
+    coefficients (``_group_backward_kernel``), then grad_x (``_grad_apply_kernel``).
+    ONE_TILE keeps x and grad_out in registers (one read); otherwise both are read
+    twice, the second time from L2."""
+    ng = tl.program_id(0)
+    n, g = ng // G, ng % G
+    c = g * Cg + tl.arange(0, BLOCK_C)
+    cm = c < (g + 1) * Cg
+    mean, rstd = tl.load(mean_ptr + ng), tl.load(rstd_ptr + ng)
+    a, d, b, w, scale1 = _fold(n, c, cm, C, mean, rstd, w_ptr, b_ptr, add_ptr, ss_ptr, HAS_W, HAS_B, HAS_ADD,
+                               HAS_SS)
+    a, d, b = a[:, None], d[:, None], b[:, None]
+    if ONE_TILE:
+        off, mask = _group_tile(n, g, Cg, C, S, 0, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+        xc = tl.where(mask, tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) + d, 0.0)
+        dy = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32) * _activate_grad(xc * a + b, slope, ACT)
+        S1 = tl.sum(dy, axis=1)
+        S2 = tl.sum(dy * xc, axis=1) * rstd
+        S3 = tl.sum(xc, axis=1) * rstd
+    else:
+        acc1 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+        acc2 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+        acc3 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            off, mask = _group_tile(n, g, Cg, C, S, s0, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+            xc = tl.where(mask, tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) + d, 0.0)
+            gv = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            dy = gv * _activate_grad(xc * a + b, slope, ACT)
+            acc1 += dy
+            acc2 += dy * xc
+            acc3 += xc
+        S1 = tl.sum(acc1, axis=1)
+        S2 = tl.sum(acc2, axis=1) * rstd
+        S3 = tl.sum(acc3, axis=1) * rstd
+    k = w * scale1
+    count = (Cg * S).to(tl.float32)
+    m1 = tl.sum(tl.where(cm, k * S1, 0.0), axis=0) / count
+    m2 = tl.sum(tl.where(cm, k * S2, 0.0), axis=0) / count
+    bias = _load_f32(b_ptr + c, cm, 0.0) if HAS_B else tl.zeros(c.shape, tl.float32)
+    nc = n * C + c
+    tl.store(gadd_ptr + nc, rstd * (k * S1 - S * m1 - m2 * S3), mask=cm)
+    tl.store(gss_ptr + n * 2 * C + c, w * S2 + bias * S1, mask=cm)
+    tl.store(gss_ptr + n * 2 * C + C + c, S1, mask=cm)
+    tl.store(gw_ptr + nc, scale1 * S2, mask=cm)
+    tl.store(gb_ptr + nc, scale1 * S1, mask=cm)
+    # grad_h = dy * P + (h - mean) * Q + R
+    p = (rstd * k)[:, None]
+    q = -rstd * rstd * m2
+    r = -rstd * m1
+    if ONE_TILE:
+        tl.store(gx_ptr + off, (dy * p + xc * q + r).to(gx_ptr.dtype.element_ty), mask=mask)
+    else:
+        for s0 in range(0, S, BLOCK_S):
+            off, mask = _group_tile(n, g, Cg, C, S, s0, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+            xc = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) + d
+            gv = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            dy = gv * _activate_grad(xc * a + b, slope, ACT)
+            tl.store(gx_ptr + off, (dy * p + xc * q + r).to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -240,8 +423,8 @@ def _bn_finalize_kernel(cmean_ptr, cm2_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, va
     tl.store(mean_ptr + c, mean)
     tl.store(rstd_ptr + c, rstd)
     tl.store(var_ptr + c, var)
-    w = tl.load(w_ptr + c) if HAS_W else 1.0
-    bias = tl.load(b_ptr + c) if HAS_B else 0.0
+    w = tl.load(w_ptr + c).to(tl.float32) if HAS_W else 1.0
+    bias = tl.load(b_ptr + c).to(tl.float32) if HAS_B else 0.0
     for n0 in range(0, N, BLOCK):
         n = n0 + tl.arange(0, BLOCK)
         m = n < N
@@ -358,7 +541,7 @@ def _group_backward_kernel(s1_ptr, s2_ptr, s3_ptr, rstd_ptr, w_ptr, b_ptr, ss_pt
         S2 = tl.sum(tl.load(s2_ptr + off, mask=m2d, other=0.0), axis=1) * rstd
         S3 = tl.sum(tl.load(s3_ptr + off, mask=m2d, other=0.0), axis=1) * rstd
         _, _, _, w, scale1 = _fold(n, c, cm, C, 0.0, rstd, w_ptr, b_ptr, ss_ptr, ss_ptr, HAS_W, HAS_B, False, HAS_SS)
-        bias = tl.load(b_ptr + c, mask=cm, other=0.0) if HAS_B else tl.zeros(c.shape, tl.float32)
+        bias = _load_f32(b_ptr + c, cm, 0.0) if HAS_B else tl.zeros(c.shape, tl.float32)
         k = w * scale1
         nc = n * C + c
         tl.store(p_ptr + nc, rstd * k, mask=cm)
@@ -411,17 +594,25 @@ def _tiling(n, c, s, channels_last):
     return block_c, block_s, triton.cdiv(s, s_per_split), s_per_split
 
 
-def _dummy(x):
-    return x.new_empty(1, dtype=torch.float32)
-
-
 def _opt(t, x):
-    return t if t is not None else _dummy(x)
+    """t, or x as a pointer the kernel never reads (its HAS_* flag is off): no allocation."""
+    return t if t is not None else x
 
 
 def _flags(weight, bias, add, scale_shift):
     return dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
                 HAS_SS=scale_shift is not None)
+
+
+def _one_program_tiling(cg, s):
+    """(BLOCK_C, BLOCK_S, ONE_TILE) of the one-program-per-(n, group) kernels, or None
+    when a group is too large for one program (more than GROUP_ONE_PROGRAM elements, or
+    more than GROUP_TILE channels). Shapes only: no host sync."""
+    block_c = triton.next_power_of_2(cg)
+    if cg * s > GROUP_ONE_PROGRAM or block_c > GROUP_TILE:
+        return None
+    block_s = min(triton.next_power_of_2(s), GROUP_TILE // block_c)
+    return block_c, block_s, block_s >= s
 
 
 def _cblock(cg):
@@ -443,8 +634,7 @@ def group_norm_act_out(x, num_groups, weight, bias, eps, activation, negative_sl
 def _channel_moments(x, n, c, s, cl):
     """(mean, M2) per (n, c, split) of x, fp32 (n, c, splits), with (splits, s_per_split)."""
     block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
-    cmean = x.new_empty((n, c, splits), dtype=torch.float32)
-    cm2 = torch.empty_like(cmean)
+    cmean, cm2 = x.new_empty((2, n, c, splits), dtype=torch.float32)
     _channel_moments_kernel[(n, triton.cdiv(c, block_c), splits)](
         x, cmean, cm2, c, s, s_per_split, splits, CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_S=block_s,
         num_warps=NUM_WARPS)
@@ -472,19 +662,27 @@ def _grad_apply(x, g, grad_x, coef, back, c, s, cl, act, negative_slope):
 def _group_norm_act_into(x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift, residual,
                          out):
     n, c, s, cl = _layout(x)
-    mean = x.new_empty((n, num_groups), dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    mean, rstd = x.new_empty((2, n, num_groups), dtype=torch.float32)
     if n * c == 0:
         return out, mean, rstd
     if s == 0:
         return out, mean.fill_(float("nan")), rstd.fill_(float("nan"))
     cg = c // num_groups
+    flags = _flags(weight, bias, add, scale_shift)
+    tiling = _one_program_tiling(cg, s)
+    if tiling is not None:
+        _group_norm_act_one_program_kernel[(n * num_groups,)](
+            x, _opt(residual, x), out, _opt(weight, x), _opt(bias, x), _opt(add, x), _opt(scale_shift, x), mean,
+            rstd, c, s, num_groups, cg, eps, negative_slope, CHANNELS_LAST=cl, **flags,
+            HAS_RES=residual is not None, ACT=ACT_CODES[activation], BLOCK_C=tiling[0], BLOCK_S=tiling[1],
+            ONE_TILE=tiling[2], num_warps=NUM_WARPS)
+        return out, mean, rstd
     cmean, cm2, splits, s_per_split = _channel_moments(x, n, c, s, cl)
     coef = x.new_empty((3, n, c), dtype=torch.float32)
     _group_finalize_kernel[(n * num_groups,)](
         cmean, cm2, _opt(weight, x), _opt(bias, x), _opt(add, x), _opt(scale_shift, x), mean, rstd,
         coef[0], coef[1], coef[2], c, s, num_groups, cg, s_per_split, splits, eps,
-        **_flags(weight, bias, add, scale_shift), BLOCK=min(triton.next_power_of_2(cg * splits), 1024),
+        **flags, BLOCK=min(triton.next_power_of_2(cg * splits), 1024),
         num_warps=4)
     _apply(x, residual, out, coef, c, s, cl, activation, negative_slope)
     return out, mean, rstd
@@ -494,33 +692,46 @@ def group_norm_act_backward(grad_out, x, num_groups, weight, bias, mean, rstd, a
                             scale_shift):
     n, c, s, cl = _layout(x)
     grad_x = torch.empty_like(x)
-    grad_add = x.new_zeros((n, c), dtype=torch.float32)
-    grad_ss = x.new_zeros((n, 2 * c), dtype=torch.float32)
-    wpart, bpart = torch.zeros_like(grad_add), torch.zeros_like(grad_add)
+    # Every element of these is written by the kernels (the groups cover every channel).
+    grad_add = x.new_empty((n, c), dtype=torch.float32)
+    grad_ss = x.new_empty((n, 2 * c), dtype=torch.float32)
+    wb = x.new_empty((2, n, c), dtype=torch.float32)  # per-image parts of grad_weight, grad_bias
     if n * c == 0 or s == 0:
-        return grad_x.zero_(), wpart.sum(0), bpart.sum(0), grad_add, grad_ss
+        for t in (grad_x, grad_add, grad_ss, wb):
+            t.zero_()
+        return grad_x, *wb.sum(1), grad_add, grad_ss
     g = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last if cl and x.dim() == 4 else
                                         torch.channels_last_3d if cl else torch.contiguous_format)
     cg = c // num_groups
     act = ACT_CODES[activation]
-    coef = x.new_empty((3, n, c), dtype=torch.float32)
-    _coef_kernel[(n * num_groups,)](
-        mean, rstd, _opt(weight, x), _opt(bias, x), _opt(add, x), _opt(scale_shift, x), coef[0], coef[1], coef[2],
-        c, num_groups, cg, **_flags(weight, bias, add, scale_shift), BLOCK=_cblock(cg), num_warps=4)
-    block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
-    sums = x.new_empty((3, n, c, splits), dtype=torch.float32)
-    _channel_sums_kernel[(n, triton.cdiv(c, block_c), splits)](
-        x, g, coef[0], coef[1], coef[2], sums[0], sums[1], sums[2], c, s, s_per_split, splits, negative_slope,
-        CHANNELS_LAST=cl, ACT=act, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS)
-    back = x.new_empty((3, n, c), dtype=torch.float32)
-    splits_p2 = triton.next_power_of_2(splits)
-    _group_backward_kernel[(n * num_groups,)](
-        sums[0], sums[1], sums[2], rstd, _opt(weight, x), _opt(bias, x), _opt(scale_shift, x), back[0], back[1],
-        back[2], grad_add, grad_ss, wpart, bpart, c, s, num_groups, cg, splits,
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_SS=scale_shift is not None,
-        BLOCK=max(1, min(_cblock(cg), 2048 // splits_p2)), SPLITS_P2=splits_p2, num_warps=4)
-    _grad_apply(x, g, grad_x, coef, back, c, s, cl, act, negative_slope)
-    return grad_x, wpart.sum(0), bpart.sum(0), grad_add, grad_ss
+    flags = _flags(weight, bias, add, scale_shift)
+    w_, b_, add_, ss_ = _opt(weight, x), _opt(bias, x), _opt(add, x), _opt(scale_shift, x)
+    tiling = _one_program_tiling(cg, s)
+    if tiling is not None:
+        _group_norm_act_backward_one_program_kernel[(n * num_groups,)](
+            x, g, grad_x, w_, b_, add_, ss_, mean, rstd, grad_add, grad_ss, wb[0], wb[1], c, s, num_groups, cg,
+            negative_slope, CHANNELS_LAST=cl, **flags, ACT=act, BLOCK_C=tiling[0], BLOCK_S=tiling[1],
+            ONE_TILE=tiling[2], num_warps=NUM_WARPS)
+    else:
+        coef = x.new_empty((3, n, c), dtype=torch.float32)
+        _coef_kernel[(n * num_groups,)](
+            mean, rstd, w_, b_, add_, ss_, coef[0], coef[1], coef[2], c, num_groups, cg, **flags,
+            BLOCK=_cblock(cg), num_warps=4)
+        block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
+        sums = x.new_empty((3, n, c, splits), dtype=torch.float32)
+        _channel_sums_kernel[(n, triton.cdiv(c, block_c), splits)](
+            x, g, coef[0], coef[1], coef[2], sums[0], sums[1], sums[2], c, s, s_per_split, splits, negative_slope,
+            CHANNELS_LAST=cl, ACT=act, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS)
+        back = x.new_empty((3, n, c), dtype=torch.float32)
+        splits_p2 = triton.next_power_of_2(splits)
+        _group_backward_kernel[(n * num_groups,)](
+            sums[0], sums[1], sums[2], rstd, w_, b_, ss_, back[0], back[1], back[2], grad_add, grad_ss, wb[0],
+            wb[1], c, s, num_groups, cg, splits, HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], HAS_SS=flags["HAS_SS"],
+            BLOCK=max(1, min(_cblock(cg), 2048 // splits_p2)), SPLITS_P2=splits_p2, num_warps=4)
+        _grad_apply(x, g, grad_x, coef, back, c, s, cl, act, negative_slope)
+    # One image: its parts are the gradients (views, no launch); else one sum over the images.
+    gw, gb = wb[:, 0] if n == 1 else wb.sum(1)
+    return grad_x, gw, gb, grad_add, grad_ss
 
 
 def channel_affine_act(x, scale, shift, residual, activation, negative_slope):
@@ -591,7 +802,7 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, rstd, activation, n
     unused = x.new_empty((3, c), dtype=torch.float32)  # the per-(n, c) gradients of add and scale_shift
     splits_p2 = triton.next_power_of_2(splits)
     _group_backward_kernel[(c,)](
-        sums[0], sums[1], sums[2], rstd, _opt(weight, x), _opt(bias, x), _dummy(x), back[0], back[1], back[2],
+        sums[0], sums[1], sums[2], rstd, _opt(weight, x), _opt(bias, x), x, back[0], back[1], back[2],
         unused[0], unused[1:], grads[0], grads[1], c, n * s, c, 1, splits,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_SS=False, BLOCK=1, SPLITS_P2=splits_p2, num_warps=4)
     back = back[:, None, :].expand(3, n, c).contiguous()

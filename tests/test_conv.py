@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import genfast
 from genfast.conv import group_norm_act
 
-from conftest import DEVICE, assert_close
+from conftest import BACKENDS, DEVICE, assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTIVATIONS = ["silu", "gelu", "relu", "leaky_relu", "none"]
@@ -25,6 +25,31 @@ SHAPES = [
     ((2, 64, 13, 11), 32),
 ]
 SMALL = [s for s in SHAPES if torch.Size(s[0]).numel() < 100_000]
+
+
+# The Triton forward and backward take one of three paths, chosen by the group's size
+# (kernels/conv.py): one program per (n, group) holding the group in one register tile,
+# or looping over its tiles, and above GROUP_ONE_PROGRAM elements three kernels (channel
+# moments, group finalize, apply). Small test shapes mostly select the first, so tests
+# that take gn_backend run on every backend and on the Triton backend once more per
+# forced path: "tiled" (32-lane tiles: most small groups span several, the last one
+# partial) and "three_kernels" (a size limit of 0).
+GROUP_PATHS = {"tiled": {"GROUP_ONE_PROGRAM": 2**62, "GROUP_TILE": 32}, "three_kernels": {"GROUP_ONE_PROGRAM": 0}}
+GN_BACKENDS = [(name, device, "") for name, device in BACKENDS] + [
+    (name, device, path) for name, device in BACKENDS if name == "triton" for path in GROUP_PATHS]
+
+
+@pytest.fixture(params=GN_BACKENDS, ids=[f"{b}-{d}{'-' + p if p else ''}" for b, d, p in GN_BACKENDS])
+def gn_backend(request, monkeypatch):
+    """The backend fixture of conftest, with the Triton kernels' path forced."""
+    name, device, path = request.param
+    if path:
+        from genfast.kernels import conv as kernels
+
+        for constant, value in GROUP_PATHS[path].items():
+            monkeypatch.setattr(kernels, constant, value)
+    with genfast.use_backend(name):
+        yield device
 
 
 def interpreted(device):
@@ -156,10 +181,10 @@ FEATURES = {
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("features", list(FEATURES))
-def test_group_norm_act_matches_torch(backend, shape, groups, channels_last, dtype, features):
-    skip_unsupported(backend, dtype, shape)
-    tensors = make_inputs(shape, dtype, backend, channels_last, FEATURES[features])
-    grad = torch.randn(shape, device=backend).to(dtype)
+def test_group_norm_act_matches_torch(gn_backend, shape, groups, channels_last, dtype, features):
+    skip_unsupported(gn_backend, dtype, shape)
+    tensors = make_inputs(shape, dtype, gn_backend, channels_last, FEATURES[features])
+    grad = torch.randn(shape, device=gn_backend).to(dtype)
     out, grads = run_and_grad(lambda **t: group_norm_act(num_groups=groups, **t), tensors, grad)
     assert out.is_contiguous(memory_format=torch.contiguous_format if not channels_last else
                              (torch.channels_last if len(shape) == 4 else torch.channels_last_3d))
@@ -169,30 +194,31 @@ def test_group_norm_act_matches_torch(backend, shape, groups, channels_last, dty
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_every_activation(backend, activation, channels_last, dtype):
-    skip_unsupported(backend, dtype)
+def test_every_activation(gn_backend, activation, channels_last, dtype):
+    skip_unsupported(gn_backend, dtype)
     shape, groups = (2, 12, 6, 7), 3
-    tensors = make_inputs(shape, dtype, backend, channels_last, ("affine", "add", "scale_shift", "residual"))
-    grad = torch.randn(shape, device=backend).to(dtype)
+    tensors = make_inputs(shape, dtype, gn_backend, channels_last, ("affine", "add", "scale_shift", "residual"))
+    grad = torch.randn(shape, device=gn_backend).to(dtype)
     kw = dict(activation=activation, negative_slope=0.2, eps=1e-6)
     out, grads = run_and_grad(lambda **t: group_norm_act(num_groups=groups, **t, **kw), tensors, grad)
     check_against_torch(tensors, groups, grad, out, grads, **kw)
 
 
-def test_large_group_split_within_groups(backend):
-    """One image, few groups of many elements: the C++ and Triton kernels split each group."""
-    shape, groups = ((1, 4, 96, 100), 2) if interpreted(backend) else ((1, 16, 256, 256), 2)
+def test_large_group_split_within_groups(gn_backend):
+    """One image, few groups of many elements: the C++ kernels and the Triton three-kernel
+    path split each group; the Triton one-program path loops over a group's tiles."""
+    shape, groups = ((1, 4, 96, 100), 2) if interpreted(gn_backend) else ((1, 16, 256, 256), 2)
     for channels_last in (False, True):
-        tensors = make_inputs(shape, torch.float32, backend, channels_last, ("affine", "add"))
-        grad = torch.randn(shape, device=backend)
+        tensors = make_inputs(shape, torch.float32, gn_backend, channels_last, ("affine", "add"))
+        grad = torch.randn(shape, device=gn_backend)
         out, grads = run_and_grad(lambda **t: group_norm_act(num_groups=groups, **t), tensors, grad)
         check_against_torch(tensors, groups, grad, out, grads)
 
 
-def test_mean_far_from_zero(backend):
+def test_mean_far_from_zero(gn_backend):
     """Statistics by exact two-pass merges: a mean 1e4 standard deviations away does not
     cancel. What is left is the rounding of the fp32 mean itself (as in PyTorch), u·|mean|·rstd."""
-    x = (1e4 + torch.randn(2, 8, 9, 9, device=backend)).requires_grad_()
+    x = (1e4 + torch.randn(2, 8, 9, 9, device=gn_backend)).requires_grad_()
     out = group_norm_act(x, 4, activation="none")
     ref64 = torch_block(x.detach().double(), 4, activation="none")
     lowp = torch_block(x.detach(), 4, activation="none")
@@ -216,10 +242,10 @@ def test_residual_keeps_x_layout(backend):
     torch.testing.assert_close(out, torch_block(x, 2, residual=res), rtol=1e-5, atol=1e-5)
 
 
-def test_out_writes_into_the_buffer_and_in_place(backend):
+def test_out_writes_into_the_buffer_and_in_place(gn_backend):
     """out= (inference): bit-for-bit the fresh output, written into the caller's buffer, also over x itself."""
     for channels_last in (False, True):
-        t = make_inputs((2, 64, 13, 11), torch.float32, backend, channels_last, ("affine", "add", "residual"))
+        t = make_inputs((2, 64, 13, 11), torch.float32, gn_backend, channels_last, ("affine", "add", "residual"))
         t = {k: v.detach() for k, v in t.items()}
         want = group_norm_act(num_groups=32, **t)
         out = torch.full_like(want, float("nan"))
@@ -261,9 +287,92 @@ def test_fp32_params_with_low_precision_x():
     assert (gx.dtype, gw.dtype, gadd.dtype) == (torch.float16, torch.float32, torch.float32)
 
 
-def test_same_result_on_every_backend():
-    from conftest import BACKENDS
+class _LaunchLog:
+    """Records the Triton launches of kernels/conv.py: (kernel name, ONE_TILE, the launch's tensor dtypes)."""
 
+    def __init__(self, monkeypatch):
+        from genfast.kernels import conv as kernels
+
+        self.kernels, self.calls = kernels, []
+        for name in dir(kernels):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(kernels, name, self._wrap(name, getattr(kernels, name)))
+
+    def _wrap(self, name, kernel):
+        log = self
+
+        class Recorded:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    log.calls.append((name, kwargs.get("ONE_TILE"),
+                                      [a.dtype for a in args if isinstance(a, torch.Tensor)]))
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        return Recorded()
+
+    def names(self):
+        names = [c[0] for c in self.calls]
+        self.calls.clear()
+        return names
+
+
+@pytest.mark.skipif(not any(b == "triton" for b, _ in BACKENDS), reason="no Triton backend")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_triton_launches_per_call(channels_last, monkeypatch):
+    """Each path's launches for one call, forward and backward, on a 5D shape with every input:
+    one kernel for a group that one program takes (tiled or not), three (forward) and four
+    (backward) above the limit; parameters reach the kernels uncast (fp16 with fp32 x)."""
+    from genfast.kernels import conv as kernels
+
+    log = _LaunchLog(monkeypatch)
+    shape, groups = (2, 6, 3, 5, 7), 3
+    t32 = make_inputs(shape, torch.float32, DEVICE, channels_last, ("affine", "add", "scale_shift", "residual"))
+    params = ("weight", "bias", "add", "scale_shift")
+    for name in params:  # fp16 values, so that the fp32 copies are the same numbers
+        t32[name] = t32[name].detach().half().float().requires_grad_()
+    t = {k: v.detach().half().requires_grad_() if k in params else v for k, v in t32.items()}
+    grad = torch.randn(shape, device=DEVICE)
+    one = ["_group_norm_act_one_program_kernel"], ["_group_norm_act_backward_one_program_kernel"]
+    three = (["_channel_moments_kernel", "_group_finalize_kernel", "_apply_kernel"],
+             ["_coef_kernel", "_channel_sums_kernel", "_group_backward_kernel", "_grad_apply_kernel"])
+    with genfast.use_backend("triton"):
+        for limits, (forward, backward), one_tile in (({}, one, True), (GROUP_PATHS["tiled"], one, False),
+                                                      (GROUP_PATHS["three_kernels"], three, None)):
+            for constant, value in limits.items():
+                monkeypatch.setattr(kernels, constant, value)
+            out = group_norm_act(num_groups=groups, activation="gelu", **t)
+            assert [c[1] for c in log.calls] == [one_tile] * len(forward)
+            if one_tile is not None:  # weight, bias, add, scale_shift as the caller gave them
+                assert log.calls[0][2][3:7] == [torch.float16] * 4
+            assert log.names() == forward
+            grads = torch.autograd.grad(out, list(t.values()), grad)
+            assert log.names() == backward
+            assert [g.dtype for g in grads] == [v.dtype for v in t.values()]
+            # The same numbers as fp32 parameters: the same result, bit for bit, which is right.
+            out32 = group_norm_act(num_groups=groups, activation="gelu", **t32)
+            grads32 = torch.autograd.grad(out32, list(t32.values()), grad)
+            log.calls.clear()
+            torch.testing.assert_close(out, out32, rtol=0, atol=0)
+            for g, g32 in zip(grads, grads32):
+                torch.testing.assert_close(g, g32.to(g.dtype), rtol=0, atol=0)
+            check_against_torch(t32, groups, grad, out32, dict(zip(t32, grads32)), activation="gelu")
+
+
+def test_triton_path_by_shape():
+    """The one-program bound, by shape only: SD1.5 UNet groups (G = 32) take one program, the
+    VAE decoder's 2M-element groups and groups of more than GROUP_TILE channels do not."""
+    if not any(b == "triton" for b, _ in BACKENDS):
+        pytest.skip("no Triton backend")
+    from genfast.kernels.conv import _one_program_tiling
+
+    assert _one_program_tiling(10, 64 * 64) == (16, 256, False)  # 2x320x64x64: 40960 per group, 16 tiles
+    assert _one_program_tiling(40, 8 * 8) == (64, 64, True)  # 2x1280x8x8: one tile
+    assert _one_program_tiling(1, 7) == (1, 8, True)
+    assert _one_program_tiling(16, 256 * 256) is None  # VAE 1x512x256x256
+    assert _one_program_tiling(8192, 1) is None  # a tile of more channels than GROUP_TILE
+
+
+def test_same_result_on_every_backend():
     tensors = make_inputs((2, 12, 7, 5), torch.float32, DEVICE, True, ("affine", "add", "scale_shift", "residual"),
                           requires_grad=False)
     outs = {}
