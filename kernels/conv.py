@@ -120,6 +120,13 @@ def _activate_grad(y, slope, ACT: tl.constexpr):
 
 
 @triton.jit
+def _centered_dy(x_ptr, g_ptr, off, mask, d, a, b, slope, ACT: tl.constexpr):
+    """(x + d, grad_out * act'(y)) at off, both 0 where masked: the terms of the backward's sums."""
+    xc = tl.where(mask, tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) + d, 0.0)
+    return xc, tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32) * _activate_grad(xc * a + b, slope, ACT)
+
+
+@triton.jit
 def _tile(n, c, s, C, S, s_end, CHANNELS_LAST: tl.constexpr):
     """Offsets and mask (s < s_end) of the [BLOCK_C, BLOCK_S] tile (n, c[:, None], s[None, :])."""
     mask = (c[:, None] < C) & (s[None, :] < s_end)
@@ -346,8 +353,7 @@ def _group_norm_act_backward_one_program_kernel(
     a, d, b = a[:, None], d[:, None], b[:, None]
     if ONE_TILE:
         off, mask = _group_tile(n, g, Cg, C, S, 0, CHANNELS_LAST, BLOCK_C, BLOCK_S)
-        xc = tl.where(mask, tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) + d, 0.0)
-        dy = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32) * _activate_grad(xc * a + b, slope, ACT)
+        xc, dy = _centered_dy(x_ptr, g_ptr, off, mask, d, a, b, slope, ACT)
         S1 = tl.sum(dy, axis=1)
         S2 = tl.sum(dy * xc, axis=1) * rstd
         S3 = tl.sum(xc, axis=1) * rstd
@@ -357,9 +363,7 @@ def _group_norm_act_backward_one_program_kernel(
         acc3 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
         for s0 in range(0, S, BLOCK_S):
             off, mask = _group_tile(n, g, Cg, C, S, s0, CHANNELS_LAST, BLOCK_C, BLOCK_S)
-            xc = tl.where(mask, tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) + d, 0.0)
-            gv = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            dy = gv * _activate_grad(xc * a + b, slope, ACT)
+            xc, dy = _centered_dy(x_ptr, g_ptr, off, mask, d, a, b, slope, ACT)
             acc1 += dy
             acc2 += dy * xc
             acc3 += xc
@@ -386,9 +390,7 @@ def _group_norm_act_backward_one_program_kernel(
     else:
         for s0 in range(0, S, BLOCK_S):
             off, mask = _group_tile(n, g, Cg, C, S, s0, CHANNELS_LAST, BLOCK_C, BLOCK_S)
-            xc = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) + d
-            gv = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            dy = gv * _activate_grad(xc * a + b, slope, ACT)
+            xc, dy = _centered_dy(x_ptr, g_ptr, off, mask, d, a, b, slope, ACT)
             tl.store(gx_ptr + off, (dy * p + xc * q + r).to(gx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -494,9 +496,7 @@ def _channel_sums_kernel(x_ptr, g_ptr, a_ptr, d_ptr, b_ptr, s1_ptr, s2_ptr, s3_p
     for s0 in range(s_begin, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         off, mask = _tile(n, c, s, C, S, s_end, CHANNELS_LAST)
-        xc = tl.where(mask, tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) + d, 0.0)
-        gv = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        dy = gv * _activate_grad(xc * a + b, slope, ACT)
+        xc, dy = _centered_dy(x_ptr, g_ptr, off, mask, d, a, b, slope, ACT)
         acc1 += dy
         acc2 += dy * xc
         acc3 += xc
@@ -563,8 +563,7 @@ def _grad_apply_kernel(x_ptr, g_ptr, gx_ptr, a_ptr, d_ptr, b_ptr, p_ptr, q_ptr, 
     a = tl.load(a_ptr + nc, mask=mask, other=0.0)
     d = tl.load(d_ptr + nc, mask=mask, other=0.0)
     b = tl.load(b_ptr + nc, mask=mask, other=0.0)
-    xc = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32) + d
-    dy = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32) * _activate_grad(xc * a + b, slope, ACT)
+    xc, dy = _centered_dy(x_ptr, g_ptr, idx, mask, d, a, b, slope, ACT)
     gx = dy * tl.load(p_ptr + nc, mask=mask, other=0.0) + xc * tl.load(q_ptr + nc, mask=mask, other=0.0) \
         + tl.load(r_ptr + nc, mask=mask, other=0.0)
     tl.store(gx_ptr + idx, gx.to(gx_ptr.dtype.element_ty), mask=mask)
