@@ -24,10 +24,47 @@ Kernels:
   deterministic for a given shape. Each split covers an equal share of its
   row's blocks; with more than one split, partial (out, lse) go to a
   workspace and ``_combine_kernel`` merges them.
+- ``_prefill_kernel``: long queries (``attention``, and ``attention_with_kvcache``
+  on a contiguous cache in the query's dtype) when ``_use_prefill`` says so
+  from the shapes: ``PREFILL_MIN_SEQLEN_Q`` or more queries, and either enough
+  programs for the SMs or at most 8 keys per query (else the shared kernel,
+  whose split-KV fills the GPU for a short chunk over a long cache). Paged and
+  fp8 caches keep the shared kernel.
+
+Prefill is bound by the tensor cores (4·sq·sk·H·d flops, halved by a causal
+mask), not by bytes. What ``_prefill_kernel`` does that the shared kernel did
+not, each a FlashAttention-2 practice:
+
+- tile = 128 query rows of one head (``prefill_config``), 8 warps, 3 stages of
+  K/V in flight; the shared kernel's tile packs G heads x 16 positions (64 rows,
+  32-key blocks, 4 warps): small MMAs, and its diagonal spans every block;
+- the key loop in three runs of aligned blocks: masked blocks at a left window
+  edge, blocks every row of the tile sees in full (no mask, no bounds check on
+  the loads, no -inf guard in the softmax), then masked blocks on the causal
+  diagonal / right window edge / last partial block. At 128 x 64 tiles a
+  causal 8k tile has 2 masked blocks among up to 128; the shared kernel
+  masked every element of every block;
+- log2(e) folded into the scale (and into softcap's and ALiBi's constants):
+  one multiply per score, then exp2;
+- 64-bit offsets once per program, 32-bit tile offsets and a pointer step per
+  block; no paged/varlen index arithmetic in the loop (packed sequences only
+  move the base);
+- grid (batch·heads, query blocks) with the blocks numbered from the last:
+  the longest causal tiles start first and the short ones fill the tail, and
+  the heads of one KV group run side by side (their K/V reads hit L2).
+
+Kept as FA2 does: the accumulator rescaled on every block (cheap next to two
+MMAs), one head per tile (GQA's K/V re-reads come from L2).
 
 Not measured on a GPU yet: written on a machine without one and checked with
-``TRITON_INTERPRET=1`` against ``genfast/reference/attention.py``. Target: decode
-at >= 80% of HBM bandwidth for context >= 4k.
+``TRITON_INTERPRET=1`` against ``genfast/reference/attention.py`` (and compiled
+for sm_90). Decode measured at 91-92% of copy bandwidth on an H200; prefill
+was at 0.59x SDPA with the shared kernel. The next GPU run must measure, in one
+run (``benchmarks/bench_attention.py``'s GPU quick set): causal bf16 prefill
+2k and 8k, genfast (this kernel) against "genfast shared kernel" (the old
+path) and SDPA, and the tile variants (``GENFAST_PREFILL_TILES``); target
+>= 0.8x SDPA. If 128 x 128 tiles or another stage count wins, change
+``prefill_config``; decode rows must not move.
 """
 from __future__ import annotations
 
