@@ -95,7 +95,7 @@ def _decode(batch, context, dtype, cache_dtype, device):
 # the kernel before the prefill kernel existed (G heads of a KV head packed into one tile), and the prefill
 # kernel with other (BLOCK_M, BLOCK_N, num_warps, num_stages) than prefill_config's.
 # GENFAST_PREFILL_TILES="128,128,8,3;64,64,4,4" replaces the tiles below.
-PREFILL_AB_TILES = ((128, 128, 8, 3), (64, 64, 4, 3))
+PREFILL_AB_TILES = ((128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3))
 
 
 def _prefill_variants() -> list[tuple[str, str, tuple | None]]:

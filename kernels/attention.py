@@ -530,14 +530,31 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
 PREFILL_MIN_SEQLEN_Q = 64  # shorter queries pack the G heads of a KV head into one tile (_attention_kernel)
 
 
-def prefill_config(headdim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``_prefill_kernel``: FA2's Hopper/Ampere tiles for 16-bit
-    inputs (128 query rows over 64-key blocks, 8 warps = two warp groups of 64 rows, 3 stages of K/V in
-    flight: 32 KB of q + 3 x 32 KB of K/V in shared memory at headdim 128); half of that at headdim 256
-    and for fp32 (IEEE products, twice the bytes)."""
+@functools.lru_cache(maxsize=None)
+def _max_shared_mem(device_index: int | None) -> int | None:
+    if device_index is None:  # interpreter: no limit
+        return None
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def prefill_config(headdim: int, dtype: torch.dtype, max_shared_mem: int | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``_prefill_kernel``: the first of FA2's tiles whose q
+    tile and K/V stages fit the device's shared memory. 16-bit at headdim <= 128: 128 query rows over
+    64-key blocks, 8 warps (two warp groups of 64 rows on Hopper), 3 stages of K/V in flight: 32 KB of q
+    + 3 x 32 KB of K/V = 128 KB (H100/H200/A100); 2 stages (96 KB) for 99 KB parts. Half the rows at
+    headdim 256 and for fp32 (IEEE products on twice the bytes)."""
     if dtype == torch.float32:
-        return (64, 32, 4, 2) if headdim <= 128 else (32, 32, 4, 2)
-    return (128, 64, 8, 3) if headdim <= 128 else (64, 64, 8, 2)
+        tiles = [(64, 32, 4, 2), (32, 32, 4, 2)] if headdim <= 128 else [(32, 32, 4, 2), (32, 16, 4, 2)]
+    elif headdim <= 128:
+        tiles = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)]
+    else:
+        tiles = [(64, 64, 8, 2), (64, 32, 4, 2)]
+    block_d = triton.next_power_of_2(headdim)
+    for block_m, block_n, warps, stages in tiles:
+        need = (block_m + 2 * stages * block_n) * block_d * dtype.itemsize
+        if max_shared_mem is None or need <= max_shared_mem:
+            break
+    return block_m, block_n, warps, stages
 
 
 def _use_prefill(batch, nheads, max_sq, max_sk, device) -> bool:
@@ -545,7 +562,7 @@ def _use_prefill(batch, nheads, max_sq, max_sk, device) -> bool:
     a small grid meets many more keys than queries (a short chunk over a long cache)."""
     if max_sq < PREFILL_MIN_SEQLEN_Q:
         return False
-    programs = batch * nheads * triton.cdiv(max_sq, prefill_config(128, torch.float16)[0])
+    programs = batch * nheads * triton.cdiv(max_sq, 128)  # 128-row query blocks (16-bit tiles)
     return programs >= _sms(device) or max_sk <= 8 * max_sq
 
 
@@ -554,7 +571,9 @@ def _prefill(q, k, v, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offse
     """Launches ``_prefill_kernel``; ``config`` overrides ``prefill_config`` (benchmarks and tests)."""
     H, D = q.shape[-2], q.shape[-1]
     G = H // k.shape[-2]
-    block_m, block_n, warps, stages = config or prefill_config(D, q.dtype)
+    smem = _max_shared_mem((q.device.index if q.device.index is not None else torch.cuda.current_device())
+                           if q.device.type == "cuda" else None)
+    block_m, block_n, warps, stages = config or prefill_config(D, q.dtype, smem)
     block_d = triton.next_power_of_2(D)
     dummy = q
     _prefill_kernel[(batch * H, triton.cdiv(max_sq, block_m))](
