@@ -444,7 +444,7 @@ def _prefill_call(q, k, v, *, cu=None, max_seqlen=None, tiles=None, causal=True,
 
 @pytest.mark.skipif(not genfast.backends()["triton"][0], reason="no Triton backend")
 @pytest.mark.parametrize("kw", PREFILL_KW, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_prefill_kernel_blocks(group, dtype, kw):
     """Full blocks, causal-diagonal and window-edge blocks, a last partial block and query tiles (75 is no
@@ -474,7 +474,7 @@ def test_prefill_kernel_blocks(group, dtype, kw):
                              v[a:b][None].double(), [n], alibi=alibi, **kw)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_prefill_long_queries(backend, dtype):
     """Queries long enough for the prefill kernel on the Triton backend, with its own tiles (128 x 64 for
     16-bit inputs): packed sequences (GQA 4), a padded batch with fewer queries than keys and headdim 80."""
