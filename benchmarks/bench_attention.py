@@ -19,6 +19,8 @@ q, k, v and out once and is not a bandwidth figure.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -89,23 +91,51 @@ def _decode(batch, context, dtype, cache_dtype, device):
     return build
 
 
-def _prefill(seqlen, dtype, device):
+# The GPU quick set's A/B rows for the prefill kernel, timed in the same run as genfast's default and SDPA:
+# the kernel before the prefill kernel existed (G heads of a KV head packed into one tile), and the prefill
+# kernel with other (BLOCK_M, BLOCK_N, num_warps, num_stages) than prefill_config's.
+# GENFAST_PREFILL_TILES="128,128,8,3;64,64,4,4" replaces the tiles below.
+PREFILL_AB_TILES = ((128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3))
+
+
+def _prefill_variants() -> list[tuple[str, str, tuple | None]]:
+    """(row name, kernel, tiles) of the A/B rows."""
+    spec = os.environ.get("GENFAST_PREFILL_TILES")
+    tiles = PREFILL_AB_TILES if spec is None else \
+        [tuple(int(x) for x in t.split(",")) for t in spec.split(";") if t.strip()]
+    for t in tiles:
+        if len(t) != 4:
+            raise ValueError(f"GENFAST_PREFILL_TILES: each entry is BLOCK_M,BLOCK_N,num_warps,num_stages, got {t}")
+    return [("genfast shared kernel", "shared", None)] + \
+        [(f"genfast {t[0]}x{t[1]} w{t[2]} s{t[3]}", "prefill", t) for t in tiles]
+
+
+def _prefill(seqlen, dtype, device, variants=()):
     def build():
         g = torch.Generator(device="cpu").manual_seed(0)
         q = torch.randn(1, seqlen, NHEADS, HEADDIM, generator=g).to(device, dtype)
         k = torch.randn(1, seqlen, NHEADS_K, HEADDIM, generator=g).to(device, dtype)
         v = torch.randn(1, seqlen, NHEADS_K, HEADDIM, generator=g).to(device, dtype)
         qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-        return {"genfast": lambda: genfast.attention(q, k, v, causal=True),
-                "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)}
+        fns = {"genfast": lambda: genfast.attention(q, k, v, causal=True),
+               "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)}
+        if variants:
+            from genfast.kernels import attention as kernels
+
+            def forced(kernel, tiles):  # the op's Triton implementation with the kernel and tiles forced
+                return lambda: kernels.attention(q, k, v, None, None, seqlen, seqlen, HEADDIM ** -0.5, True, -1, 0,
+                                                 0.0, None, kernel=kernel, config=tiles)
+
+            fns.update({name: forced(kernel, tiles) for name, kernel, tiles in variants})
+        return fns
 
     return build
 
 
 def cases(quick: bool, device) -> list[Case]:
     """quick: decode batch 8 at 4k context in fp32 and bf16 and with an fp8 cache, prefill 2k (GPU: bf16 and
-    fp8 decode at batch 8 x 16k and batch 32 x 4k, prefill 2k and 8k); full: batch 1/8/32 x context 1k/4k/16k in fp32, bf16 and with an fp8 cache,
-    prefill 2k and 8k."""
+    fp8 decode at batch 8 x 16k and batch 32 x 4k, prefill 2k and 8k with the A/B rows of ``_prefill_variants``);
+    full: batch 1/8/32 x context 1k/4k/16k in fp32, bf16 and with an fp8 cache, prefill 2k and 8k."""
     device = torch.device(device)
     gpu = device.type == "cuda"
     if quick:
@@ -142,7 +172,9 @@ def cases(quick: bool, device) -> list[Case]:
         seqlen = {"2k": 2048, "8k": 8192}[size]
         dtype = torch.bfloat16 if gpu else torch.float32
         nbytes = 2 * seqlen * (NHEADS + NHEADS_K) * HEADDIM * dtype.itemsize
+        variants = _prefill_variants() if gpu and quick else []
         out.append(Case(family=FAMILY, op="attention", mode="prefill causal", size=size, dtype=dtype,
-                        device=device, nbytes=nbytes, footprint=nbytes, impls=("genfast", "sdpa"),
-                        build=_prefill(seqlen, dtype, device), compiled=()))
+                        device=device, nbytes=nbytes, footprint=nbytes,
+                        impls=("genfast", "sdpa") + tuple(name for name, _, _ in variants),
+                        build=_prefill(seqlen, dtype, device, variants), compiled=()))
     return out

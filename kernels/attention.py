@@ -24,10 +24,47 @@ Kernels:
   deterministic for a given shape. Each split covers an equal share of its
   row's blocks; with more than one split, partial (out, lse) go to a
   workspace and ``_combine_kernel`` merges them.
+- ``_prefill_kernel``: long queries (``attention``, and ``attention_with_kvcache``
+  on a contiguous cache in the query's dtype) when ``_use_prefill`` says so
+  from the shapes: ``PREFILL_MIN_SEQLEN_Q`` or more queries, and either enough
+  programs for the SMs or at most 8 keys per query (else the shared kernel,
+  whose split-KV fills the GPU for a short chunk over a long cache). Paged and
+  fp8 caches keep the shared kernel.
+
+Prefill is bound by the tensor cores (4·sq·sk·H·d flops, halved by a causal
+mask), not by bytes. What ``_prefill_kernel`` does that the shared kernel did
+not, each a FlashAttention-2 practice:
+
+- tile = 128 query rows of one head (``prefill_config``), 8 warps, 3 stages of
+  K/V in flight; the shared kernel's tile packs G heads x 16 positions (64 rows,
+  32-key blocks, 4 warps): small MMAs, and its diagonal spans every block;
+- the key loop in three runs of aligned blocks: masked blocks at a left window
+  edge, blocks every row of the tile sees in full (no mask, no bounds check on
+  the loads, no -inf guard in the softmax), then masked blocks on the causal
+  diagonal / right window edge / last partial block. At 128 x 64 tiles a
+  causal 8k tile has 2 masked blocks among up to 128; the shared kernel
+  masked every element of every block;
+- log2(e) folded into the scale (and into softcap's and ALiBi's constants):
+  one multiply per score, then exp2;
+- 64-bit offsets once per program, 32-bit tile offsets and a pointer step per
+  block; no paged/varlen index arithmetic in the loop (packed sequences only
+  move the base);
+- grid (batch·heads, query blocks) with the blocks numbered from the last:
+  the longest causal tiles start first and the short ones fill the tail, and
+  the heads of one KV group run side by side (their K/V reads hit L2).
+
+Kept as FA2 does: the accumulator rescaled on every block (cheap next to two
+MMAs), one head per tile (GQA's K/V re-reads come from L2).
 
 Not measured on a GPU yet: written on a machine without one and checked with
-``TRITON_INTERPRET=1`` against ``genfast/reference/attention.py``. Target: decode
-at >= 80% of HBM bandwidth for context >= 4k.
+``TRITON_INTERPRET=1`` against ``genfast/reference/attention.py`` (and compiled
+for sm_90). Decode measured at 91-92% of copy bandwidth on an H200; prefill
+was at 0.59x SDPA with the shared kernel. The next GPU run must measure, in one
+run (``benchmarks/bench_attention.py``'s GPU quick set): causal bf16 prefill
+2k and 8k, genfast (this kernel) against "genfast shared kernel" (the old
+path) and SDPA, and the tile variants (``GENFAST_PREFILL_TILES``); target
+>= 0.8x SDPA. If 128 x 128 tiles or another stage count wins, change
+``prefill_config``; decode rows must not move.
 """
 from __future__ import annotations
 
@@ -240,6 +277,166 @@ def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, seqlens_ptr, seql
 
 
 @triton.jit
+def _prefill_block(acc, m, l, q, kb, vb, kv_offs, n0, L, qpos, row_lo, row_hi, slope2, qk_scale2, cap_in,
+                   cap_out, dmask, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+    """One BLOCK_N-key step of the online softmax; scores in log2 units. MASKED: the block holds keys that
+    some row must not see (causal diagonal, window edges, the end of the keys); else every row sees all."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        ld = (pos < L)[:, None]
+        if not EVEN_D:
+            ld = ld & dmask[None, :]
+        k = tl.load(kb + kv_offs, mask=ld, other=0.0)
+        v = tl.load(vb + kv_offs, mask=ld, other=0.0)
+    elif EVEN_D:
+        k = tl.load(kb + kv_offs)
+        v = tl.load(vb + kv_offs)
+    else:
+        k = tl.load(kb + kv_offs, mask=dmask[None, :], other=0.0)
+        v = tl.load(vb + kv_offs, mask=dmask[None, :], other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    if HAS_SOFTCAP:
+        # softcap·tanh(x/softcap) in log2 units, tanh(y) = 1 - 2 / (exp(2y) + 1): stable at both ends
+        s = cap_out * (1.0 - 2.0 / (tl.exp2(s * cap_in) + 1.0))
+    else:
+        s = s * qk_scale2
+    if HAS_ALIBI:
+        s = s - slope2[:, None] * tl.abs(qpos[:, None] - pos[None, :]).to(tl.float32)
+    if MASKED:
+        ok = (pos[None, :] >= row_lo[:, None]) & (pos[None, :] < row_hi[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep -inf - -inf out
+    else:
+        m_new = tl.maximum(m, tl.max(s, 1))  # every row sees this block's keys: finite
+        m_use = m_new
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m - m_use)
+    l = l * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seqlens_ptr, seqlen_offset, cu_q_ptr, cu_k_ptr,
+                    sk_b, sk_n, sk_h, max_sq, total_q, H, softmax_scale, softcap, window_left, window_right,
+                    alibi_ptr, alibi_bstride,
+                    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+                    CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    # Longest first: grid axis 1 runs over query blocks from the last (the most keys under a causal mask)
+    # to the first, and all heads of one block are neighbours, so the short blocks fill the tail.
+    mb = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    if VARLEN:
+        q_start = tl.load(cu_q_ptr + b)
+        sq = tl.load(cu_q_ptr + b + 1) - q_start
+        k_start = tl.load(cu_k_ptr + b)
+        L = tl.load(cu_k_ptr + b + 1) - k_start
+    else:
+        q_start = b * max_sq
+        sq = max_sq
+        k_start = 0
+        L = seqlen_offset
+        if HAS_SEQLENS:
+            L += tl.load(seqlens_ptr + b)
+    i0 = mb * BLOCK_M
+    if i0 < sq:
+        r = tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        qi = i0 + r
+        row_ok = qi < sq
+        # 64-bit bases once per program; the tile offsets inside stay 32-bit
+        q_off = (q_start + i0).to(tl.int64) * H * D + h * D
+        qo_offs = r[:, None] * (H * D) + d[None, :]
+        q = tl.load(q_ptr + q_off + qo_offs, mask=row_ok[:, None] & dmask[None, :], other=0.0)
+        kv_off = b.to(tl.int64) * sk_b + k_start.to(tl.int64) * sk_n + hk.to(tl.int64) * sk_h
+        kv_offs = tl.arange(0, BLOCK_N)[:, None] * sk_n + d[None, :]
+
+        # Visible keys of row i: [row_lo, row_hi); query i sits at position L - sq + i.
+        qpos = L - sq + qi
+        row_hi = tl.zeros_like(qpos) + L
+        if CAUSAL:
+            row_hi = tl.minimum(row_hi, qpos + 1)
+        else:
+            row_hi = tl.where(window_right >= 0, tl.minimum(row_hi, qpos + window_right + 1), row_hi)
+        row_lo = tl.where(window_left >= 0, tl.maximum(qpos - window_left, 0), 0)
+        # The tile's key range [lo, hi) (of its first and last valid rows), and inside it the keys that
+        # every valid row sees, [full_lo, full_hi): those blocks run without masks.
+        first = L - sq + i0
+        last = L - sq + tl.minimum(i0 + BLOCK_M, sq) - 1
+        if CAUSAL:
+            hi = tl.minimum(L, last + 1)
+            full_hi = tl.minimum(L, first + 1)
+        else:
+            hi = tl.where(window_right >= 0, tl.minimum(L, last + window_right + 1), L)
+            full_hi = tl.where(window_right >= 0, tl.minimum(L, first + window_right + 1), L)
+        lo = tl.where(window_left >= 0, tl.maximum(first - window_left, 0), 0)
+        full_lo = tl.where(window_left >= 0, tl.maximum(last - window_left, 0), 0)
+        lo = lo // BLOCK_N * BLOCK_N  # blocks aligned to BLOCK_N rows
+        f_lo = tl.maximum(lo, tl.cdiv(full_lo, BLOCK_N) * BLOCK_N)
+        f_hi = tl.maximum(f_lo, full_hi // BLOCK_N * BLOCK_N)
+
+        qk_scale2 = softmax_scale * LOG2E
+        cap_in = 0.0
+        cap_out = 0.0
+        if HAS_SOFTCAP:
+            cap_in = 2.0 * softmax_scale * LOG2E / softcap
+            cap_out = softcap * LOG2E
+        slope2 = tl.zeros([BLOCK_M], tl.float32)
+        if HAS_ALIBI:
+            slope2 = tl.load(alibi_ptr + b * alibi_bstride + h) * LOG2E + slope2
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # Masked blocks before the full ones (a left window edge), the full blocks, then masked ones after
+        # (the causal diagonal, a right window edge, the last partial block).
+        # The three loops walk one run of aligned blocks: lo, ..., f_lo, ..., f_hi, ..., hi.
+        kb = k_ptr + (kv_off + lo.to(tl.int64) * sk_n)
+        vb = v_ptr + (kv_off + lo.to(tl.int64) * sk_n)
+        step = BLOCK_N * sk_n
+        for n0 in range(lo, tl.minimum(f_lo, hi), BLOCK_N):
+            acc, m, l = _prefill_block(acc, m, l, q, kb, vb, kv_offs, n0, L, qpos, row_lo, row_hi, slope2,
+                                       qk_scale2, cap_in, cap_out, dmask, BLOCK_N, EVEN_D, True, HAS_SOFTCAP,
+                                       HAS_ALIBI, IEEE)
+            kb += step
+            vb += step
+        for n0 in range(f_lo, f_hi, BLOCK_N):
+            acc, m, l = _prefill_block(acc, m, l, q, kb, vb, kv_offs, n0, L, qpos, row_lo, row_hi, slope2,
+                                       qk_scale2, cap_in, cap_out, dmask, BLOCK_N, EVEN_D, False, HAS_SOFTCAP,
+                                       HAS_ALIBI, IEEE)
+            kb += step
+            vb += step
+        for n0 in range(f_hi, hi, BLOCK_N):
+            acc, m, l = _prefill_block(acc, m, l, q, kb, vb, kv_offs, n0, L, qpos, row_lo, row_hi, slope2,
+                                       qk_scale2, cap_in, cap_out, dmask, BLOCK_N, EVEN_D, True, HAS_SOFTCAP,
+                                       HAS_ALIBI, IEEE)
+            kb += step
+            vb += step
+        has = l > 0.0
+        out = acc * tl.where(has, 1.0 / tl.where(has, l, 1.0), 0.0)[:, None]
+        lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * LN2, float("-inf"))
+        tl.store(out_ptr + q_off + qo_offs, out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & dmask[None, :])
+        if VARLEN:
+            lse_idx = h.to(tl.int64) * total_q + q_start + qi
+        else:
+            lse_idx = (b * H + h).to(tl.int64) * max_sq + qi
+        tl.store(lse_ptr + lse_idx, lse, mask=row_ok)
+
+
+@triton.jit
 def _combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, total_q, H, max_sq,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, VARLEN_Q: tl.constexpr):
     """One program per (query row, head): merges the splits' (out, lse) by their weights exp(lse_s - lse)."""
@@ -330,6 +527,65 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
                                         NUM_SPLITS=splits, VARLEN_Q=cu_q is not None)
 
 
+PREFILL_MIN_SEQLEN_Q = 64  # shorter queries pack the G heads of a KV head into one tile (_attention_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_mem(device_index: int | None) -> int | None:
+    if device_index is None:  # interpreter: no limit
+        return None
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def prefill_config(headdim: int, dtype: torch.dtype, max_shared_mem: int | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``_prefill_kernel``: the first of FA2's tiles whose q
+    tile and K/V stages fit the device's shared memory. 16-bit at headdim <= 128: 128 query rows over
+    64-key blocks, 8 warps (two warp groups of 64 rows on Hopper), 3 stages of K/V in flight: 32 KB of q
+    + 3 x 32 KB of K/V = 128 KB (H100/H200/A100); 2 stages (96 KB) for 99 KB parts. Half the rows at
+    headdim 256 and for fp32 (IEEE products on twice the bytes)."""
+    if dtype == torch.float32:
+        tiles = [(64, 32, 4, 2), (32, 32, 4, 2)] if headdim <= 128 else [(32, 32, 4, 2), (32, 16, 4, 2)]
+    elif headdim <= 128:
+        tiles = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)]
+    else:
+        tiles = [(64, 64, 8, 2), (64, 32, 4, 2)]
+    block_d = triton.next_power_of_2(headdim)
+    for block_m, block_n, warps, stages in tiles:
+        need = (block_m + 2 * stages * block_n) * block_d * dtype.itemsize
+        if max_shared_mem is None or need <= max_shared_mem:
+            break
+    return block_m, block_n, warps, stages
+
+
+def _use_prefill(batch, nheads, max_sq, max_sk, device) -> bool:
+    """The prefill kernel for long queries; the shared kernel (which splits the keys across programs) when
+    a small grid meets many more keys than queries (a short chunk over a long cache)."""
+    if max_sq < PREFILL_MIN_SEQLEN_Q:
+        return False
+    programs = batch * nheads * triton.cdiv(max_sq, 128)  # 128-row query blocks (16-bit tiles)
+    return programs >= _sms(device) or max_sk <= 8 * max_sq
+
+
+def _prefill(q, k, v, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offset, cu_q, cu_k, strides,
+             softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, config=None):
+    """Launches ``_prefill_kernel``; ``config`` overrides ``prefill_config`` (benchmarks and tests)."""
+    H, D = q.shape[-2], q.shape[-1]
+    G = H // k.shape[-2]
+    smem = _max_shared_mem((q.device.index if q.device.index is not None else torch.cuda.current_device())
+                           if q.device.type == "cuda" else None)
+    block_m, block_n, warps, stages = config or prefill_config(D, q.dtype, smem)
+    block_d = triton.next_power_of_2(D)
+    dummy = q
+    _prefill_kernel[(batch * H, triton.cdiv(max_sq, block_m))](
+        q, k, v, out, lse, seqlens if seqlens is not None else dummy, seqlen_offset,
+        cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy, *strides, max_sq, total_q, H,
+        softmax_scale, softcap, window_left, window_right, alibi_slopes if alibi_slopes is not None else dummy,
+        alibi_slopes.shape[1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+        G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == D, VARLEN=cu_q is not None,
+        HAS_SEQLENS=seqlens is not None, CAUSAL=causal, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
+
+
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, softmax_scale,
                            causal, window_left, window_right, softcap, alibi_slopes, k_scale, v_scale):
     batch, sq, H, D = q.shape
@@ -341,36 +597,48 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offs
         return out, lse
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    _launch(q, k_cache, v_cache, out, lse, batch=batch, max_sq=sq, total_q=batch * sq, seqlens=cache_seqlens,
-            seqlen_offset=seqlen_offset, seqlen_new=0 if k is None else k.shape[1], block_table=block_table,
-            cu_q=None, cu_k=None, kv_mode=1 if paged else 0, strides=(k_cache.stride(0), k_cache.stride(1),
-                                                                       k_cache.stride(2)),
-            max_keys=capacity, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
-            window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes, k_scale=k_scale,
-            v_scale=v_scale)
+    seqlen_new = 0 if k is None else k.shape[1]
+    strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+    common = dict(batch=batch, max_sq=sq, total_q=batch * sq, seqlens=cache_seqlens, cu_q=None, cu_k=None,
+                  strides=strides, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
+                  window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes)
+    if not paged and k_cache.dtype == q.dtype and _use_prefill(batch, H, sq, capacity, q.device):
+        _prefill(q, k_cache, v_cache, out, lse, seqlen_offset=seqlen_offset + seqlen_new, **common)
+    else:
+        _launch(q, k_cache, v_cache, out, lse, seqlen_offset=seqlen_offset, seqlen_new=seqlen_new,
+                block_table=block_table, kv_mode=1 if paged else 0, max_keys=capacity, k_scale=k_scale,
+                v_scale=v_scale, **common)
     return out, lse
 
 
-def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-              window_right, softcap, alibi_slopes):
+def _prefill_args(q, k, cu_seqlens_q, max_seqlen_q):
+    """out, lse and the launch arguments shared by both kernels for ``attention``'s layouts."""
     out = torch.empty_like(q)
-    packed = cu_seqlens_q is not None
-    if packed:
-        batch = cu_seqlens_q.shape[0] - 1
-        total_q = q.shape[0]
+    if cu_seqlens_q is not None:
+        batch, total_q = cu_seqlens_q.shape[0] - 1, q.shape[0]
         lse = torch.empty((q.shape[1], total_q), dtype=torch.float32, device=q.device)
-        strides = (0, k.stride(0), k.stride(1))
-        kv_mode, seqlen_offset = 2, 0
-    else:
-        batch, total_q = q.shape[0], q.shape[0] * q.shape[1]
-        lse = torch.empty((batch, q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
-        strides = (k.stride(0), k.stride(1), k.stride(2))
-        kv_mode, seqlen_offset = 0, k.shape[1]
-    if q.numel() == 0 or batch == 0 or max_seqlen_q == 0:
+        return out, lse, dict(batch=batch, max_sq=max_seqlen_q, total_q=total_q, seqlens=None, seqlen_offset=0,
+                              strides=(0, k.stride(0), k.stride(1)))
+    batch = q.shape[0]
+    lse = torch.empty((batch, q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    return out, lse, dict(batch=batch, max_sq=max_seqlen_q, total_q=batch * q.shape[1], seqlens=None,
+                          seqlen_offset=k.shape[1], strides=(k.stride(0), k.stride(1), k.stride(2)))
+
+
+def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+              window_right, softcap, alibi_slopes, *, kernel=None, config=None):
+    """``kernel``: "prefill" or "shared" forces one (benchmarks' A/B rows, tests); None picks by shape."""
+    out, lse, args = _prefill_args(q, k, cu_seqlens_q, max_seqlen_q)
+    if q.numel() == 0 or args["batch"] == 0 or max_seqlen_q == 0:
         return out, lse
-    _launch(q, k, v, out, lse, batch=batch, max_sq=max_seqlen_q, total_q=total_q, seqlens=None,
-            seqlen_offset=seqlen_offset, seqlen_new=0, block_table=None, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
-            kv_mode=kv_mode, strides=strides, max_keys=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
-            window_left=window_left, window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
-            k_scale=None, v_scale=None)
+    opts = dict(cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, softmax_scale=softmax_scale, causal=causal,
+                window_left=window_left, window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes)
+    if kernel is None:
+        kernel = "prefill" if _use_prefill(args["batch"], q.shape[-2], max_seqlen_q, max_seqlen_k, q.device) \
+            else "shared"
+    if kernel == "prefill":
+        _prefill(q, k, v, out, lse, **args, **opts, config=config)
+    else:
+        _launch(q, k, v, out, lse, **args, **opts, seqlen_new=0, block_table=None,
+                kv_mode=2 if cu_seqlens_q is not None else 0, max_keys=max_seqlen_k, k_scale=None, v_scale=None)
     return out, lse

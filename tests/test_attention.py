@@ -418,6 +418,106 @@ def test_prefill_padded_and_packed(backend, causal, dtype):
     assert_close(out, o64, lowp, atol=ATOL[dtype])
 
 
+# ---- the prefill kernel (kernels/attention.py: _prefill_kernel) ---------------------
+
+PREFILL_TILES = (32, 16, 4, 2)  # small tiles: interpreter-sized lengths still span many full and edge blocks
+PREFILL_KW = [
+    dict(causal=True),
+    dict(causal=False),
+    dict(window=(21, -1)),
+    dict(window=(9, 14), causal=False),
+    dict(softcap=3.0, alibi=True, window=(40, -1)),
+]
+
+
+def _prefill_call(q, k, v, *, cu=None, max_seqlen=None, tiles=None, causal=True, window=(-1, -1), softcap=0.0,
+                  alibi=None, scale=None):
+    """_prefill_kernel forced, through the Triton op implementation."""
+    from genfast.kernels import attention as kernels
+
+    d = q.shape[-1]
+    max_q = max_seqlen if cu is not None else q.shape[1]
+    max_k = max_seqlen if cu is not None else k.shape[1]
+    return kernels.attention(q, k, v, cu, cu, max_q, max_k, 1 / math.sqrt(d) if scale is None else scale, causal,
+                             window[0], 0 if causal else window[1], softcap, alibi, kernel="prefill", config=tiles)
+
+
+@pytest.mark.skipif(not genfast.backends()["triton"][0], reason="no Triton backend")
+@pytest.mark.parametrize("kw", PREFILL_KW, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_prefill_kernel_blocks(group, dtype, kw):
+    """Full blocks, causal-diagonal and window-edge blocks, a last partial block and query tiles (75 is no
+    multiple of 32 or 16), fewer keys than queries (rows that see no key), packed sequences, GQA 1/4/8."""
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+    hk, d = (2, 64) if group < 8 else (1, 80)
+    h = group * hk
+    kw = dict(kw)
+    alibi = torch.rand(h).to(DEVICE) if kw.pop("alibi", False) else None
+    for sq, sk in [(75, 75), (40, 75), (50, 33)]:
+        batch = 2 if sq == sk else 1
+        q = torch.randn(batch, sq, h, d).to(DEVICE, dtype)
+        k = torch.randn(batch, sk, hk, d).to(DEVICE, dtype)
+        v = torch.randn(batch, sk, hk, d).to(DEVICE, dtype)
+        out, lse = _prefill_call(q, k, v, tiles=PREFILL_TILES, alibi=alibi, **kw)
+        check_against_oracle(out, lse, q, k.double(), v.double(), [sk] * batch, alibi=alibi, **kw)
+    lengths = [45, 1, 70]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    q = torch.randn(sum(lengths), h, d).to(DEVICE, dtype)
+    k = torch.randn(sum(lengths), hk, d).to(DEVICE, dtype)
+    v = torch.randn(sum(lengths), hk, d).to(DEVICE, dtype)
+    out, lse = _prefill_call(q, k, v, cu=cu, max_seqlen=max(lengths), tiles=PREFILL_TILES, alibi=alibi, **kw)
+    for i, n in enumerate(lengths):
+        a, b = int(cu[i]), int(cu[i + 1])
+        check_against_oracle(out[a:b][None], lse[:, a:b][None], q[a:b][None], k[a:b][None].double(),
+                             v[a:b][None].double(), [n], alibi=alibi, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_prefill_long_queries(backend, dtype):
+    """Queries long enough for the prefill kernel on the Triton backend, with its own tiles (128 x 64 for
+    16-bit inputs): packed sequences (GQA 4), a padded batch with fewer queries than keys and headdim 80."""
+    skip_unsupported(backend, dtype)
+    from genfast.kernels import attention as kernels
+
+    h, hk, d = 8, 2, 64
+    lengths = [70, 1, 200]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=backend)
+    q = torch.randn(sum(lengths), h, d).to(backend, dtype)
+    k = torch.randn(sum(lengths), hk, d).to(backend, dtype)
+    v = torch.randn(sum(lengths), hk, d).to(backend, dtype)
+    assert kernels._use_prefill(len(lengths), h, max(lengths), max(lengths), torch.device(backend))
+    out, lse = genfast.attention(q, k, v, causal=True, cu_seqlens=cu, return_softmax_lse=True)
+    for i, n in enumerate(lengths):
+        a, b = int(cu[i]), int(cu[i + 1])
+        check_against_oracle(out[a:b][None], lse[:, a:b][None], q[a:b][None], k[a:b][None].double(),
+                             v[a:b][None].double(), [n])
+    alibi = torch.rand(2, 4).to(backend)
+    q = torch.randn(2, 65, 4, 80).to(backend, dtype)
+    k = torch.randn(2, 150, 4, 80).to(backend, dtype)
+    v = torch.randn(2, 150, 4, 80).to(backend, dtype)
+    assert kernels._use_prefill(2, 4, 65, 150, torch.device(backend))
+    out, lse = genfast.attention(q, k, v, causal=True, window_size=(70, -1), softcap=5.0, alibi_slopes=alibi,
+                                 return_softmax_lse=True)
+    check_against_oracle(out, lse, q, k.double(), v.double(), [150, 150], window=(70, -1), softcap=5.0,
+                         alibi=alibi)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(window=(30, -1), softcap=4.0), dict(causal=False, alibi="heads")],
+                         ids=["causal", "window-softcap", "alibi"])
+def test_long_query_over_a_cache(backend, kw):
+    """attention_with_kvcache with a long query (chunked prefill appending 70 rows) over a contiguous cache: the
+    prefill kernel on the Triton backend, reading the ragged lengths on the device."""
+    from genfast.kernels import attention as kernels
+
+    shape = (2, 70, 8, 2, 64, 150, 70)
+    assert kernels._use_prefill(2, 8, 70, 150, torch.device(backend))
+    case = dict(kw)
+    if case.get("alibi") == "heads":
+        case["alibi"] = torch.rand(8).to(backend)
+    run_case(backend, torch.float16 if kw else torch.float32, *shape, **case)
+
 # ---- bad input, opcheck, torch.compile ----------------------------------------------
 
 def _never(*args):
