@@ -675,3 +675,22 @@ def test_decode_step_replays_in_a_cuda_graph():
             expected.append(eager.attend(layer, q[layer]))
         eager.advance()
         torch.testing.assert_close(out, torch.stack(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_whole_prompt_prefill(backend, dtype, causal):
+    """A whole prompt (queries = keys from position 0, no softcap/ALiBi/window): on the CPU in fp32 this
+    runs PyTorch's flash attention for the CPU; through attention and through a fresh cache's append."""
+    skip_unsupported(backend, dtype)
+    b, n, h, hk, d = 2, 67 if is_triton() else 131, 8, 2, 64
+    q, k, v = (torch.randn(b, n, heads, d).to(backend, dtype) for heads in (h, hk, hk))
+    out, lse = genfast.attention(q, k, v, causal=causal, return_softmax_lse=True)
+    check_against_oracle(out, lse, q, k, v, [n] * b, causal=causal)
+    k_cache = torch.full((b, n + 5, hk, d), float("nan"), dtype=dtype, device=backend)
+    v_cache = k_cache.clone()
+    out, lse = genfast.attention_with_kvcache(q, k_cache, v_cache, k, v, causal=causal, return_softmax_lse=True,
+                                              cache_seqlens=torch.zeros(b, dtype=torch.int32, device=backend))
+    check_against_oracle(out, lse, q, k, v, [n] * b, causal=causal)
+    assert same_bits(k_cache[:, :n], k) and same_bits(v_cache[:, :n], v)
+    assert torch.isnan(k_cache[:, n:]).all() and torch.isnan(v_cache[:, n:]).all()

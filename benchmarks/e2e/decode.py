@@ -29,6 +29,7 @@ those warpers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -353,6 +354,7 @@ def bench(quick: bool = True, device=None, compile: bool = True, batches=(1, 16)
     c = QUICK if quick or device.type == "cpu" else FULL
     if not quick and (prompt_len, n_new) == (32, 32):
         n_new, prompt_len = 128, 128
+    c = dataclasses.replace(c, max_seq=max(c.max_seq, prompt_len + n_new))  # the rotary table's length
     model = build_model(c, device)
     hf = build_hf_model(model)
     hf_genfast = build_hf_model(model, "genfast")
