@@ -694,3 +694,7 @@ def test_whole_prompt_prefill(backend, dtype, causal):
     check_against_oracle(out, lse, q, k, v, [n] * b, causal=causal)
     assert same_bits(k_cache[:, :n], k) and same_bits(v_cache[:, :n], v)
     assert torch.isnan(k_cache[:, n:]).all() and torch.isnan(v_cache[:, n:]).all()
+    # KVCache's way: the keys appended first, then the queries attend (no k/v in the call)
+    out, lse = genfast.attention_with_kvcache(q, k_cache, v_cache, causal=causal, return_softmax_lse=True,
+                                              cache_seqlens=torch.full((b,), n, dtype=torch.int32, device=backend))
+    check_against_oracle(out, lse, q, k, v, [n] * b, causal=causal)

@@ -671,9 +671,9 @@ std::tuple<Tensor, Tensor> attention_with_kvcache(
   p.v_scale = opt_ptr(v_scale);
   set_common(p, q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes);
   if (q.numel() == 0) return {out, lse};
-  // A fresh prompt: every row empty before this append of all its queries.
-  bool fresh = !block_table.has_value() && seqlen_offset == 0 && p.seqlen_new == p.max_sq;
-  for (int b = 0; fresh && seqlens != nullptr && b < p.B; ++b) fresh = seqlens[b] == 0;
+  // A whole prompt: every row holds exactly its queries' keys.
+  bool fresh = !block_table.has_value();
+  for (int b = 0; fresh && b < p.B; ++b) fresh = p.kv_len(b) == p.max_sq;
   if (fresh && aten_prefill(q, k_cache.narrow(1, 0, p.max_sq), v_cache.narrow(1, 0, p.max_sq), p, out, lse)) {
     return {out, lse};
   }
