@@ -127,7 +127,9 @@ class Llama(nn.Module):
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attend, i)
-        return self.out(self.norm(x))
+        # the next token needs the last position's logits only (as HF generate computes them): a
+        # prompt's other rows would cost seq x vocab x dim more
+        return self.out(self.norm(x[:, -1:]))
 
 
 def build_model(c: Config, device, dtype=torch.float32, seed: int = 0) -> Llama:
