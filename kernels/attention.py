@@ -406,24 +406,19 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seqlens_ptr, seqlen_o
         kb = k_ptr + (kv_off + lo.to(tl.int64) * sk_n)
         vb = v_ptr + (kv_off + lo.to(tl.int64) * sk_n)
         step = BLOCK_N * sk_n
-        for n0 in range(lo, tl.minimum(f_lo, hi), BLOCK_N):
-            acc, m, l = _prefill_block(acc, m, l, q, kb, vb, kv_offs, n0, L, qpos, row_lo, row_hi, slope2,
-                                       qk_scale2, cap_in, cap_out, dmask, BLOCK_N, EVEN_D, True, HAS_SOFTCAP,
-                                       HAS_ALIBI, IEEE)
-            kb += step
-            vb += step
-        for n0 in range(f_lo, f_hi, BLOCK_N):
-            acc, m, l = _prefill_block(acc, m, l, q, kb, vb, kv_offs, n0, L, qpos, row_lo, row_hi, slope2,
-                                       qk_scale2, cap_in, cap_out, dmask, BLOCK_N, EVEN_D, False, HAS_SOFTCAP,
-                                       HAS_ALIBI, IEEE)
-            kb += step
-            vb += step
-        for n0 in range(f_hi, hi, BLOCK_N):
-            acc, m, l = _prefill_block(acc, m, l, q, kb, vb, kv_offs, n0, L, qpos, row_lo, row_hi, slope2,
-                                       qk_scale2, cap_in, cap_out, dmask, BLOCK_N, EVEN_D, True, HAS_SOFTCAP,
-                                       HAS_ALIBI, IEEE)
-            kb += step
-            vb += step
+        for part in tl.static_range(3):  # unrolled: each run is its own loop, MASKED a constant
+            if part == 0:
+                start, stop = lo, tl.minimum(f_lo, hi)
+            elif part == 1:
+                start, stop = f_lo, f_hi
+            else:
+                start, stop = f_hi, hi
+            for n0 in range(start, stop, BLOCK_N):
+                acc, m, l = _prefill_block(acc, m, l, q, kb, vb, kv_offs, n0, L, qpos, row_lo, row_hi, slope2,
+                                           qk_scale2, cap_in, cap_out, dmask, BLOCK_N, EVEN_D, part != 1,
+                                           HAS_SOFTCAP, HAS_ALIBI, IEEE)
+                kb += step
+                vb += step
         has = l > 0.0
         out = acc * tl.where(has, 1.0 / tl.where(has, l, 1.0), 0.0)[:, None]
         lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * LN2, float("-inf"))
