@@ -583,7 +583,7 @@ def _prefill(q, k, v, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offse
 
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, softmax_scale,
                            causal, window_left, window_right, softcap, alibi_slopes, k_scale, v_scale):
-    batch, sq, H, D = q.shape
+    batch, sq, H, _ = q.shape
     if k is not None:
         _append(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, k_scale, v_scale)
     out = torch.empty_like(q)
