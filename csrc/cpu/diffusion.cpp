@@ -32,6 +32,7 @@ namespace {
 
 constexpr int kCoef = 29;
 constexpr int64_t kChunk = 16 * kBlock;  // elements per parallel work item: 64 KiB of fp32 per input
+constexpr int64_t kMinPerThread = 32768;  // elements a thread must get before a second one starts
 
 enum Col {
   AX, AM, AN, PX, PM, P0, PN, P1, P2, H1X, H1M, H10, H11, H12, H2X, H2M, H20, H21, H22, PD,
@@ -41,6 +42,92 @@ enum Col {
 template <typename T>
 const T* ptr_or_null(const OptTensor& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// The step's inputs and scalars, shared by every instantiation of the loop.
+struct StepArgs {
+  float k[kCoef];
+  float g, lim;
+  bool has_cond, has_noise, draw, do_clip;
+  int nh;  // history buffers given: 0-3, the first nh of h1, h2, h3
+  const float *nz, *gf, *bd;
+  PhiloxKey key{0};
+  uint64_t first_counter;
+  int64_t inner, chunks;
+};
+
+// Elements [start, stop) of batch b. kFast: no noise, clip, bound or per-sample
+// factor, and guidance and the history count fixed at compile time (kCond, kNh),
+// so the common steps run a loop with no untaken branches; otherwise every
+// option is read at run time (kCond and kNh unused).
+template <typename T, bool kFast, bool kCond, int kNh>
+void step_range(const StepArgs& a, const T* xp, const T* up, const T* cp, T* h1p, T* h2p, T* h3p, T* pp, T* x0p,
+                int64_t b, int64_t start, int64_t stop) {
+  const float* k = a.k;
+  const bool has_cond = kFast ? kCond : a.has_cond;
+  const int nh = kFast ? kNh : a.nh;
+  const bool has_h1 = nh >= 1, has_h2 = nh >= 2, has_h3 = nh >= 3;
+  const bool do_clip = !kFast && a.do_clip, use_gf = !kFast && a.gf != nullptr, use_bd = !kFast && a.bd != nullptr;
+  const Vec ax(k[AX]), am(k[AM]), an(k[AN]), px(k[PX]), pm(k[PM]), p0(k[P0]), pn(k[PN]), p1(k[P1]), p2(k[P2]);
+  const Vec pd(k[PD]), p3(k[P3]);
+  const Vec w1x(k[H1X]), w1m(k[H1M]), w10(k[H10]), w11(k[H11]), w12(k[H12]), w13(k[H13]);
+  const Vec w2x(k[H2X]), w2m(k[H2M]), w20(k[H20]), w21(k[H21]), w22(k[H22]), w23(k[H23]);
+  const Vec w3x(k[H3X]), w3m(k[H3M]), w30(k[H30]), w31(k[H31]), w32(k[H32]), w33(k[H33]);
+  const Vec gv(a.g), lo(-a.lim), hi(a.lim);
+  const Vec scale(use_gf ? a.gf[b] : 1.0f);
+  const float s_b = use_bd ? a.bd[b] : 1.0f;
+  const Vec bhi(s_b), blo(-s_b);
+  alignas(64) float buf[kBlock];
+  for (int64_t s = start; s < stop; s += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, stop - s));
+    const float* eps = nullptr;
+    if (!kFast && a.has_noise) {
+      eps = a.nz + s;
+    } else if (!kFast && a.draw) {
+      stream_normals(a.key, a.first_counter + static_cast<uint64_t>(s), n, buf);
+      eps = buf;
+    }
+    auto body = [&](int j, int w) {
+      const int64_t i = s + j;
+      const Vec x = load_float(xp + i, w);
+      Vec m = load_float(up + i, w);
+      if (has_cond) m = m + gv * (load_float(cp + i, w) - m);
+      if (use_gf) m = m * scale;
+      // Fused multiply-adds: one rounding per term. The coefficients of x and m
+      // are often large and of opposite sign (x0 = (x - sigma m) / alpha), where
+      // separate roundings would double the error of diffusers' own formula.
+      Vec x0 = at::vec::fmadd(am, m, ax * x);
+      Vec out = at::vec::fmadd(pm, m, px * x);
+      if (eps != nullptr) {
+        const Vec e = Vec::loadu(eps + j, w);
+        x0 = at::vec::fmadd(an, e, x0);
+        out = at::vec::fmadd(pn, e, out);
+      }
+      if (do_clip) x0 = at::vec::minimum(at::vec::maximum(x0, lo), hi);
+      if (use_bd) x0 = at::vec::minimum(at::vec::maximum(x0, blo), bhi) / bhi;
+      out = at::vec::fmadd(p0, x0, out);
+      Vec h1(0.0f), h2(0.0f), h3(0.0f);
+      if (has_h1) h1 = load_float(h1p + i, w);
+      if (has_h2) h2 = load_float(h2p + i, w);
+      if (has_h3) h3 = load_float(h3p + i, w);
+      // consecutive x0 predictions nearly agree: difference them before scaling
+      out = at::vec::fmadd(pd, x0 - h1, out);  // h1 is 0 without a history
+      if (has_h1) out = at::vec::fmadd(p1, h1, out);
+      if (has_h2) out = at::vec::fmadd(p2, h2, out);
+      if (has_h3) out = at::vec::fmadd(p3, h3, out);
+      // an absent history is 0: its terms add nothing
+      if (has_h1) store_float(h1p + i, w1x * x + w1m * m + w10 * x0 + w11 * h1 + w12 * h2 + w13 * h3, w);
+      if (has_h2) store_float(h2p + i, w2x * x + w2m * m + w20 * x0 + w21 * h1 + w22 * h2 + w23 * h3, w);
+      if (has_h3) store_float(h3p + i, w3x * x + w3m * m + w30 * x0 + w31 * h1 + w32 * h2 + w33 * h3, w);
+      store_float(pp + i, out, w);
+      if (x0p != nullptr) store_float(x0p + i, x0, w);
+    };
+    // full vectors with a constant width (the loads and stores need no lane count), then the tail
+    constexpr int V = Vec::size();
+    int j = 0;
+    for (; j + V <= n; j += V) body(j, V);
+    if (j < n) body(j, n - j);
+  }
 }
 
 std::tuple<Tensor, Tensor> sampler_step(const Tensor& sample, const Tensor& model_output, const OptTensor& cond,
@@ -55,90 +142,61 @@ std::tuple<Tensor, Tensor> sampler_step(const Tensor& sample, const Tensor& mode
   const int64_t numel = sample.numel();
   if (numel == 0) return {prev, x0_out};
   const int64_t r = row_tensor.has_value() ? row_tensor->item<int64_t>() : row;
-  float k[kCoef];
-  std::copy_n(coeffs.data_ptr<float>() + r * kCoef, kCoef, k);
-  const bool has_noise = noise.has_value(), draw = draw_noise && !has_noise;
-  const bool has_h1 = history.has_value(), has_h2 = history2.has_value(), has_h3 = history3.has_value();
-  const bool has_cond = cond.has_value();
-  const bool do_clip = clip > 0;
-  const float g = static_cast<float>(guidance_scale), lim = static_cast<float>(clip);
-  const PhiloxKey key(draw ? resolve_seed(seed, seed_tensor) : 0);
-  const uint64_t first_counter = static_cast<uint64_t>(offset) + static_cast<uint64_t>(r) * numel;
-  const float* nz = has_noise ? noise->data_ptr<float>() : nullptr;
-  const float* gf = guidance_factor.has_value() ? guidance_factor->data_ptr<float>() : nullptr;
-  const float* bd = bound.has_value() ? bound->data_ptr<float>() : nullptr;
+  StepArgs a;
+  std::copy_n(coeffs.data_ptr<float>() + r * kCoef, kCoef, a.k);
+  a.g = static_cast<float>(guidance_scale);
+  a.lim = static_cast<float>(clip);
+  a.has_cond = cond.has_value();
+  a.has_noise = noise.has_value();
+  a.draw = draw_noise && !a.has_noise;
+  a.do_clip = clip > 0;
+  // histories come in order: history2 only with history, history3 only with both
+  a.nh = history3.has_value() ? 3 : history2.has_value() ? 2 : history.has_value() ? 1 : 0;
+  TORCH_CHECK(history.has_value() == (a.nh >= 1) && history2.has_value() == (a.nh >= 2),
+              "sampler_step: history2 needs history, history3 needs both");
+  a.key = PhiloxKey(a.draw ? resolve_seed(seed, seed_tensor) : 0);
+  a.first_counter = static_cast<uint64_t>(offset) + static_cast<uint64_t>(r) * numel;
+  a.nz = a.has_noise ? noise->data_ptr<float>() : nullptr;
+  a.gf = guidance_factor.has_value() ? guidance_factor->data_ptr<float>() : nullptr;
+  a.bd = bound.has_value() ? bound->data_ptr<float>() : nullptr;
   // the factor and the bound are both (B,): one batch split serves both
   const int64_t nbatch = guidance_factor.has_value() ? guidance_factor->numel()
                          : bound.has_value()         ? bound->numel()
                                                      : 1;
-  const int64_t inner = numel / nbatch;
-  const int64_t chunks = (inner + kChunk - 1) / kChunk;
+  a.inner = numel / nbatch;
+  a.chunks = (a.inner + kChunk - 1) / kChunk;
+  const bool fast = !a.has_noise && !a.draw && !a.do_clip && a.gf == nullptr && a.bd == nullptr;
 
   dispatch_float(sample.scalar_type(), "sampler_step", [&](auto tag) {
     using T = decltype(tag);
     const T *xp = sample.data_ptr<T>(), *up = model_output.data_ptr<T>(), *cp = ptr_or_null<T>(cond);
-    T *h1p = has_h1 ? history->data_ptr<T>() : nullptr, *h2p = has_h2 ? history2->data_ptr<T>() : nullptr;
-    T* h3p = has_h3 ? history3->data_ptr<T>() : nullptr;
+    T *h1p = a.nh >= 1 ? history->data_ptr<T>() : nullptr, *h2p = a.nh >= 2 ? history2->data_ptr<T>() : nullptr;
+    T* h3p = a.nh >= 3 ? history3->data_ptr<T>() : nullptr;
     T *pp = prev.data_ptr<T>(), *x0p = return_x0 ? x0_out.data_ptr<T>() : nullptr;
-    const Vec ax(k[AX]), am(k[AM]), an(k[AN]), px(k[PX]), pm(k[PM]), p0(k[P0]), pn(k[PN]), p1(k[P1]), p2(k[P2]), pd(k[PD]);
-    const Vec w1x(k[H1X]), w1m(k[H1M]), w10(k[H10]), w11(k[H11]), w12(k[H12]);
-    const Vec w13(k[H13]), w2x(k[H2X]), w2m(k[H2M]), w20(k[H20]), w21(k[H21]), w22(k[H22]), w23(k[H23]);
-    const Vec p3(k[P3]), w3x(k[H3X]), w3m(k[H3M]), w30(k[H30]), w31(k[H31]), w32(k[H32]), w33(k[H33]);
-    const Vec gv(g), lo(-lim), hi(lim);
-    at::parallel_for(0, nbatch * chunks, 1, [&](int64_t item_begin, int64_t item_end) {
-      alignas(64) float buf[kBlock];
+    // the loop for these options, chosen once
+    using Fn = void (*)(const StepArgs&, const T*, const T*, const T*, T*, T*, T*, T*, T*, int64_t, int64_t, int64_t);
+    auto fast_loop = [&](auto nh) -> Fn {
+      constexpr int kNh = decltype(nh)::value;
+      return a.has_cond ? &step_range<T, true, true, kNh> : &step_range<T, true, false, kNh>;
+    };
+    Fn fn = &step_range<T, false, false, 0>;
+    if (fast) {
+      switch (a.nh) {
+        case 0: fn = fast_loop(std::integral_constant<int, 0>{}); break;
+        case 1: fn = fast_loop(std::integral_constant<int, 1>{}); break;
+        case 2: fn = fast_loop(std::integral_constant<int, 2>{}); break;
+        default: fn = fast_loop(std::integral_constant<int, 3>{}); break;
+      }
+    }
+    // Threads only for >= kMinPerThread elements each: a latent of SD1.5 at batch 1
+    // (16k elements) runs faster on one thread than it takes to wake a second.
+    const int64_t items = nbatch * a.chunks;
+    at::parallel_for(0, items, std::max<int64_t>(1, kMinPerThread / kChunk), [&](int64_t item_begin, int64_t item_end) {
       for (int64_t item = item_begin; item < item_end; ++item) {
-        const int64_t b = item / chunks;
-        const int64_t start = b * inner + (item % chunks) * kChunk;
-        const int64_t stop = std::min(b * inner + inner, start + kChunk);
-        const Vec scale(gf != nullptr ? gf[b] : 1.0f);
-        const float s_b = bd != nullptr ? bd[b] : 1.0f;
-        const Vec bhi(s_b), blo(-s_b);
-        for (int64_t s = start; s < stop; s += kBlock) {
-          const int n = static_cast<int>(std::min<int64_t>(kBlock, stop - s));
-          const float* eps = nullptr;
-          if (has_noise) {
-            eps = nz + s;
-          } else if (draw) {
-            stream_normals(key, first_counter + static_cast<uint64_t>(s), n, buf);
-            eps = buf;
-          }
-          vec_steps(n, [&](int j, int w) {
-            const int64_t i = s + j;
-            const Vec x = load_float(xp + i, w);
-            Vec m = load_float(up + i, w);
-            if (has_cond) m = m + gv * (load_float(cp + i, w) - m);
-            if (gf != nullptr) m = m * scale;
-            // Fused multiply-adds: one rounding per term. The coefficients of x and m
-            // are often large and of opposite sign (x0 = (x - sigma m) / alpha), where
-            // separate roundings would double the error of diffusers' own formula.
-            Vec x0 = at::vec::fmadd(am, m, ax * x);
-            Vec out = at::vec::fmadd(pm, m, px * x);
-            if (eps != nullptr) {
-              const Vec e = Vec::loadu(eps + j, w);
-              x0 = at::vec::fmadd(an, e, x0);
-              out = at::vec::fmadd(pn, e, out);
-            }
-            if (do_clip) x0 = at::vec::minimum(at::vec::maximum(x0, lo), hi);
-            if (bd != nullptr) x0 = at::vec::minimum(at::vec::maximum(x0, blo), bhi) / bhi;
-            out = at::vec::fmadd(p0, x0, out);
-            Vec h1(0.0f), h2(0.0f), h3(0.0f);
-            if (has_h1) h1 = load_float(h1p + i, w);
-            if (has_h2) h2 = load_float(h2p + i, w);
-            if (has_h3) h3 = load_float(h3p + i, w);
-            // consecutive x0 predictions nearly agree: difference them before scaling
-            out = at::vec::fmadd(pd, x0 - h1, out);  // h1 is 0 without a history
-            if (has_h1) out = at::vec::fmadd(p1, h1, out);
-            if (has_h2) out = at::vec::fmadd(p2, h2, out);
-            if (has_h3) out = at::vec::fmadd(p3, h3, out);
-            // an absent history is 0: its terms add nothing
-            if (has_h1) store_float(h1p + i, w1x * x + w1m * m + w10 * x0 + w11 * h1 + w12 * h2 + w13 * h3, w);
-            if (has_h2) store_float(h2p + i, w2x * x + w2m * m + w20 * x0 + w21 * h1 + w22 * h2 + w23 * h3, w);
-            if (has_h3) store_float(h3p + i, w3x * x + w3m * m + w30 * x0 + w31 * h1 + w32 * h2 + w33 * h3, w);
-            store_float(pp + i, out, w);
-            if (x0p != nullptr) store_float(x0p + i, x0, w);
-          });
-        }
+        const int64_t b = item / a.chunks;
+        const int64_t start = b * a.inner + (item % a.chunks) * kChunk;
+        const int64_t stop = std::min(b * a.inner + a.inner, start + kChunk);
+        fn(a, xp, up, cp, h1p, h2p, h3p, pp, x0p, b, start, stop);
       }
     });
   });
