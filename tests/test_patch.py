@@ -225,6 +225,24 @@ def test_dcgan_eval_with_grad_and_training_use_batch_norm_act():
                           atol=1e-5)
 
 
+def test_folded_convs_hand_back_the_callers_layout():
+    # on the CPU the folded convs run in channels_last; the caller gets eager's layout back
+    g = dcgan().eval()
+    ref = copy.deepcopy(g)
+    genfast.patch(g)
+    seq = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU()).eval()
+    seq[1].running_var.uniform_(0.5, 2.0)
+    seq_ref = copy.deepcopy(seq)
+    genfast.patch(seq)
+    x = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        for model, model_ref, inp in ((g, ref, torch.randn(2, 16, 1, 1)), (seq, seq_ref, x),
+                                      (seq, seq_ref, x.contiguous(memory_format=torch.channels_last))):
+            out, out_ref = model(inp), model_ref(inp)
+            assert out.stride() == out_ref.stride()
+            assert torch.allclose(out, out_ref, atol=1e-5)
+
+
 def test_fold_follows_parameter_updates():
     g = dcgan().eval()
     ref = copy.deepcopy(g)

@@ -7,8 +7,9 @@ numbers, as it would on a trained model).
 
 - genfast: ``genfast.patch(generator)`` in eval mode: each BatchNorm2d right
   after a ConvTranspose2d is folded into the conv's weights, so a stage is the
-  conv and a ReLU;
-- eager: the same module unpatched.
+  conv and a ReLU, run in channels_last on the CPU;
+- eager: the same module unpatched, and again with the module and the latent in
+  channels_last (the layout alone).
 
     python benchmarks/e2e/gan.py [--device cpu|cuda] [--batch N] [--threads N]
 """
@@ -82,9 +83,15 @@ def bench(quick: bool = True, device=None, batch: int = 64, reps: int = 5) -> li
     with common.full_fp32():
         err = check_close(sample(patched, z), sample(gen, z), "gan")
     case = f"batch {batch}"
-    t = common.time_many({"genfast": lambda: sample(patched, z), "eager": lambda: sample(gen, z)}, device, reps)
+    # eager again with the model and the latent in channels_last, the layout the patched
+    # model's folded convs run in on the CPU: how much of the gain is the layout alone
+    gen_cl = copy.deepcopy(gen).to(memory_format=torch.channels_last)
+    z_cl = z.contiguous(memory_format=torch.channels_last)
+    t = common.time_many({"genfast": lambda: sample(patched, z), "eager": lambda: sample(gen, z),
+                          "eager channels_last": lambda: sample(gen_cl, z_cl)}, device, reps)
     rows = [common.Row("gan", case, "genfast", batch, "img/s", t["genfast"], note=f"max err {err:.1e}"),
-            common.Row("gan", case, "eager", batch, "img/s", t["eager"])]
+            common.Row("gan", case, "eager", batch, "img/s", t["eager"]),
+            common.Row("gan", case, "eager channels_last", batch, "img/s", t["eager channels_last"])]
     common.print_rows(rows, f"gan: DCGAN generator (nz 100, ngf 64, 64x64), eval, fp32; {device}")
     return rows
 
