@@ -1,17 +1,24 @@
 """Token sampling from logits in Triton: penalties, temperature, top-k, top-p,
 min-p and an inverse-CDF draw, one program per row, with no sort.
 
-Semantics: ``genfast/reference/sampling.py``. Per row, with d = (max - x) *
-inv_temperature (d >= 0; a non-negative float's bits order like the float, so
-thresholds are found by bisection on the int32 bits of d):
+Semantics: ``genfast/reference/sampling.py``; the algorithm is the C++
+kernel's (csrc/cpu/sampling.cpp). Per row, with d = (max - x) * inv_temperature
+(d >= 0, 0 at the top; a non-negative float's bits order like the float):
 
 1. one pass: max, NaN/+inf detection;
-2. top-k: bisection for the smallest key with count(d <= key) >= k; top-p:
-   bisection for the smallest key with mass(d <= key) >= top_p * Z_k; each
-   step is a pass over the row (from L2: a 128k fp32 row is 512 KB);
-3. one pass for the kept mass Z, one for the draw: block sums in the same
-   order, and ``tl.cumsum`` inside the block where the running mass passes
-   ``u * Z``, u = position ``offset + row`` of the uniform stream.
+2. one pass for a candidate cut C, a bound on every threshold: with top-k the
+   counts of d <= 16 levels sqrt(2) apart (1 .. 181 nats), with top-p alone
+   the row's mass Z and the mass below each level (or a bound from Z); min-p
+   alone: C = -log(min_p);
+3. one pass compacting the candidates d <= C, in vocabulary order, into a
+   scratch row (their d and index): usually a few hundred to a few thousand;
+4. exact thresholds on the candidates: the smallest key whose count (top-k)
+   or mass (top-p) of candidates at or below it reaches the target, found by
+   a search that tests 16 pivots per pass (2^31 keys in 8 passes);
+5. the kept mass z and the draw: the first candidate whose running mass
+   exceeds u * z, u = position ``offset + row`` of the uniform stream, summed
+   per block in the same order for z and for the scan.
+Without a filter the draw reads the row itself (steps 2-4 skipped).
 
 Penalties, when asked for, first write an fp32 copy of the logits with the
 penalized entries (``_penalize_kernel``), from ``token_counts`` or from counts
@@ -20,10 +27,10 @@ of ``prev_tokens`` built in a zeroed int32 scratch by one integer
 
 Memory traffic for B rows of V logits of s bytes: the sort-based eager path
 (softmax, sort, cumsum, scatter, multinomial) moves ~15 B·V·4 bytes and sorts;
-this kernel reads B·V·s once from DRAM and re-reads the row from L2 in each
-bisection step (up to 2 x 31 steps when top-k and top-p are both on), which
-at batch >= #SMs is L2-bound. Not measured on a GPU yet: checked with
-``TRITON_INTERPRET=1`` against the reference.
+this kernel reads the row three times (the first from DRAM, then from L2: a
+128k fp32 row is 512 KB), writes and re-reads the candidates. The previous
+version bisected over the whole row, ~62 passes one after another, 1.3 ms at
+any batch on an H200; this one has not been timed on a GPU yet.
 """
 from __future__ import annotations
 
@@ -34,7 +41,10 @@ import triton.language as tl
 from .rng import load_seed, uniform_at
 
 NAN_ROW, EMPTY_ROW = tl.constexpr(-1), tl.constexpr(-2)  # compiled kernels read globals only as constexpr
-KEY_INF = tl.constexpr(0x7F800000)  # the bits of +inf: every d's key is <= this
+NLEV = tl.constexpr(16)  # candidate cut levels, 2^(j/2) nats
+NPIV = tl.constexpr(16)  # pivots per pass of the threshold search
+CBLOCK = tl.constexpr(256)  # candidates per step of a search pass (x NPIV pivots in registers)
+LBLOCK = tl.constexpr(1024)  # logits per step of the level pass (x NLEV levels in registers)
 
 
 @triton.jit
@@ -79,12 +89,40 @@ def _penalize_kernel(logits_ptr, prev_ptr, counts_ptr, params_ptr, out_ptr, voca
         tl.store(dst + idx, tl.where(c > 0, pen, raw), mask=mask)
 
 
+@triton.jit
+def _search(cd_ptr, n, hi, target, MASS: tl.constexpr):
+    """The smallest int32 key in (-1, hi] whose F reaches target, F(key) the count
+    (MASS false) or the mass exp(-d) of the n candidates d at cd_ptr with bits(d) <= key;
+    hi if none below it does. Each pass tests NPIV pivots spread over the open interval
+    (lo, hi) and keeps the part where F crosses the target: 2^31 keys in 8 passes."""
+    lo = tl.zeros([], tl.int64) - 1
+    hi = hi.to(tl.int64)
+    j = tl.arange(0, NPIV).to(tl.int64)
+    while hi - lo > 1:
+        piv = lo + 1 + ((hi - lo - 1) * (j + 1)) // (NPIV + 1)  # in [lo + 1, hi - 1]
+        f = tl.zeros([NPIV], tl.float32)
+        for start in range(0, n, CBLOCK):
+            i = start + tl.arange(0, CBLOCK)
+            m = i < n
+            d = tl.load(cd_ptr + i, mask=m, other=float("inf"))
+            key = d.to(tl.int32, bitcast=True).to(tl.int64)
+            w = tl.exp(-d) if MASS else tl.full([CBLOCK], 1.0, tl.float32)
+            below = m[:, None] & (key[:, None] <= piv[None, :])
+            f += tl.sum(tl.where(below, w[:, None], 0.0), axis=0)
+        ok = f >= target  # F grows with the key: the pivots that pass follow those that fail
+        hi = tl.min(tl.where(ok, piv, hi), axis=0)
+        lo = tl.max(tl.where(ok, lo, piv), axis=0)
+    return hi
+
+
 @triton.jit(do_not_specialize=["k_s", "seed", "offset"])
-def _sample_kernel(x_ptr, params_ptr, tok_ptr, lp_ptr, vocab, inv_t_s, k_s, p_s, min_p_s, seed, seed_ptr, offset,
-                   HAS_PARAMS: tl.constexpr, SEED_FROM_PTR: tl.constexpr, RETURN_LOGPROBS: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _sample_kernel(x_ptr, params_ptr, cd_ptr, ci_ptr, tok_ptr, lp_ptr, vocab, inv_t_s, k_s, p_s, min_p_s, seed,
+                   seed_ptr, offset, HAS_PARAMS: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+                   RETURN_LOGPROBS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * vocab
+    cd_row = cd_ptr + row * vocab  # the candidates' d and vocabulary index
+    ci_row = ci_ptr + row * vocab
     if HAS_PARAMS:
         inv_t = tl.load(params_ptr + row * 7)
         k = tl.load(params_ptr + row * 7 + 1).to(tl.int32)
@@ -97,6 +135,7 @@ def _sample_kernel(x_ptr, params_ptr, tok_ptr, lp_ptr, vocab, inv_t_s, k_s, p_s,
         p = p_s + tl.zeros([], tl.float32)
         min_p = min_p_s + tl.zeros([], tl.float32)
 
+    # 1. the max, and whether the row holds NaN or +inf
     top_v = tl.full([BLOCK], float("-inf"), tl.float32)
     bad_v = tl.zeros([BLOCK], tl.int32)
     for start in range(0, vocab, BLOCK):
@@ -123,72 +162,96 @@ def _sample_kernel(x_ptr, params_ptr, tok_ptr, lp_ptr, vocab, inv_t_s, k_s, p_s,
             best_v = tl.minimum(best_v, tl.where(mask & (x == top), idx, 2147483647))
         tok = tok * 0 + tl.min(best_v, axis=0).to(tl.int64)
     else:
-        # top-k: the k-th smallest d, by bisection on its bits
-        d_k = float("inf")
-        if (k > 0) & (k < vocab):
-            lo = -1
-            hi = KEY_INF
-            while hi - lo > 1:
-                mid = lo + (hi - lo) // 2
-                cnt_v = tl.zeros([BLOCK], tl.int32)
-                for start in range(0, vocab, BLOCK):
-                    idx, mask, d = _distance(x_row, start, vocab, top, inv_t, BLOCK)
-                    cnt_v += (mask & (d.to(tl.int32, bitcast=True) <= mid)).to(tl.int32)
-                if tl.sum(cnt_v, axis=0) >= k:
-                    hi = mid
-                else:
-                    lo = mid
-            d_k = hi.to(tl.int32).to(tl.float32, bitcast=True)
-        # top-p on the mass top-k keeps
-        d_p = float("inf")
-        if p < 1.0:
-            zk_v = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, vocab, BLOCK):
-                idx, mask, d = _distance(x_row, start, vocab, top, inv_t, BLOCK)
-                zk_v += tl.where(mask & (d <= d_k), tl.exp(-d), 0.0)
-            target = p * tl.sum(zk_v, axis=0)
-            lo = -1
-            hi = d_k.to(tl.int32, bitcast=True)
-            while hi - lo > 1:
-                mid = lo + (hi - lo) // 2
-                m_v = tl.zeros([BLOCK], tl.float32)
-                for start in range(0, vocab, BLOCK):
-                    idx, mask, d = _distance(x_row, start, vocab, top, inv_t, BLOCK)
-                    m_v += tl.where(mask & (d.to(tl.int32, bitcast=True) <= mid), tl.exp(-d), 0.0)
-                if tl.sum(m_v, axis=0) >= target:
-                    hi = mid
-                else:
-                    lo = mid
-            d_p = hi.to(tl.int32).to(tl.float32, bitcast=True)
-        d_m = float("inf")
+        need_k = (k > 0) & (k < vocab)
+        need_p = p < 1.0
+        d_m = tl.zeros([], tl.float32) + float("inf")
         if min_p > 0.0:
             d_m = -tl.log(min_p)
+        # 2. the cut C: every threshold is <= it
+        cut = d_m
+        z_all = 0.0
+        if need_k | need_p:
+            lev = tl.exp2(tl.arange(0, NLEV).to(tl.float32) * 0.5)
+            f_lev = tl.zeros([NLEV], tl.float32)
+            z_v = tl.zeros([LBLOCK], tl.float32)
+            for start in range(0, vocab, LBLOCK):
+                idx, mask, d = _distance(x_row, start, vocab, top, inv_t, LBLOCK)
+                if need_k:
+                    w = tl.full([LBLOCK], 1.0, tl.float32)
+                else:
+                    w = tl.where(mask, tl.exp(-d), 0.0)
+                    z_v += w
+                f_lev += tl.sum(tl.where(mask[:, None] & (d[:, None] <= lev[None, :]), w[:, None], 0.0), axis=0)
+            if need_k:
+                cut = tl.min(tl.where(f_lev >= k.to(tl.float32), lev, float("inf")), axis=0)
+                if not need_p:
+                    cut = tl.minimum(cut, d_m)  # min-p bounds the kept set too; with top-p it does not
+            else:
+                z_all = tl.sum(z_v, axis=0)
+                # the tokens beyond C hold at most V e^-C of the mass: this C leaves >= p Z below it
+                bound = tl.log(2.0 * vocab / ((1.0 - p) * z_all))
+                cut = tl.minimum(tl.min(tl.where(f_lev >= p * z_all, lev, float("inf")), axis=0), bound)
+        # 3. the candidates d <= C in vocabulary order (all of the row when nothing filters)
+        n = vocab
+        if cut < float("inf"):
+            n = 0
+            for start in range(0, vocab, BLOCK):
+                idx, mask, d = _distance(x_row, start, vocab, top, inv_t, BLOCK)
+                keep = mask & (d <= cut)
+                pos = n + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+                tl.store(cd_row + pos, d, mask=keep)
+                tl.store(ci_row + pos, idx, mask=keep)
+                n += tl.sum(keep.to(tl.int32), axis=0)
+        else:
+            for start in range(0, vocab, BLOCK):
+                idx, mask, d = _distance(x_row, start, vocab, top, inv_t, BLOCK)
+                tl.store(cd_row + idx, d, mask=mask)
+                tl.store(ci_row + idx, idx, mask=mask)
+        # 4. exact thresholds on the candidates
+        cut_key = cut.to(tl.int32, bitcast=True)
+        d_k = float("inf")
+        if need_k & (n >= k):  # fewer candidates than k (only below the min-p cut): top-k does not bind
+            d_k = _search(cd_row, n, cut_key, k.to(tl.float32), False).to(tl.int32).to(tl.float32, bitcast=True)
+        d_p = float("inf")
+        if need_p:
+            # top-p is relative to the mass top-k keeps, or to the whole row's
+            target = p * z_all
+            if need_k:
+                zk_v = tl.zeros([CBLOCK], tl.float32)
+                for start in range(0, n, CBLOCK):
+                    i = start + tl.arange(0, CBLOCK)
+                    d = tl.load(cd_row + i, mask=i < n, other=float("inf"))
+                    zk_v += tl.where(d <= d_k, tl.exp(-d), 0.0)
+                target = p * tl.sum(zk_v, axis=0)
+            hi = tl.minimum(cut, d_k).to(tl.int32, bitcast=True)
+            d_p = _search(cd_row, n, hi, target, True).to(tl.int32).to(tl.float32, bitcast=True)
         t = tl.minimum(tl.minimum(d_k, d_p), d_m)
 
-        # the draw: block sums in order for Z and for the scan
+        # 5. the draw: block sums in order for z and for the scan
         z = 0.0
-        for start in range(0, vocab, BLOCK):
-            idx, mask, d = _distance(x_row, start, vocab, top, inv_t, BLOCK)
-            z += tl.sum(tl.where(mask & (d <= t), tl.exp(-d), 0.0), axis=0)
+        for start in range(0, n, CBLOCK):
+            i = start + tl.arange(0, CBLOCK)
+            d = tl.load(cd_row + i, mask=i < n, other=float("inf"))
+            z += tl.sum(tl.where(d <= t, tl.exp(-d), 0.0), axis=0)
         key = load_seed(seed, seed_ptr, SEED_FROM_PTR)
         u = tl.max(uniform_at(key, tl.zeros([1], tl.int64) + offset.to(tl.int64) + row), axis=0)
         target = u * z
         run = 0.0
         pick = 2147483647
         last = -1
-        for start in range(0, vocab, BLOCK):
-            idx, mask, d = _distance(x_row, start, vocab, top, inv_t, BLOCK)
-            e = tl.where(mask & (d <= t), tl.exp(-d), 0.0)
+        for start in range(0, n, CBLOCK):
+            i = start + tl.arange(0, CBLOCK)
+            d = tl.load(cd_row + i, mask=i < n, other=float("inf"))
+            e = tl.where(d <= t, tl.exp(-d), 0.0)
             hit = ((run + tl.cumsum(e, axis=0)) > target) & (e > 0)
-            pick = tl.minimum(pick, tl.min(tl.where(hit, idx, 2147483647), axis=0))
-            last = tl.maximum(last, tl.max(tl.where(e > 0, idx, -1), axis=0))
+            pick = tl.minimum(pick, tl.min(tl.where(hit, i, 2147483647), axis=0))
+            last = tl.maximum(last, tl.max(tl.where(e > 0, i, -1), axis=0))
             run += tl.sum(e, axis=0)
         if pick == 2147483647:  # u * z rounded up to z
             pick = last
-        tok = tok * 0 + pick.to(tl.int64)
+        tok = tok * 0 + tl.load(ci_row + pick).to(tl.int64)
         if RETURN_LOGPROBS:
-            x_tok = tl.load(x_row + pick).to(tl.float32)
-            logprob = logprob * 0 - (top - x_tok) * inv_t - tl.log(z)
+            logprob = logprob * 0 - tl.load(cd_row + pick) - tl.log(z)
     tl.store(tok_ptr + row + tl.arange(0, 1), tok)
     if RETURN_LOGPROBS:
         tl.store(lp_ptr + row + tl.arange(0, 1), logprob)
@@ -218,8 +281,11 @@ def sample_tokens(logits, params, prev_tokens, token_counts, inv_temperature, to
             logits, prev_tokens if from_prev else counts, counts, params if has_params else logits, x, vocab, n_prev,
             repetition_penalty, presence_penalty, frequency_penalty, HAS_PARAMS=has_params, FROM_PREV=from_prev,
             BLOCK=block, BLOCK_N=min(triton.next_power_of_2(max(n_prev, 1)), 1024), num_warps=4)
+    # the candidates' d and index: a scratch row each, as wide as the vocabulary
+    cand_d = torch.empty(batch, vocab, dtype=torch.float32, device=logits.device)
+    cand_i = torch.empty(batch, vocab, dtype=torch.int32, device=logits.device)
     _sample_kernel[(batch,)](
-        x, params if has_params else x, tokens, logprobs if return_logprobs else tokens, vocab,
+        x, params if has_params else x, cand_d, cand_i, tokens, logprobs if return_logprobs else tokens, vocab,
         inv_temperature, top_k, top_p, min_p, seed, seed_tensor if seed_tensor is not None else tokens, offset,
         HAS_PARAMS=has_params, SEED_FROM_PTR=seed_tensor is not None, RETURN_LOGPROBS=return_logprobs,
         BLOCK=block, num_warps=8)
@@ -227,9 +293,10 @@ def sample_tokens(logits, params, prev_tokens, token_counts, inv_temperature, to
 
 
 # ---- FlashInfer's renorm and mask ops ------------------------------------------------
-# One program per row: the threshold t (one of the row's values) by bisection
-# on order-preserving int32 keys, 32 passes over the row, then one pass (two
-# for renormalization) that keeps the values >= t. Semantics:
+# One program per row: the threshold t (one of the row's values) by a search on
+# order-preserving int32 keys testing NPIV pivots per pass (8 passes over the
+# row instead of bisection's 32), then one pass (two for renormalization) that
+# keeps the values >= t. Semantics:
 # genfast/reference/sampling.py.
 
 @triton.jit
@@ -259,22 +326,24 @@ def _filter_kernel(x_ptr, arr_ptr, out_ptr, vocab, k_s, p_s, HAS_ARR: tl.constex
         on = (k > 0) & (k < vocab)
     t = float("-inf")
     if on:
-        # the largest key with F(key) >= target, F the count (or mass) of the keys >= it
+        # the largest key with F(key) >= target, F the count (or mass) of the keys >= it:
+        # NPIV pivots per pass over the row, as _search
         lo = tl.zeros([], tl.int64) - 2147483648
         hi = tl.zeros([], tl.int64) + 2147483648
+        j = tl.arange(0, NPIV).to(tl.int64)
         while hi - lo > 1:
-            mid = lo + (hi - lo) // 2
-            f_v = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, vocab, BLOCK):
-                idx = start + tl.arange(0, BLOCK)
+            piv = lo + 1 + ((hi - lo - 1) * (j + 1)) // (NPIV + 1)
+            f = tl.zeros([NPIV], tl.float32)
+            for start in range(0, vocab, LBLOCK):
+                idx = start + tl.arange(0, LBLOCK)
                 mask = idx < vocab
                 x = tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32)
-                w = x if TOP_P else tl.full([BLOCK], 1.0, tl.float32)
-                f_v += tl.where(mask & (_order_key(x).to(tl.int64) >= mid), w, 0.0)
-            if tl.sum(f_v, axis=0) >= target:
-                lo = mid
-            else:
-                hi = mid
+                w = x if TOP_P else tl.full([LBLOCK], 1.0, tl.float32)
+                above = mask[:, None] & (_order_key(x).to(tl.int64)[:, None] >= piv[None, :])
+                f += tl.sum(tl.where(above, w[:, None], 0.0), axis=0)
+            ok = f >= target  # F falls as the key grows: the pivots that pass precede those that fail
+            lo = tl.max(tl.where(ok, piv, lo), axis=0)
+            hi = tl.min(tl.where(ok, hi, piv), axis=0)
         key = lo.to(tl.int32)
         t = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
     if RENORM:
