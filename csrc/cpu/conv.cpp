@@ -98,7 +98,7 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 template <Act A>
 inline Vec activate(const Vec& y, const Vec& slope) {
   if constexpr (A == Act::kSilu) {
-    return y / (Vec(1.f) + y.neg().exp());
+    return y / (Vec(1.f) + exp_fast(y.neg()));
   } else if constexpr (A == Act::kGelu) {
     return Vec(0.5f) * y * (Vec(1.f) + (y * Vec(kSqrtHalf)).erf());
   } else if constexpr (A == Act::kRelu) {
@@ -114,11 +114,11 @@ inline Vec activate(const Vec& y, const Vec& slope) {
 template <Act A>
 inline Vec activate_grad(const Vec& y, const Vec& slope) {
   if constexpr (A == Act::kSilu) {
-    const Vec s = Vec(1.f) / (Vec(1.f) + y.neg().exp());
+    const Vec s = Vec(1.f) / (Vec(1.f) + exp_fast(y.neg()));
     return s * (Vec(1.f) + y * (Vec(1.f) - s));
   } else if constexpr (A == Act::kGelu) {
     const Vec cdf = Vec(0.5f) * (Vec(1.f) + (y * Vec(kSqrtHalf)).erf());
-    return cdf + y * (Vec(-0.5f) * y * y).exp() * Vec(kInvSqrt2Pi);
+    return cdf + y * exp_fast(Vec(-0.5f) * y * y) * Vec(kInvSqrt2Pi);
   } else if constexpr (A == Act::kRelu) {
     return Vec::blendv(Vec(0.f), Vec(1.f), y > Vec(0.f));
   } else if constexpr (A == Act::kLeakyRelu) {
