@@ -132,10 +132,54 @@ def _prefill(seqlen, dtype, device, variants=()):
     return build
 
 
+CHUNK, CACHED, PAGE_SIZE = 2048, 2048, 16  # chunked prefill: a 2k chunk after 2k cached tokens, vLLM's page size
+
+
+def _chunked_prefill(dtype, cache_dtype, device):
+    """A chunk of CHUNK queries over a paged cache (randomly permuted pages) holding CACHED + CHUNK tokens, the
+    chunk's keys appended before the call (KVCache's update, then attend). A/B rows in the same run: the same
+    tokens in a contiguous cache (for a bf16 cache: the path paged must match), and the shared kernel (what
+    paged and fp8 caches ran before the prefill kernel took them)."""
+    def build():
+        from genfast.kernels import attention as kernels
+
+        g = torch.Generator(device="cpu").manual_seed(0)
+        n = CACHED + CHUNK
+        q = torch.randn(1, CHUNK, NHEADS, HEADDIM, generator=g).to(device, dtype)
+        k = torch.randn(1, n, NHEADS_K, HEADDIM, generator=g).to(device, dtype)
+        v = torch.randn(1, n, NHEADS_K, HEADDIM, generator=g).to(device, dtype)
+        k_scale = v_scale = None
+        if cache_dtype == torch.float8_e4m3fn:
+            k_scale = k.float().abs().amax(dim=(0, 1, 3)) / 448
+            v_scale = v.float().abs().amax(dim=(0, 1, 3)) / 448
+            k = (k.float() / k_scale.view(-1, 1)).to(cache_dtype)
+            v = (v.float() / v_scale.view(-1, 1)).to(cache_dtype)
+        pages = n // PAGE_SIZE
+        block_table = torch.randperm(pages, generator=g).to(device, torch.int32).view(1, pages)
+        pk, pv = (torch.empty(pages, PAGE_SIZE, NHEADS_K, HEADDIM, dtype=cache_dtype, device=device)
+                  for _ in range(2))
+        for dst, src in ((pk, k), (pv, v)):  # as bytes: index_put has no fp8 kernel
+            dst.view(torch.uint8)[block_table[0].long()] = \
+                src.view(pages, PAGE_SIZE, NHEADS_K, HEADDIM).view(torch.uint8)
+        lens = torch.full((1,), n, dtype=torch.int32, device=device)
+
+        def call(kc, vc, bt, kernel=None):
+            return lambda: kernels.attention_with_kvcache(q, kc, vc, None, None, lens, 0, bt, HEADDIM ** -0.5, True,
+                                                          -1, 0, 0.0, None, k_scale, v_scale, kernel=kernel)
+
+        paged = dict(cache_seqlens=lens, block_table=block_table, causal=True, k_scale=k_scale, v_scale=v_scale)
+        return {"genfast": lambda: genfast.attention_with_kvcache(q, pk, pv, **paged),
+                "genfast contiguous cache": call(k, v, None),
+                "genfast shared kernel": call(pk, pv, block_table, "shared")}
+
+    return build
+
+
 def cases(quick: bool, device) -> list[Case]:
     """quick: decode batch 8 at 4k context in fp32 and bf16 and with an fp8 cache, prefill 2k (GPU: bf16 and
     fp8 decode at batch 8 x 16k and batch 32 x 4k, prefill 2k and 8k with the A/B rows of ``_prefill_variants``);
-    full: batch 1/8/32 x context 1k/4k/16k in fp32, bf16 and with an fp8 cache, prefill 2k and 8k."""
+    full: batch 1/8/32 x context 1k/4k/16k in fp32, bf16 and with an fp8 cache, prefill 2k and 8k. On a GPU
+    both also time a chunked prefill over a paged bf16 and a paged fp8 cache (``_chunked_prefill``)."""
     device = torch.device(device)
     gpu = device.type == "cuda"
     if quick:
@@ -177,4 +221,14 @@ def cases(quick: bool, device) -> list[Case]:
                         device=device, nbytes=nbytes, footprint=nbytes,
                         impls=("genfast", "sdpa") + tuple(name for name, _, _ in variants),
                         build=_prefill(seqlen, dtype, device, variants), compiled=()))
+    if gpu:  # the Triton kernels' paged/fp8 prefill against the contiguous cache and the shared kernel
+        for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+            n = CACHED + CHUNK
+            nbytes = 2 * CHUNK * NHEADS * HEADDIM * 2 + 2 * n * NHEADS_K * HEADDIM * cache_dtype.itemsize
+            fp8 = " fp8-cache" if cache_dtype == torch.float8_e4m3fn else ""
+            out.append(Case(family=FAMILY, op="attention_with_kvcache", mode=f"chunked prefill paged{fp8}",
+                            size=f"{CHUNK // 1024}k after {CACHED // 1024}k page{PAGE_SIZE}", dtype=torch.bfloat16,
+                            device=device, nbytes=nbytes, footprint=nbytes,
+                            impls=("genfast", "genfast contiguous cache", "genfast shared kernel"),
+                            build=_chunked_prefill(torch.bfloat16, cache_dtype, device), compiled=()))
     return out

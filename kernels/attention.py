@@ -25,11 +25,11 @@ Kernels:
   row's blocks; with more than one split, partial (out, lse) go to a
   workspace and ``_combine_kernel`` merges them.
 - ``_prefill_kernel``: long queries (``attention``, and ``attention_with_kvcache``
-  on a contiguous cache in the query's dtype) when ``_use_prefill`` says so
-  from the shapes: ``PREFILL_MIN_SEQLEN_Q`` or more queries, and either enough
-  programs for the SMs or at most 8 keys per query (else the shared kernel,
-  whose split-KV fills the GPU for a short chunk over a long cache). Paged and
-  fp8 caches keep the shared kernel.
+  on any cache: contiguous or paged, in the query's dtype or fp8) when
+  ``_use_prefill`` says so from the shapes: ``PREFILL_MIN_SEQLEN_Q`` or more
+  queries, and either enough programs for the SMs or at most 8 keys per query
+  (else the shared kernel, whose split-KV fills the GPU for a short chunk over
+  a long cache).
 
 Prefill is bound by the tensor cores (4·sq·sk·H·d flops, halved by a causal
 mask), not by bytes. What ``_prefill_kernel`` does that the shared kernel did
@@ -48,13 +48,33 @@ not, each a FlashAttention-2 practice:
   one multiply per score, then exp2;
 - 64-bit offsets once per program, 32-bit tile offsets and a pointer step per
   block; no paged/varlen index arithmetic in the loop (packed sequences only
-  move the base);
+  move the base) unless the cache is paged (below);
 - grid (batch·heads, query blocks) with the blocks numbered from the last:
   the longest causal tiles start first and the short ones fill the tail, and
   the heads of one KV group run side by side (their K/V reads hit L2).
 
 Kept as FA2 does: the accumulator rescaled on every block (cheap next to two
 MMAs), one head per tile (GQA's K/V re-reads come from L2).
+
+Paged and fp8 caches (chunked prefill in a paged-KV server) take the same
+kernel body, switched by the constexprs PAGED and FP8, so the contiguous
+same-dtype specialization compiles to the code it had before:
+
+- PAGED: each key block gathers its rows by position -> (page, slot): BLOCK_N
+  int32 loads from the row's ``block_table`` (L1/L2-resident) and a division
+  by the runtime page size, then 64-bit row offsets; next to the block's two
+  128 x 64 x d MMAs this is a few instructions per key. Any page size works: a
+  page smaller than BLOCK_N puts several pages in one block, a larger one
+  (or ``cache_batch_idx``'s one page per row) several blocks in one page. The
+  block runs (masked/full/masked) are those of the contiguous cache. In the
+  sm_90 PTX, Triton's pipeliner puts the block-table loads in the first stage
+  and so keeps the gathered K/V one block ahead (16-byte cp.async, as
+  contiguous), not two as for a contiguous cache; if the GPU rows show paged
+  behind contiguous, that is the first suspect.
+- FP8 (e4m3 k/v, per-KV-head scales, stored value * scale = key/value): the
+  tiles load half the bytes and are widened to the query's dtype (exact) for
+  the MMAs; K's scale multiplies the score scale (so also softcap's
+  constants), V's the output's 1/l, as in the shared kernel.
 
 Not measured on a GPU yet: written on a machine without one and checked with
 ``TRITON_INTERPRET=1`` against ``genfast/reference/attention.py`` (and compiled
@@ -64,7 +84,11 @@ run (``benchmarks/bench_attention.py``'s GPU quick set): causal bf16 prefill
 2k and 8k, genfast (this kernel) against "genfast shared kernel" (the old
 path) and SDPA, and the tile variants (``GENFAST_PREFILL_TILES``); target
 >= 0.8x SDPA. If 128 x 128 tiles or another stage count wins, change
-``prefill_config``; decode rows must not move.
+``prefill_config``; decode rows must not move. The chunked-prefill rows (a 2k
+chunk after 2k cached tokens, pages of 16, bf16 and fp8 caches) time the
+paged/fp8 path against the same tokens in a contiguous cache and against the
+shared kernel (the paths they took before): paged bf16 should be within a few
+percent of contiguous, and both well ahead of the shared kernel.
 """
 from __future__ import annotations
 
@@ -278,23 +302,38 @@ def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, seqlens_ptr, seql
 
 @triton.jit
 def _prefill_block(acc, m, l, q, kb, vb, kv_offs, n0, L, qpos, row_lo, row_hi, slope2, qk_scale2, cap_in,
-                   cap_out, dmask, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+                   cap_out, dmask, bt_row_ptr, page_size, s_page, s_slot, BLOCK_N: tl.constexpr,
+                   EVEN_D: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, FP8: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
     """One BLOCK_N-key step of the online softmax; scores in log2 units. MASKED: the block holds keys that
-    some row must not see (causal diagonal, window edges, the end of the keys); else every row sees all."""
+    some row must not see (causal diagonal, window edges, the end of the keys); else every row sees all.
+    kv_offs: the tile's offsets from kb/vb, or with PAGED only the columns (1, BLOCK_D), the rows gathered here."""
     pos = n0 + tl.arange(0, BLOCK_N)
+    if PAGED:
+        # Each key row through the block table (position -> (page, slot)): with pages shorter than
+        # BLOCK_N a block spans several pages, with longer ones a page holds several blocks.
+        if MASKED:
+            page = tl.load(bt_row_ptr + pos // page_size, mask=pos < L, other=0)
+        else:
+            page = tl.load(bt_row_ptr + pos // page_size)
+        offs = (page.to(tl.int64) * s_page + (pos % page_size).to(tl.int64) * s_slot)[:, None] + kv_offs
+    else:
+        offs = kv_offs
     if MASKED:
         ld = (pos < L)[:, None]
         if not EVEN_D:
             ld = ld & dmask[None, :]
-        k = tl.load(kb + kv_offs, mask=ld, other=0.0)
-        v = tl.load(vb + kv_offs, mask=ld, other=0.0)
+        k = tl.load(kb + offs, mask=ld, other=0.0)
+        v = tl.load(vb + offs, mask=ld, other=0.0)
     elif EVEN_D:
-        k = tl.load(kb + kv_offs)
-        v = tl.load(vb + kv_offs)
+        k = tl.load(kb + offs)
+        v = tl.load(vb + offs)
     else:
-        k = tl.load(kb + kv_offs, mask=dmask[None, :], other=0.0)
-        v = tl.load(vb + kv_offs, mask=dmask[None, :], other=0.0)
+        k = tl.load(kb + offs, mask=dmask[None, :], other=0.0)
+        v = tl.load(vb + offs, mask=dmask[None, :], other=0.0)
+    if FP8:  # e4m3 is exact in fp16/bf16/fp32: widened for the MMA, its scales folded into qk_scale2 and the output
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -326,11 +365,14 @@ def _prefill_block(acc, m, l, q, kb, vb, kv_offs, n0, L, qpos, row_lo, row_hi, s
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seqlens_ptr, seqlen_offset, cu_q_ptr, cu_k_ptr,
-                    sk_b, sk_n, sk_h, max_sq, total_q, H, softmax_scale, softcap, window_left, window_right,
-                    alibi_ptr, alibi_bstride,
+                    bt_ptr, blocks_per_seq, page_size, sk_b, sk_n, sk_h, max_sq, total_q, H, softmax_scale, softcap,
+                    window_left, window_right, alibi_ptr, alibi_bstride, k_scale_ptr, v_scale_ptr,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr,
-                    CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+                    PAGED: tl.constexpr, FP8: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+    """PAGED: k/v are (num_blocks, page_size, nheads_k, d) pages, sk_b the page stride, read through bt_ptr
+    (batch, blocks_per_seq). FP8: e4m3 k/v with per-KV-head dequantization scales."""
     pid_bh = tl.program_id(0)
     # Longest first: grid axis 1 runs over query blocks from the last (the most keys under a causal mask)
     # to the first, and all heads of one block are neighbours, so the short blocks fill the tail.
@@ -361,8 +403,13 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seqlens_ptr, seqlen_o
         q_off = (q_start + i0).to(tl.int64) * H * D + h * D
         qo_offs = r[:, None] * (H * D) + d[None, :]
         q = tl.load(q_ptr + q_off + qo_offs, mask=row_ok[:, None] & dmask[None, :], other=0.0)
-        kv_off = b.to(tl.int64) * sk_b + k_start.to(tl.int64) * sk_n + hk.to(tl.int64) * sk_h
-        kv_offs = tl.arange(0, BLOCK_N)[:, None] * sk_n + d[None, :]
+        if PAGED:  # bases at the head; _prefill_block gathers each block's rows
+            kv_off = hk.to(tl.int64) * sk_h
+            kv_offs = d[None, :]
+        else:
+            kv_off = b.to(tl.int64) * sk_b + k_start.to(tl.int64) * sk_n + hk.to(tl.int64) * sk_h
+            kv_offs = tl.arange(0, BLOCK_N)[:, None] * sk_n + d[None, :]
+        bt_row_ptr = bt_ptr + b * blocks_per_seq
 
         # Visible keys of row i: [row_lo, row_hi); query i sits at position L - sq + i.
         qpos = L - sq + qi
@@ -388,6 +435,10 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seqlens_ptr, seqlen_o
         f_lo = tl.maximum(lo, tl.cdiv(full_lo, BLOCK_N) * BLOCK_N)
         f_hi = tl.maximum(f_lo, full_hi // BLOCK_N * BLOCK_N)
 
+        v_factor = 1.0
+        if FP8:  # stored value * scale = key/value: K's scale multiplies the scores, V's the output
+            softmax_scale = softmax_scale * tl.load(k_scale_ptr + hk)
+            v_factor = tl.load(v_scale_ptr + hk)
         qk_scale2 = softmax_scale * LOG2E
         cap_in = 0.0
         cap_out = 0.0
@@ -403,8 +454,12 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seqlens_ptr, seqlen_o
         # Masked blocks before the full ones (a left window edge), the full blocks, then masked ones after
         # (the causal diagonal, a right window edge, the last partial block).
         # The three loops walk one run of aligned blocks: lo, ..., f_lo, ..., f_hi, ..., hi.
-        kb = k_ptr + (kv_off + lo.to(tl.int64) * sk_n)
-        vb = v_ptr + (kv_off + lo.to(tl.int64) * sk_n)
+        if PAGED:
+            kb = k_ptr + kv_off
+            vb = v_ptr + kv_off
+        else:
+            kb = k_ptr + (kv_off + lo.to(tl.int64) * sk_n)
+            vb = v_ptr + (kv_off + lo.to(tl.int64) * sk_n)
         step = BLOCK_N * sk_n
         for part in tl.static_range(3):  # unrolled: each run is its own loop, MASKED a constant
             if part == 0:
@@ -415,12 +470,13 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seqlens_ptr, seqlen_o
                 start, stop = f_hi, hi
             for n0 in range(start, stop, BLOCK_N):
                 acc, m, l = _prefill_block(acc, m, l, q, kb, vb, kv_offs, n0, L, qpos, row_lo, row_hi, slope2,
-                                           qk_scale2, cap_in, cap_out, dmask, BLOCK_N, EVEN_D, part != 1,
-                                           HAS_SOFTCAP, HAS_ALIBI, IEEE)
-                kb += step
-                vb += step
+                                           qk_scale2, cap_in, cap_out, dmask, bt_row_ptr, page_size, sk_b, sk_n,
+                                           BLOCK_N, EVEN_D, part != 1, PAGED, FP8, HAS_SOFTCAP, HAS_ALIBI, IEEE)
+                if not PAGED:
+                    kb += step
+                    vb += step
         has = l > 0.0
-        out = acc * tl.where(has, 1.0 / tl.where(has, l, 1.0), 0.0)[:, None]
+        out = acc * tl.where(has, v_factor / tl.where(has, l, 1.0), 0.0)[:, None]
         lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * LN2, float("-inf"))
         tl.store(out_ptr + q_off + qo_offs, out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & dmask[None, :])
@@ -562,27 +618,37 @@ def _use_prefill(batch, nheads, max_sq, max_sk, device) -> bool:
 
 
 def _prefill(q, k, v, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offset, cu_q, cu_k, strides,
-             softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, config=None):
-    """Launches ``_prefill_kernel``; ``config`` overrides ``prefill_config`` (benchmarks and tests)."""
+             softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, block_table=None,
+             k_scale=None, v_scale=None, config=None):
+    """Launches ``_prefill_kernel``; ``config`` overrides ``prefill_config`` (benchmarks and tests). With
+    ``block_table`` k/v are pages (num_blocks, page_size, nheads_k, d) and ``strides[0]`` their stride; an
+    fp8 k/v takes ``k_scale``/``v_scale`` (nheads_k,)."""
     H, D = q.shape[-2], q.shape[-1]
     G = H // k.shape[-2]
     smem = _max_shared_mem((q.device.index if q.device.index is not None else torch.cuda.current_device())
                            if q.device.type == "cuda" else None)
     block_m, block_n, warps, stages = config or prefill_config(D, q.dtype, smem)
     block_d = triton.next_power_of_2(D)
+    paged = block_table is not None
+    fp8 = k.dtype == torch.float8_e4m3fn
     dummy = q
     _prefill_kernel[(batch * H, triton.cdiv(max_sq, block_m))](
         q, k, v, out, lse, seqlens if seqlens is not None else dummy, seqlen_offset,
-        cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy, *strides, max_sq, total_q, H,
-        softmax_scale, softcap, window_left, window_right, alibi_slopes if alibi_slopes is not None else dummy,
+        cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
+        block_table if paged else dummy, block_table.shape[1] if paged else 1, k.shape[1] if paged else 1,
+        *strides, max_sq, total_q, H, softmax_scale, softcap, window_left, window_right,
+        alibi_slopes if alibi_slopes is not None else dummy,
         alibi_slopes.shape[1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+        k_scale if fp8 else dummy, v_scale if fp8 else dummy,
         G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == D, VARLEN=cu_q is not None,
-        HAS_SEQLENS=seqlens is not None, CAUSAL=causal, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-        IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
+        HAS_SEQLENS=seqlens is not None, PAGED=paged, FP8=fp8, CAUSAL=causal, HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi_slopes is not None, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, softmax_scale,
-                           causal, window_left, window_right, softcap, alibi_slopes, k_scale, v_scale):
+                           causal, window_left, window_right, softcap, alibi_slopes, k_scale, v_scale, *,
+                           kernel=None):
+    """``kernel``: "prefill" or "shared" forces one (benchmarks' A/B rows); None picks by shape."""
     batch, sq, H, _ = q.shape
     if k is not None:
         _append(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, k_scale, v_scale)
@@ -597,8 +663,11 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offs
     common = dict(batch=batch, max_sq=sq, total_q=batch * sq, seqlens=cache_seqlens, cu_q=None, cu_k=None,
                   strides=strides, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
                   window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes)
-    if not paged and k_cache.dtype == q.dtype and _use_prefill(batch, H, sq, capacity, q.device):
-        _prefill(q, k_cache, v_cache, out, lse, seqlen_offset=seqlen_offset + seqlen_new, **common)
+    if kernel is None:
+        kernel = "prefill" if _use_prefill(batch, H, sq, capacity, q.device) else "shared"
+    if kernel == "prefill":
+        _prefill(q, k_cache, v_cache, out, lse, seqlen_offset=seqlen_offset + seqlen_new, block_table=block_table,
+                 k_scale=k_scale, v_scale=v_scale, **common)
     else:
         _launch(q, k_cache, v_cache, out, lse, seqlen_offset=seqlen_offset, seqlen_new=seqlen_new,
                 block_table=block_table, kv_mode=1 if paged else 0, max_keys=capacity, k_scale=k_scale,

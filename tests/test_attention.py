@@ -518,6 +518,74 @@ def test_long_query_over_a_cache(backend, kw):
         case["alibi"] = torch.rand(8).to(backend)
     run_case(backend, torch.float16 if kw else torch.float32, *shape, **case)
 
+
+class _Launches:
+    """A Triton kernel stand-in that counts its launches and runs the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+# Chunked prefill over paged and fp8 caches: (batch, seqlen_q, nheads, nheads_k, headdim, capacity, seqlen_new),
+# page size, cache dtype, query dtype and masks. Rows have different cache lengths (run_case draws them), and
+# seqlen_new < seqlen_q puts queries on cached positions too (bottom-right causal alignment). fp32 runs 64 x 32
+# tiles, fp16 128 x 64: pages of 1 and 16 split a key block, 48 straddles block edges, 256 holds several blocks.
+LONG_PAGED_FP8 = [
+    pytest.param((2, 70, 8, 2, 64, 150, 70), 1, None, torch.float32, dict(), id="page1-fp32"),
+    pytest.param((2, 70, 8, 2, 64, 150, 16), 16, None, torch.float16, dict(window=(30, -1)), id="page16-fp16-window"),
+    pytest.param((3, 66, 4, 1, 80, 200, 8), 48, None, torch.float32, dict(), id="page48-fp32-mqa-d80"),
+    pytest.param((2, 64, 8, 2, 64, 230, 64), 256, None, torch.float16, dict(causal=False), id="page256-fp16-noncausal"),
+    pytest.param((2, 70, 8, 2, 64, 150, 70), None, FP8, torch.float16, dict(), id="fp8-fp16"),
+    pytest.param((2, 67, 4, 2, 64, 180, 5), None, FP8, torch.float32, dict(window=(40, -1), softcap=3.0),
+                 id="fp8-fp32-window-softcap"),
+    pytest.param((2, 70, 8, 2, 64, 160, 70), 48, FP8, torch.float16, dict(), id="page48-fp8-fp16"),
+    pytest.param((2, 65, 8, 1, 80, 140, 20), 16, FP8, torch.float32, dict(causal=False, alibi="heads"),
+                 id="page16-fp8-fp32-mqa-d80-alibi"),
+]
+
+
+@pytest.mark.parametrize("shape,page_size,cache_dtype,dtype,kw", LONG_PAGED_FP8)
+def test_long_query_over_a_paged_or_fp8_cache(backend, monkeypatch, shape, page_size, cache_dtype, dtype, kw):
+    """Chunked prefill as a paged-KV server runs it: a long query appending new rows to a paged and/or fp8
+    cache. On the Triton backend it must run the prefill kernel (one launch, the shared kernel never)."""
+    from genfast.kernels import attention as kernels
+
+    skip_unsupported(backend, dtype)
+    prefill = _Launches(kernels._prefill_kernel)
+    shared = _Launches(kernels._attention_kernel)
+    monkeypatch.setattr(kernels, "_prefill_kernel", prefill)
+    monkeypatch.setattr(kernels, "_attention_kernel", shared)
+    case = dict(kw)
+    if case.get("alibi") == "heads":
+        case["alibi"] = torch.rand(shape[2]).to(backend)
+    run_case(backend, dtype, *shape, page_size=page_size, cache_dtype=cache_dtype, **case)
+    if is_triton():
+        assert (prefill.count, shared.count) == (1, 0), "the long query did not run _prefill_kernel"
+
+
+def test_long_query_with_cache_batch_idx(backend, monkeypatch):
+    """cache_batch_idx reaches the kernels as a paged cache with one page of the whole capacity per row (here
+    96 rows, more than the 64 keys of a block): the prefill kernel gives what it gives on the indexed rows."""
+    from genfast.kernels import attention as kernels
+
+    prefill = _Launches(kernels._prefill_kernel)
+    monkeypatch.setattr(kernels, "_prefill_kernel", prefill)
+    kc, vc = (torch.randn(4, 96, 2, 64).to(backend) for _ in range(2))
+    q = torch.randn(2, 64, 4, 64).to(backend)
+    k, v = (torch.randn(2, 8, 2, 64).to(backend) for _ in range(2))
+    idx = torch.tensor([3, 1], dtype=torch.int32)
+    lens = torch.tensor([80, 57], dtype=torch.int32).to(backend)
+    want_k, want_v = kc[idx.long()].clone(), vc[idx.long()].clone()
+    want = genfast.attention_with_kvcache(q, want_k, want_v, k, v, cache_seqlens=lens)
+    out = genfast.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, cache_batch_idx=idx.to(backend))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    if is_triton():
+        assert prefill.count == 2
+
 # ---- bad input, opcheck, torch.compile ----------------------------------------------
 
 def _never(*args):
