@@ -19,6 +19,15 @@ from dataclasses import dataclass
 import torch
 
 
+def gradient_error(params, params_ref) -> float:
+    """Largest difference of two models' gradients, each parameter's relative to its
+    own scale, or to 1e-5 of the largest gradient for a parameter whose gradient is
+    zero but for rounding (an attention key bias: softmax ignores it)."""
+    pairs = [(p.grad, r.grad) for p, r in zip(params, params_ref)]
+    floor = 1e-5 * max(r.abs().max().item() for _, r in pairs)
+    return max(((g - r).abs().max() / max(r.abs().max().item(), floor)).item() for g, r in pairs)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -11,6 +11,15 @@ numbers, as it would on a trained model).
 - eager: the same module unpatched, and again with the module and the latent in
   channels_last (the layout alone).
 
+Plus one training step of the generator and DCGAN's discriminator (Conv →
+BatchNorm → LeakyReLU(0.2) stages; BCE on logits): the discriminator's loss
+on a real and a fake batch and the generator's loss through the same
+discriminator, both backward, then an Adam step of each.
+genfast: both models patched, so every BatchNorm → activation pair runs as
+one ``batch_norm_act`` in training mode (batch statistics, running statistics
+updated), forward and backward; eager: the same models unpatched. The first
+step's losses and gradients must agree within ``TRAIN_RTOL``.
+
     python benchmarks/e2e/gan.py [--device cpu|cuda] [--batch N] [--threads N]
 """
 from __future__ import annotations
@@ -31,6 +40,9 @@ except ImportError:  # run as a script
 # Folding (computed in fp64) rounds differently from conv-then-BN in fp32: a few ulps per
 # stage, through five stages and a tanh.
 ATOL = 1e-4
+# The fused BatchNorm's batch statistics round differently from ATen's (~1e-6 relative),
+# through two networks forward and backward.
+TRAIN_RTOL = 1e-3
 
 
 def dcgan_generator(nz: int = 100, ngf: int = 64, nc: int = 3) -> nn.Sequential:
@@ -39,6 +51,78 @@ def dcgan_generator(nz: int = 100, ngf: int = 64, nc: int = 3) -> nn.Sequential:
 
     return nn.Sequential(*stage(nz, ngf * 8, 1, 0), *stage(ngf * 8, ngf * 4, 2, 1), *stage(ngf * 4, ngf * 2, 2, 1),
                          *stage(ngf * 2, ngf, 2, 1), nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh())
+
+
+def dcgan_discriminator(ndf: int = 64, nc: int = 3) -> nn.Sequential:
+    """DCGAN's discriminator for 64x64 images, returning logits (the sigmoid goes into the loss)."""
+    def stage(cin, cout):
+        return [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, True)]
+
+    return nn.Sequential(nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True), *stage(ndf, ndf * 2),
+                         *stage(ndf * 2, ndf * 4), *stage(ndf * 4, ndf * 8), nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False),
+                         nn.Flatten())
+
+
+def build_training(device, nz: int = 100, ngf: int = 64, ndf: int = 64, seed: int = 0):
+    """((G, D) eager, (G, D) patched), training mode, with DCGAN's init."""
+    torch.manual_seed(seed)
+    models = (dcgan_generator(nz, ngf), dcgan_discriminator(ndf))
+    for m in (mod for net in models for mod in net.modules()):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+    models = tuple(net.to(device).train() for net in models)
+    patched = copy.deepcopy(models)
+    for net in patched:
+        if not genfast.patch(net).replaced:
+            raise RuntimeError(f"genfast.patch fused nothing in the model:\n{net}")
+    return models, patched
+
+
+class Trainer:
+    """One DCGAN training step for a (G, D) pair with its own Adam optimizers."""
+
+    def __init__(self, gen, disc):
+        self.gen, self.disc = gen, disc
+        self.opt_g = torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
+
+    def losses(self, real, z):
+        """The step's two losses, backward done, optimizers not stepped."""
+        bce = nn.functional.binary_cross_entropy_with_logits
+        self.opt_d.zero_grad(set_to_none=True)
+        fake = self.gen(z)
+        d_real, d_fake = self.disc(real), self.disc(fake.detach())
+        loss_d = bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
+        loss_d.backward()
+        self.opt_g.zero_grad(set_to_none=True)
+        d_gen = self.disc(fake)
+        loss_g = bce(d_gen, torch.ones_like(d_gen))
+        # only G's gradients are wanted here: D's were taken above, and D's optimizer steps first
+        grads = torch.autograd.grad(loss_g, list(self.gen.parameters()))
+        for p, g in zip(self.gen.parameters(), grads):
+            p.grad = g
+        return loss_d.detach(), loss_g.detach()
+
+    def step(self, real, z):
+        losses = self.losses(real, z)
+        self.opt_d.step()
+        self.opt_g.step()
+        return losses
+
+
+def check_training(got: Trainer, ref: Trainer, real, z) -> float:
+    """Largest difference of the first step's losses and gradients, relative to each one's scale."""
+    errs = [((a - b).abs() / b.abs()).item() for a, b in zip(got.losses(real, z), ref.losses(real, z))]
+    errs += [common.gradient_error(net.parameters(), net_ref.parameters())
+             for net, net_ref in ((got.gen, ref.gen), (got.disc, ref.disc))]
+    err = max(errs)
+    if not err <= TRAIN_RTOL:
+        raise AssertionError(f"gan training: genfast's losses or gradients differ from eager's by {err:.2e} "
+                             f"of their scale (tolerance {TRAIN_RTOL:.0e})")
+    return err
 
 
 def build(device, nz: int = 100, ngf: int = 64, seed: int = 0):
@@ -93,6 +177,23 @@ def bench(quick: bool = True, device=None, batch: int = 64, reps: int = 5) -> li
             common.Row("gan", case, "eager", batch, "img/s", t["eager"]),
             common.Row("gan", case, "eager channels_last", batch, "img/s", t["eager channels_last"])]
     common.print_rows(rows, f"gan: DCGAN generator (nz 100, ngf 64, 64x64), eval, fp32; {device}")
+    return rows + bench_training(device, batch, reps)
+
+
+def bench_training(device, batch: int, reps: int) -> list[common.Row]:
+    models, patched = build_training(device)
+    g = torch.Generator("cpu").manual_seed(1)
+    real = (torch.rand(batch, 3, 64, 64, generator=g) * 2 - 1).to(device)
+    z = torch.randn(batch, 100, 1, 1, generator=g).to(device)
+    eager, fused = Trainer(*models), Trainer(*patched)
+    with common.full_fp32():
+        err = check_training(fused, eager, real, z)
+    case = f"train b{batch}"
+    t = common.time_many({"genfast": lambda: fused.step(real, z), "eager": lambda: eager.step(real, z)}, device, reps)
+    rows = [common.Row("gan", case, "genfast", batch, "img/s", t["genfast"], note=f"max err {err:.1e}"),
+            common.Row("gan", case, "eager", batch, "img/s", t["eager"])]
+    common.print_rows(rows, f"gan: one training step of the DCGAN generator and discriminator (ngf = ndf = 64, "
+                            f"64x64, Adam), fp32; {device}")
     return rows
 
 

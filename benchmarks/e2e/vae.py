@@ -9,6 +9,14 @@
 
 SD's VAE config at a reduced size on the CPU (printed).
 
+Plus one training step of the same AutoencoderKL (train mode, Adam): encode,
+sample the posterior, decode, loss = squared error + KL, backward, step.
+genfast: the patched model (GroupNorm+SiLU forward and backward fused) and
+``genfast.reparameterize_with_kl`` (z and the KL in one pass, forward and
+backward); eager: diffusers' ``latent_dist.sample()`` arithmetic and
+``latent_dist.kl()``, with the same noise. The first step's loss and
+gradients must agree within ``TRAIN_RTOL``.
+
     python benchmarks/e2e/vae.py [--full] [--device cpu|cuda] [--threads N]
 """
 from __future__ import annotations
@@ -26,6 +34,7 @@ except ImportError:  # run as a script
     import common
 
 RTOL = 1e-4  # GroupNorm+SiLU rounding (~1e-6 relative) through a random-weight decoder
+TRAIN_RTOL = 1e-3  # the same rounding, through the encoder and decoder and back
 
 SD = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 512, "layers_per_block": 2,
       "block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
@@ -63,6 +72,50 @@ def roundtrip_genfast(vae, images):
     return vae.decode(genfast.reparameterize(dist.mean, dist.logvar, seed=SEED)).sample
 
 
+def loss_eager(vae, images):
+    dist = vae.encode(images).latent_dist
+    eps = genfast.randn(*dist.mean.shape, seed=SEED, device=images.device)
+    recon = vae.decode(dist.mean + dist.std * eps).sample
+    return (recon - images).square().sum() + dist.kl().sum()
+
+
+def loss_genfast(vae, images):
+    dist = vae.encode(images).latent_dist
+    z, kl = genfast.reparameterize_with_kl(dist.mean, dist.logvar, seed=SEED)
+    recon = vae.decode(z).sample
+    return (recon - images).square().sum() + kl
+
+
+class Trainer:
+    """One training step of a VAE with its own Adam optimizer."""
+
+    def __init__(self, vae, loss_fn):
+        self.vae, self.loss_fn = vae, loss_fn
+        self.opt = torch.optim.Adam(vae.parameters(), lr=1e-4)
+
+    def backward(self, images):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.vae, images)
+        loss.backward()
+        return loss.detach()
+
+    def step(self, images):
+        loss = self.backward(images)
+        self.opt.step()
+        return loss
+
+
+def check_training(got: Trainer, ref: Trainer, images) -> float:
+    """Largest difference of the first step's loss and gradients, relative to each one's scale."""
+    loss, loss_ref = got.backward(images), ref.backward(images)
+    err = max(((loss - loss_ref).abs() / loss_ref.abs()).item(),
+              common.gradient_error(got.vae.parameters(), ref.vae.parameters()))
+    if not err <= TRAIN_RTOL:
+        raise AssertionError(f"vae training: genfast's loss or gradients differ from eager's by {err:.2e} "
+                             f"of their scale (tolerance {TRAIN_RTOL:.0e})")
+    return err
+
+
 def check_close(got, ref, what: str) -> float:
     err = ((got - ref).abs().max() / ref.abs().max()).item()
     if not err <= RTOL:
@@ -87,6 +140,22 @@ def bench(quick: bool = True, device=None, batch: int = 2, reps: int = 3) -> lis
     shown = {k: config[k] for k in ("sample_size", "block_out_channels", "layers_per_block")}
     common.print_rows(rows, f"vae: AutoencoderKL {'SD' if not quick else 'reduced'} {shown}, "
                             f"encode → reparameterize → decode, fp32; {device}")
+    return rows + bench_training(config, device, batch, reps)
+
+
+def bench_training(config: dict, device, batch: int, reps: int) -> list[common.Row]:
+    model, patched = build(config, device)
+    eager, fused = Trainer(model.train(), loss_eager), Trainer(patched.train(), loss_genfast)
+    s = config["sample_size"]
+    images = torch.rand(batch, 3, s, s, generator=torch.Generator("cpu").manual_seed(1)).to(device) * 2 - 1
+    with common.full_fp32():
+        err = check_training(fused, eager, images)
+    case = f"train b{batch}"
+    t = common.time_many({"genfast": lambda: fused.step(images), "eager": lambda: eager.step(images)}, device, reps)
+    rows = [common.Row("vae", case, "genfast", batch, "img/s", t["genfast"], note=f"max err {err:.1e}"),
+            common.Row("vae", case, "eager", batch, "img/s", t["eager"])]
+    common.print_rows(rows, f"vae: one training step of the same AutoencoderKL (squared error + KL, Adam), fp32; "
+                            f"{device}")
     return rows
 
 
