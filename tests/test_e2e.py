@@ -1,5 +1,6 @@
 """The end-to-end pipelines (benchmarks/e2e/) at tiny sizes: genfast's loop gives
 the baseline's tokens, latents and images. Speed is measured by the benchmarks."""
+import copy
 import sys
 from pathlib import Path
 
@@ -79,20 +80,21 @@ def test_gan_samples_match_eager():
 def test_vae_training_step_matches_eager():
     pytest.importorskip("diffusers")
     model, patched = vae.build(vae.TINY, DEVICE)
+    exact = vae.Trainer(copy.deepcopy(model).double().train(), vae.loss_eager)
     eager, fused = vae.Trainer(model.train(), vae.loss_eager), vae.Trainer(patched.train(), vae.loss_genfast)
     images = torch.rand(2, 3, 16, 16, device=DEVICE) * 2 - 1
     with common.full_fp32():
-        vae.check_training(fused, eager, images)
+        vae.check_training(fused, eager, exact, images)
     fused.step(images), eager.step(images)  # the timed step runs too
 
 
 def test_gan_training_step_matches_eager():
-    models, patched = gan.build_training(DEVICE, ngf=8, ndf=8)
+    models, patched, exact = gan.build_training(DEVICE, ngf=8, ndf=8)
     real = torch.rand(4, 3, 64, 64, device=DEVICE) * 2 - 1
     z = torch.randn(4, 100, 1, 1, device=DEVICE)
     eager, fused = gan.Trainer(*models), gan.Trainer(*patched)
     with common.full_fp32():
-        gan.check_training(fused, eager, real, z)
+        gan.check_training(fused, eager, gan.Trainer(*exact), real, z)
     for net, net_ref in zip(patched, models):  # the fused BatchNorms updated their running statistics alike
         for b, b_ref in zip(net.buffers(), net_ref.buffers()):
             assert torch.allclose(b.float(), b_ref.float(), rtol=1e-5, atol=1e-6)
