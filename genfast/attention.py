@@ -439,7 +439,8 @@ class KVCache:
     The per-row lengths live on the device (``seqlens``, int32 (batch,)), so a decode step
     ``update`` → ``attend`` → ``advance`` allocates nothing, never syncs with the host and can be
     captured in a CUDA graph. A host mirror of the lengths checks appends against the capacity
-    (and the allocated pages) without a sync.
+    (and the allocated pages) without a sync; after replaying captured steps, ``sync_lengths``
+    brings it up to date (a replay runs no Python).
 
     Parameters
     ----------
@@ -586,6 +587,14 @@ class KVCache:
             self.seqlens.add_(self._pending)
             self._lens = [n + self._pending for n in self._lens]
             self._pending = 0
+
+    def sync_lengths(self) -> None:
+        """Re-read the host's copy of the row lengths from ``seqlens`` (one device sync).
+        Needed after replaying decode steps captured in a CUDA graph: a replay advances
+        ``seqlens`` on the device, while the host copy that ``update`` checks capacity
+        against counted the captured step once, when it was recorded."""
+        self._lens = [int(n) for n in self.seqlens.tolist()]
+        self._pending = 0
 
     def reset(self, rows: Sequence[int] | None = None) -> None:
         """Empty the given rows (default: all); in paged mode their pages go back to the pool."""

@@ -358,6 +358,22 @@ def test_kvcache_decode_loop(backend, page_size):
         assert len(cache._pages[0]) == 0
 
 
+def test_kvcache_sync_lengths_after_device_side_advances():
+    """What replaying captured decode steps does: seqlens grows on the device only; sync_lengths
+    brings the host's copy (which guards the capacity) up to date."""
+    cache = genfast.KVCache(1, 2, 8, 1, 64, dtype=torch.float32)
+    k = torch.randn(2, 1, 1, 64)
+    cache.update(0, k, k)
+    cache.advance()
+    cache.seqlens.add_(6)  # six replayed steps
+    cache.sync_lengths()
+    with pytest.raises(ValueError, match="row 0 would hold 9 tokens, beyond its capacity"):
+        cache.update(0, torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
+    cache.update(0, k, k)
+    cache.advance()
+    assert cache.seqlens.tolist() == [8, 8]
+
+
 def test_kvcache_errors_and_fork():
     cache = genfast.KVCache(1, 2, 10, 1, 64, dtype=torch.float32, page_size=4, num_pages=8)
     k = torch.randn(2, 3, 1, 64)

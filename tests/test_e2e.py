@@ -99,3 +99,11 @@ def test_gan_training_step_matches_eager():
         for b, b_ref in zip(net.buffers(), net_ref.buffers()):
             assert torch.allclose(b.float(), b_ref.float(), rtol=1e-5, atol=1e-6)
     fused.step(real, z), eager.step(real, z)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_cuda_graph_tokens_match_eager():
+    model = decode.build_model(decode.TINY, "cuda")
+    prompt = torch.randint(0, decode.TINY.vocab, (3, 7), device="cuda")
+    ref = decode.generate_eager(model, prompt, 9)
+    assert torch.equal(decode.generate_genfast_graph(model, prompt, 9), ref)

@@ -5,7 +5,8 @@ attention, SwiGLU), random weights from a seed; nothing is downloaded. Every
 loop runs the same weights and differs only in how it attends and samples:
 
 - genfast: ``genfast.KVCache`` (update → attend → advance, each layer's K/V
-  written in place at the row's length) and ``genfast.sample_tokens``;
+  written in place at the row's length) and ``genfast.sample_tokens``; on a
+  GPU also with the decode step captured in a CUDA graph and replayed;
 - eager: gpt-fast's way, a preallocated (batch, kv_heads, max_seq, head_dim)
   cache written with ``index_copy_``, K/V heads repeated to the query heads,
   SDPA with a boolean mask row per position, argmax;
@@ -180,6 +181,58 @@ def generate_genfast(model: Llama, prompt: torch.Tensor, n_new: int, temperature
     return out
 
 
+@torch.no_grad()
+def generate_genfast_graph(model: Llama, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
+    """``generate_genfast`` (greedy) on a GPU with the decode step captured once in a CUDA
+    graph and replayed: the step's inputs (the last tokens, their position, the output
+    column) live in static tensors that the step itself advances, the cache's lengths
+    live on the device, so a replay needs no Python and no host sync."""
+    c = model.c
+    batch, plen = prompt.shape
+    dev = prompt.device
+    cache = genfast.KVCache(c.n_layers, batch, plen + n_new, c.n_kv_heads, c.head_dim,
+                            dtype=model.cos.dtype, device=dev)
+
+    def attend(layer, q, k, v):
+        cache.update(layer, k, v)
+        return cache.attend(layer, q)
+
+    out = torch.empty((batch, n_new), dtype=torch.long, device=dev)
+    logits = model(prompt, torch.arange(plen, device=dev), attend)
+    cache.advance()
+    tok = genfast.sample_tokens(logits[:, -1], temperature=0.0, check=False)[:, None].contiguous()
+    out[:, :1] = tok
+    pos = torch.full((1,), plen, dtype=torch.long, device=dev)  # the position of tok
+    col = torch.ones((1,), dtype=torch.long, device=dev)  # where the next token goes in out
+
+    def decode():
+        logits = model(tok, pos, attend)
+        cache.advance()
+        tok.copy_(genfast.sample_tokens(logits[:, -1], temperature=0.0, check=False)[:, None])
+        out.index_copy_(1, col, tok)
+        pos.add_(1)
+        col.add_(1)
+
+    if n_new < 3:
+        for _ in range(n_new - 1):
+            decode()
+        return out
+    # The first decode step runs eagerly, on a side stream as CUDA graphs ask (it compiles the
+    # Triton kernels and initializes cuBLAS); the second is recorded (not run) and replayed.
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        decode()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode()
+    for _ in range(n_new - 2):
+        graph.replay()
+    cache.sync_lengths()  # the host's copy counted the recorded step, not the replays
+    return out
+
+
 # ---- the gpt-fast-style baseline ---------------------------------------------
 
 class EagerCache:
@@ -311,6 +364,9 @@ def _bench_batch(model, hf, hf_genfast, prompt, n_new, compiled_step, device, re
     _check_tokens(case, "genfast", generate_genfast(model, prompt, n_new), ref)
     fns = {"genfast": lambda: generate_genfast(model, prompt, n_new),
            "eager (gpt-fast)": lambda: generate_eager(model, prompt, n_new)}
+    if device.type == "cuda":  # the decode step captured once in a CUDA graph (its capture timed too)
+        _check_tokens(case, "genfast CUDA graph", generate_genfast_graph(model, prompt, n_new), ref)
+        fns["genfast CUDA graph"] = lambda: generate_genfast_graph(model, prompt, n_new)
     # time to the first sampled decode token in a warm process (genfast has nothing to compile)
     firsts = {"genfast": common.time_once(lambda: generate_genfast(model, prompt, 2), device)}
     notes = {}
