@@ -10,7 +10,8 @@ loop runs the same weights and differs only in how it attends and samples:
 - eager: gpt-fast's way, a preallocated (batch, kv_heads, max_seq, head_dim)
   cache written with ``index_copy_``, K/V heads repeated to the query heads,
   SDPA with a boolean mask row per position, argmax;
-- torch.compile: that eager decode step compiled (its compile time reported);
+- torch.compile: that eager decode step compiled (its compile time reported;
+  on a GPU with ``mode="reduce-overhead"``, CUDA graphs, as gpt-fast runs it);
 - HF generate: transformers' ``LlamaForCausalLM`` built from the same config
   sharing the same weights, SDPA attention, ``generate`` with its
   default dynamic cache and with ``cache_implementation="static"`` (which
@@ -242,6 +243,8 @@ class EagerCache:
         shape = (batch, c.n_kv_heads, max_seq, c.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.n_layers)]
+        for t in (*self.k, *self.v):  # updated in place at fixed addresses: a compiled step's CUDA graph keeps them
+            torch._dynamo.mark_static_address(t)
         self.causal = torch.ones(max_seq, max_seq, dtype=torch.bool, device=device).tril()
         self.rep = c.n_heads // c.n_kv_heads
         self.positions = None  # set by the step before the forward
@@ -427,7 +430,8 @@ def bench(quick: bool = True, device=None, compile: bool = True, batches=(1, 16)
 
         warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")  # the point, not news
         inductor_config.force_disable_caches = True
-        compiled_step = torch.compile(eager_step)
+        # on a GPU as gpt-fast runs it: CUDA graphs ("reduce-overhead"; the caches are marked static)
+        compiled_step = torch.compile(eager_step, mode="reduce-overhead" if device.type == "cuda" else None)
     for batch in batches:
         prompt = torch.randint(0, c.vocab, (batch, prompt_len), device=device,
                                generator=torch.Generator(device).manual_seed(batch))
