@@ -220,12 +220,16 @@ struct Coefs {
   explicit Coefs(int64_t nc) : a(nc), d(nc), b(nc) {}
 };
 
-void fold_group(const Problem& p, int64_t n, int64_t g, float mean, float rstd, Coefs& k) {
+// mean in double (the forward's exact group mean): d = add - mean rounds once, so a channel whose
+// h = x + add is constant gets d = -x exactly and x + d = 0, as PyTorch's h - mean is; through the
+// float mean it was off by h's rounding, which rstd = 1/sqrt(eps) of a zero-variance group (a
+// group of one element) turned into 1e-4 errors.
+void fold_group(const Problem& p, int64_t n, int64_t g, double mean, float rstd, Coefs& k) {
   for (int64_t c = g * p.Cg; c < (g + 1) * p.Cg; ++c) {
     const int64_t i = n * p.C + c;
     const float s1 = p.scale1(n, c);
     k.a[i] = rstd * p.w(c) * s1;
-    k.d[i] = p.add_of(n, c) - mean;
+    k.d[i] = static_cast<float>(static_cast<double>(p.add_of(n, c)) - mean);
     k.b[i] = p.b(c) * s1 + p.shift(n, c);
   }
 }
@@ -238,7 +242,7 @@ void finish_group(const Problem& p, int64_t n, int64_t g, const Moments& m, floa
   mean[n * p.G + g] = mu;
   rstd[n * p.G + g] = r;
   if (var) var[n * p.G + g] = static_cast<float>(v);
-  fold_group(p, n, g, mu, r, k);
+  fold_group(p, n, g, m.mean, r, k);
 }
 
 // ---- NCHW -------------------------------------------------------------------
