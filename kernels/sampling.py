@@ -18,7 +18,8 @@ kernel's (csrc/cpu/sampling.cpp). Per row, with d = (max - x) * inv_temperature
 5. the kept mass z and the draw: the first candidate whose running mass
    exceeds u * z, u = position ``offset + row`` of the uniform stream, summed
    per block in the same order for z and for the scan.
-Without a filter the draw reads the row itself (steps 2-4 skipped).
+Without a filter the draw reads the row itself (steps 2-4 skipped: two passes
+over the row after the first).
 
 Penalties, when asked for, first write an fp32 copy of the logits with the
 penalized entries (``_penalize_kernel``), from ``token_counts`` or from counts
@@ -87,6 +88,17 @@ def _penalize_kernel(logits_ptr, prev_ptr, counts_ptr, params_ptr, out_ptr, voca
         c = tl.load(counts + idx, mask=mask, other=0)
         pen = tl.where(raw < 0, raw * rep, raw / rep) - presence - freq * c.to(tl.float32)
         tl.store(dst + idx, tl.where(c > 0, pen, raw), mask=mask)
+
+
+@triton.jit
+def _candidate_d(cd_row, x_row, i, n, top, inv_t, filtered):
+    """d of candidates i (inf from n on): the compacted ones, or the row itself when nothing filters."""
+    if filtered:
+        d = tl.load(cd_row + i, mask=i < n, other=float("inf"))
+    else:
+        x = tl.load(x_row + i, mask=i < n, other=float("-inf")).to(tl.float32)
+        d = (top - x) * inv_t
+    return d
 
 
 @triton.jit
@@ -191,9 +203,10 @@ def _sample_kernel(x_ptr, params_ptr, cd_ptr, ci_ptr, tok_ptr, lp_ptr, vocab, in
                 # the tokens beyond C hold at most V e^-C of the mass: this C leaves >= p Z below it
                 bound = tl.log(2.0 * vocab / ((1.0 - p) * z_all))
                 cut = tl.minimum(tl.min(tl.where(f_lev >= p * z_all, lev, float("inf")), axis=0), bound)
-        # 3. the candidates d <= C in vocabulary order (all of the row when nothing filters)
+        # 3. the candidates d <= C in vocabulary order; with no filter the draw reads the row itself
+        filtered = need_k | need_p | (min_p > 0.0)
         n = vocab
-        if cut < float("inf"):
+        if filtered:
             n = 0
             for start in range(0, vocab, BLOCK):
                 idx, mask, d = _distance(x_row, start, vocab, top, inv_t, BLOCK)
@@ -202,11 +215,6 @@ def _sample_kernel(x_ptr, params_ptr, cd_ptr, ci_ptr, tok_ptr, lp_ptr, vocab, in
                 tl.store(cd_row + pos, d, mask=keep)
                 tl.store(ci_row + pos, idx, mask=keep)
                 n += tl.sum(keep.to(tl.int32), axis=0)
-        else:
-            for start in range(0, vocab, BLOCK):
-                idx, mask, d = _distance(x_row, start, vocab, top, inv_t, BLOCK)
-                tl.store(cd_row + idx, d, mask=mask)
-                tl.store(ci_row + idx, idx, mask=mask)
         # 4. exact thresholds on the candidates
         cut_key = cut.to(tl.int32, bitcast=True)
         d_k = float("inf")
@@ -231,7 +239,7 @@ def _sample_kernel(x_ptr, params_ptr, cd_ptr, ci_ptr, tok_ptr, lp_ptr, vocab, in
         z = 0.0
         for start in range(0, n, CBLOCK):
             i = start + tl.arange(0, CBLOCK)
-            d = tl.load(cd_row + i, mask=i < n, other=float("inf"))
+            d = _candidate_d(cd_row, x_row, i, n, top, inv_t, filtered)
             z += tl.sum(tl.where(d <= t, tl.exp(-d), 0.0), axis=0)
         key = load_seed(seed, seed_ptr, SEED_FROM_PTR)
         u = tl.max(uniform_at(key, tl.zeros([1], tl.int64) + offset.to(tl.int64) + row), axis=0)
@@ -241,7 +249,7 @@ def _sample_kernel(x_ptr, params_ptr, cd_ptr, ci_ptr, tok_ptr, lp_ptr, vocab, in
         last = -1
         for start in range(0, n, CBLOCK):
             i = start + tl.arange(0, CBLOCK)
-            d = tl.load(cd_row + i, mask=i < n, other=float("inf"))
+            d = _candidate_d(cd_row, x_row, i, n, top, inv_t, filtered)
             e = tl.where(d <= t, tl.exp(-d), 0.0)
             hit = ((run + tl.cumsum(e, axis=0)) > target) & (e > 0)
             pick = tl.minimum(pick, tl.min(tl.where(hit, i, 2147483647), axis=0))
@@ -249,9 +257,13 @@ def _sample_kernel(x_ptr, params_ptr, cd_ptr, ci_ptr, tok_ptr, lp_ptr, vocab, in
             run += tl.sum(e, axis=0)
         if pick == 2147483647:  # u * z rounded up to z
             pick = last
-        tok = tok * 0 + tl.load(ci_row + pick).to(tl.int64)
+        if filtered:
+            tok = tok * 0 + tl.load(ci_row + pick).to(tl.int64)
+        else:
+            tok = tok * 0 + pick.to(tl.int64)
         if RETURN_LOGPROBS:
-            logprob = logprob * 0 - tl.load(cd_row + pick) - tl.log(z)
+            logprob = logprob * 0 - tl.max(_candidate_d(cd_row, x_row, pick + tl.arange(0, 1), n, top, inv_t,
+                                                        filtered), axis=0) - tl.log(z)
     tl.store(tok_ptr + row + tl.arange(0, 1), tok)
     if RETURN_LOGPROBS:
         tl.store(lp_ptr + row + tl.arange(0, 1), logprob)
