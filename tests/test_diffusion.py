@@ -76,7 +76,7 @@ def stream(shape, seed, counter0):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", ["plain", "guided-drawn-noise-history", "given-noise-clip-2history",
-                                     "guided-drawn-noise-threshold-3history"])
+                                     "guided-drawn-noise-threshold-3history", "history2-history3-only"])
 def test_sampler_step_is_the_affine_map(backend, shape, dtype, variant):
     skip_unsupported(backend, dtype)
     gen = torch.Generator().manual_seed(hash((shape, str(dtype), variant)) % 2**31)
@@ -87,7 +87,12 @@ def test_sampler_step_is_the_affine_map(backend, shape, dtype, variant):
     if variant == "plain":
         rows[:, [COEF["an"], COEF["pn"]]] = 0.0
         model_output = u
-    elif variant == "guided-drawn-noise-history":
+    elif variant == "history2-history3-only":  # any subset of the histories may be given
+        rows[:, [COEF["an"], COEF["pn"]]] = 0.0
+        model_output = u
+        hist2, hist3 = h2.clone(), h3.clone()
+        kwargs = dict(history2=hist2, history3=hist3)
+    elif variant.startswith("guided-drawn-noise"):
         model_output = (u, c)
         kwargs = dict(guidance_scale=g, stochastic=True, seed=seed, offset=offset)
         n = stream(shape, seed, offset + row * x.numel())

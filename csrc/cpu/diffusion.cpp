@@ -49,7 +49,7 @@ struct StepArgs {
   float k[kCoef];
   float g, lim;
   bool has_cond, has_noise, draw, do_clip;
-  int nh;  // history buffers given: 0-3, the first nh of h1, h2, h3
+  bool h1, h2, h3;  // which history buffers are given (any subset)
   const float *nz, *gf, *bd;
   PhiloxKey key{0};
   uint64_t first_counter;
@@ -57,16 +57,15 @@ struct StepArgs {
 };
 
 // Elements [start, stop) of batch b. kFast: no noise, clip, bound or per-sample
-// factor, and guidance and the history count fixed at compile time (kCond, kNh),
-// so the common steps run a loop with no untaken branches; otherwise every
-// option is read at run time (kCond and kNh unused).
+// factor, guidance fixed at compile time (kCond) and the histories the first kNh
+// of h1, h2, h3, so the common steps run a loop with no untaken branches;
+// otherwise every option is read at run time (kCond and kNh unused).
 template <typename T, bool kFast, bool kCond, int kNh>
 void step_range(const StepArgs& a, const T* xp, const T* up, const T* cp, T* h1p, T* h2p, T* h3p, T* pp, T* x0p,
                 int64_t b, int64_t start, int64_t stop) {
   const float* k = a.k;
   const bool has_cond = kFast ? kCond : a.has_cond;
-  const int nh = kFast ? kNh : a.nh;
-  const bool has_h1 = nh >= 1, has_h2 = nh >= 2, has_h3 = nh >= 3;
+  const bool has_h1 = kFast ? kNh >= 1 : a.h1, has_h2 = kFast ? kNh >= 2 : a.h2, has_h3 = kFast ? kNh >= 3 : a.h3;
   const bool do_clip = !kFast && a.do_clip, use_gf = !kFast && a.gf != nullptr, use_bd = !kFast && a.bd != nullptr;
   const Vec ax(k[AX]), am(k[AM]), an(k[AN]), px(k[PX]), pm(k[PM]), p0(k[P0]), pn(k[PN]), p1(k[P1]), p2(k[P2]);
   const Vec pd(k[PD]), p3(k[P3]);
@@ -150,10 +149,12 @@ std::tuple<Tensor, Tensor> sampler_step(const Tensor& sample, const Tensor& mode
   a.has_noise = noise.has_value();
   a.draw = draw_noise && !a.has_noise;
   a.do_clip = clip > 0;
-  // histories come in order: history2 only with history, history3 only with both
-  a.nh = history3.has_value() ? 3 : history2.has_value() ? 2 : history.has_value() ? 1 : 0;
-  TORCH_CHECK(history.has_value() == (a.nh >= 1) && history2.has_value() == (a.nh >= 2),
-              "sampler_step: history2 needs history, history3 needs both");
+  a.h1 = history.has_value();
+  a.h2 = history2.has_value();
+  a.h3 = history3.has_value();
+  // the fast loops cover histories given in order (h2 only with h1, h3 only with both): every sampler's
+  const int nh = a.h3 ? 3 : a.h2 ? 2 : a.h1 ? 1 : 0;
+  const bool in_order = a.h1 == (nh >= 1) && a.h2 == (nh >= 2);
   a.key = PhiloxKey(a.draw ? resolve_seed(seed, seed_tensor) : 0);
   a.first_counter = static_cast<uint64_t>(offset) + static_cast<uint64_t>(r) * numel;
   a.nz = a.has_noise ? noise->data_ptr<float>() : nullptr;
@@ -165,23 +166,23 @@ std::tuple<Tensor, Tensor> sampler_step(const Tensor& sample, const Tensor& mode
                                                      : 1;
   a.inner = numel / nbatch;
   a.chunks = (a.inner + kChunk - 1) / kChunk;
-  const bool fast = !a.has_noise && !a.draw && !a.do_clip && a.gf == nullptr && a.bd == nullptr;
+  const bool fast = in_order && !a.has_noise && !a.draw && !a.do_clip && a.gf == nullptr && a.bd == nullptr;
 
   dispatch_float(sample.scalar_type(), "sampler_step", [&](auto tag) {
     using T = decltype(tag);
     const T *xp = sample.data_ptr<T>(), *up = model_output.data_ptr<T>(), *cp = ptr_or_null<T>(cond);
-    T *h1p = a.nh >= 1 ? history->data_ptr<T>() : nullptr, *h2p = a.nh >= 2 ? history2->data_ptr<T>() : nullptr;
-    T* h3p = a.nh >= 3 ? history3->data_ptr<T>() : nullptr;
+    T *h1p = a.h1 ? history->data_ptr<T>() : nullptr, *h2p = a.h2 ? history2->data_ptr<T>() : nullptr;
+    T* h3p = a.h3 ? history3->data_ptr<T>() : nullptr;
     T *pp = prev.data_ptr<T>(), *x0p = return_x0 ? x0_out.data_ptr<T>() : nullptr;
     // the loop for these options, chosen once
     using Fn = void (*)(const StepArgs&, const T*, const T*, const T*, T*, T*, T*, T*, T*, int64_t, int64_t, int64_t);
-    auto fast_loop = [&](auto nh) -> Fn {
-      constexpr int kNh = decltype(nh)::value;
+    auto fast_loop = [&](auto count) -> Fn {
+      constexpr int kNh = decltype(count)::value;
       return a.has_cond ? &step_range<T, true, true, kNh> : &step_range<T, true, false, kNh>;
     };
     Fn fn = &step_range<T, false, false, 0>;
     if (fast) {
-      switch (a.nh) {
+      switch (nh) {
         case 0: fn = fast_loop(std::integral_constant<int, 0>{}); break;
         case 1: fn = fast_loop(std::integral_constant<int, 1>{}); break;
         case 2: fn = fast_loop(std::integral_constant<int, 2>{}); break;
