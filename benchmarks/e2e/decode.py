@@ -148,10 +148,9 @@ def build_model(c: Config, device, dtype=torch.float32, seed: int = 0) -> Llama:
 
 # ---- genfast ------------------------------------------------------------------
 
-@torch.no_grad()
-def generate_genfast(model: Llama, prompt: torch.Tensor, n_new: int, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """Tokens (batch, n_new) with genfast's cache, attention and sampling (greedy at temperature 0)."""
+def _prefill_genfast(model: Llama, prompt: torch.Tensor, n_new: int):
+    """(cache, attend, logits): a ``genfast.KVCache`` for the prompt and n_new tokens, the
+    model's ``attend`` over it, and the prompt's last logits (the prompt committed)."""
     c = model.c
     batch, plen = prompt.shape
     cache = genfast.KVCache(c.n_layers, batch, plen + n_new, c.n_kv_heads, c.head_dim,
@@ -161,9 +160,18 @@ def generate_genfast(model: Llama, prompt: torch.Tensor, n_new: int, temperature
         cache.update(layer, k, v)
         return cache.attend(layer, q)
 
-    out = torch.empty((batch, n_new), dtype=torch.long, device=prompt.device)
     logits = model(prompt, torch.arange(plen, device=prompt.device), attend)
     cache.advance()
+    return cache, attend, logits
+
+
+@torch.no_grad()
+def generate_genfast(model: Llama, prompt: torch.Tensor, n_new: int, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """Tokens (batch, n_new) with genfast's cache, attention and sampling (greedy at temperature 0)."""
+    batch, plen = prompt.shape
+    cache, attend, logits = _prefill_genfast(model, prompt, n_new)
+    out = torch.empty((batch, n_new), dtype=torch.long, device=prompt.device)
 
     def sample(logits, step):
         # check=False: the checks are host syncs, and the model's logits are finite. One seed
@@ -188,19 +196,10 @@ def generate_genfast_graph(model: Llama, prompt: torch.Tensor, n_new: int) -> to
     graph and replayed: the step's inputs (the last tokens, their position, the output
     column) live in static tensors that the step itself advances, the cache's lengths
     live on the device, so a replay needs no Python and no host sync."""
-    c = model.c
     batch, plen = prompt.shape
     dev = prompt.device
-    cache = genfast.KVCache(c.n_layers, batch, plen + n_new, c.n_kv_heads, c.head_dim,
-                            dtype=model.cos.dtype, device=dev)
-
-    def attend(layer, q, k, v):
-        cache.update(layer, k, v)
-        return cache.attend(layer, q)
-
+    cache, attend, logits = _prefill_genfast(model, prompt, n_new)
     out = torch.empty((batch, n_new), dtype=torch.long, device=dev)
-    logits = model(prompt, torch.arange(plen, device=dev), attend)
-    cache.advance()
     tok = genfast.sample_tokens(logits[:, -1], temperature=0.0, check=False)[:, None].contiguous()
     out[:, :1] = tok
     pos = torch.full((1,), plen, dtype=torch.long, device=dev)  # the position of tok
