@@ -23,6 +23,8 @@ from . import _ops
 
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn)
 HEAD_DIMS = (64, 80, 96, 128, 256)  # what the C++ and Triton kernels are instantiated for
+# attention() also takes the small headdims of diffusion UNets and small models (8, 16, ..., 64)
+PREFILL_HEAD_DIMS = tuple(range(8, 64, 8)) + HEAD_DIMS
 MAX_GROUP = 64  # query heads per KV head that one kernel item holds (MQA up to 64 heads)
 
 
@@ -281,11 +283,11 @@ def _batch_idx_table(fn, cache_batch_idx, block_table, q, k_cache):
     return cache_batch_idx.view(-1, 1)
 
 
-def _check_q(fn, q, rank=4, what="(batch, seqlen_q, nheads, headdim)"):
+def _check_q(fn, q, rank=4, what="(batch, seqlen_q, nheads, headdim)", head_dims=HEAD_DIMS):
     _check_rank(fn, "q", q, rank, what)
     _ops.check_tensor(fn, "q", q)
-    if q.shape[-1] not in HEAD_DIMS and q.dtype != torch.float64:
-        _fail(fn, f"headdim must be one of {HEAD_DIMS}, got {q.shape[-1]}")
+    if q.shape[-1] not in head_dims and q.dtype != torch.float64:
+        _fail(fn, f"headdim must be one of {head_dims}, got {q.shape[-1]}")
 
 
 # ---- public functions -------------------------------------------------------
@@ -368,6 +370,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Parameters
     ----------
     q : Tensor (batch, seqlen_q, nheads, headdim), or packed (total, nheads, headdim) with ``cu_seqlens``
+        headdim a multiple of 8 up to 64, or 80, 96, 128, 256.
     k, v : Tensor (batch, seqlen_k, nheads_k, headdim), or packed (total, nheads_k, headdim); dtype of q
         nheads must be a multiple of nheads_k. With causal, query i sits at position seqlen_k - seqlen_q + i.
     causal, softmax_scale, window_size, softcap, alibi_slopes : as in ``attention_with_kvcache``
@@ -385,7 +388,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     fn = "attention"
     packed = cu_seqlens is not None
     rank, what = (3, "(total, nheads, headdim)") if packed else (4, "(batch, seqlen, nheads, headdim)")
-    _check_q(fn, q, rank, what)
+    _check_q(fn, q, rank, what, PREFILL_HEAD_DIMS)
     for name, x in (("k", k), ("v", v)):
         _check_rank(fn, name, x, rank, what.replace("nheads", "nheads_k"))
         if x.dtype != q.dtype:

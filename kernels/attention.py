@@ -116,6 +116,12 @@ def _sms(device: torch.device) -> int:
         if device.type == "cuda" else _num_sms(None)
 
 
+def _block_d(headdim: int) -> int:
+    """Tile width over the headdim: a power of two, at least 16 (tl.dot's smallest inner size on a GPU);
+    the columns past headdim are masked."""
+    return max(16, triton.next_power_of_2(headdim))
+
+
 @triton.jit
 def _round_e4m3(x):
     """x (fp32, within +-448) rounded to the nearest float8_e4m3fn value, ties to even, still in fp32.
@@ -529,7 +535,7 @@ def _append(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, k
         block_table if paged else k, block_table.shape[1] if paged else 1, k_cache.shape[1],
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         k_scale if fp8 else k, v_scale if fp8 else k, seqlen_new, capacity, k_cache.shape[0],
-        HK=hk, D=d, BLOCK_H=triton.next_power_of_2(hk), BLOCK_D=triton.next_power_of_2(d),
+        HK=hk, D=d, BLOCK_H=triton.next_power_of_2(hk), BLOCK_D=_block_d(d),
         HAS_SEQLENS=cache_seqlens is not None, PAGED=paged, FP8=fp8)
 
 
@@ -547,7 +553,7 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
     ql = max(1, block_m // G)
     num_qc = triton.cdiv(max_sq, ql)
     block_n = 64 if block_m <= 32 else 32
-    block_d = triton.next_power_of_2(D)
+    block_d = _block_d(D)
     # Splits from shapes only: enough programs for two waves of the SMs, >= 4 key blocks per split.
     programs = batch * HK * num_qc
     splits = 1
@@ -600,7 +606,7 @@ def prefill_config(headdim: int, dtype: torch.dtype, max_shared_mem: int | None 
         tiles = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)]
     else:
         tiles = [(64, 64, 8, 2), (64, 32, 4, 2)]
-    block_d = triton.next_power_of_2(headdim)
+    block_d = _block_d(headdim)
     for block_m, block_n, warps, stages in tiles:
         need = (block_m + 2 * stages * block_n) * block_d * dtype.itemsize
         if max_shared_mem is None or need <= max_shared_mem:
@@ -628,7 +634,7 @@ def _prefill(q, k, v, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offse
     smem = _max_shared_mem((q.device.index if q.device.index is not None else torch.cuda.current_device())
                            if q.device.type == "cuda" else None)
     block_m, block_n, warps, stages = config or prefill_config(D, q.dtype, smem)
-    block_d = triton.next_power_of_2(D)
+    block_d = _block_d(D)
     paged = block_table is not None
     fp8 = k.dtype == torch.float8_e4m3fn
     dummy = q

@@ -520,6 +520,49 @@ def test_prefill_long_queries(backend, dtype):
                          alibi=alibi)
 
 
+@pytest.mark.parametrize("headdim", [8, 16, 24, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_prefill_small_head_dims(backend, dtype, headdim):
+    """Headdims below 64 (diffusion UNets: 8 to 40; the CPU runs them with the queries in the vector lanes):
+    a UNet's self- and cross-attention (no mask, more queries than keys and fewer), then causal with a
+    window, softcap and ALiBi on a padded batch whose first queries see no key, then packed sequences
+    with GQA."""
+    skip_unsupported(backend, dtype)
+    d = headdim
+    for sq, sk in ((40, 40), (40, 7)):  # self, cross
+        q, k, v = (torch.randn(2, n, 4, d).to(backend, dtype) for n in (sq, sk, sk))
+        out, lse = genfast.attention(q, k, v, return_softmax_lse=True)
+        check_against_oracle(out, lse, q, k.double(), v.double(), [sk] * 2, causal=False)
+    alibi = torch.rand(2, 4).to(backend)
+    q = torch.randn(2, 37, 4, d).to(backend, dtype)
+    k, v = (torch.randn(2, 30, 2, d).to(backend, dtype) for _ in range(2))
+    out, lse = genfast.attention(q, k, v, causal=True, window_size=(9, -1), softcap=5.0, alibi_slopes=alibi,
+                                 return_softmax_lse=True)
+    check_against_oracle(out, lse, q, k.double(), v.double(), [30, 30], window=(9, -1), softcap=5.0, alibi=alibi)
+    lengths = [21, 1, 34]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=backend)
+    q = torch.randn(sum(lengths), 4, d).to(backend, dtype)
+    k, v = (torch.randn(sum(lengths), 1, d).to(backend, dtype) for _ in range(2))
+    out, lse = genfast.attention(q, k, v, causal=True, cu_seqlens=cu, return_softmax_lse=True)
+    for i, n in enumerate(lengths):
+        a, b = int(cu[i]), int(cu[i + 1])
+        check_against_oracle(out[a:b][None], lse[:, a:b][None], q[a:b][None], k[a:b][None].double(),
+                             v[a:b][None].double(), [n])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True, window_size=(700, 5))], ids=["full", "window"])
+def test_prefill_small_head_dims_long_keys(backend, kw):
+    """More keys than the CPU lanes kernel's chunk (512): the chunks' softmaxes merged online."""
+    if is_triton():
+        pytest.skip("the interpreter is slow at this size; the chunking is the C++ kernel's")
+    q = torch.randn(1, 20, 2, 8).to(backend)
+    k, v = (torch.randn(1, 1300, 2, 8).to(backend) * 3 for _ in range(2))
+    out, lse = genfast.attention(q, k, v, return_softmax_lse=True, **kw)
+    window = kw.get("window_size", (-1, -1))
+    check_against_oracle(out, lse, q, k.double(), v.double(), [1300], causal=kw.get("causal", False),
+                         window=window)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(window=(30, -1), softcap=4.0), dict(causal=False, alibi="heads")],
                          ids=["causal", "window-softcap", "alibi"])
 def test_long_query_over_a_cache(backend, kw):

@@ -389,6 +389,262 @@ void run_item(const Problem& p, const Item& it, Scratch& w) {
   }
 }
 
+// ---- packed prefill with small head dims: queries in the vector lanes ------
+//
+// The kernel above holds a query row's headdim in the vector lanes; at headdims
+// below 64 (diffusion UNets: 8 to 40) most of each vector would be idle and the
+// softmax's exp, one per score whatever the headdim, dominates. Here a block of
+// U x Vec::size() queries of one head sits in the lanes instead, transposed: a
+// score vector holds one key's scores for 16 queries, built by headdim FMAs
+// with the key's elements broadcast, so nothing is summed across lanes and every
+// exp2 lane is a real score. Per key and 16 queries: headdim FMAs for q.k, a max,
+// exp2 (scale and log2 e folded into q; a degree-6 polynomial and vscalefps,
+// 9 ops), a sum, headdim FMAs for p.v. Keys go in chunks of kLaneKeys whose
+// scores (L2-resident) take a two-pass softmax, chunks merged online. A thread's
+// K and V rows of one (batch row, KV head) are widened into fp32 once and reused
+// by its query blocks. Measured on a 2-core AVX-512 Xeon at (2 x 8 heads, 1024
+// queries x 1024 keys, headdim 8), fp32: see the benchmark table in RESULTS.md.
+
+constexpr int kLaneKeys = 512;  // keys per chunk: U * 16 * 512 fp32 scores, 32-64 KB
+
+// 2^x for finite x <= 0 (clamp -inf first): f = x - floor(x) in [0, 1) by vreduceps, 2^f by a
+// degree-6 polynomial (relative error 9e-8, p(0) = 1), times 2^floor(x) by vscalefps: 8 ops.
+inline Vec exp2_nonpos(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(2.170272055e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.243955223e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.678855538e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.548333377e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402298450e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470037e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, x);
+#else
+  return (x * Vec(0.693147182f)).exp();
+#endif
+}
+
+constexpr float kLog2e = 1.44269504f;
+
+// The largest divisor of d that is at most n.
+constexpr int pv_columns(int d, int n) {
+  int c = n;
+  while (d % c) --c;
+  return c;
+}
+
+// Calls body(j0, j1, masked) over [a, b) split into the keys every lane of a query block sees
+// ([full_lo, full_hi)) and the rest, masked per lane; masked is a std::bool_constant.
+template <typename F>
+inline void key_zones(int a, int b, int full_lo, int full_hi, F&& body) {
+  if (full_lo >= full_hi) return body(a, b, std::true_type{});
+  const int lo = std::clamp(full_lo, a, b), hi = std::clamp(full_hi, lo, b);
+  body(a, lo, std::true_type{});
+  body(lo, hi, std::false_type{});
+  body(hi, b, std::true_type{});
+}
+
+// kPlain: no softcap and no ALiBi (their checks in the inner loop cost 20% at headdim 8).
+template <typename TQ, int D, bool kPlain>
+void attend_lanes(const Problem& p) {
+  constexpr int V = Vec::size();
+  constexpr int U = D <= 16 ? 2 : 1;  // query vectors per block: U x D q registers, U x D accumulators
+  constexpr int QB = U * V;
+  constexpr int DC = pv_columns(D, 16 / U);  // headdim columns per P.V pass (accumulators in registers)
+  const int G = p.G;
+  const int nqb = (p.max_sq + QB - 1) / QB;
+  int64_t max_keys = 0;
+  for (int b = 0; b < p.B; ++b) max_keys = std::max<int64_t>(max_keys, p.kv_len(b));
+  const TQ* kbase = static_cast<const TQ*>(p.k);
+  const TQ* vbase = static_cast<const TQ*>(p.v);
+  const TQ* qbase = static_cast<const TQ*>(p.q);
+  const float qscale = p.scale * (p.softcap > 0.f ? 1.f : kLog2e);
+  at::parallel_for(0, (int64_t)p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kp(max_keys * D), vp(max_keys * D), s((int64_t)kLaneKeys * QB), acc(U * D * V);
+    int packed_b = -1, packed_hk = -1;
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int qb = (int)(idx % nqb), h = (int)(idx / nqb % p.H), b = (int)(idx / nqb / p.H);
+      const int sq = p.q_len(b), i0 = qb * QB;
+      if (i0 >= sq) continue;
+      const int nq = std::min(QB, sq - i0), L = p.kv_len(b), hk = h / G;
+      if (b != packed_b || hk != packed_hk) {
+        for (int j = 0; j < L; ++j) {
+          const int64_t o = p.rows.offset(b, j) + hk * p.rows.s2;
+          for (int c = 0; c < D; c += V) {
+            const int m = std::min(V, D - c);
+            load_float(kbase + o + c, m).store(kp.data() + (int64_t)j * D + c, m);
+            load_float(vbase + o + c, m).store(vp.data() + (int64_t)j * D + c, m);
+          }
+        }
+        packed_b = b;
+        packed_hk = hk;
+      }
+      // Each lane's visible keys [lo, hi); lanes past the last query copy its range.
+      alignas(64) float lof[QB], hif[QB], posf[QB], qt[U * D * V];
+      int kmin = L, kmax = 0, full_lo = 0, full_hi = L;
+      for (int t = 0; t < QB; ++t) {
+        const int64_t pos = (int64_t)L - sq + i0 + std::min(t, nq - 1);
+        int64_t hi = L, lo = 0;
+        if (p.causal) hi = std::min<int64_t>(hi, pos + 1);
+        else if (p.window_right >= 0) hi = std::min<int64_t>(hi, pos + p.window_right + 1);
+        if (p.window_left >= 0) lo = std::max<int64_t>(lo, pos - p.window_left);
+        lo = std::max<int64_t>(lo, 0);
+        hi = std::max(hi, lo);
+        lof[t] = (float)lo;
+        hif[t] = (float)hi;
+        posf[t] = (float)pos;
+        kmin = std::min(kmin, (int)lo);
+        kmax = std::max(kmax, (int)hi);
+        full_lo = std::max(full_lo, (int)lo);
+        full_hi = std::min(full_hi, (int)hi);
+      }
+      for (int t = 0; t < QB; ++t) {
+        const TQ* src = qbase + (p.q_row(b, i0 + std::min(t, nq - 1)) * p.H + h) * D;
+        for (int d = 0; d < D; ++d) qt[((t / V) * D + d) * V + t % V] = static_cast<float>(src[d]) * qscale;
+      }
+      Vec q[U][D], m[U], l[U], lo[U], hi[U], pos[U];
+      for (int u = 0; u < U; ++u) {
+        for (int d = 0; d < D; ++d) q[u][d] = Vec::loadu(qt + (u * D + d) * V);
+        m[u] = Vec(kNegInf);
+        l[u] = Vec(0.f);
+        lo[u] = Vec::loadu(lof + u * V);
+        hi[u] = Vec::loadu(hif + u * V);
+        pos[u] = Vec::loadu(posf + u * V);
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const float slope = p.alibi ? p.alibi[b * p.alibi_bstride + h] * kLog2e : 0.f;
+      for (int c0 = kmin; c0 < kmax; c0 += kLaneKeys) {
+        const int c1 = std::min(kmax, c0 + kLaneKeys);
+        auto score_at = [&](int64_t j, int u) { return s.data() + ((j - c0) * U + u) * V; };
+        // Pass 1: scores (log2 units) into s, the chunk's max per lane.
+        Vec cm[U];
+        for (int u = 0; u < U; ++u) cm[u] = Vec(kNegInf);
+        key_zones(c0, c1, full_lo, full_hi, [&](int j0, int j1, auto masked) {
+          for (int j = j0; j < j1; ++j) {
+            const float* kj = kp.data() + (int64_t)j * D;
+            for (int u = 0; u < U; ++u) {
+              Vec a0(0.f), a1(0.f);  // two chains over headdim
+              for (int d = 0; d + 1 < D; d += 2) {
+                a0 = at::vec::fmadd(q[u][d], Vec(kj[d]), a0);
+                a1 = at::vec::fmadd(q[u][d + 1], Vec(kj[d + 1]), a1);
+              }
+              if constexpr (D % 2) a0 = at::vec::fmadd(q[u][D - 1], Vec(kj[D - 1]), a0);
+              Vec sv = a0 + a1;
+              if constexpr (!kPlain) {
+                if (p.softcap > 0.f) sv = Vec(p.softcap * kLog2e) * (sv * Vec(1.f / p.softcap)).tanh();
+                if (p.alibi) sv = sv - Vec(slope) * (pos[u] - Vec((float)j)).abs();
+              }
+              if constexpr (decltype(masked)::value) {
+                const Vec jf((float)j);
+                sv = Vec::blendv(Vec(kNegInf), sv, (jf >= lo[u]) & (jf < hi[u]));
+              }
+              cm[u] = at::vec::maximum(cm[u], sv);
+              sv.store(score_at(j, u));
+            }
+          }
+        });
+        // Merge with the earlier chunks; m_safe = 0 for lanes that have seen no key yet.
+        Vec msafe[U];
+        for (int u = 0; u < U; ++u) {
+          const Vec mn = at::vec::maximum(m[u], cm[u]);
+          msafe[u] = Vec::blendv(mn, Vec(0.f), mn == Vec(kNegInf));
+          if (c0 > kmin) {
+            const Vec alpha = exp2_nonpos(at::vec::maximum(m[u] - msafe[u], Vec(-256.f)));
+            l[u] = l[u] * alpha;
+            for (int d = 0; d < D; ++d) {
+              (Vec::loadu(acc.data() + (u * D + d) * V) * alpha).store(acc.data() + (u * D + d) * V);
+            }
+          }
+          m[u] = mn;
+        }
+        // p = 2^(s - m); a masked score (-inf) is clamped to -256 first: 2^-256 = 0.
+        auto prob = [&](int j, int u, auto masked) {
+          Vec x = Vec::loadu(score_at(j, u)) - msafe[u];
+          if constexpr (decltype(masked)::value) x = at::vec::maximum(x, Vec(-256.f));
+          const Vec e = exp2_nonpos(x);
+          l[u] = l[u] + e;
+          return e;
+        };
+        if constexpr (U * D <= 16) {
+          // Pass 2, fused: p summed and accumulated into U x D registers.
+          Vec a[U][D];
+          for (int u = 0; u < U; ++u)
+            for (int d = 0; d < D; ++d) a[u][d] = Vec::loadu(acc.data() + (u * D + d) * V);
+          key_zones(c0, c1, full_lo, full_hi, [&](int j0, int j1, auto masked) {
+            for (int j = j0; j < j1; ++j) {
+              const float* vj = vp.data() + (int64_t)j * D;
+              for (int u = 0; u < U; ++u) {
+                const Vec e = prob(j, u, masked);
+                for (int d = 0; d < D; ++d) a[u][d] = at::vec::fmadd(e, Vec(vj[d]), a[u][d]);
+              }
+            }
+          });
+          for (int u = 0; u < U; ++u)
+            for (int d = 0; d < D; ++d) a[u][d].store(acc.data() + (u * D + d) * V);
+        } else {
+          // Pass 2a: p in place of s, summed; 2b: acc += p . v, DC headdim columns at a time in registers.
+          key_zones(c0, c1, full_lo, full_hi, [&](int j0, int j1, auto masked) {
+            for (int j = j0; j < j1; ++j)
+              for (int u = 0; u < U; ++u) prob(j, u, masked).store(score_at(j, u));
+          });
+          for (int dc = 0; dc < D; dc += DC) {
+            Vec a[U][DC];
+            for (int u = 0; u < U; ++u)
+              for (int d = 0; d < DC; ++d) a[u][d] = Vec::loadu(acc.data() + (u * D + dc + d) * V);
+            for (int j = c0; j < c1; ++j) {
+              const float* vj = vp.data() + (int64_t)j * D + dc;
+              for (int u = 0; u < U; ++u) {
+                const Vec pj = Vec::loadu(score_at(j, u));
+                for (int d = 0; d < DC; ++d) a[u][d] = at::vec::fmadd(pj, Vec(vj[d]), a[u][d]);
+              }
+            }
+            for (int u = 0; u < U; ++u)
+              for (int d = 0; d < DC; ++d) a[u][d].store(acc.data() + (u * D + dc + d) * V);
+          }
+        }
+      }
+      // out = acc / l, lse = (m + log2 l) ln 2; a lane that saw no key: zeros and -inf.
+      alignas(64) float lf[QB], mf[QB];
+      for (int u = 0; u < U; ++u) {
+        l[u].store(lf + u * V);
+        m[u].store(mf + u * V);
+      }
+      TQ* out = static_cast<TQ*>(p.out);
+      for (int t = 0; t < nq; ++t) {
+        const float inv = lf[t] > 0.f ? 1.f / lf[t] : 0.f;
+        TQ* dst = out + (p.q_row(b, i0 + t) * p.H + h) * D;
+        const float* a = acc.data() + (t / V) * D * V + t % V;
+        for (int d = 0; d < D; ++d) dst[d] = static_cast<TQ>(a[d * V] * inv);
+        p.lse[p.lse_index(b, h, i0 + t)] = lf[t] > 0.f ? (mf[t] + std::log2(lf[t])) * 0.693147182f : kNegInf;
+      }
+    }
+  });
+}
+
+bool lanes_head_dim(int d) { return d % 8 == 0 && d >= 8 && d < 64; }
+
+void run_lanes(const Problem& p, c10::ScalarType qtype) {
+  dispatch_float(qtype, "attention", [&](auto tag) {
+    using TQ = decltype(tag);
+    auto dims = [&](auto plain) {
+      constexpr bool kPlain = decltype(plain)::value;
+      switch (p.D) {
+        case 8: return attend_lanes<TQ, 8, kPlain>(p);
+        case 16: return attend_lanes<TQ, 16, kPlain>(p);
+        case 24: return attend_lanes<TQ, 24, kPlain>(p);
+        case 32: return attend_lanes<TQ, 32, kPlain>(p);
+        case 40: return attend_lanes<TQ, 40, kPlain>(p);
+        case 48: return attend_lanes<TQ, 48, kPlain>(p);
+        case 56: return attend_lanes<TQ, 56, kPlain>(p);
+        default: TORCH_CHECK(false, "attention: no lanes kernel for headdim ", p.D);
+      }
+    };
+    if (p.softcap > 0.f || p.alibi) return dims(std::false_type{});
+    dims(std::true_type{});
+  });
+}
+
 // out and lse of one row from (acc, m, l).
 template <typename TQ, int D>
 inline void write_row(const Problem& p, int b, int h, int i, const float* acc, float m, float l, float v_factor) {
@@ -620,7 +876,8 @@ void set_common(Problem& p, const Tensor& q, double softmax_scale, bool causal, 
   p.alibi_bstride = alibi_slopes.has_value() && alibi_slopes->dim() == 2 ? alibi_slopes->size(1) : 0;
 }
 
-// A whole fp32 prompt at once (queries = keys, from position 0) with none of softcap, ALiBi or a window:
+// A whole fp32 prompt at once (queries = keys, from position 0; without causal any number of keys) with none
+// of softcap, ALiBi or a window:
 // PyTorch's flash attention for the CPU, whose GEMM tiles beat this file's vector kernel at prefill sizes
 // (Llama-3-8B heads, 2k tokens: 163 against 273 ms). Not in bf16/fp16: there its scores are rounded to
 // the input precision (lse off by ~1e-3 relative), this file's are exact fp32 products. k and v:
@@ -628,7 +885,7 @@ void set_common(Problem& p, const Tensor& q, double softmax_scale, bool causal, 
 bool aten_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Problem& p, Tensor& out, Tensor& lse) {
   if (p.max_sq < 64 || p.softcap > 0.f || p.alibi != nullptr || p.window_left >= 0 ||
       (!p.causal && p.window_right >= 0) || q.scalar_type() != at::kFloat || k.scalar_type() != at::kFloat ||
-      k.size(1) != q.size(1)) {
+      (p.causal && k.size(1) != q.size(1))) {  // its causal mask is aligned top-left, this file's bottom-right
     return false;
   }
   auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(q.transpose(1, 2), k.transpose(1, 2),
@@ -721,6 +978,12 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
   p.lse = lse.data_ptr<float>();
   set_common(p, q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes);
   if (q.numel() == 0 || p.B == 0) return {out, lse};
+  if (lanes_head_dim(p.D)) {
+    // From headdim 32 on PyTorch's GEMM tiles win over 256 keys or more (both are FMA-bound there).
+    if (!packed && p.D >= 32 && max_seqlen_k >= 256 && aten_prefill(q, k, v, p, out, lse)) return {out, lse};
+    run_lanes(p, q.scalar_type());
+    return {out, lse};
+  }
   if (!packed && max_seqlen_k == max_seqlen_q && aten_prefill(q, k, v, p, out, lse)) return {out, lse};
   run(p, q.scalar_type(), k.scalar_type());
   return {out, lse};
