@@ -1,5 +1,6 @@
-"""``genfast.patch(model)``: swap genfast's fused normalization + activation into
-an existing model wherever the result is unchanged, and ``genfast.unpatch(model)``.
+"""``genfast.patch(model)``: swap genfast's fused normalization + activation and
+attention into an existing model wherever the result is unchanged, and
+``genfast.unpatch(model)``.
 
 What is fused (everything else runs as before):
 
@@ -11,6 +12,11 @@ What is fused (everything else runs as before):
 - ``conv_norm_out`` + ``conv_act`` of diffusers' ``Encoder``, ``Decoder``,
   ``UNet2DModel`` and ``UNet2DConditionModel``: replaced by a ``GroupNormAct``
   sharing the norm's parameters and an ``nn.Identity``.
+- diffusers ``Attention`` with the default ``AttnProcessor2_0`` at headdims 8 to
+  56: the processor becomes ``genfast.patch.AttnProcessor``, which runs the
+  attention with ``genfast.attention`` on the CPU (1.6-4x PyTorch's flash kernel
+  at headdim 8 there) and hands every other call (a mask, a GPU, autograd) to the
+  original processor.
 - ``nn.Sequential`` GAN stacks: ``BatchNorm`` → ReLU/LeakyReLU/SiLU/GELU pairs run as
   one ``batch_norm_act`` and ``InstanceNorm`` → activation as one
   ``instance_norm_act``; in eval mode, with no gradient wanted, a BatchNorm2d
@@ -253,6 +259,88 @@ def _fused_group_norm(norm: nn.GroupNorm, activation: str, negative_slope: float
     return fused
 
 
+# ---- diffusers Attention -----------------------------------------------------------
+
+_ATTENTION = ("diffusers.models.attention_processor", "Attention")
+_SDPA_PROCESSOR = ("diffusers.models.attention_processor", "AttnProcessor2_0")
+SMALL_HEAD_DIMS = frozenset(range(8, 64, 8))  # where genfast.attention's CPU kernel beats PyTorch's flash kernel
+
+
+class AttnProcessor:
+    """diffusers' ``AttnProcessor2_0`` with the attention itself run by ``genfast.attention`` where that
+    is the faster kernel: on the CPU at headdims 8 to 56 (diffusion UNets at reduced sizes, small
+    models, SD1.5's first level at headdim 40 for its cross-attention), in (batch, tokens, heads,
+    headdim) layout, which the projections produce without the transposes SDPA needs. Every other call
+    (a mask, another device or headdim, autograd, the deprecated ``scale`` argument) goes to the
+    original processor, unchanged."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def _fused(self, attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs) -> bool:
+        if attention_mask is not None or args or kwargs or hidden_states.device.type != "cpu":
+            return False
+        if hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return False
+        if torch.is_grad_enabled():  # genfast.attention has no backward
+            if hidden_states.requires_grad or (encoder_hidden_states is not None and encoder_hidden_states.requires_grad):
+                return False
+            if any(p.requires_grad for p in attn.parameters()):
+                return False
+        return True
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if not self._fused(attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        from .attention import attention
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image = hidden_states.ndim == 4
+        if image:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        batch_size, heads = query.shape[0], attn.heads
+        query, key, value = (t.unflatten(-1, (heads, -1)) for t in (query, key, value))
+        # norm_q / norm_k normalize over headdim, the last dimension in either layout
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        # AttnProcessor2_0 leaves attn.scale to SDPA's default, 1 / sqrt(headdim): so does this
+        out = attention(query, key, value).flatten(2).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if image:
+            out = out.transpose(-1, -2).reshape(batch_size, channels, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _attention_reason(attn) -> str | None:
+    processor_cls = _diffusers_class(*_SDPA_PROCESSOR)
+    if type(attn.processor) is not processor_cls:
+        return f"processor {type(attn.processor).__name__} (genfast reproduces AttnProcessor2_0 only)"
+    if "forward" in attn.__dict__:
+        return "its forward was replaced (another patch or an accelerate hook)"
+    if getattr(attn, "inner_kv_dim", attn.inner_dim) != attn.inner_dim:
+        return "keys and values have their own number of heads"
+    if attn.inner_dim % attn.heads or attn.inner_dim // attn.heads not in SMALL_HEAD_DIMS:
+        return (f"headdim {attn.inner_dim / attn.heads:g}: genfast's faster attention covers headdims "
+                "8-56 on the CPU; PyTorch's SDPA is kept")
+    return None
+
+
 # ---- nn.Sequential stacks (GAN generators) ----------------------------------------
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -484,6 +572,7 @@ def patch(model: nn.Module) -> PatchReport:
         return report
     resnet_cls = _diffusers_class("diffusers.models.resnet", "ResnetBlock2D")
     parents = [c for c in (_diffusers_class(*p) for p in _NORM_OUT_PARENTS) if c is not None]
+    attention_cls = _diffusers_class(*_ATTENTION)
     covered: set[int] = set()  # norms fused (or reported) by a block-level rule
     for name, m in list(model.named_modules()):
         if _PLAN in m.__dict__ or hasattr(m, _ORIGINAL):
@@ -518,6 +607,17 @@ def patch(model: nn.Module) -> PatchReport:
             m.conv_norm_out, m.conv_act = fused, nn.Identity()
             report.replaced.append(PatchEntry(
                 qual, type(norm).__name__, f"+ conv_act ({activation}) -> GroupNormAct, conv_act -> Identity"))
+        elif attention_cls is not None and isinstance(m, attention_cls):
+            if isinstance(m.processor, AttnProcessor):  # patched before
+                continue
+            why = _attention_reason(m)
+            if why:
+                report.left.append(PatchEntry(name, type(m).__name__, why))
+                continue
+            m.processor = AttnProcessor(m.processor)
+            report.replaced.append(PatchEntry(name, type(m).__name__, (
+                f"AttnProcessor2_0 -> genfast.patch.AttnProcessor (headdim {m.inner_dim // m.heads}: "
+                "genfast.attention on the CPU, the original processor elsewhere)")))
         elif type(m) is nn.Sequential and any(type(c) in _SEQ_NORMS for c in m.children()):
             covered.update(id(c) for c in m.children() if type(c) in _SEQ_NORMS)
             if "forward" in m.__dict__:  # the container's own hooks still run; a replaced forward is someone else's
@@ -537,6 +637,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpatch: model must be an nn.Module, got {type(model).__name__}")
     for m in list(model.modules()):
+        if isinstance(getattr(m, "processor", None), AttnProcessor):
+            m.processor = m.processor.original
         if _PLAN in m.__dict__:
             del m.__dict__[_PLAN]
             m.__dict__.pop("forward", None)

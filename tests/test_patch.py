@@ -53,7 +53,8 @@ def tiny_unet(**kw):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     config = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
-                  sample_size=16, attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  # diffusers reads attention_head_dim as the number of heads here: headdims 8 and 16
+                  sample_size=16, attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     return diffusers.UNet2DConditionModel(**{**config, **kw}).eval()
 
@@ -86,13 +87,35 @@ def resnet_names(model):
     return sorted(n for n, m in model.named_modules() if type(m) is ResnetBlock2D)
 
 
+def attention_names(model):
+    from diffusers.models.attention_processor import Attention
+    return sorted(n for n, m in model.named_modules() if type(m) is Attention)
+
+
+class CountAttention:
+    """Counts the calls of genfast.attention (the function the patched attention processor calls)."""
+
+    def __init__(self, monkeypatch):
+        import sys
+        module = sys.modules["genfast.attention"]
+        self.calls, original = 0, module.attention
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "attention", counted)
+
+
 @pytest.mark.parametrize("time_scale_shift", ["default", "scale_shift"])
-def test_unet_patched_matches_unpatched(time_scale_shift):
+def test_unet_patched_matches_unpatched(time_scale_shift, monkeypatch):
     unet = randomize_norms(tiny_unet(resnet_time_scale_shift=time_scale_shift))
-    resnets = resnet_names(unet)
+    resnets, attentions = resnet_names(unet), attention_names(unet)
+    count = CountAttention(monkeypatch)
     _, report = compare(unet, unet_inputs(), lambda m, *a: m(*a).sample)
+    assert count.calls == len(attentions) == 8  # self- and cross-attention of 4 transformer blocks, once
     assert isinstance(report, PatchReport)
-    assert names(report.replaced) == sorted(resnets + ["conv_norm_out"])
+    assert names(report.replaced) == sorted(resnets + attentions + ["conv_norm_out"])
     film = "FiLM" if time_scale_shift == "scale_shift" else "add"
     assert all(film in e.detail for e in report.replaced if e.kind == "ResnetBlock2D")
     # The transformer blocks' GroupNorms have no activation after them: left, with a reason.
@@ -106,7 +129,9 @@ def test_vae_patched_matches_unpatched():
     resnets = resnet_names(vae)
     image = torch.randn(1, 3, 16, 16)
     _, report = compare(vae, (image,), lambda m, x: m(x).sample)
-    assert names(report.replaced) == sorted(resnets + ["encoder.conv_norm_out", "decoder.conv_norm_out"])
+    # the mid blocks' attention: one head of 32, with a GroupNorm, 4D input and a residual inside
+    assert names(report.replaced) == sorted(resnets + attention_names(vae) +
+                                            ["encoder.conv_norm_out", "decoder.conv_norm_out"])
     assert names(report.left) == ["decoder.mid_block.attentions.0.group_norm",
                                   "encoder.mid_block.attentions.0.group_norm"]
 
@@ -114,9 +139,44 @@ def test_vae_patched_matches_unpatched():
 def test_report_prints_both_lists():
     unet = tiny_unet()
     text = str(genfast.patch(unet))
-    assert text.splitlines()[0].startswith("genfast.patch: 9 replaced, 4 left")
+    assert text.splitlines()[0].startswith("genfast.patch: 17 replaced, 4 left")
     assert "mid_block.resnets.0" in text and "not in a block genfast recognizes" in text
+    assert "genfast.patch.AttnProcessor (headdim 8" in text
     assert repr(genfast.patch(unet)) == "PatchReport(replaced=0, left=4)"  # patching twice changes nothing new
+
+
+def test_attention_left_where_sdpa_is_kept():
+    """Headdims outside 8-56 and other processors keep PyTorch's SDPA: reported as left, with the reason."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = tiny_unet(attention_head_dim=8)  # headdims 4 and 8
+    unet.mid_block.attentions[0].transformer_blocks[0].attn1.set_processor(AttnProcessor())
+    left = {e.name: e.detail for e in genfast.patch(unet).left}
+    assert "headdim 4" in left["down_blocks.0.attentions.0.transformer_blocks.0.attn1"]
+    assert "processor AttnProcessor " in left["mid_block.attentions.0.transformer_blocks.0.attn1"]
+    assert "mid_block.attentions.0.transformer_blocks.0.attn2" not in left  # headdim 8: replaced
+
+
+def test_patched_attention_falls_back_to_the_original(monkeypatch):
+    """A mask, autograd through the attention, or another device/dtype: the original processor runs."""
+    unet = tiny_unet()
+    attn = copy.deepcopy(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2)
+    fused = copy.deepcopy(attn)
+    genfast.patch(fused)
+    count = CountAttention(monkeypatch)
+    x, ctx = torch.randn(2, 9, 32), torch.randn(2, 5, 32)
+    mask = torch.zeros(2, 1, 5)
+    mask[0, :, 3:] = -10000.0  # diffusers' additive form: the first row ignores its last 2 tokens
+    with torch.no_grad():
+        assert torch.equal(fused(x, ctx, attention_mask=mask), attn(x, ctx, attention_mask=mask))
+        assert count.calls == 0
+        out = fused(x, ctx)
+        assert count.calls == 1
+        assert_close(out, copy.deepcopy(attn).double()(x.double(), ctx.double()), attn(x, ctx), atol=ATOL)
+    out_ref, out = attn(x, ctx), fused(x, ctx)  # parameters require grad: the original, differentiable
+    assert count.calls == 1 and torch.equal(out, out_ref)
+    out.sum().backward()
+    assert fused.to_q.weight.grad is not None
 
 
 def test_unusual_modules_are_left_with_the_reason():

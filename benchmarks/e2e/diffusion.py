@@ -2,7 +2,7 @@
 and classifier-free guidance.
 
 - genfast: ``genfast.patch(unet)`` (GroupNorm+SiLU fused in every ResnetBlock2D
-  and the output norm) and ``genfast.schedulers.from_diffusers`` of the
+  and the output norm; on the CPU the attention by ``genfast.attention``) and ``genfast.schedulers.from_diffusers`` of the
   DPMSolverMultistepScheduler, guidance fused into the step
   (``step_with_guidance``);
 - eager: the loop of diffusers' StableDiffusionPipeline: latents doubled,
