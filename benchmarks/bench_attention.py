@@ -16,6 +16,10 @@ out are under 0.1% of that and are not counted. genfast's cache is
 flash-attn's (batch, seqlen, nheads_k, headdim); the new token is appended
 in place by the same call. Prefill is compute-bound: its "GB/s" only counts
 q, k, v and out once and is not a bandwidth figure.
+
+The "unet" rows are a diffusion UNet's attention (no mask, small headdims;
+``UNET_ATTENTION``) against SDPA as diffusers calls it and its torch.compile;
+compute-bound like prefill.
 """
 from __future__ import annotations
 
@@ -175,6 +179,35 @@ def _chunked_prefill(dtype, cache_dtype, device):
     return build
 
 
+# Diffusion UNet attention, no mask: (batch x heads, queries, keys, headdim). Headdim 8 is the reduced UNet of
+# benchmarks/e2e/diffusion.py (64 channels, 8 heads) at 32x32 latents, self- and cross-attention (77 text
+# tokens); headdim 40 is SD1.5's first level (320 channels, 8 heads, 64x64 latents) cross-attention.
+UNET_ATTENTION = {"unet self hd8": (2, 8, 1024, 1024, 8), "unet cross hd8": (2, 8, 1024, 77, 8),
+                  "sd1.5 cross hd40": (2, 8, 4096, 77, 40)}
+
+
+def _unet_attention(batch, heads, nq, nk, headdim, dtype, device, compile=True):
+    """genfast.attention in the (batch, tokens, heads, headdim) layout the projections give; SDPA as diffusers'
+    AttnProcessor2_0 calls it (transposed views) and torch.compile of that."""
+    def build():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q = torch.randn(batch, nq, heads, headdim, generator=g).to(device, dtype)
+        k = torch.randn(batch, nk, heads, headdim, generator=g).to(device, dtype)
+        v = torch.randn(batch, nk, heads, headdim, generator=g).to(device, dtype)
+
+        def sdpa(q, k, v):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return out.transpose(1, 2).reshape(batch, nq, heads * headdim)
+
+        fns = {"genfast": lambda: genfast.attention(q, k, v).flatten(2), "sdpa": lambda: sdpa(q, k, v)}
+        if compile:
+            compiled = torch.compile(sdpa)
+            fns["torch.compile"] = lambda: compiled(q, k, v)
+        return fns
+
+    return build
+
+
 def cases(quick: bool, device) -> list[Case]:
     """quick: decode batch 8 at 4k context in fp32 and bf16 and with an fp8 cache, prefill 2k (GPU: bf16 and
     fp8 decode at batch 8 x 16k and batch 32 x 4k, prefill 2k and 8k with the A/B rows of ``_prefill_variants``);
@@ -221,6 +254,14 @@ def cases(quick: bool, device) -> list[Case]:
                         device=device, nbytes=nbytes, footprint=nbytes,
                         impls=("genfast", "sdpa") + tuple(name for name, _, _ in variants),
                         build=_prefill(seqlen, dtype, device, variants), compiled=()))
+    for size, (batch, heads, nq, nk, headdim) in UNET_ATTENTION.items():
+        dtype = torch.bfloat16 if gpu else torch.float32
+        nbytes = 2 * batch * heads * (nq + nk) * headdim * dtype.itemsize
+        out.append(Case(family=FAMILY, op="attention", mode="unet", size=size, dtype=dtype, device=device,
+                        nbytes=nbytes, footprint=nbytes,
+                        # on a GPU SDPA is one flash kernel either way: the check skips compiling it
+                        impls=("genfast", "sdpa") if gpu else ("genfast", "sdpa", "torch.compile"),
+                        build=_unet_attention(batch, heads, nq, nk, headdim, dtype, device, compile=not gpu)))
     if gpu:  # the Triton kernels' paged/fp8 prefill against the contiguous cache and the shared kernel
         for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
             n = CACHED + CHUNK
