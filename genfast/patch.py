@@ -324,7 +324,8 @@ class AttnProcessor:
             out = out.transpose(-1, -2).reshape(batch_size, channels, height, width)
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        # x / 1 is x exactly: no pass over the output for the usual factor
+        return out if attn.rescale_output_factor == 1 else out / attn.rescale_output_factor
 
 
 def _attention_reason(attn) -> str | None:
