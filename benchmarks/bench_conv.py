@@ -1,5 +1,6 @@
 """Conv-block family: GroupNorm + SiLU, the block of every UNet and VAE decoder; BatchNorm +
-ReLU of GAN generators and the conv epilogue (below `cases`).
+ReLU of GAN generators and the conv epilogue; the GEGLU gate of the UNet's feed-forwards
+(below `cases`).
 
 The baseline is written the way diffusers' ResnetBlock2D writes it,
 ``nonlinearity(norm(hidden_states))`` with ``nn.GroupNorm`` and ``F.silu``, run
@@ -234,11 +235,82 @@ def _bn_cases(quick: bool, device: torch.device) -> list[Case]:
     return out
 
 
+# ---- gated_act: the GEGLU gate of the UNet's transformer feed-forwards ----------------------
+#
+# diffusers' GEGLU after its projection, ``h, gate = x.chunk(2, dim=-1); h * F.gelu(gate)``,
+# against genfast.gated_act(x, "gelu"), x (2, tokens, 2F) from SD1.5's UNet: 64x64 latents
+# at the first level (4096 tokens, inner dim F = 1280), 32x32 at the second (1024, 2560),
+# and a small (2, 1024, 2*256). Minimum traffic per output element (R·F of them): forward
+# reads h and gate and writes out, 3 elements; forward+backward adds a read of grad_out
+# and x and a write of grad_x, 5 more. Eager moves 5 forward and about 9 backward.
+
+GLU_SHAPES = {"sd15 ff 2x4096x2560": (2, 4096, 2560), "sd15 ff 2x1024x5120": (2, 1024, 5120),
+              "small 2x1024x512": (2, 1024, 512)}
+
+
+def eager_geglu(x: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``GEGLU.forward`` after ``self.proj``."""
+    hidden_states, gate = x.chunk(2, dim=-1)
+    return hidden_states * F.gelu(gate)
+
+
+def _genfast_geglu(x):
+    return genfast.gated_act(x, "gelu")
+
+
+def _glu_builder(backward):
+    def build(shape, dtype, device):
+        x = torch.randn(shape, device=device, dtype=dtype)
+        compiled = _compile(eager_geglu)
+        fns = (("genfast", _genfast_geglu), ("eager", eager_geglu), ("torch.compile", compiled))
+        if backward:
+            x.requires_grad_()
+            grad = torch.randn((*shape[:-1], shape[-1] // 2), device=device, dtype=dtype)
+            return {name: (lambda fn=fn: torch.autograd.grad(fn(x), x, grad)) for name, fn in fns}
+
+        def no_grad(fn):
+            def run():
+                with torch.no_grad():
+                    return fn(x)
+            return run
+
+        return {name: no_grad(fn) for name, fn in fns}
+    return build
+
+
+# (mode, elements moved per output element, elements touched per output element, builder)
+GLU_MODES = [("fwd", 3, 3, _glu_builder(False)), ("fwd+bwd", 8, 6, _glu_builder(True))]
+
+
+def _glu_cases(quick: bool, device: torch.device) -> list[Case]:
+    """quick: the second-level shape, forward and forward+backward, fp32 (bf16 on a GPU);
+    full: every shape, fp32 and bf16, both modes."""
+    if quick:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        plan = [(mode, "sd15 ff 2x1024x5120", dtype) for mode, *_ in GLU_MODES]
+    else:
+        plan = [(mode, size, dtype) for mode, *_ in GLU_MODES for size in GLU_SHAPES
+                for dtype in (torch.float32, torch.bfloat16)]
+    modes = {mode: (moved, touched, build) for mode, moved, touched, build in GLU_MODES}
+    out = []
+    for mode, size, dtype in plan:
+        moved, touched, build = modes[mode]
+        shape = GLU_SHAPES[size]
+        outputs = torch.Size(shape).numel() // 2
+        out.append(Case(
+            family=FAMILY, op="gated_act", mode=mode, size=size, dtype=dtype, device=device,
+            nbytes=moved * outputs * dtype.itemsize, footprint=touched * outputs * dtype.itemsize,
+            impls=("genfast", "eager", "torch.compile"),
+            build=lambda build=build, shape=shape, dtype=dtype: build(shape, dtype, device),
+        ))
+    return out
+
+
 def cases(quick: bool, device) -> list[Case]:
     """group_norm_act, quick: the UNet's first shape and the SDXL VAE's (1, 512, 256, 256)
     in both layouts, fp32 (bf16 on a GPU), forward, plus forward+backward at the UNet
     shape; full: every shape, layout, fp32/bf16, forward and forward+backward. Then
-    batch_norm_act and channel_affine_act (``_bn_plan``)."""
+    batch_norm_act and channel_affine_act (``_bn_plan``) and gated_act (``_glu_cases``)."""
     device = torch.device(device)
     modes = {m: (moved, touched, build) for m, moved, touched, build in MODES}
     out = []
@@ -252,4 +324,4 @@ def cases(quick: bool, device) -> list[Case]:
             impls=("genfast", "eager", "torch.compile"),
             build=lambda build=build, shape=shape, layout=layout, dtype=dtype: build(shape, layout, dtype, device),
         ))
-    return out + _bn_cases(quick, device)
+    return out + _bn_cases(quick, device) + _glu_cases(quick, device)

@@ -17,5 +17,7 @@ int64_t resolve_seed(int64_t seed, const OptTensor& seed_tensor);
 // pool.cpp: an uninitialized output with like's shape, strides and dtype; large
 // ones come from a pool of recycled blocks (no fresh pages to fault in).
 Tensor empty_output(const Tensor& like);
+// The same for a contiguous tensor of these sizes.
+Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace genfast::cpu

@@ -17,6 +17,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
+#include <c10/util/accumulate.h>
+#include <c10/util/strides.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -87,6 +89,13 @@ Pool& pool() {
   return *p;
 }
 
+// A tensor of these sizes and strides over a pool block of at least need bytes.
+Tensor pooled(int64_t need, at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& options) {
+  const int64_t bytes = (need + kAlign - 1) / kAlign * kAlign;
+  void* p = pool().take(bytes);
+  return at::from_blob(p, sizes, strides, [bytes](void* q) { pool().give(q, bytes); }, options);
+}
+
 }  // namespace
 
 Tensor empty_output(const Tensor& like) {
@@ -94,10 +103,13 @@ Tensor empty_output(const Tensor& like) {
   if (need < kMinBytes || pool_limit() <= 0) return at::empty_like(like);
   // x's strides (contiguous or channels_last: the Python layer made it dense)
   const Tensor meta = at::empty_like(like, like.options().device(at::kMeta));
-  const int64_t bytes = (need + kAlign - 1) / kAlign * kAlign;
-  void* p = pool().take(bytes);
-  return at::from_blob(p, meta.sizes(), meta.strides(), [bytes](void* q) { pool().give(q, bytes); },
-                       like.options());
+  return pooled(need, meta.sizes(), meta.strides(), like.options());
+}
+
+Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const int64_t need = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
+  if (need < kMinBytes || pool_limit() <= 0) return at::empty(sizes, options);
+  return pooled(need, sizes, c10::contiguous_strides(sizes), options);
 }
 
 }  // namespace genfast::cpu
