@@ -17,6 +17,10 @@ What is fused (everything else runs as before):
   attention with ``genfast.attention`` on the CPU (1.6-4x PyTorch's flash kernel
   at headdim 8 there) and hands every other call (a mask, a GPU, autograd) to the
   original processor.
+- diffusers ``GEGLU`` / ``SwiGLU`` (the transformer blocks' feed-forward gate):
+  the projection runs as a plain matmul and its bias, the split and
+  ``h * act(gate)`` as one ``gated_act`` pass (PyTorch's CPU ``addmm`` copies
+  the bias into its output first: a pass of its own).
 - ``nn.Sequential`` GAN stacks: ``BatchNorm`` → ReLU/LeakyReLU/SiLU/GELU pairs run as
   one ``batch_norm_act`` and ``InstanceNorm`` → activation as one
   ``instance_norm_act``; in eval mode, with no gradient wanted, a BatchNorm2d
@@ -45,9 +49,11 @@ import types
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
+from .activation import gated_act
 from .conv import group_norm_act
 from .nn import GroupNormAct, activation_of, batch_norm_module_act, instance_norm_module_act
 from .reference.conv import activate
@@ -342,6 +348,47 @@ def _attention_reason(attn) -> str | None:
     return None
 
 
+# ---- diffusers GEGLU / SwiGLU (the transformer blocks' feed-forward gate) ----------
+
+_GATED = {("diffusers.models.activations", "GEGLU"): "gelu", ("diffusers.models.activations", "SwiGLU"): "silu"}
+
+
+class _GatedPlan:
+    """A patched GEGLU / SwiGLU: its proj (and SwiGLU's activation module), rechecked on every call."""
+
+    def __init__(self, module, activation):
+        self.proj, self.act = module.proj, getattr(module, "activation", None)
+        self.activation = activation
+
+    def live(self, module) -> bool:
+        return (module.proj is self.proj and getattr(module, "activation", None) is self.act
+                and not _global_hooks() and _not_plain(self.proj) is None
+                and (self.act is None or _not_plain(self.act) is None))
+
+
+def _gated_forward(self, hidden_states, *args, **kwargs):
+    """GEGLU / SwiGLU as proj's matmul, then its bias and ``h * act(gate)`` in one ``gated_act`` pass."""
+    plan = self.__dict__[_PLAN]
+    if args or kwargs or not plan.live(self) or hidden_states.device.type not in ("cpu", "cuda"):
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    return gated_act(F.linear(hidden_states, self.proj.weight), plan.activation, bias=self.proj.bias)
+
+
+def _gated_reason(module, cls) -> str | None:
+    if type(module).forward is not cls.forward:
+        return f"{type(module).__name__} overrides {cls.__name__}.forward"
+    if "forward" in module.__dict__:
+        return "its forward was replaced (another patch or an accelerate hook)"
+    if getattr(type(module), "gelu", None) is not getattr(cls, "gelu", None):
+        return f"{type(module).__name__} overrides GEGLU.gelu"
+    if type(module.proj) is not nn.Linear:
+        return f"proj is {type(module.proj).__name__}, not nn.Linear"
+    act = getattr(module, "activation", None)
+    if act is not None and type(act) is not nn.SiLU:
+        return f"activation is {type(act).__name__}, not nn.SiLU"
+    return _not_plain(module.proj) or (act is not None and _not_plain(act)) or None
+
+
 # ---- nn.Sequential stacks (GAN generators) ----------------------------------------
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -574,6 +621,7 @@ def patch(model: nn.Module) -> PatchReport:
     resnet_cls = _diffusers_class("diffusers.models.resnet", "ResnetBlock2D")
     parents = [c for c in (_diffusers_class(*p) for p in _NORM_OUT_PARENTS) if c is not None]
     attention_cls = _diffusers_class(*_ATTENTION)
+    gated = {_diffusers_class(*k): a for k, a in _GATED.items()}
     covered: set[int] = set()  # norms fused (or reported) by a block-level rule
     for name, m in list(model.named_modules()):
         if _PLAN in m.__dict__ or hasattr(m, _ORIGINAL):
@@ -608,6 +656,16 @@ def patch(model: nn.Module) -> PatchReport:
             m.conv_norm_out, m.conv_act = fused, nn.Identity()
             report.replaced.append(PatchEntry(
                 qual, type(norm).__name__, f"+ conv_act ({activation}) -> GroupNormAct, conv_act -> Identity"))
+        elif any(c is not None and isinstance(m, c) for c in gated):
+            cls, activation = next((c, a) for c, a in gated.items() if c is not None and isinstance(m, c))
+            why = _gated_reason(m, cls)
+            if why:
+                report.left.append(PatchEntry(name, type(m).__name__, why))
+                continue
+            _replace_forward(m, _gated_forward, _GatedPlan(m, activation))
+            bias = ", proj's bias fused" if m.proj.bias is not None else ""
+            report.replaced.append(PatchEntry(name, type(m).__name__,
+                                              f"proj + h * {activation}(gate) -> matmul + gated_act{bias}"))
         elif attention_cls is not None and isinstance(m, attention_cls):
             if isinstance(m.processor, AttnProcessor):  # patched before
                 continue

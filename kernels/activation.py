@@ -93,23 +93,32 @@ def _tile(rows, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
 
 
 @triton.jit
-def _gated_act_kernel(x_ptr, out_ptr, rows, F, ACT: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_F: tl.constexpr):
-    r, c, mask = _tile(rows, F, BLOCK_R, BLOCK_F)
+def _halves(x_ptr, bias_ptr, r, c, mask, F, HAS_BIAS: tl.constexpr):
+    """(h, gate) of x + bias at rows r, columns c, in fp32."""
     h_off = r * (2 * F) + c
     h = tl.load(x_ptr + h_off, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(x_ptr + h_off + F, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        cmask = c < F
+        h += tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        g += tl.load(bias_ptr + c + F, mask=cmask, other=0.0).to(tl.float32)
+    return h_off, h, g
+
+
+@triton.jit
+def _gated_act_kernel(x_ptr, bias_ptr, out_ptr, rows, F, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    r, c, mask = _tile(rows, F, BLOCK_R, BLOCK_F)
+    _, h, g = _halves(x_ptr, bias_ptr, r, c, mask, F, HAS_BIAS)
     out = h * _activate(g, ACT)
     tl.store(out_ptr + r * F + c, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gated_act_backward_kernel(grad_out_ptr, x_ptr, grad_x_ptr, rows, F, ACT: tl.constexpr,
-                               BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+def _gated_act_backward_kernel(grad_out_ptr, x_ptr, bias_ptr, grad_x_ptr, rows, F, ACT: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
     r, c, mask = _tile(rows, F, BLOCK_R, BLOCK_F)
-    h_off = r * (2 * F) + c
-    h = tl.load(x_ptr + h_off, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(x_ptr + h_off + F, mask=mask, other=0.0).to(tl.float32)
+    h_off, h, g = _halves(x_ptr, bias_ptr, r, c, mask, F, HAS_BIAS)
     d = tl.load(grad_out_ptr + r * F + c, mask=mask, other=0.0).to(tl.float32)
     a, da = _activate_and_grad(g, ACT)
     ty = grad_x_ptr.dtype.element_ty
@@ -119,7 +128,7 @@ def _gated_act_backward_kernel(grad_out_ptr, x_ptr, grad_x_ptr, rows, F, ACT: tl
 
 # ---- launchers (argument order = the op schemas in genfast/activation.py) ---
 
-def _launch(kernel, tensors, x: torch.Tensor, activation: str) -> None:
+def _launch(kernel, tensors, x: torch.Tensor, bias, activation: str) -> None:
     F = x.shape[-1] // 2
     rows = x.numel() // x.shape[-1]
     block_f = min(MAX_BLOCK_F, triton.next_power_of_2(F))
@@ -127,21 +136,22 @@ def _launch(kernel, tensors, x: torch.Tensor, activation: str) -> None:
         block_f //= 2  # masked-off lanes of the last column block: at most 1/8 of F
     block_r = TILE // block_f
     grid = (triton.cdiv(rows, block_r), triton.cdiv(F, block_f))
-    kernel[grid](*tensors, rows, F, ACT=ACT_CODES[activation], BLOCK_R=block_r, BLOCK_F=block_f,
-                 num_warps=NUM_WARPS)
+    kernel[grid](*tensors, rows, F, ACT=ACT_CODES[activation], HAS_BIAS=bias is not None, BLOCK_R=block_r,
+                 BLOCK_F=block_f, num_warps=NUM_WARPS)
 
 
-def gated_act(x, activation):
+def gated_act(x, bias, activation):
     out = x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
     if out.numel() == 0:
         return out
-    _launch(_gated_act_kernel, (x, out), x, activation)
+    _launch(_gated_act_kernel, (x, x if bias is None else bias, out), x, bias, activation)
     return out
 
 
-def gated_act_backward(grad_out, x, activation):
+def gated_act_backward(grad_out, x, bias, activation):
     grad_x = torch.empty_like(x)
     if x.numel() == 0:
         return grad_x
-    _launch(_gated_act_backward_kernel, (grad_out.to(x.dtype).contiguous(), x, grad_x), x, activation)
+    _launch(_gated_act_backward_kernel, (grad_out.to(x.dtype).contiguous(), x, x if bias is None else bias, grad_x),
+            x, bias, activation)
     return grad_x

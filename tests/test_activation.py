@@ -74,6 +74,38 @@ def test_gated_act_forward_and_backward(backend, shape, dtype, activation):
     check_forward_and_backward(make_x(shape, dtype, backend), activation)
 
 
+@pytest.mark.parametrize("shape", [(5, 14), (2, 3, 2000)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gated_act_with_bias(backend, shape, dtype, activation):
+    """gated_act(x, bias=b) is the gate of Linear's output x + b: forward and the gradients of x and b
+    against fp64 autograd; PyTorch's error in the input precision (x + b rounded, then the gate) as the
+    yardstick."""
+    skip_unsupported(backend, dtype)
+    x = make_x(shape, dtype, backend).requires_grad_()
+    bias = make_x(shape[-1:], dtype, backend, scale=1.0).requires_grad_()
+    out = genfast.gated_act(x, activation, bias=bias)
+    x64, b64 = (t.detach().double().cpu().requires_grad_() for t in (x, bias))
+    out64 = eager(x64 + b64, activation)
+    x_lowp, b_lowp = (t.detach().clone().requires_grad_() for t in (x, bias))
+    out_lowp = eager(x_lowp + b_lowp, activation)
+    f = shape[-1] // 2
+    h, g = (x64 + b64).detach().abs().split(f, dim=-1)
+    erf_slack = 0.5 * ERF_ERROR if activation == "gelu" else 0.0
+    assert_close(out, out64.detach(), out_lowp.detach(), atol=ATOL + erf_slack * h * g, name="out")
+    grad = torch.randn(out.shape, device=backend).to(dtype)
+    grads = torch.autograd.grad(out, (x, bias), grad)
+    grads64 = torch.autograd.grad(out64, (x64, b64), grad.double().cpu())
+    grads_lowp = torch.autograd.grad(out_lowp, (x_lowp, b_lowp), grad)
+    d = grad.double().cpu().abs()
+    slack_x = ATOL + erf_slack * torch.cat([d * g, d * h], dim=-1)
+    rows = slack_x.reshape(-1, shape[-1])
+    for got, ref64, lowp, atol, name in zip(grads, grads64, grads_lowp, (slack_x, rows.sum(0) + ATOL * rows.shape[0]),
+                                            ("grad_x", "grad_bias")):
+        assert got.dtype == dtype and got.shape == ref64.shape
+        assert_close(got, ref64, lowp, atol=atol, name=name)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_sd_unet_row_width(backend, activation):
     """F = 1280 as in SD1.5's first FF (a few rows): the column split and the vector loop at real width."""
@@ -128,9 +160,12 @@ def test_opcheck():
     ops = torch.ops.genfast
     for activation in ACTIVATIONS:
         x = torch.randn(3, 5, 18, device=DEVICE, requires_grad=True)
-        torch.library.opcheck(ops.gated_act.default, (x, activation))
-        grad_out = torch.randn(3, 5, 9, device=DEVICE)
-        torch.library.opcheck(ops.gated_act_backward.default, (grad_out, x.detach(), activation))
+        bias = torch.randn(18, device=DEVICE, requires_grad=True)
+        for b in (None, bias):
+            torch.library.opcheck(ops.gated_act.default, (x, b, activation))
+            grad_out = torch.randn(3, 5, 9, device=DEVICE)
+            torch.library.opcheck(ops.gated_act_backward.default,
+                                  (grad_out, x.detach(), None if b is None else b.detach(), activation))
 
 
 def test_torch_compile_fullgraph_feed_forward():
@@ -163,6 +198,10 @@ def _never(*args):
     (lambda x: genfast.gated_act(x[:, :5]), ValueError, "last dimension must be even"),
     (lambda x: genfast.gated_act(x, "relu"), ValueError, "activation must be one of"),
     (lambda x: genfast.gated_act(x, activation=None), ValueError, "activation"),
+    (lambda x: genfast.gated_act(x, bias=x[0].tolist()), TypeError, "bias must be a torch.Tensor"),
+    (lambda x: genfast.gated_act(x, bias=x[0, :4]), ValueError, "bias must have shape"),
+    (lambda x: genfast.gated_act(x, bias=x[0].double()), TypeError, "bias must have x's dtype"),
+    (lambda x: genfast.gated_act(x, bias=x[0].to("meta")), ValueError, "bias must be on x's device"),
 ])
 def test_bad_input_raises_before_anything_runs(call, error, match, monkeypatch):
     x = torch.randn(3, 8)

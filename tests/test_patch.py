@@ -92,6 +92,11 @@ def attention_names(model):
     return sorted(n for n, m in model.named_modules() if type(m) is Attention)
 
 
+def geglu_names(model):
+    from diffusers.models.activations import GEGLU
+    return sorted(n for n, m in model.named_modules() if type(m) is GEGLU)
+
+
 class CountAttention:
     """Counts the calls of genfast.attention (the function the patched attention processor calls)."""
 
@@ -115,7 +120,8 @@ def test_unet_patched_matches_unpatched(time_scale_shift, monkeypatch):
     _, report = compare(unet, unet_inputs(), lambda m, *a: m(*a).sample)
     assert count.calls == len(attentions) == 8  # self- and cross-attention of 4 transformer blocks, once
     assert isinstance(report, PatchReport)
-    assert names(report.replaced) == sorted(resnets + attentions + ["conv_norm_out"])
+    assert len(geglu_names(unet)) == 4  # one feed-forward per transformer block
+    assert names(report.replaced) == sorted(resnets + attentions + geglu_names(unet) + ["conv_norm_out"])
     film = "FiLM" if time_scale_shift == "scale_shift" else "add"
     assert all(film in e.detail for e in report.replaced if e.kind == "ResnetBlock2D")
     # The transformer blocks' GroupNorms have no activation after them: left, with a reason.
@@ -139,7 +145,7 @@ def test_vae_patched_matches_unpatched():
 def test_report_prints_both_lists():
     unet = tiny_unet()
     text = str(genfast.patch(unet))
-    assert text.splitlines()[0].startswith("genfast.patch: 17 replaced, 4 left")
+    assert text.splitlines()[0].startswith("genfast.patch: 21 replaced, 4 left")
     assert "mid_block.resnets.0" in text and "not in a block genfast recognizes" in text
     assert "genfast.patch.AttnProcessor (headdim 8" in text
     assert repr(genfast.patch(unet)) == "PatchReport(replaced=0, left=4)"  # patching twice changes nothing new
@@ -155,6 +161,28 @@ def test_attention_left_where_sdpa_is_kept():
     assert "headdim 4" in left["down_blocks.0.attentions.0.transformer_blocks.0.attn1"]
     assert "processor AttnProcessor " in left["mid_block.attentions.0.transformer_blocks.0.attn1"]
     assert "mid_block.attentions.0.transformer_blocks.0.attn2" not in left  # headdim 8: replaced
+
+
+def test_patched_feed_forward_trains_like_the_original():
+    """A transformer block's feed-forward (GEGLU, then Linear) patched: the bias fused into gated_act, the
+    gradients of every parameter as eager's; SwiGLU likewise."""
+    from diffusers.models.activations import SwiGLU
+
+    unet = tiny_unet()
+    ffs = [copy.deepcopy(unet.mid_block.attentions[0].transformer_blocks[0].ff).train(), nn.Sequential(SwiGLU(16, 24))]
+    for ff in ffs:
+        fused = copy.deepcopy(ff)
+        report = genfast.patch(fused)
+        assert [e.kind for e in report.replaced] == [type(ff[0] if isinstance(ff, nn.Sequential) else ff.net[0]).__name__]
+        x = torch.randn(2, 5, 16 if isinstance(ff, nn.Sequential) else 64)
+        out_ref, out = ff(x), fused(x)
+        torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+        out_ref.square().sum().backward()
+        out.square().sum().backward()
+        for (name, p), q in zip(ff.named_parameters(), fused.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+        genfast.unpatch(fused)
+        assert not any("forward" in m.__dict__ for m in fused.modules())
 
 
 def test_patched_attention_falls_back_to_the_original(monkeypatch):

@@ -1,5 +1,6 @@
 // Gated activations on the CPU: out = h * act(gate) over the two halves of
-// each row of x (..., 2F), forward and backward, one pass each.
+// each row of x (..., 2F) plus an optional bias (2F,), forward and backward,
+// one pass each.
 //
 // Bytes per output element (F of them per row), s bytes per element (4 for
 // fp32): the forward reads h and gate and writes out, 3s; the backward reads
@@ -167,19 +168,45 @@ constexpr int64_t kGrainElems = 16384;
 
 int64_t grain_rows(int64_t f) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(f, 1)); }
 
+// The bias as fp32 (2F values, converted once per call), or empty.
+std::vector<float> bias_fp32(const OptTensor& bias, int64_t two_f) {
+  std::vector<float> b;
+  if (!bias.has_value()) return b;
+  b.resize(two_f);
+  dispatch_float(bias->scalar_type(), "gated_act", [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = bias->data_ptr<T>();
+    for (int64_t i = 0; i < two_f; ++i) b[i] = static_cast<float>(p[i]);
+  });
+  return b;
+}
+
+// (h, gate) of row elements [j, j + k) as fp32 vectors, the bias added when there is one.
+template <typename T>
+inline void load_halves(const T* h, int64_t f, const float* bias, int j, int k, Vec& hv, Vec& gv) {
+  hv = load_float(h + j, k);
+  gv = load_float(h + f + j, k);
+  if (bias) {
+    hv = hv + Vec::loadu(bias + j, k);
+    gv = gv + Vec::loadu(bias + f + j, k);
+  }
+}
+
 std::vector<int64_t> halved_sizes(const Tensor& x) {
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes.back() /= 2;
   return sizes;
 }
 
-Tensor gated_act(const Tensor& x, c10::string_view activation) {
+Tensor gated_act(const Tensor& x, const OptTensor& bias, c10::string_view activation) {
   const Act act = parse_activation(activation);
   const int64_t two_f = x.size(-1), f = two_f / 2;
   TORCH_CHECK(f <= INT_MAX, "gated_act: the last dimension of x is too large: ", two_f);
   Tensor out = empty_output(halved_sizes(x), x.options());
   if (out.numel() == 0) return out;
   const int64_t rows = x.numel() / two_f;
+  const std::vector<float> bf = bias_fp32(bias, two_f);
+  const float* bp = bf.empty() ? nullptr : bf.data();
   dispatch_float(x.scalar_type(), "gated_act", [&](auto tag) {
     using T = decltype(tag);
     const T* xp = x.data_ptr<T>();
@@ -189,10 +216,11 @@ Tensor gated_act(const Tensor& x, c10::string_view activation) {
       at::parallel_for(0, rows, grain_rows(f), [&](int64_t r_begin, int64_t r_end) {
         for (int64_t r = r_begin; r < r_end; ++r) {
           const T* h = xp + r * two_f;
-          const T* g = h + f;
           T* o = op + r * f;
           vec_steps(static_cast<int>(f), [&](int j, int k) {
-            store_float(o + j, load_float(h + j, k) * activate<A>(load_float(g + j, k)), k);
+            Vec hv, gv;
+            load_halves(h, f, bp, j, k, hv, gv);
+            store_float(o + j, hv * activate<A>(gv), k);
           });
         }
       });
@@ -201,7 +229,8 @@ Tensor gated_act(const Tensor& x, c10::string_view activation) {
   return out;
 }
 
-Tensor gated_act_backward(const Tensor& grad_out, const Tensor& x, c10::string_view activation) {
+Tensor gated_act_backward(const Tensor& grad_out, const Tensor& x, const OptTensor& bias,
+                          c10::string_view activation) {
   const Act act = parse_activation(activation);
   const int64_t two_f = x.size(-1), f = two_f / 2;
   TORCH_CHECK(f <= INT_MAX, "gated_act_backward: the last dimension of x is too large: ", two_f);
@@ -210,6 +239,8 @@ Tensor gated_act_backward(const Tensor& grad_out, const Tensor& x, c10::string_v
   // grad_out comes from autograd in out's dtype, which is x's.
   const Tensor go = grad_out.to(x.scalar_type()).contiguous();
   const int64_t rows = x.numel() / two_f;
+  const std::vector<float> bf = bias_fp32(bias, two_f);
+  const float* bp = bf.empty() ? nullptr : bf.data();
   dispatch_float(x.scalar_type(), "gated_act_backward", [&](auto tag) {
     using T = decltype(tag);
     const T *xp = x.data_ptr<T>(), *gp = go.data_ptr<T>();
@@ -219,16 +250,16 @@ Tensor gated_act_backward(const Tensor& grad_out, const Tensor& x, c10::string_v
       at::parallel_for(0, rows, grain_rows(f), [&](int64_t r_begin, int64_t r_end) {
         for (int64_t r = r_begin; r < r_end; ++r) {
           const T* h = xp + r * two_f;
-          const T* g = h + f;
           const T* d = gp + r * f;
           T* gh = gxp + r * two_f;
           T* gg = gh + f;
           vec_steps(static_cast<int>(f), [&](int j, int k) {
-            Vec a, da;
-            activate_and_grad<A>(load_float(g + j, k), a, da);
+            Vec hv, gv, a, da;
+            load_halves(h, f, bp, j, k, hv, gv);
+            activate_and_grad<A>(gv, a, da);
             const Vec dv = load_float(d + j, k);
             store_float(gh + j, dv * a, k);
-            store_float(gg + j, dv * load_float(h + j, k) * da, k);
+            store_float(gg + j, dv * hv * da, k);
           });
         }
       });

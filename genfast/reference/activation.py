@@ -1,7 +1,7 @@
 """Gated activations in plain PyTorch: the fallback and the oracle of
 ``tests/test_activation.py``.
 
-For x of shape (..., 2F), ``h, gate = x.chunk(2, dim=-1)`` and
+For x of shape (..., 2F) and an optional bias (2F,), ``h, gate = (x + bias).chunk(2, dim=-1)`` and
 
     out    = h * act(gate)                                   (..., F)
     grad_x = [grad_out * act(gate) | grad_out * h * act'(gate)]   (..., 2F)
@@ -45,19 +45,22 @@ def activate_grad(g: torch.Tensor, activation: str) -> torch.Tensor:
     return s * (1 + g * (1 - s))
 
 
-def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, gate) in the compute dtype; slicing, not chunk, so that F = 0 gives two empty halves."""
+def _halves(x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, gate) of x + bias in the compute dtype; slicing, not chunk, so that F = 0 gives two empty halves."""
     f = x.shape[-1] // 2
     x = x.to(compute_dtype(x.dtype))
+    if bias is not None:
+        x = x + bias.to(x.dtype)
     return x[..., :f], x[..., f:]
 
 
-def gated_act(x: torch.Tensor, activation: str) -> torch.Tensor:
-    h, g = _halves(x)
+def gated_act(x: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    h, g = _halves(x, bias)
     return (h * activate(g, activation)).to(x.dtype)
 
 
-def gated_act_backward(grad_out: torch.Tensor, x: torch.Tensor, activation: str) -> torch.Tensor:
-    h, g = _halves(x)
+def gated_act_backward(grad_out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
+                       activation: str) -> torch.Tensor:
+    h, g = _halves(x, bias)
     go = grad_out.to(h.dtype)
     return torch.cat([go * activate(g, activation), go * h * activate_grad(g, activation)], dim=-1).to(x.dtype)
