@@ -891,7 +891,13 @@ bool aten_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Probl
   auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(q.transpose(1, 2), k.transpose(1, 2),
                                                                 v.transpose(1, 2), 0.0, p.causal, std::nullopt,
                                                                 (double)p.scale);
-  out.copy_(o.transpose(1, 2));
+  // q came as a (B, L, H, D) view, so PyTorch's output is laid out (B, L, H, D) too: no copy needed
+  const Tensor ot = o.transpose(1, 2);
+  if (ot.is_contiguous() && ot.scalar_type() == out.scalar_type()) {
+    out = ot;
+  } else {
+    out.copy_(ot);
+  }
   lse.copy_(l);
   return true;
 }
@@ -984,7 +990,9 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
     run_lanes(p, q.scalar_type());
     return {out, lse};
   }
-  if (!packed && max_seqlen_k == max_seqlen_q && aten_prefill(q, k, v, p, out, lse)) return {out, lse};
+  // Also cross-attention (no causal mask, other key counts): at headdim 64, 1024 queries x 77 keys, fp32,
+  // PyTorch's kernel took 2.1 ms and this file's vector kernel 3.2 ms.
+  if (!packed && (max_seqlen_k == max_seqlen_q || !causal) && aten_prefill(q, k, v, p, out, lse)) return {out, lse};
   run(p, q.scalar_type(), k.scalar_type());
   return {out, lse};
 }
