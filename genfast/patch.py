@@ -276,9 +276,10 @@ class AttnProcessor:
     """diffusers' ``AttnProcessor2_0`` with the attention itself run by ``genfast.attention`` where that
     is the faster kernel: on the CPU at headdims 8 to 56 (diffusion UNets at reduced sizes, small
     models, SD1.5's first level at headdim 40 for its cross-attention), in (batch, tokens, heads,
-    headdim) layout, which the projections produce without the transposes SDPA needs. Every other call
-    (a mask, another device or headdim, autograd, the deprecated ``scale`` argument) goes to the
-    original processor, unchanged."""
+    headdim) layout, which the projections produce without the transposes SDPA needs; in fp16/bf16
+    above headdim 16 only over fewer than 256 keys (cross-attention). Every other call (a mask,
+    another device or headdim, autograd, the deprecated ``scale`` argument) goes to the original
+    processor, unchanged."""
 
     def __init__(self, original):
         self.original = original
@@ -288,6 +289,13 @@ class AttnProcessor:
             return False
         if hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return False
+        if hidden_states.dtype != torch.float32 and attn.inner_dim // attn.heads > 16:
+            # 16-bit from headdim 24 on: PyTorch's kernel (AMX tiles on CPUs that have them) wins over 256
+            # keys or more (headdim 40, 1024 x 1024, bf16: 5.3 against 12.2 ms); fewer keys, genfast's
+            context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            keys = context.shape[-1] * context.shape[-2] if context.ndim == 4 else context.shape[-2]
+            if keys >= 256:
+                return False
         if torch.is_grad_enabled():  # genfast.attention has no backward
             if hidden_states.requires_grad or (encoder_hidden_states is not None and encoder_hidden_states.requires_grad):
                 return False

@@ -185,6 +185,27 @@ def test_patched_feed_forward_trains_like_the_original():
         assert not any("forward" in m.__dict__ for m in fused.modules())
 
 
+def test_patched_attention_keeps_sdpa_where_it_is_faster(monkeypatch):
+    """fp16/bf16 above headdim 16 over 256 keys or more (PyTorch's kernel is faster there): the original
+    processor; over fewer keys, and in fp32, genfast's."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    self_attn = Attention(query_dim=64, heads=2, dim_head=32).eval()
+    cross = Attention(query_dim=64, heads=2, dim_head=32, cross_attention_dim=32).eval()
+    genfast.patch(self_attn)
+    genfast.patch(cross)
+    count = CountAttention(monkeypatch)
+    x, ctx = torch.randn(1, 300, 64), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        self_attn.bfloat16()(x.bfloat16())
+        assert count.calls == 0
+        cross.bfloat16()(x.bfloat16(), ctx.bfloat16())
+        assert count.calls == 1
+        self_attn.float()(x)
+        assert count.calls == 2
+
+
 def test_patched_attention_falls_back_to_the_original(monkeypatch):
     """A mask, autograd through the attention, or another device/dtype: the original processor runs."""
     unet = tiny_unet()
