@@ -297,7 +297,8 @@ class AttnProcessor:
             if keys >= 256:
                 return False
         if torch.is_grad_enabled():  # genfast.attention has no backward
-            if hidden_states.requires_grad or (encoder_hidden_states is not None and encoder_hidden_states.requires_grad):
+            inputs = (hidden_states,) if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
+            if any(t.requires_grad for t in inputs):
                 return False
             if any(p.requires_grad for p in attn.parameters()):
                 return False

@@ -319,8 +319,25 @@ float top_p_cut(float* x, int64_t n_pad, int64_t V, float top, float inv_t, floa
   return bound;
 }
 
+// Whether candidates (d <= cut, or x >= cut with kGe) are dense enough in the
+// row that many vectors hold one: then the compaction stores every vector
+// without testing it (a test that goes either way mispredicts). Judged on the
+// row's first 2048 tokens: more than 1 in 128 (then ~12% of vectors or more hold one).
+template <bool kGe = false>
+bool dense(const float* d, int64_t n_pad, float cut) {
+  const int64_t n = std::min<int64_t>(n_pad, 2048);
+  int64_t hits = 0;
+  for (int64_t j = 0; j < n; ++j) hits += kGe ? d[j] >= cut : d[j] <= cut;
+  return hits * 128 > n;
+}
+
+inline bool dense_ge(const float* x, int64_t n_pad, float cut) { return dense<true>(x, n_pad, cut); }
+
 // C: candidates d <= cut in vocabulary order, with their exp(-d) when e is
-// given; returns their number.
+// given; returns their number. kDense: no test for empty vectors (top-p at
+// 8 x 128256, 15k candidates a row: the compaction took 40k instead of 86k
+// cycles a row); sparse candidates (top-k) keep the test, which then predicts.
+template <bool kDense>
 int64_t compact(const float* d, const float* e, int64_t n_pad, float cut, float* cd, float* ce, int32_t* ci) {
   int64_t n = 0;
 #if defined(CPU_CAPABILITY_AVX512)
@@ -329,8 +346,9 @@ int64_t compact(const float* d, const float* e, int64_t n_pad, float cut, float*
   for (int64_t j = 0; j < n_pad; j += 16) {
     const __m512 v = _mm512_loadu_ps(d + j);
     const __mmask16 m = _mm512_cmp_ps_mask(v, vcut, _CMP_LE_OQ);
-    if (m == 0) continue;
-    // compress in a register, then a full store: faster than a compress-store to memory
+    if (!kDense && m == 0) continue;
+    // compress in a register, then a full store (the buffers have a vector of slack): faster than a
+    // compress-store to memory
     _mm512_storeu_ps(cd + n, _mm512_maskz_compress_ps(m, v));
     if (e != nullptr) _mm512_storeu_ps(ce + n, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(e + j)));
     _mm512_storeu_si512(ci + n, _mm512_maskz_compress_epi32(m, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j)))));
@@ -543,7 +561,8 @@ Draw sample_row(const T* src, int64_t V, const PenaltySource& penalties, int64_t
     cd = s.cd.get();
     ce = s.ce.get();
     ci = s.ci.get();
-    n = compact(x, have_e ? e : nullptr, n_pad, cut, cd, ce, ci);
+    n = dense(x, n_pad, cut) ? compact<true>(x, have_e ? e : nullptr, n_pad, cut, cd, ce, ci)
+                              : compact<false>(x, have_e ? e : nullptr, n_pad, cut, cd, ce, ci);
   }
   candidate_mass(cd, ce, n, have_e);
   const int64_t nc_pad = round_up(n);
@@ -700,7 +719,8 @@ Cuts cut_stats(const float* x, int64_t n_pad, float top, bool probs) {
   return c;
 }
 
-// The values >= cut, in any order; returns their number.
+// The values >= cut, in any order; returns their number. kDense: as compact's.
+template <bool kDense>
 int64_t compact_ge(const float* x, int64_t n_pad, float cut, float* out) {
   int64_t n = 0;
 #if defined(CPU_CAPABILITY_AVX512)
@@ -708,7 +728,7 @@ int64_t compact_ge(const float* x, int64_t n_pad, float cut, float* out) {
   for (int64_t j = 0; j < n_pad; j += 16) {
     const __m512 v = _mm512_loadu_ps(x + j);
     const __mmask16 m = _mm512_cmp_ps_mask(v, vcut, _CMP_GE_OQ);
-    if (m == 0) continue;
+    if (!kDense && m == 0) continue;
     _mm512_storeu_ps(out + n, _mm512_maskz_compress_ps(m, v));
     n += __builtin_popcount(m);
   }
@@ -740,7 +760,9 @@ void filter_row(const T* src, T* dst, int64_t V, double param, Scratch& s) {
           break;
         }
       }
-      t = select_value<true>(s.cd.get(), compact_ge(x, n_pad, cut, s.cd.get()), p, s.e.get());
+      const int64_t n = dense_ge(x, n_pad, cut) ? compact_ge<true>(x, n_pad, cut, s.cd.get())
+                                                : compact_ge<false>(x, n_pad, cut, s.cd.get());
+      t = select_value<true>(s.cd.get(), n, p, s.e.get());
     }
   } else if (param > 0 && param < V) {
     const Cuts c = cut_stats<false>(x, n_pad, top, kFilter == Filter::kTopKRenorm);
@@ -750,8 +772,9 @@ void filter_row(const T* src, T* dst, int64_t V, double param, Scratch& s) {
         break;
       }
     }
-    t = select_value<false>(s.cd.get(), compact_ge(x, n_pad, cut, s.cd.get()), static_cast<float>(param),
-                            s.e.get());
+    const int64_t n = dense_ge(x, n_pad, cut) ? compact_ge<true>(x, n_pad, cut, s.cd.get())
+                                              : compact_ge<false>(x, n_pad, cut, s.cd.get());
+    t = select_value<false>(s.cd.get(), n, static_cast<float>(param), s.e.get());
   }
   const Vec vt(t);
   if constexpr (kFilter == Filter::kTopKMask) {
