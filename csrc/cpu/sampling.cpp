@@ -71,27 +71,16 @@ inline int64_t float_to_key(float f) {
 inline Vec ones_where(const Vec& mask) { return mask & Vec(1.0f); }
 
 // exp(-d), the mass of a token d nats below the top, for d >= 0 (this path's
-// largest cost: an exp per token). AVX-512: 2^t with t = -d log2(e) split as
-// n + r, |r| <= 1/2, 2^r by a degree-5 polynomial (constant term exactly 1, so
-// the top token's mass is exactly 1; max relative error 1.9e-7, fitted here in
-// fp32 Horner form) and 2^n by vscalefps: 9 vector ops against ~15 for ATen's
-// exp_u20 (20 ulp). d = inf (and the NaN padding) give 0. Not common.h's
-// exp_fast: for d >= 0 of a few dozen nats at most, this needs neither its
-// two-sided clamp nor its Cody-Waite step; top-p alone at 8 x 128256 took
-// 0.57 ms with this, 0.61 ms with exp_fast, 0.65 ms with exp_u20 (2 threads).
+// largest cost: an exp per token): common.h's exp2_nonpos of -d log2(e), 10
+// vector ops with the scaling and the clamp (the top token's mass is exactly
+// 1), against ~15 for ATen's exp_u20 (20 ulp). d = inf (and the NaN padding)
+// give 0. Not exp_fast: for d >= 0 this needs neither its two-sided clamp nor
+// its Cody-Waite step; top-p alone at 8 x 128256 took 0.57 ms with a 10-op exp
+// like this, 0.61 ms with exp_fast, 0.65 ms with exp_u20 (2 threads).
 inline Vec exp_neg(const Vec& d) {
 #if defined(CPU_CAPABILITY_AVX512)
   // max(NaN, -200) is -200: the padding's exp is 2^-200 = 0 in fp32
-  const __m512 t = _mm512_max_ps(_mm512_mul_ps(d, _mm512_set1_ps(-1.44269504f)), _mm512_set1_ps(-200.f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.3264737e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6714990e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5507336e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022242e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314700e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+  return exp2_nonpos(Vec(_mm512_max_ps(_mm512_mul_ps(d, _mm512_set1_ps(-1.44269504f)), _mm512_set1_ps(-200.f))));
 #else
   return (Vec(0.f) - d).exp_u20();
 #endif
