@@ -1,5 +1,6 @@
 """Gated activations in Triton: ``out = h * act(gate)`` over the two halves of
-each row of x (..., 2F), and its backward.
+each row of x (..., 2F), plus an optional bias (2F,) (a Linear's, which the
+caller then leaves out of its matmul), and its backward.
 
 The naive version, diffusers' GEGLU after its projection, counted for R rows
 of F outputs and s bytes per element:
