@@ -54,6 +54,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from .activation import gated_act
+from .attention import attention
 from .conv import group_norm_act
 from .nn import GroupNormAct, activation_of, batch_norm_module_act, instance_norm_module_act
 from .reference.conv import activate
@@ -308,8 +309,6 @@ class AttnProcessor:
                  **kwargs):
         if not self._fused(attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        from .attention import attention
-
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
