@@ -320,8 +320,6 @@ bool dense(const float* d, int64_t n_pad, float cut) {
   return hits * 128 > n;
 }
 
-inline bool dense_ge(const float* x, int64_t n_pad, float cut) { return dense<true>(x, n_pad, cut); }
-
 // C: candidates d <= cut in vocabulary order, with their exp(-d) when e is
 // given; returns their number. kDense: no test for empty vectors (top-p 0.9
 // at 8 x 128256, 13-15k candidates a row: the compaction took 40k instead of
@@ -751,7 +749,7 @@ void filter_row(const T* src, T* dst, int64_t V, double param, Scratch& s) {
           break;
         }
       }
-      const int64_t n = dense_ge(x, n_pad, cut) ? compact_ge<true>(x, n_pad, cut, s.cd.get())
+      const int64_t n = dense<true>(x, n_pad, cut) ? compact_ge<true>(x, n_pad, cut, s.cd.get())
                                                 : compact_ge<false>(x, n_pad, cut, s.cd.get());
       t = select_value<true>(s.cd.get(), n, p, s.e.get());
     }
@@ -763,7 +761,7 @@ void filter_row(const T* src, T* dst, int64_t V, double param, Scratch& s) {
         break;
       }
     }
-    const int64_t n = dense_ge(x, n_pad, cut) ? compact_ge<true>(x, n_pad, cut, s.cd.get())
+    const int64_t n = dense<true>(x, n_pad, cut) ? compact_ge<true>(x, n_pad, cut, s.cd.get())
                                               : compact_ge<false>(x, n_pad, cut, s.cd.get());
     t = select_value<false>(s.cd.get(), n, static_cast<float>(param), s.e.get());
   }
