@@ -63,18 +63,20 @@ def gpt_fast_step(q, k_cache, v_cache, k, v, input_pos, mask):
     return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
 
 
+def _fp8(x):
+    """x (batch, seqlen, nheads_k, headdim) as float8_e4m3fn with per-head scales (nheads_k,): (x8, scale)."""
+    scale = x.float().abs().amax(dim=(0, 1, 3)) / 448
+    return (x.float() / scale.view(-1, 1)).to(torch.float8_e4m3fn), scale
+
+
 def _decode(batch, context, dtype, cache_dtype, device):
     def build():
         q, k, v, k_cache, v_cache = _decode_inputs(batch, context, dtype, cache_dtype, device)
         fns = {}
-        k_scale = v_scale = None
         if cache_dtype == torch.float8_e4m3fn:
-            k_scale = k_cache.float().abs().amax(dim=(0, 1, 3)) / 448
-            v_scale = v_cache.float().abs().amax(dim=(0, 1, 3)) / 448
-            gk = (k_cache.float() / k_scale.view(-1, 1)).to(cache_dtype)
-            gv = (v_cache.float() / v_scale.view(-1, 1)).to(cache_dtype)
+            (gk, k_scale), (gv, v_scale) = _fp8(k_cache), _fp8(v_cache)
         else:
-            gk, gv = k_cache.clone(), v_cache.clone()
+            gk, gv, k_scale, v_scale = k_cache.clone(), v_cache.clone(), None, None
         lens = torch.full((batch,), context - 1, dtype=torch.int32, device=device)
         fns["genfast"] = lambda: genfast.attention_with_kvcache(q, gk, gv, k, v, cache_seqlens=lens,
                                                                 k_scale=k_scale, v_scale=v_scale)
@@ -154,10 +156,7 @@ def _chunked_prefill(dtype, cache_dtype, device):
         v = torch.randn(1, n, NHEADS_K, HEADDIM, generator=g).to(device, dtype)
         k_scale = v_scale = None
         if cache_dtype == torch.float8_e4m3fn:
-            k_scale = k.float().abs().amax(dim=(0, 1, 3)) / 448
-            v_scale = v.float().abs().amax(dim=(0, 1, 3)) / 448
-            k = (k.float() / k_scale.view(-1, 1)).to(cache_dtype)
-            v = (v.float() / v_scale.view(-1, 1)).to(cache_dtype)
+            (k, k_scale), (v, v_scale) = _fp8(k), _fp8(v)
         pages = n // PAGE_SIZE
         block_table = torch.randperm(pages, generator=g).to(device, torch.int32).view(1, pages)
         pk, pv = (torch.empty(pages, PAGE_SIZE, NHEADS_K, HEADDIM, dtype=cache_dtype, device=device)
