@@ -56,7 +56,7 @@ def info(args) -> None:
 def build(args) -> None:
     from . import _build
 
-    print(f"genfast: C++ CPU kernels built: {_build.build(verbose=args.verbose)}")
+    print(f"genfast: C++ CPU kernels built: {_build.build(verbose=args.verbose).__file__}")
 
 
 def bench(args) -> None:

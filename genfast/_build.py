@@ -23,6 +23,7 @@ from pathlib import Path
 
 _status: tuple[bool, str] | None = None
 _library: Path | None = None  # the loaded library, once status() has loaded one
+_module = None  # the same library as a Python module (its direct bindings; see csrc/ops.cpp)
 
 _ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
@@ -89,8 +90,9 @@ def _prebuilt(cap: str) -> Path | None:
     return None
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile the C++ kernels for this CPU into the cache folder (no-op when up to date)."""
+def build(verbose: bool = False):
+    """Compile the C++ kernels for this CPU into the cache folder (no-op when up to date)
+    and import them: the module, whose ``__file__`` is the library."""
     import torch.utils.cpp_extension as cpp
 
     cap = cpu_capability()
@@ -102,35 +104,41 @@ def build(verbose: bool = False) -> Path:
     if not lib.exists() or max(p.stat().st_mtime for p in inputs) > lib.stat().st_mtime:
         print(f"genfast: compiling the C++ CPU kernels ({cap}) into {build_dir} ...", file=sys.stderr, flush=True)
     # cpp_extension.load locks the build folder and rebuilds only when sources or flags change.
-    return Path(cpp.load(
+    return cpp.load(
         name=f"genfast_cpu_{cap}",
         sources=[str(p) for p in sources(root)],
         extra_cflags=compile_flags(cap),
         extra_ldflags=LINK_FLAGS,
         extra_include_paths=[str(root)],
         build_directory=str(build_dir),
-        is_python_module=False,
+        is_python_module=True,
         verbose=verbose,
-    ))
+    )
 
 
 def _load() -> str:
-    import torch
+    import importlib
 
-    global _library
+    global _library, _module
     cap = cpu_capability()
     prebuilt = _prebuilt(cap)
     if prebuilt is not None:
-        torch.ops.load_library(str(prebuilt))
+        _module = importlib.import_module(f"genfast.{prebuilt.name.split('.')[0]}")
         _library = prebuilt
         return f"prebuilt for {cap}: {prebuilt.name}"
-    _library = build()  # cpp.load already loaded it into the process
+    _module = build()
+    _library = Path(_module.__file__)
     return f"built for {cap} in {_library.parent}"
 
 
 def library() -> Path | None:
     """Path of the loaded C++ library (None when the C++ backend is not live)."""
     return _library if status()[0] else None
+
+
+def module():
+    """The loaded C++ library as a Python module (None when the C++ backend is not live)."""
+    return _module if status()[0] else None
 
 
 def status() -> tuple[bool, str]:

@@ -242,10 +242,8 @@ class _Fused:
         threshold = self._gf_threshold
         x0_rows, x0_noise = self._gf_x0_table if threshold is not None else (None, True)
         # the twin built the table and owns the row: only the per-step tensors are checked
-        result = D._step_rows(sample, model_output, table, step, guidance_scale=scale, guidance_rescale=rescale,
-                              stochastic=stochastic, noise=noise, seed=self.noise_seed, history=history,
-                              history2=history2, history3=history3, clip=clip, threshold=threshold,
-                              threshold_rows=x0_rows, x0_noise=x0_noise, return_x0=return_x0)
+        result = D._step_rows(sample, model_output, table, step, scale, rescale, stochastic, noise, self.noise_seed,
+                              history, history2, history3, clip, threshold, x0_rows, x0_noise, return_x0)
         if self.device_step_counter:
             self._gf_row.add_(1)
         return result
@@ -279,9 +277,10 @@ class _Fused:
 class _Guided:
     """A (uncond, cond) model output with its guidance parameters, passed to _step."""
 
+    __slots__ = ("uncond", "cond", "scale", "rescale")
+
     def __init__(self, uncond, cond, scale, rescale):
         self.uncond, self.cond, self.scale, self.rescale = uncond, cond, float(scale), float(rescale)
-        self.shape, self.device, self.dtype = uncond.shape, uncond.device, uncond.dtype
 
 
 def _unpack(model_output):
@@ -313,8 +312,16 @@ def _output(cls, **fields):
     for name, value in fields.items():
         if value is not None:
             OrderedDict.__setitem__(out, name, value)
-        object.__setattr__(out, name, value)
+    out.__dict__.update(fields)
     return out
+
+
+def _is_index(timestep) -> bool:
+    """diffusers' test for a step index passed as the timestep (an int, a torch.IntTensor
+    or LongTensor), without isinstance on the legacy tensor types (0.5 us a step)."""
+    if isinstance(timestep, torch.Tensor):
+        return timestep.dtype in (torch.int32, torch.int64) and timestep.is_cpu
+    return isinstance(timestep, int)
 
 
 def _host(t) -> torch.Tensor:
@@ -338,7 +345,7 @@ def _euler_class():
         def _step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
                   s_noise=1.0, generator=None, return_dict=True):
             mo, guidance, probe = _unpack(model_output)
-            if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            if _is_index(timestep):
                 raise ValueError("EulerDiscreteScheduler.step: pass one of scheduler.timesteps as timestep, "
                                  "not an integer index")
             self._gf_check(probe, sample)
@@ -381,7 +388,7 @@ def _euler_ancestral_class():
 
         def _step(self, model_output, timestep, sample, generator=None, return_dict=True):
             mo, guidance, probe = _unpack(model_output)
-            if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            if _is_index(timestep):
                 raise ValueError("EulerAncestralDiscreteScheduler.step: pass one of scheduler.timesteps as "
                                  "timestep, not an integer index")
             self._gf_check(probe, sample)
@@ -794,7 +801,7 @@ def _flow_match_class():
 
         def _step(self, model_output, timestep, sample, generator=None, return_dict=True):
             mo, guidance, probe = _unpack(model_output)
-            if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            if _is_index(timestep):
                 raise ValueError("FlowMatchEulerDiscreteScheduler.step: pass one of scheduler.timesteps as "
                                  "timestep, not an integer index")
             self._gf_check(probe, sample)

@@ -341,6 +341,49 @@ def test_seeded_noise_without_generator_is_reproducible():
     assert torch.equal(a, b) and torch.isfinite(a).all()
 
 
+@pytest.mark.parametrize("name,x,counter,direct", [
+    # x0 returned; noise drawn in the kernel; two histories in fp16; a 0-d step counter
+    ("EulerDiscreteScheduler", torch.randn(1, 4, 6, 6), False, True),
+    ("EulerAncestralDiscreteScheduler", torch.randn(1, 4, 6, 6), False, True),
+    ("UniPCMultistepScheduler", torch.randn(2, 4, 6, 6).half(), False, True),
+    ("DPMSolverMultistepScheduler", torch.randn(1, 4, 6, 6), True, True),
+    # what the direct call declines: channels_last, float64
+    ("DDIMScheduler", torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last), False, False),
+    ("EulerDiscreteScheduler", torch.randn(1, 4, 6, 6).double(), False, False),
+])
+def test_cpu_direct_call_equals_the_checked_path(name, x, counter, direct, monkeypatch):
+    """On the CPU a twin's step is one call into the C++ library's direct binding,
+    which checks the tensors itself: it gives the checked path's results bit for
+    bit, and declines (the checked path runs) what it does not take as is."""
+    from genfast import _build
+
+    cpp = _build.module()
+    if cpp is None:
+        pytest.skip("the C++ backend is not built")
+    calls = []
+
+    class Counting:
+        def sampler_step_plain(self, *args):
+            out = cpp.sampler_step_plain(*args)
+            calls.append(out is not None)
+            return out
+
+    def run(module):
+        monkeypatch.setattr(_build, "_module", module)
+        s = getattr(S, name)()
+        s.set_timesteps(5)
+        s.device_step_counter, s.noise_seed = counter, 7
+        y = x
+        for t in s.timesteps:  # no generator: stochastic steps draw their noise in the kernel
+            out = stand_in_model(s.scale_model_input(y, t), t).to(x.dtype)
+            y = s.step_with_guidance(out, (1.1 * out + 0.2).to(x.dtype), t, y, 4.0).prev_sample
+        return y
+
+    direct_out = run(Counting())
+    assert len(calls) == 5 and all(c == direct for c in calls)
+    assert torch.equal(direct_out, run(None))
+
+
 @pytest.mark.parametrize("cls", ["EulerDiscreteSchedulerOutput", "LCMSchedulerOutput"])
 @pytest.mark.parametrize("second_is_none", [False, True])
 def test_outputs_built_directly_equal_diffusers_construction(cls, second_is_none):

@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <optional>
+#include <tuple>
 
 namespace genfast::cpu {
 
@@ -19,5 +20,12 @@ int64_t resolve_seed(int64_t seed, const OptTensor& seed_tensor);
 Tensor empty_output(const Tensor& like);
 // The same for a contiguous tensor of these sizes.
 Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// diffusion.cpp: the scheduler twins' per-step call (bound in ops.cpp).
+std::optional<std::tuple<Tensor, Tensor>> sampler_step_plain(
+    const Tensor& sample, const Tensor& model_output, const OptTensor& cond, const OptTensor& history,
+    const OptTensor& history2, const OptTensor& history3, const Tensor& coeffs, int64_t row,
+    const OptTensor& row_tensor, double guidance_scale, double clip, bool draw_noise, int64_t seed,
+    const OptTensor& seed_tensor, bool return_x0);
 
 }  // namespace genfast::cpu
