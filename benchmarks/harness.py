@@ -40,7 +40,7 @@ import torch
 BENCH_DIR = Path(__file__).resolve().parent
 GENFAST = "genfast"  # the implementation every other one is compared with
 CPU_WARMUP = 8  # the first calls pay for fresh pages of the outputs and lazy initialization
-MIN_REPS, MAX_REPS = 5, 200
+MIN_REPS, MAX_REPS = 5, 2000  # calls of tens of microseconds need thousands to settle
 TARGET_S = 1.0  # time spent on the repetitions of one implementation, roughly
 # Copies larger than the last-level cache, so they measure memory, not the cache:
 # 512 MiB each way on the CPU, 1 GiB on the GPU.
