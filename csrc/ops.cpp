@@ -16,5 +16,6 @@
 TORCH_LIBRARY(genfast_cpu, m) {}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sampler_step_plain", &genfast::cpu::sampler_step_plain);
+  // without the GIL while the kernel runs, as torch's own ops
+  m.def("sampler_step_plain", &genfast::cpu::sampler_step_plain, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

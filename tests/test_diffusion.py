@@ -248,6 +248,23 @@ def test_step_rows_follows_the_forced_backend():
     assert impl is genfast._ops.implementation("sampler_step", "diffusion", "reference")
 
 
+def test_cpu_step_tensor_outside_the_table_is_refused():
+    """A 0-d step tensor is read on the device, unchecked by Python; on the CPU the C++
+    kernel reads it and refuses a row outside the table, writing nothing."""
+    if not genfast.backends()["cpp"][0]:
+        pytest.skip("the C++ backend is not built")
+    gen = torch.Generator().manual_seed(3)
+    x, u, h = (torch.randn(2, 3, 4, generator=gen) for _ in range(3))
+    rows = torch.stack([random_row(gen) for _ in range(3)])
+    h_before = h.clone()
+    for step in (torch.tensor(3), torch.tensor(-1)):
+        with pytest.raises(ValueError, match="outside the coefficient table"):
+            D._step_rows(x, u, rows, step, history=h)
+        with pytest.raises(ValueError, match="outside the coefficient table"):
+            D.sampler_step(x, u, rows, step, history=h)
+    assert torch.equal(h, h_before)
+
+
 def test_fp64_runs_the_reference_exactly():
     gen = torch.Generator().manual_seed(6)
     x, u, c = (torch.randn(2, 3, 4, generator=gen, dtype=torch.float64) for _ in range(3))

@@ -141,6 +141,9 @@ std::tuple<Tensor, Tensor> sampler_step(const Tensor& sample, const Tensor& mode
   const int64_t numel = sample.numel();
   if (numel == 0) return {prev, x0_out};
   const int64_t r = row_tensor.has_value() ? row_tensor->item<int64_t>() : row;
+  // a row tensor is read here, not checked by Python (a GPU's could not be without a sync)
+  TORCH_CHECK_VALUE(r >= 0 && r < coeffs.size(0), "sampler_step: step ", r, " is outside the coefficient table's ",
+                    coeffs.size(0), " rows");
   StepArgs a;
   std::copy_n(coeffs.data_ptr<float>() + r * kCoef, kCoef, a.k);
   a.g = static_cast<float>(guidance_scale);
@@ -269,9 +272,10 @@ Tensor guidance_rescale_factor(const Tensor& uncond, const Tensor& cond, double 
 // The per-step call of the scheduler twins, bound to Python directly (ops.cpp):
 // sampler_step without a noise tensor, rescale or thresholding, when every
 // tensor is as the kernel takes it (contiguous, of the sample's sizes and
-// dtype, on the CPU; the table fp32 (S, kCoef) with the row in it); otherwise
-// nothing, and the caller takes the checked path. These checks cost
-// nanoseconds here and ~2 us in Python, a third of a step at SD1.5 batch 1.
+// dtype, on the CPU; the table fp32 (S, kCoef) with the row in it, a row
+// tensor on the CPU); otherwise nothing, and the caller takes the checked
+// path. These checks cost nanoseconds here and ~2 us in Python, a third of a
+// step at SD1.5 batch 1.
 std::optional<std::tuple<Tensor, Tensor>> sampler_step_plain(
     const Tensor& sample, const Tensor& model_output, const OptTensor& cond, const OptTensor& history,
     const OptTensor& history2, const OptTensor& history3, const Tensor& coeffs, int64_t row,
@@ -285,11 +289,13 @@ std::optional<std::tuple<Tensor, Tensor>> sampler_step_plain(
   const auto absent_or_like = [&](const OptTensor& t) { return !t.has_value() || like(*t); };
   const bool kernel_dtype = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
   const bool table = coeffs.scalar_type() == at::kFloat && coeffs.is_contiguous() && coeffs.dim() == 2 &&
-                     coeffs.size(1) == kCoef && coeffs.device().is_cpu() &&
-                     (row_tensor.has_value() || (row >= 0 && row < coeffs.size(0)));
+                     coeffs.size(1) == kCoef && coeffs.device().is_cpu();
+  const bool row_tensor_ok = !row_tensor.has_value() || (row_tensor->device().is_cpu() && row_tensor->numel() == 1);
   if (!(kernel_dtype && like(sample) && sample.device().is_cpu() && like(model_output) && absent_or_like(cond) &&
-        absent_or_like(history) && absent_or_like(history2) && absent_or_like(history3) && table))
+        absent_or_like(history) && absent_or_like(history2) && absent_or_like(history3) && table && row_tensor_ok))
     return std::nullopt;
+  const int64_t r = row_tensor.has_value() ? row_tensor->item<int64_t>() : row;
+  if (r < 0 || r >= coeffs.size(0)) return std::nullopt;
   return sampler_step(sample, model_output, cond, std::nullopt, history, history2, history3, coeffs, row,
                       row_tensor, guidance_scale, std::nullopt, clip, std::nullopt, draw_noise, seed, seed_tensor, 0,
                       return_x0);
