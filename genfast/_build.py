@@ -22,8 +22,7 @@ import warnings
 from pathlib import Path
 
 _status: tuple[bool, str] | None = None
-_library: Path | None = None  # the loaded library, once status() has loaded one
-_module = None  # the same library as a Python module (its direct bindings; see csrc/ops.cpp)
+_module = None  # the loaded library, a Python module too (its direct bindings; see csrc/ops.cpp)
 
 _ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
@@ -119,21 +118,19 @@ def build(verbose: bool = False):
 def _load() -> str:
     import importlib
 
-    global _library, _module
+    global _module
     cap = cpu_capability()
     prebuilt = _prebuilt(cap)
     if prebuilt is not None:
         _module = importlib.import_module(f"genfast.{prebuilt.name.split('.')[0]}")
-        _library = prebuilt
         return f"prebuilt for {cap}: {prebuilt.name}"
     _module = build()
-    _library = Path(_module.__file__)
-    return f"built for {cap} in {_library.parent}"
+    return f"built for {cap} in {Path(_module.__file__).parent}"
 
 
 def library() -> Path | None:
     """Path of the loaded C++ library (None when the C++ backend is not live)."""
-    return _library if status()[0] else None
+    return Path(_module.__file__) if status()[0] else None
 
 
 def module():
