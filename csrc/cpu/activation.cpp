@@ -168,18 +168,26 @@ constexpr int64_t kGrainElems = 16384;
 
 int64_t grain_rows(int64_t f) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(f, 1)); }
 
-// The bias as fp32 (2F values, converted once per call), or empty.
-std::vector<float> bias_fp32(const OptTensor& bias, int64_t two_f) {
-  std::vector<float> b;
-  if (!bias.has_value()) return b;
-  b.resize(two_f);
-  dispatch_float(bias->scalar_type(), "gated_act", [&](auto tag) {
-    using T = decltype(tag);
-    const T* p = bias->data_ptr<T>();
-    for (int64_t i = 0; i < two_f; ++i) b[i] = static_cast<float>(p[i]);
-  });
-  return b;
-}
+// What the forward and the backward share: the activation, the halves' width
+// f of rows of 2f, and the bias as fp32 (2f values, converted once per call).
+struct Gate {
+  Act act;
+  int64_t two_f, f, rows;
+  std::vector<float> bias;
+
+  Gate(const Tensor& x, const OptTensor& b, c10::string_view activation, const char* fn)
+      : act(parse_activation(activation)), two_f(x.size(-1)), f(two_f / 2), rows(two_f ? x.numel() / two_f : 0) {
+    TORCH_CHECK(f <= INT_MAX, fn, ": the last dimension of x is too large: ", two_f);
+    if (!b.has_value()) return;
+    bias.resize(two_f);
+    dispatch_float(b->scalar_type(), fn, [&](auto tag) {
+      using T = decltype(tag);
+      const T* p = b->data_ptr<T>();
+      for (int64_t i = 0; i < two_f; ++i) bias[i] = static_cast<float>(p[i]);
+    });
+  }
+  const float* bias_ptr() const { return bias.empty() ? nullptr : bias.data(); }
+};
 
 // (h, gate) of row elements [j, j + k) as fp32 vectors, the bias added when there is one.
 template <typename T>
@@ -199,14 +207,12 @@ std::vector<int64_t> halved_sizes(const Tensor& x) {
 }
 
 Tensor gated_act(const Tensor& x, const OptTensor& bias, c10::string_view activation) {
-  const Act act = parse_activation(activation);
-  const int64_t two_f = x.size(-1), f = two_f / 2;
-  TORCH_CHECK(f <= INT_MAX, "gated_act: the last dimension of x is too large: ", two_f);
+  const Gate gate(x, bias, activation, "gated_act");
+  const Act act = gate.act;
+  const int64_t two_f = gate.two_f, f = gate.f, rows = gate.rows;
+  const float* bp = gate.bias_ptr();
   Tensor out = empty_output(halved_sizes(x), x.options());
   if (out.numel() == 0) return out;
-  const int64_t rows = x.numel() / two_f;
-  const std::vector<float> bf = bias_fp32(bias, two_f);
-  const float* bp = bf.empty() ? nullptr : bf.data();
   dispatch_float(x.scalar_type(), "gated_act", [&](auto tag) {
     using T = decltype(tag);
     const T* xp = x.data_ptr<T>();
@@ -231,16 +237,14 @@ Tensor gated_act(const Tensor& x, const OptTensor& bias, c10::string_view activa
 
 Tensor gated_act_backward(const Tensor& grad_out, const Tensor& x, const OptTensor& bias,
                           c10::string_view activation) {
-  const Act act = parse_activation(activation);
-  const int64_t two_f = x.size(-1), f = two_f / 2;
-  TORCH_CHECK(f <= INT_MAX, "gated_act_backward: the last dimension of x is too large: ", two_f);
+  const Gate gate(x, bias, activation, "gated_act_backward");
+  const Act act = gate.act;
+  const int64_t two_f = gate.two_f, f = gate.f, rows = gate.rows;
+  const float* bp = gate.bias_ptr();
   Tensor grad_x = empty_output(x);
   if (x.numel() == 0) return grad_x;
   // grad_out comes from autograd in out's dtype, which is x's.
   const Tensor go = grad_out.to(x.scalar_type()).contiguous();
-  const int64_t rows = x.numel() / two_f;
-  const std::vector<float> bf = bias_fp32(bias, two_f);
-  const float* bp = bf.empty() ? nullptr : bf.data();
   dispatch_float(x.scalar_type(), "gated_act_backward", [&](auto tag) {
     using T = decltype(tag);
     const T *xp = x.data_ptr<T>(), *gp = go.data_ptr<T>();
