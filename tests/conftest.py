@@ -87,3 +87,15 @@ def assert_close(out, ref64, ref_lowp, *, atol, name: str = "out"):
     assert not bad.any(), (
         f"{name}: {int(bad.sum())} of {bad.numel()} elements off; worst error {err.max().item():.3g} "
         f"(bound there {bound.flatten()[err.flatten().argmax()].item():.3g})")
+
+
+def assert_compiled_matches(fn, args, wrt):
+    """fn compiled with fullgraph=True (no graph break) gives eager's output and the
+    same gradients of its sum with respect to wrt."""
+    out = fn(*args)
+    grads = torch.autograd.grad(out.sum(), wrt)
+    cout = torch.compile(fn, fullgraph=True)(*args)
+    cgrads = torch.autograd.grad(cout.sum(), wrt)
+    torch.testing.assert_close(cout, out)
+    for a, b in zip(cgrads, grads):
+        torch.testing.assert_close(a, b)

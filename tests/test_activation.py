@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import genfast
 
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, assert_close, assert_compiled_matches
 
 ACTIVATIONS = ["gelu", "gelu_tanh", "silu"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -177,14 +177,7 @@ def test_torch_compile_fullgraph_feed_forward():
         return out_proj(genfast.gated_act(proj(x), "gelu")) + genfast.gated_act(proj(x), "silu").sum(-1, True)
 
     x = torch.randn(2, 7, 8, device=DEVICE, requires_grad=True)
-    params = (x, proj.weight, out_proj.weight)
-    out = ff(x)
-    grads = torch.autograd.grad(out.sum(), params)
-    cout = torch.compile(ff, fullgraph=True)(x)
-    cgrads = torch.autograd.grad(cout.sum(), params)
-    torch.testing.assert_close(cout, out)
-    for a, b in zip(cgrads, grads):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches(ff, (x,), (x, proj.weight, out_proj.weight))
 
 
 def _never(*args):
