@@ -7,6 +7,7 @@ element a kernel forgets to write fails the comparison, and with torch's
 generator seeded from the test's name (fresh inputs per test, reproducible).
 """
 import os
+import sys
 import zlib
 
 import pytest
@@ -37,6 +38,14 @@ def live_backends() -> list[tuple[str, str]]:
 
 BACKENDS = live_backends()
 BACKEND_IDS = [f"{b}-{d}" for b, d in BACKENDS]
+
+
+def pytest_runtest_logreport(report):
+    """With GENFAST_REPORT_FAILURES=1 (the GPU check sets it) a failure's traceback is printed as
+    it happens, so a run cut at its time limit, before pytest's summary, still says why."""
+    if report.failed and os.environ.get("GENFAST_REPORT_FAILURES") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        print(f"\n--- {report.nodeid} failed ({report.when}):\n{report.longreprtext[-4000:]}\n", file=sys.stderr,
+              flush=True)
 
 
 @pytest.fixture(params=BACKENDS, ids=BACKEND_IDS)
