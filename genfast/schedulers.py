@@ -277,8 +277,6 @@ class _Fused:
 class _Guided:
     """A (uncond, cond) model output with its guidance parameters, passed to _step."""
 
-    __slots__ = ("uncond", "cond", "scale", "rescale")
-
     def __init__(self, uncond, cond, scale, rescale):
         self.uncond, self.cond, self.scale, self.rescale = uncond, cond, float(scale), float(rescale)
 
@@ -312,7 +310,7 @@ def _output(cls, **fields):
     for name, value in fields.items():
         if value is not None:
             OrderedDict.__setitem__(out, name, value)
-    out.__dict__.update(fields)
+        object.__setattr__(out, name, value)  # not __dict__.update: torch 2.11's dynamo cannot trace it
     return out
 
 
@@ -320,7 +318,7 @@ def _is_index(timestep) -> bool:
     """diffusers' test for a step index passed as the timestep (an int, a torch.IntTensor
     or LongTensor), without isinstance on the legacy tensor types (0.5 us a step)."""
     if isinstance(timestep, torch.Tensor):
-        return timestep.dtype in (torch.int32, torch.int64) and timestep.is_cpu
+        return timestep.dtype in (torch.int32, torch.int64) and timestep.device.type == "cpu"
     return isinstance(timestep, int)
 
 

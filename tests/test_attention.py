@@ -89,9 +89,13 @@ def same_bits(a, b):
 
 
 def quantize(x, dtype, scale):
+    """x / scale rounded to e4m3 (saturated at +-448) by exact fp64 arithmetic, ties to even:
+    the oracle does not lean on any PyTorch version's fp32 -> fp8 conversion."""
     if dtype != FP8:
         return x.to(dtype)
-    return (x.float() / scale.cpu().view(-1, 1)).clamp(-448, 448).to(FP8)
+    q = (x.float() / scale.cpu().view(-1, 1)).clamp(-448, 448).double()
+    step = torch.exp2(torch.floor(torch.log2(q.abs().clamp_min(2.0 ** -6))) - 3)  # 3 mantissa bits; subnormals 2^-9
+    return (torch.round(q / step) * step).float().to(FP8)  # exactly representable: the cast only relabels
 
 
 def dequantize(x, scale):

@@ -94,7 +94,7 @@ def test_draws_come_from_hf_filtered_distribution(backend, config):
     hf_logprobs = scores.double().log_softmax(dim=-1)
     assert torch.isfinite(scores.gather(1, tokens[:, None])).all()
     torch.testing.assert_close(logprobs.double(), hf_logprobs.gather(1, tokens[:, None])[:, 0], rtol=0, atol=1e-4)
-    u = genfast.rand(batch, seed=seed, offset=offset).double()
+    u = genfast.rand(batch, seed=seed, offset=offset, device=backend).cpu().double()
     cdf = hf_logprobs.exp().cumsum(dim=-1)
     assert torch.equal(tokens, (cdf <= u[:, None] * cdf[:, -1:]).sum(dim=-1))
 
