@@ -19,3 +19,17 @@ def exp(x):
         return tl.exp(x)
     else:
         return libdevice.exp(x)
+
+
+@triton.jit
+def div(x, y):
+    """x / y rounded as IEEE division, as PyTorch's. Triton's "/" on fp32 is the GPU's
+    approximate division (within 2 ulp), which fp32 outputs compared with PyTorch's
+    cannot afford where the quotient scales a whole group (a mean, an rstd)."""
+    return tl.math.div_rn(x, y)
+
+
+@triton.jit
+def rsqrt(x):
+    """1 / sqrt(x) from IEEE square root and division (tl.sqrt is approximate on a GPU)."""
+    return tl.math.div_rn(1.0, tl.sqrt_rn(x))
