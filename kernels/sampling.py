@@ -242,10 +242,11 @@ def _sample_kernel(x_ptr, params_ptr, cd_ptr, ci_ptr, tok_ptr, lp_ptr, vocab, in
             d_p = _search(cd_row, n, hi, target, True).to(tl.int32).to(tl.float32, bitcast=True)
         t = tl.minimum(tl.minimum(d_k, d_p), d_m)
 
-        # 5. the draw: block sums in order for z and for the scan
+        # 5. the draw: block sums in order for z and for the scan, BLOCK wide (a scan step is a
+        # reduction across the warps: few wide steps, not many narrow ones)
         z = 0.0
-        for start in range(0, n, CBLOCK):
-            i = start + tl.arange(0, CBLOCK)
+        for start in range(0, n, BLOCK):
+            i = start + tl.arange(0, BLOCK)
             d = _candidate_d(cd_row, x_row, i, n, top, inv_t, filtered)
             z += tl.sum(tl.where(d <= t, tl.exp(-d), 0.0), axis=0)
         key = load_seed(seed, seed_ptr, SEED_FROM_PTR)
@@ -254,8 +255,8 @@ def _sample_kernel(x_ptr, params_ptr, cd_ptr, ci_ptr, tok_ptr, lp_ptr, vocab, in
         run = 0.0
         pick = 2147483647
         last = -1
-        for start in range(0, n, CBLOCK):
-            i = start + tl.arange(0, CBLOCK)
+        for start in range(0, n, BLOCK):
+            i = start + tl.arange(0, BLOCK)
             d = _candidate_d(cd_row, x_row, i, n, top, inv_t, filtered)
             e = tl.where(d <= t, tl.exp(-d), 0.0)
             hit = ((run + tl.cumsum(e, axis=0)) > target) & (e > 0)
