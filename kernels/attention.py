@@ -133,7 +133,9 @@ def _round_e4m3(x):
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)  # 3 mantissa bits
     magic = 12582912.0 * 0.001953125  # 1.5 * 2^23 * 2^-9: fp32 addition rounds to multiples of 2^-9
     sub = (tl.abs(x) + magic) - magic
-    sub = tl.where(bits < 0, -sub, sub)
+    # x's sign bit on the rounded magnitude: a GPU compiles -sub as 0 - sub, which makes -0 of +0
+    # (the H200 stored 0x00 where PyTorch stores 0x80 for tiny negative values)
+    sub = (sub.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
     return tl.where(tl.abs(x) < 0.015625, sub, normal)  # below 2^-6: e4m3 subnormals
 
 
