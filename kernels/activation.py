@@ -24,7 +24,7 @@ Rows go on grid axis 0, whose limit is 2^31 - 1 (axis 1's is 65535).
 
 Arithmetic in fp32; exact GELU with ``erf``, the tanh GELU as
 ``g * sigmoid(2u)`` (the same function: (1 + tanh u) / 2 = sigmoid(2u)), SiLU as
-``g * sigmoid(g)``, with ``exp`` from ``kernels/common.py``.
+``g * sigmoid(g)``, with ``exp`` and the IEEE ``div`` from ``kernels/common.py`` (the GPU's approximate exp and division are a few ulp off PyTorch's).
 
 Target on a GPU: >= 80% of copy bandwidth at SD's shapes. Not measured yet:
 written without a GPU, checked with ``TRITON_INTERPRET=1`` against PyTorch's
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import exp
+from .common import div, exp
 
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2}
 TILE = 2048  # output elements per program
@@ -61,7 +61,7 @@ def _activate(g, ACT: tl.constexpr):
     if ACT == 0:
         return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
     else:
-        return g / (1.0 + exp(_neg_sigmoid_arg(g, ACT)))
+        return div(g, 1.0 + exp(_neg_sigmoid_arg(g, ACT)))
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def _activate_and_grad(g, ACT: tl.constexpr):
         # exp of at most 80: e and s = 1 / (1 + e) stay finite and normal, so 1 - s = e * s
         # holds; beyond it the true gradient is below 1e-33.
         e = exp(tl.minimum(_neg_sigmoid_arg(g, ACT), 80.0))
-        s = 1.0 / (1.0 + e)
+        s = div(1.0, 1.0 + e)
         one_minus_s = e * s  # not 1 - s: no cancellation where s is near 1
         if ACT == 2:
             da = s * (1.0 + g * one_minus_s)
