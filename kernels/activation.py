@@ -24,12 +24,16 @@ Rows go on grid axis 0, whose limit is 2^31 - 1 (axis 1's is 65535).
 
 Arithmetic in fp32; exact GELU with ``erf``, the tanh GELU as
 ``g * sigmoid(2u)`` (the same function: (1 + tanh u) / 2 = sigmoid(2u)), SiLU as
-``g * sigmoid(g)``, with ``exp`` and the IEEE ``div`` from ``kernels/common.py`` (the GPU's approximate exp and division are a few ulp off PyTorch's).
+``g * sigmoid(g)``, with ``exp`` and the IEEE ``div`` from ``kernels/common.py``
+(the GPU's approximate exp and division are a few ulp off PyTorch's).
 
-Target on a GPU: >= 80% of copy bandwidth at SD's shapes. Not measured yet:
-written without a GPU, checked with ``TRITON_INTERPRET=1`` against PyTorch's
-``h * act(gate)`` in fp64 (``tests/test_activation.py``) and compiled for sm_90
-(``GENFAST_COMPILE_CHECK``).
+Target on a GPU: >= 80% of copy bandwidth at SD's shapes. Measured on an H200
+(2026-11-27, forward, SD1.5 feed-forward 2x1024x5120 bf16, 63 MB moved):
+0.044 ms median against eager's 0.038 and torch.compile's 0.056, i.e. 34% of
+the copy bandwidth; the ideal is 15 us, and the median includes the host's
+launch time (not separated by the profiler for this row). Tested on the GPU
+(158 activation tests passed), with ``TRITON_INTERPRET=1`` here against
+PyTorch's ``h * act(gate)`` in fp64 and compiled for sm_90.
 """
 from __future__ import annotations
 
