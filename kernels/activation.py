@@ -28,10 +28,10 @@ Arithmetic in fp32; exact GELU with ``erf``, the tanh GELU as
 (the GPU's approximate exp and division are a few ulp off PyTorch's).
 
 Target on a GPU: >= 80% of copy bandwidth at SD's shapes. Measured on an H200
-(2026-11-27, forward, SD1.5 feed-forward 2x1024x5120 bf16, 63 MB moved):
-0.044 ms median against eager's 0.038 and torch.compile's 0.056, i.e. 34% of
-the copy bandwidth; the ideal is 15 us, and the median includes the host's
-launch time (not separated by the profiler for this row). Tested on the GPU
+(2026-11-27, forward, SD1.5 feed-forward x of 2x1024x5120 bf16: 31.5 MB read
+and written): 0.044 ms median against eager's 0.038 and torch.compile's
+0.056, 17% of the copy bandwidth; at the copy rate it would take 7.4 us, and
+the median includes the host's launch time (this row was not profiled). Tested on the GPU
 (158 activation tests passed), with ``TRITON_INTERPRET=1`` here against
 PyTorch's ``h * act(gate)`` in fp64 and compiled for sm_90.
 """
