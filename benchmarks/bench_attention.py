@@ -80,6 +80,13 @@ def _decode(batch, context, dtype, cache_dtype, device):
         lens = torch.full((batch,), context - 1, dtype=torch.int32, device=device)
         fns["genfast"] = lambda: genfast.attention_with_kvcache(q, gk, gv, k, v, cache_seqlens=lens,
                                                                 k_scale=k_scale, v_scale=v_scale)
+        if cache_dtype == torch.float8_e4m3fn and device.type == "cuda":
+            from genfast.kernels import attention as kernels
+
+            # A/B: the same call with the cache met in fp16 (kernels.attention_with_kvcache's fp8_f16)
+            fns["genfast fp16 MMA"] = lambda: kernels.attention_with_kvcache(
+                q, gk, gv, k, v, lens, 0, None, HEADDIM ** -0.5, True, -1, 0, 0.0, None, k_scale, v_scale,
+                fp8_f16=True)
         if cache_dtype != torch.float8_e4m3fn:
             # Baselines in their own layout (b, nheads_k, seqlen, d), contiguous.
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -241,7 +248,8 @@ def cases(quick: bool, device) -> list[Case]:
             out.append(Case(
                 family=FAMILY, op="attention_with_kvcache", mode="decode" + (" fp8-cache" if fp8 else ""),
                 size=f"b{batch} ctx{ctx}", dtype=dtype, device=device, nbytes=kv_bytes, footprint=kv_bytes,
-                impls=("genfast",) if fp8 else ("genfast", "sdpa", "gpt-fast", "torch.compile"),
+                impls=(("genfast", "genfast fp16 MMA") if gpu else ("genfast",)) if fp8 else
+                      ("genfast", "sdpa", "gpt-fast", "torch.compile"),
                 build=_decode(batch, context, dtype, cache_dtype, device),
             ))
     for size in prefills:

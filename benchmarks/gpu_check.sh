@@ -131,7 +131,7 @@ if [[ $PARTS == *bench* ]]; then
         step "bench $name" "$@" --quick --device cuda --json "$OUT/bench_$name.json" --markdown "$OUT/bench_$name.md"
     }
     # Limits with the tests before them, and (bench alone) with the budget to themselves.
-    if [[ $PARTS == *tests* ]]; then L=(75 35 60 40 60); else L=(120 60 150 60 60); fi
+    if [[ $PARTS == *tests* ]]; then L=(75 35 60 40 60); else L=(100 50 120 50 50); fi
     bench attention "${L[0]}" 195 "$PY" -m genfast bench --ops attention
     bench sampling "${L[1]}" 160 "$PY" -m genfast bench --ops sampling
     bench pointwise "${L[2]}" 100 "$PY" -m genfast bench --ops vae conv
@@ -140,6 +140,12 @@ if [[ $PARTS == *bench* ]]; then
     # its step in a CUDA graph, the gpt-fast-style loop, HF generate; no torch.compile (its compile
     # alone would spend the budget). The table is in the log.
     step "e2e decode" "${L[4]}" 0 "$PY" benchmarks/e2e/decode.py --device cuda --no-compile
+    # With the budget to themselves, the benchmarks end with each quick case's kernel times next
+    # to its wall time (the medians above include this host's launch time): the log has the table.
+    if [[ $PARTS != *tests* ]]; then
+        step profile 90 0 "$PY" benchmarks/gpu_profile.py --quick --skip torch.compile \
+            --ops attention sampling group_norm_act batch_norm_act gated_act diffusion
+    fi
 fi
 wait "$BUILD_PID"
 echo "=== C++ build (background): exit $?"

@@ -186,7 +186,7 @@ def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, seqlens_ptr, seql
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       NUM_SPLITS: tl.constexpr, KV_MODE: tl.constexpr, HAS_SEQLENS: tl.constexpr,
                       VARLEN_Q: tl.constexpr, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                      HAS_ALIBI: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr):
+                      HAS_ALIBI: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr, F16_MMA: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     qc = tl.program_id(2)
@@ -218,6 +218,14 @@ def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, seqlens_ptr, seql
         dmask = d < D
         q_rows = (q_start + qi).to(tl.int64) * H + h
         q = tl.load(q_ptr + q_rows[:, None] * D + d[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
+        q_unscale = 1.0
+        if F16_MMA:
+            # An fp8 cache meets the query in fp16 (e4m3 -> fp16 is one instruction per pair on sm_90;
+            # to bf16 it goes on through fp16). A power of two keeps the tile's largest |q| below
+            # 2^15, exactly undone in the score scale, so no bf16 query overflows fp16.
+            amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0)
+            q_unscale = tl.exp2(tl.maximum(tl.ceil(tl.log2(tl.maximum(amax, 1.0))) - 15.0, 0.0))
+            q = (q.to(tl.float32) * (1.0 / q_unscale)).to(tl.float16)
         # Visible keys of each row: [row_lo, row_hi); query i sits at position L - sq + i.
         qpos = L - sq + qi
         row_hi = tl.zeros_like(qpos) + L
@@ -239,7 +247,7 @@ def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, seqlens_ptr, seql
         start = lo + split * per
         end = tl.minimum(hi, start + per)
 
-        qk_scale = softmax_scale
+        qk_scale = softmax_scale * q_unscale
         if FP8:
             qk_scale = qk_scale * tl.load(k_scale_ptr + hk)
         if HAS_ALIBI:
@@ -262,8 +270,8 @@ def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, seqlens_ptr, seql
             k = tl.load(kc_ptr + offs, mask=kv_mask, other=0.0)
             v = tl.load(vc_ptr + offs, mask=kv_mask, other=0.0)
             if FP8:  # e4m3 is exact in fp16/bf16; the scales are applied to scores and output
-                k = k.to(q_ptr.dtype.element_ty)
-                v = v.to(q_ptr.dtype.element_ty)
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -547,7 +555,7 @@ def kvcache_append_(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_
 
 def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offset, seqlen_new,
             block_table, cu_q, cu_k, kv_mode, strides, max_keys, softmax_scale, causal, window_left, window_right,
-            softcap, alibi_slopes, k_scale, v_scale):
+            softcap, alibi_slopes, k_scale, v_scale, f16_mma=False):
     H, D = q.shape[-2], q.shape[-1]
     HK = k_cache.shape[-2]
     G = H // HK
@@ -580,7 +588,7 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
         HK=HK, G=G, D=D, QL=ql, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=splits,
         KV_MODE=kv_mode, HAS_SEQLENS=seqlens is not None, VARLEN_Q=cu_q is not None, CAUSAL=causal,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, FP8=fp8,
-        IEEE=q.dtype == torch.float32)
+        IEEE=q.dtype == torch.float32, F16_MMA=f16_mma and fp8 and q.dtype != torch.float32)
     if splits > 1:
         _combine_kernel[(total_q * H,)](part_out, part_lse, out, lse, total_q, H, max_sq, D=D, BLOCK_D=block_d,
                                         NUM_SPLITS=splits, VARLEN_Q=cu_q is not None)
@@ -655,8 +663,11 @@ def _prefill(q, k, v, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offse
 
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, softmax_scale,
                            causal, window_left, window_right, softcap, alibi_slopes, k_scale, v_scale, *,
-                           kernel=None):
-    """``kernel``: "prefill" or "shared" forces one (benchmarks' A/B rows); None picks by shape."""
+                           kernel=None, fp8_f16=False):
+    """``kernel``: "prefill" or "shared" forces one (benchmarks' A/B rows); None picks by shape.
+    ``fp8_f16``: the shared kernel meets an fp8 cache in fp16 instead of the query's dtype (an A/B row of
+    the GPU benchmark: e4m3 -> bf16 costs the sm_90 code three conversions per pair of values, -> fp16 one;
+    to become the default once a GPU run shows it faster)."""
     batch, sq, H, _ = q.shape
     if k is not None:
         _append(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, k_scale, v_scale)
@@ -679,7 +690,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offs
     else:
         _launch(q, k_cache, v_cache, out, lse, seqlen_offset=seqlen_offset, seqlen_new=seqlen_new,
                 block_table=block_table, kv_mode=1 if paged else 0, max_keys=capacity, k_scale=k_scale,
-                v_scale=v_scale, **common)
+                v_scale=v_scale, f16_mma=fp8_f16, **common)
     return out, lse
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import genfast
 from genfast import _ops
 
-from conftest import DEVICE, assert_close
+from conftest import BACKENDS, DEVICE, assert_close
 
 FP8 = torch.float8_e4m3fn
 # fp32: a few ulps of summation-order noise over ~1000 keys; fp16/bf16: below one ulp of the output.
@@ -256,6 +256,28 @@ def test_fp8_cache(backend, dtype):
     for shape in shapes()[:3 if is_triton() else 5]:
         run_case(backend, dtype, *shape, cache_dtype=FP8)
     run_case(backend, dtype, *SMALL[0], cache_dtype=FP8, page_size=3)
+
+
+@pytest.mark.parametrize("huge", [False, True], ids=["plain", "huge-q"])
+def test_fp8_cache_met_in_fp16(huge):
+    """The Triton kernel's fp16 A/B path for an fp8 cache (fp8_f16): the query goes to fp16 under a power of
+    two that keeps the tile's largest |q| below 2^15, undone in the score scale (a bf16 query of 1e6 would
+    overflow fp16 without it; the interpreter's fp16 query reaches 6e4)."""
+    if "triton" not in dict(BACKENDS):
+        pytest.skip("no Triton backend")
+    from genfast.kernels import attention as kernels
+
+    device = dict(BACKENDS)["triton"]
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16  # the interpreter has no bf16 arithmetic
+    lens = torch.tensor([29, 40])
+    cache = Cache(2, 48, 2, 64, FP8, device, lens)
+    limit = 6e4 if dtype == torch.float16 else 1e7
+    magnitude = (limit / 4 if huge else 1.0)
+    q = (torch.randn(2, 1, 8, 64) * magnitude).clamp(-limit, limit).to(device, dtype)
+    out, lse = kernels.attention_with_kvcache(q, cache.k, cache.v, None, None, lens.to(device, torch.int32), 0,
+                                              None, 64 ** -0.5, True, -1, 0, 0.0, None, cache.k_scale,
+                                              cache.v_scale, fp8_f16=True)
+    check_against_oracle(out, lse, q, cache.logical("k"), cache.logical("v"), lens)
 
 
 def test_fp8_every_value_reads_back_exactly(backend):
