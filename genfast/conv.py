@@ -49,6 +49,9 @@ group_norm_act_backward_op = _ops.define(
 def _group_norm_act_setup(ctx, inputs, output):
     x, num_groups, weight, bias, _, activation, negative_slope, add, scale_shift, _ = inputs
     _, mean, rstd = output
+    # The statistics carry no gradient: no zero-filled tensors for them in the backward (a launch each).
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, bias, add, scale_shift, mean, rstd)
     ctx.num_groups, ctx.activation, ctx.negative_slope = num_groups, activation, negative_slope
 
@@ -58,6 +61,8 @@ def _group_norm_act_backward(ctx, grad_out, grad_mean, grad_rstd):
     x, weight, bias, add, scale_shift, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = [None] * 10
+    if grad_out is None:  # not materialized: only the statistics were used
+        return tuple(grads)
     if any(need[i] for i in (0, 2, 3, 7, 8)):
         g = grad_out.contiguous(memory_format=memory_format(x))
         gx, gw, gb, gadd, gss = group_norm_act_backward_op(
@@ -136,7 +141,9 @@ batch_norm_act_backward_op = _ops.define(
 
 def _batch_norm_act_train_setup(ctx, inputs, output):
     x, weight, bias, _, activation, negative_slope = inputs
-    _, mean, rstd, _ = output
+    _, mean, rstd, var = output
+    ctx.mark_non_differentiable(mean, rstd, var)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.activation, ctx.negative_slope = activation, negative_slope
 
@@ -145,7 +152,7 @@ def _batch_norm_act_train_backward(ctx, grad_out, grad_mean, grad_rstd, grad_var
     # mean, rstd and var are returned for the backward and the running statistics: no gradient flows through them.
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
-    if not any(need[:3]):
+    if grad_out is None or not any(need[:3]):  # None: not materialized, only the statistics were used
         return None, None, None, None, None, None
     g = grad_out.contiguous(memory_format=memory_format(x))
     gx, gw, gb = batch_norm_act_backward_op(g, x, weight, bias, mean, rstd, ctx.activation, ctx.negative_slope)
