@@ -116,8 +116,13 @@ XDIST=()
 if [[ $PARTS == *tests* ]]; then
     # The tests alone get the whole budget; with the benchmarks, 150 s.
     if [[ $PARTS == *bench* ]]; then limit=150 reserve=270; else limit=$BUDGET reserve=5; fi
-    step tests $limit $reserve env GENFAST_DISABLE_CPP=1 GENFAST_REPORT_FAILURES=1 "$PY" -m pytest tests -v --tb=short \
-        -p no:cacheprovider "${XDIST[@]}" --maxfail=50 -rf -W ignore::UserWarning
+    # Files in the order they are handed to the workers: first those whose GPU runs found what the
+    # interpreter cannot (whole loops, compiled steps, fp8 bytes, the sampler), then the rest.
+    files=()
+    for f in e2e hf schedulers sampling attention diffusion vae activation; do files+=("tests/test_$f.py"); done
+    for f in tests/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
+    step tests $limit $reserve env GENFAST_DISABLE_CPP=1 GENFAST_REPORT_FAILURES=1 "$PY" -m pytest "${files[@]}" -v \
+        --tb=short -p no:cacheprovider "${XDIST[@]}" --maxfail=50 -rf -W ignore::UserWarning
     # -v: each test's result is in the log as it ends, even if the step is cut before the summary.
     pkill -9 -f -- "-m pytest" 2>/dev/null  # a run cut at its limit leaves its xdist workers busy
 fi
