@@ -135,20 +135,24 @@ if [[ $PARTS == *bench* ]]; then
         shift
         step "bench $name" "$@" --quick --device cuda --json "$OUT/bench_$name.json" --markdown "$OUT/bench_$name.md"
     }
-    # Limits with the tests before them, and (bench alone) with the budget to themselves.
-    if [[ $PARTS == *tests* ]]; then L=(75 35 60 40 60); else L=(100 50 120 50 50); fi
-    bench attention "${L[0]}" 195 "$PY" -m genfast bench --ops attention
-    bench sampling "${L[1]}" 160 "$PY" -m genfast bench --ops sampling
-    bench pointwise "${L[2]}" 100 "$PY" -m genfast bench --ops vae conv
-    bench diffusion "${L[3]}" 60 "$PY" -m genfast bench --ops diffusion
+    # Limits L and reserves R with the tests before them, and (bench alone) with the budget to
+    # themselves and two more steps after them.
+    if [[ $PARTS == *tests* ]]; then L=(75 35 60 40 60) R=(195 160 100 60 0)
+    else L=(90 45 100 45 45) R=(370 325 225 180 135); fi
+    bench attention "${L[0]}" "${R[0]}" "$PY" -m genfast bench --ops attention
+    bench sampling "${L[1]}" "${R[1]}" "$PY" -m genfast bench --ops sampling
+    bench pointwise "${L[2]}" "${R[2]}" "$PY" -m genfast bench --ops vae conv
+    bench diffusion "${L[3]}" "${R[3]}" "$PY" -m genfast bench --ops diffusion
     # The decode loop end to end at the quick size (launch-bound on a GPU): genfast eager and with
     # its step in a CUDA graph, the gpt-fast-style loop, HF generate; no torch.compile (its compile
     # alone would spend the budget). The table is in the log.
-    step "e2e decode" "${L[4]}" 0 "$PY" benchmarks/e2e/decode.py --device cuda --no-compile
-    # With the budget to themselves, the benchmarks end with each quick case's kernel times next
-    # to its wall time (the medians above include this host's launch time): the log has the table.
+    step "e2e decode" "${L[4]}" "${R[4]}" "$PY" benchmarks/e2e/decode.py --device cuda --no-compile
+    # With the budget to themselves, the benchmarks add the SD1.5 UNet's sampling loop (25 DPM++ 2M
+    # steps, patched UNet and fused scheduler against the diffusers loop) and end with each quick
+    # case's kernel times next to its wall time (the medians above include this host's launch time).
     if [[ $PARTS != *tests* ]]; then
-        step profile 90 0 "$PY" benchmarks/gpu_profile.py --quick --skip torch.compile \
+        step "e2e diffusion" 75 60 "$PY" benchmarks/e2e/diffusion.py --device cuda --full
+        step profile 60 0 "$PY" benchmarks/gpu_profile.py --quick --skip torch.compile \
             --ops attention sampling group_norm_act batch_norm_act gated_act diffusion
     fi
 fi
