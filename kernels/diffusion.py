@@ -26,9 +26,10 @@ Memory traffic per step for N latent elements of s bytes, with guidance
 
 Target on a GPU: >= 80% of the copy bandwidth on SDXL-size and larger
 latents. On an H200 (2026-11-27, ``bench --quick``) the video-latent rows,
-33-100 MB a step, ran at 5-22% of it in 0.036-0.44 ms: those medians are bound
-by the launch and the host's Python, not the kernel; SDXL-size and larger
-latents have not been run on a GPU. Tested there (161 diffusion and 173
+33-100 MB a step, ran at 5-22% of it in 0.036-0.44 ms, slower than
+torch.compile of the same math (0.014-0.36 ms); the step's Python and Triton
+launch are the suspects (not profiled). SDXL-size and larger latents have not
+been run on a GPU. Tested there (161 diffusion and 173
 scheduler tests passed) and here with ``TRITON_INTERPRET=1`` against the
 reference.
 
