@@ -8,7 +8,9 @@ surface only on the first GPU run. With ``GENFAST_COMPILE_CHECK=sm_90`` (any
 (argument dtypes, constexpr values, num_warps) and, at the end, compiles each
 one to a cubin for that architecture with Triton's own compiler and ptxas; a
 failure fails the session. fp16 launches are compiled in bf16 as well, since
-the interpreter cannot run bf16 kernels.
+the interpreter cannot run bf16 kernels. Each launch's 16-divisible pointers
+and integers are recorded too and passed on as Triton's launcher would, so the
+cubin is the one a GPU runs for those arguments (vectorized where aligned).
 
     GENFAST_COMPILE_CHECK=sm_90 python -m pytest tests -q
 
@@ -45,10 +47,20 @@ def _arg_type(value) -> str | None:
     return None
 
 
+def _aligned(value) -> bool:
+    """Whether Triton's launcher would mark the argument divisible by 16 (a pointer 16-byte aligned,
+    an integer a multiple of 16): the compiled kernel a GPU runs assumes it, and vectorizes by it."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+
+
 def _record(fn, args, kwargs) -> None:
     params = list(inspect.signature(fn).parameters.values())
     bound = dict(zip((p.name for p in params), args)) | {k: v for k, v in kwargs.items() if k not in OPTIONS}
-    signature, constexprs = {}, {}
+    signature, constexprs, aligned = {}, {}, []
     for p in params:
         value = bound.get(p.name, p.default)
         kind = None if "constexpr" in str(p.annotation) else _arg_type(value)
@@ -57,8 +69,11 @@ def _record(fn, args, kwargs) -> None:
             constexprs[p.name] = value
         else:
             signature[p.name] = kind
+            if _aligned(value):
+                aligned.append(p.name)
     options = {k: kwargs[k] for k in OPTIONS if k in kwargs}
-    _seen.add(json.dumps([fn.__module__, fn.__name__, signature, constexprs, options], sort_keys=True, default=str))
+    _seen.add(json.dumps([fn.__module__, fn.__name__, signature, constexprs, options, aligned], sort_keys=True,
+                         default=str))
 
 
 def pytest_configure(config):
@@ -88,10 +103,10 @@ def pytest_sessionfinish(session, exitstatus):
 def _with_bf16(specs: list) -> list:
     """The specs, plus each fp16 one with its fp16 pointers made bf16."""
     out = {json.dumps(s, sort_keys=True) for s in specs}
-    for mod, name, sig, consts, opts in specs:
+    for mod, name, sig, consts, opts, aligned in specs:
         if "*fp16" in sig.values():
             sig = {k: "*bf16" if v == "*fp16" else v for k, v in sig.items()}
-            out.add(json.dumps([mod, name, sig, consts, opts], sort_keys=True))
+            out.add(json.dumps([mod, name, sig, consts, opts, aligned], sort_keys=True))
     return [json.loads(s) for s in sorted(out)]
 
 
@@ -102,10 +117,13 @@ def _compile(spec, arch: int) -> str | None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    mod, name, sig, consts, opts = spec
+    mod, name, sig, consts, opts, aligned = spec
     fn = getattr(importlib.import_module(mod), name)
+    # The launcher's divisibility hints, keyed by the argument's position (none for do_not_specialize ones).
+    skip = {fn.arg_names[i] if isinstance(i, int) else i for i in getattr(fn, "do_not_specialize", ())}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned if a not in skip}
     try:
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", arch, 32), options=opts)
     except Exception as e:  # the compiler's message is the report
         return f"{mod}.{name} {sig} {consts} {opts}:\n{str(e)[-2000:]}"
