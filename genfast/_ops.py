@@ -92,12 +92,12 @@ class Op:
     CPU call, and tests replace it).
     """
 
-    __slots__ = ("name", "family", "packet", "differentiable", "function", "_chosen", "_chosen_under")
+    __slots__ = ("name", "family", "packet", "function", "_chosen", "_chosen_under")
 
     def __init__(self, name: str, family: str, backward: Callable | None, setup_context: Callable | None):
-        self.name, self.family, self.differentiable = name, family, backward is not None
+        self.name, self.family = name, family
         self.packet = getattr(torch.ops.genfast, name)
-        self.function = None
+        self.function = None  # the autograd.Function of a differentiable op
         if backward is not None:
             def forward(ctx, *args):
                 result = self.dispatch(*args)
@@ -127,7 +127,7 @@ class Op:
         return self.implementation_for(t.device, t.dtype)(*args)
 
     def __call__(self, *args):
-        route = _route(args, self.differentiable)
+        route = _route(args, self.function is not None)
         if route == AUTOGRAD:
             return self.function.apply(*args)
         if route == DISPATCHER:
