@@ -223,9 +223,12 @@ def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, seqlens_ptr, seql
             # An fp8 cache meets the query in fp16 (e4m3 -> fp16 is one instruction per pair on sm_90;
             # to bf16 it goes on through fp16). A power of two keeps the tile's largest |q| below
             # 2^15, exactly undone in the score scale, so no bf16 query overflows fp16.
+            # The power of two 2^e is built from its exponent bits: the GPU's exp2 and division
+            # are approximate, a bit pattern is exact (e <= 113, so 2^-e stays normal).
             amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0)
-            q_unscale = tl.exp2(tl.maximum(tl.ceil(tl.log2(tl.maximum(amax, 1.0))) - 15.0, 0.0))
-            q = (q.to(tl.float32) * (1.0 / q_unscale)).to(tl.float16)
+            e = tl.maximum(tl.ceil(tl.log2(tl.maximum(amax, 1.0))) - 15.0, 0.0).to(tl.int32)
+            q_unscale = ((e + 127) << 23).to(tl.float32, bitcast=True)
+            q = (q.to(tl.float32) * ((127 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
         # Visible keys of each row: [row_lo, row_hi); query i sits at position L - sq + i.
         qpos = L - sq + qi
         row_hi = tl.zeros_like(qpos) + L
