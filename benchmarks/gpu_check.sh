@@ -17,6 +17,7 @@
 # usage: benchmarks/gpu_check.sh OUTDIR
 #   GPU_CHECK_WHEELS=DIR  wheels to install first, for a machine without a package index
 #   GPU_CHECK_PARTS="tests bench"  (default) or one of them
+#   GPU_CHECK_TESTS="FILE|NODE ..."  these tests only (default: every file, in priority order)
 set -u -o pipefail
 
 if [ $# -ne 1 ]; then
@@ -107,8 +108,8 @@ export PY
 # covers) build in the background meanwhile, to show they compile against this
 # machine's torch; the tests here are the GPU's: Triton and the reference on CUDA.
 echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET}s, output in $OUT"
-step versions 20 480 bash -c versions
-step install 60 420 bash -c install
+step versions 20 $((BUDGET - 30)) bash -c versions
+step install 60 $((BUDGET - 90)) bash -c install
 GENFAST_CACHE=$(mktemp -d) timeout 300 "$PY" -m genfast build >"$OUT/.build.log" 2>&1 &
 BUILD_PID=$!
 XDIST=()
@@ -119,8 +120,12 @@ if [[ $PARTS == *tests* ]]; then
     # Files in the order they are handed to the workers: first those whose GPU runs found what the
     # interpreter cannot (whole loops, compiled steps, fp8 bytes, the sampler), then the rest.
     files=()
-    for f in e2e hf schedulers sampling attention diffusion vae activation; do files+=("tests/test_$f.py"); done
-    for f in tests/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
+    if [ -n "${GPU_CHECK_TESTS:-}" ]; then
+        read -r -a files <<<"$GPU_CHECK_TESTS"
+    else
+        for f in e2e hf schedulers sampling attention diffusion vae activation; do files+=("tests/test_$f.py"); done
+        for f in tests/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
+    fi
     step tests $limit $reserve env GENFAST_DISABLE_CPP=1 GENFAST_REPORT_FAILURES=1 "$PY" -m pytest "${files[@]}" -v \
         --tb=short -p no:cacheprovider "${XDIST[@]}" --maxfail=50 -rf -W ignore::UserWarning
     # -v: each test's result is in the log as it ends, even if the step is cut before the summary.
