@@ -98,22 +98,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import num_sms
+
 # constexpr: compiled kernels may read no other globals (the interpreter does not enforce it)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 FP8_MAX = tl.constexpr(448.0)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int | None) -> int:
-    if device_index is None:  # interpreter: a small pretend GPU, so tests exercise the split path
-        return 4
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _sms(device: torch.device) -> int:
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else _num_sms(None)
 
 
 def _block_d(headdim: int) -> int:
@@ -570,8 +560,8 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
     # Splits from shapes only: enough programs for two waves of the SMs, >= 4 key blocks per split.
     programs = batch * HK * num_qc
     splits = 1
-    if programs < 2 * _sms(q.device):
-        splits = min(triton.cdiv(2 * _sms(q.device), max(programs, 1)), max(1, max_keys // (4 * block_n)), 64)
+    if programs < 2 * num_sms(q.device):
+        splits = min(triton.cdiv(2 * num_sms(q.device), max(programs, 1)), max(1, max_keys // (4 * block_n)), 64)
         splits = triton.next_power_of_2(splits) if splits > 1 else 1
     if splits > 1:
         part_out = torch.empty((splits, total_q * H * D), dtype=torch.float32, device=q.device)
@@ -633,7 +623,7 @@ def _use_prefill(batch, nheads, max_sq, max_sk, device) -> bool:
     if max_sq < PREFILL_MIN_SEQLEN_Q:
         return False
     programs = batch * nheads * triton.cdiv(max_sq, 128)  # 128-row query blocks (16-bit tiles)
-    return programs >= _sms(device) or max_sk <= 8 * max_sq
+    return programs >= num_sms(device) or max_sk <= 8 * max_sq
 
 
 def _prefill(q, k, v, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offset, cu_q, cu_k, strides,

@@ -1,5 +1,8 @@
 """Helpers every Triton family shares."""
+import functools
 import os
+
+import torch
 
 import triton
 import triton.language as tl
@@ -7,6 +10,20 @@ from triton.language.extra import libdevice
 
 # The interpreter (TRITON_INTERPRET=1, CPU tensors) has no libdevice; its tl.exp is numpy's.
 INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(index: int | None) -> int:
+    if index is None:  # interpreter: a small pretend GPU, so tests exercise the split paths
+        return 4
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for the interpreter's CPU tensors)."""
+    if device.type != "cuda":
+        return _device_sms(None)
+    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @triton.jit

@@ -1,25 +1,31 @@
 """Token sampling from logits in Triton: penalties, temperature, top-k, top-p,
-min-p and an inverse-CDF draw, one program per row, with no sort.
+min-p and an inverse-CDF draw, with no sort, each row split into chunks over
+many programs so that a small batch fills the GPU.
 
 Semantics: ``genfast/reference/sampling.py``; the algorithm is the C++
 kernel's (csrc/cpu/sampling.cpp). Per row, with d = (max - x) * inv_temperature
-(d >= 0, 0 at the top; a non-negative float's bits order like the float):
+(d >= 0, 0 at the top; a non-negative float's bits order like the float), in
+four launches over a (rows, chunks) grid, the chunks' partial results kept in
+a small workspace:
 
-1. one pass: max, NaN/+inf detection;
-2. one pass for a candidate cut C, a bound on every threshold: with top-k the
-   counts of d <= 16 levels sqrt(2) apart (1 .. 181 nats), with top-p alone
-   the row's mass Z and the mass below each level (or a bound from Z); min-p
-   alone: C = -log(min_p);
-3. one pass compacting the candidates d <= C, in vocabulary order, into a
-   scratch row (their d and index): usually a few hundred to a few thousand;
-4. exact thresholds on the candidates: the smallest key whose count (top-k)
-   or mass (top-p) of candidates at or below it reaches the target, found by
-   a search that tests 16 pivots per pass (2^31 keys in 8 passes);
-5. the kept mass z and the draw: the first candidate whose running mass
-   exceeds u * z, u = position ``offset + row`` of the uniform stream, summed
-   per block in the same order for z and for the scan.
-Without a filter the draw reads the row itself (steps 2-4 skipped: two passes
-over the row after the first).
+1. ``_max_kernel`` (row, chunk): the chunk's max, the first index of it, and
+   whether it holds NaN or +inf;
+2. ``_levels_kernel`` (row, chunk): with the row's max, the count of d <= each
+   of 16 levels (2^(j/2) nats for j < 15, then +inf), the mass exp(-d) below
+   each level (top-p alone) and the chunk's whole mass;
+3. ``_compact_kernel`` (row, chunk): the cut C, the lowest level that bounds
+   every threshold (top-k: holds k; top-p: holds p of the mass, or beyond which
+   at most (1 - p) / 2 of it lies; min-p: >= -log(min_p)); each chunk writes its
+   candidates d <= C, in vocabulary order, at the row's position after those of
+   the chunks before it (their counts at C are known from step 2): usually a
+   few hundred to a few thousand per row;
+4. ``_select_kernel`` (row): exact thresholds on the candidates, the smallest
+   key whose count (top-k) or mass (top-p) reaches the target, found by a
+   search that tests 16 pivots per pass (2^31 keys in 8 passes); then the kept
+   mass z and the draw, the first candidate whose running mass exceeds u * z,
+   u = position ``offset + row`` of the uniform stream. Without a filter the
+   draw picks the chunk from the chunks' masses, then the token in it.
+Greedy rows (temperature 0) take the first index of the max from step 1.
 
 Penalties, when asked for, first write an fp32 copy of the logits with the
 penalized entries (``_penalize_kernel``), from ``token_counts`` or from counts
@@ -28,16 +34,13 @@ of ``prev_tokens`` built in a zeroed int32 scratch by one integer
 
 Memory traffic for B rows of V logits of s bytes: the sort-based eager path
 (softmax, sort, cumsum, scatter, multinomial) moves ~15 B·V·4 bytes and sorts;
-this kernel reads the row three times (the first from DRAM, then from L2: a
-128k fp32 row is 512 KB), writes and re-reads the candidates. The previous
-version bisected over the whole row, ~62 passes one after another, 1.3 ms at
-any batch on an H200. This one, on an H200 (2026-11-27, 8 x 128256 fp32):
-top-k 50 + top-p 0.9 306 us, top-p 0.9 alone 937 us, and the filter kernel
-(top_k_mask_logits, 64 rows) 1751 us: latency-bound, one program per row with
-a reduction across its warps in every step of the level pass and of each
-search pass. The passes now keep per-lane sums ([block, levels] or [block,
-pivots]) and reduce them once per pass; not yet timed on a GPU. A row split
-across programs is the next step for small batches (8 rows use 8 of 132 SMs).
+this reads each row three times (the first from DRAM, then from L2: a 128k
+fp32 row is 512 KB) and writes and re-reads the candidates: at 8 x 128256
+fp32, 4 MB from DRAM, ~1 us at an H200's 4.2 TB/s, so the launches' latency
+decides. With one program per row (the version before this one), an H200
+(2026-11-27, 8 x 128256) took 306 us for top-k 50 + top-p 0.9 and 937 us for
+top-p alone: 8 rows kept 8 of 132 SMs busy. The rows are now split so that
+about 4 programs run per SM (chunks of at least 2048 logits).
 """
 from __future__ import annotations
 
@@ -45,21 +48,19 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import num_sms
 from .rng import load_seed, uniform_at
 
 NAN_ROW, EMPTY_ROW = tl.constexpr(-1), tl.constexpr(-2)  # compiled kernels read globals only as constexpr
-NLEV = tl.constexpr(16)  # candidate cut levels, 2^(j/2) nats
+NLEV = tl.constexpr(16)  # candidate cut levels: 2^(j/2) nats for j < 15, then +inf
 NPIV = tl.constexpr(16)  # pivots per pass of the threshold search
 CBLOCK = tl.constexpr(256)  # candidates per step of a search pass (x NPIV pivots in registers)
-LBLOCK = tl.constexpr(512)  # logits per step of the level pass (x NLEV levels in registers)
-
-
-@triton.jit
-def _distance(x_ptr, start, vocab, top, inv_t, BLOCK: tl.constexpr):
-    idx = start + tl.arange(0, BLOCK)
-    mask = idx < vocab
-    x = tl.load(x_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32)
-    return idx, mask, (top - x) * inv_t
+LBLOCK = tl.constexpr(256)  # logits per step of the level pass (x NLEV levels in registers)
+# The workspace: NW words per (row, chunk) and one more slot per row (at chunk S) for the row's cut.
+# fp32 words: 0 the chunk's max, 1 its mass, 2.. the mass below each level (row slot: 0 cut, 1 mass);
+# int32 words: 0 NaN/+inf seen, 1 first index of the max, 2.. the count below each level
+# (row slot: 0 the number of candidates; the filters: 0 on, 1 count, 2 level).
+NW = tl.constexpr(18)
 
 
 @triton.jit(do_not_specialize=["n_prev"])
@@ -97,14 +98,160 @@ def _penalize_kernel(logits_ptr, prev_ptr, counts_ptr, params_ptr, out_ptr, voca
 
 
 @triton.jit
-def _candidate_d(cd_row, x_row, i, n, top, inv_t, filtered):
-    """d of candidates i (inf from n on): the compacted ones, or the row itself when nothing filters."""
-    if filtered:
-        d = tl.load(cd_row + i, mask=i < n, other=float("inf"))
+def _levels():
+    j = tl.arange(0, NLEV)
+    return tl.where(j < NLEV - 1, tl.exp2(j.to(tl.float32) * 0.5), float("inf"))
+
+
+@triton.jit
+def _distance(x_ptr, start, end, top, inv_t, BLOCK: tl.constexpr):
+    idx = start + tl.arange(0, BLOCK)
+    mask = idx < end
+    x = tl.load(x_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32)
+    return idx, mask, (top - x) * inv_t
+
+
+@triton.jit
+def _row_params(params_ptr, row, inv_t_s, k_s, p_s, min_p_s, HAS_PARAMS: tl.constexpr):
+    if HAS_PARAMS:
+        inv_t = tl.load(params_ptr + row * 7)
+        k = tl.load(params_ptr + row * 7 + 1).to(tl.int32)
+        p = tl.load(params_ptr + row * 7 + 2)
+        min_p = tl.load(params_ptr + row * 7 + 3)
     else:
-        x = tl.load(x_row + i, mask=i < n, other=float("-inf")).to(tl.float32)
-        d = (top - x) * inv_t
-    return d
+        # + a 0-d fp32 zero: scalar arguments become fp32 values (in the interpreter too)
+        inv_t = inv_t_s + tl.zeros([], tl.float32)
+        k = k_s + tl.zeros([], tl.int32)
+        p = p_s + tl.zeros([], tl.float32)
+        min_p = min_p_s + tl.zeros([], tl.float32)
+    return inv_t, k, p, min_p
+
+
+@triton.jit
+def _slots(row, S, SMAX: tl.constexpr):
+    """The chunks' indices and the workspace offset of each chunk's words."""
+    s = tl.arange(0, SMAX)
+    return s, (row * (S + 1) + s) * NW
+
+
+@triton.jit
+def _row_top(wf_ptr, wi_ptr, row, S, SMAX: tl.constexpr):
+    """The row's max and whether it holds NaN or +inf, from its chunks' (step 1)."""
+    s, slot = _slots(row, S, SMAX)
+    top = tl.max(tl.load(wf_ptr + slot, mask=s < S, other=float("-inf")), axis=0)
+    bad = tl.max(tl.load(wi_ptr + slot, mask=s < S, other=0), axis=0) > 0
+    return top, bad
+
+
+@triton.jit
+def _max_kernel(x_ptr, wf_ptr, wi_ptr, vocab, chunk, S, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    x_row = x_ptr + row * vocab
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, vocab)
+    top_v = tl.full([BLOCK], float("-inf"), tl.float32)
+    arg_v = tl.zeros([BLOCK], tl.int32) + lo
+    bad_v = tl.zeros([BLOCK], tl.int32)
+    for start in range(lo, hi, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + idx, mask=idx < hi, other=float("-inf")).to(tl.float32)
+        bad_v = bad_v | ((x != x) | (x == float("inf"))).to(tl.int32)
+        up = x > top_v  # strictly: each lane keeps its first index of its max
+        arg_v = tl.where(up, idx, arg_v)
+        top_v = tl.where(up, x, top_v)
+    top = tl.max(top_v, axis=0)
+    slot = (row * (S + 1) + c) * NW
+    tl.store(wf_ptr + slot, top)
+    tl.store(wi_ptr + slot, tl.max(bad_v, axis=0))
+    tl.store(wi_ptr + slot + 1, tl.min(tl.where(top_v == top, arg_v, 2147483647), axis=0))
+
+
+@triton.jit(do_not_specialize=["k_s"])
+def _levels_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, vocab, chunk, S, inv_t_s, k_s, p_s, min_p_s,
+                   HAS_PARAMS: tl.constexpr, SMAX: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    inv_t, k, p, min_p = _row_params(params_ptr, row, inv_t_s, k_s, p_s, min_p_s, HAS_PARAMS)
+    top, bad = _row_top(wf_ptr, wi_ptr, row, S, SMAX)
+    if (bad == 0) & (top > float("-inf")) & (inv_t < float("inf")):
+        x_row = x_ptr + row * vocab
+        lo = c * chunk
+        hi = tl.minimum(lo + chunk, vocab)
+        mass_on = (p < 1.0) & ((k <= 0) | (k >= vocab))  # top-p alone
+        lev = _levels()
+        cnt = tl.zeros([LBLOCK, NLEV], tl.float32)  # per lane: summed across the warps once at the end
+        mass = tl.zeros([LBLOCK, NLEV], tl.float32)
+        z_v = tl.zeros([LBLOCK], tl.float32)
+        for start in range(lo, hi, LBLOCK):
+            idx, mask, d = _distance(x_row, start, hi, top, inv_t, LBLOCK)
+            below = mask[:, None] & (d[:, None] <= lev[None, :])
+            cnt += below.to(tl.float32)
+            e = tl.where(mask, tl.exp(-d), 0.0)
+            z_v += e
+            if mass_on:
+                mass += tl.where(below, e[:, None], 0.0)
+        slot = (row * (S + 1) + c) * NW
+        j = tl.arange(0, NLEV)
+        tl.store(wf_ptr + slot + 1, tl.sum(z_v, axis=0))
+        tl.store(wf_ptr + slot + 2 + j, tl.sum(mass, axis=0))
+        tl.store(wi_ptr + slot + 2 + j, tl.sum(cnt.to(tl.int32), axis=0))
+
+
+@triton.jit(do_not_specialize=["k_s"])
+def _compact_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, cd_ptr, ci_ptr, vocab, chunk, S, inv_t_s, k_s, p_s,
+                    min_p_s, HAS_PARAMS: tl.constexpr, SMAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    inv_t, k, p, min_p = _row_params(params_ptr, row, inv_t_s, k_s, p_s, min_p_s, HAS_PARAMS)
+    top, bad = _row_top(wf_ptr, wi_ptr, row, S, SMAX)
+    need_k = (k > 0) & (k < vocab)
+    need_p = p < 1.0
+    if (bad == 0) & (top > float("-inf")) & (inv_t < float("inf")) & (need_k | need_p | (min_p > 0.0)):
+        s, slot = _slots(row, S, SMAX)
+        j = tl.arange(0, NLEV)
+        lev = _levels()
+        cnt2 = tl.load(wi_ptr + slot[:, None] + 2 + j[None, :], mask=(s < S)[:, None], other=0)
+        cnt = tl.sum(cnt2, axis=0)
+        d_m = float("inf")
+        if min_p > 0.0:
+            d_m = -tl.log(min_p)
+        lev_m = tl.min(tl.where(lev >= d_m, j, NLEV - 1), axis=0)
+        z_all = 0.0
+        if need_k:
+            cut = tl.min(tl.where(cnt >= k, j, NLEV - 1), axis=0)
+            if not need_p:
+                cut = tl.minimum(cut, lev_m)  # min-p bounds the kept set too; with top-p it does not
+        elif need_p:
+            mass = tl.sum(tl.load(wf_ptr + slot[:, None] + 2 + j[None, :], mask=(s < S)[:, None], other=0.0),
+                          axis=0)
+            z_all = tl.sum(tl.load(wf_ptr + slot + 1, mask=s < S, other=0.0), axis=0)
+            # the tokens beyond d hold at most V e^-d of the mass: this d leaves >= p Z below it
+            bound = tl.log(2.0 * vocab / ((1.0 - p) * z_all))
+            cut = tl.minimum(tl.min(tl.where(mass >= p * z_all, j, NLEV - 1), axis=0),
+                             tl.min(tl.where(lev >= bound, j, NLEV - 1), axis=0))
+        else:
+            cut = lev_m
+        cut_d = tl.max(tl.where(j == cut, lev, float("-inf")), axis=0)
+        cnt_cut = tl.sum(tl.where(j[None, :] == cut, cnt2, 0), axis=1)  # each chunk's candidates
+        n = tl.sum(tl.where(s < c, cnt_cut, 0), axis=0)  # this chunk's first position
+        x_row = x_ptr + row * vocab
+        cd_row = cd_ptr + row * vocab
+        ci_row = ci_ptr + row * vocab
+        lo = c * chunk
+        hi = tl.minimum(lo + chunk, vocab)
+        for start in range(lo, hi, BLOCK):
+            idx, mask, d = _distance(x_row, start, hi, top, inv_t, BLOCK)
+            keep = mask & (d <= cut_d)
+            pos = n + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+            tl.store(cd_row + pos, d, mask=keep)
+            tl.store(ci_row + pos, idx, mask=keep)
+            n += tl.sum(keep.to(tl.int32), axis=0)
+        if c == 0:
+            row_slot = (row * (S + 1) + S) * NW
+            tl.store(wf_ptr + row_slot, cut_d)
+            tl.store(wf_ptr + row_slot + 1, z_all)
+            tl.store(wi_ptr + row_slot, tl.sum(cnt_cut, axis=0))
 
 
 @triton.jit
@@ -134,189 +281,183 @@ def _search(cd_ptr, n, hi, target, MASS: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["k_s", "seed", "offset"])
-def _sample_kernel(x_ptr, params_ptr, cd_ptr, ci_ptr, tok_ptr, lp_ptr, vocab, inv_t_s, k_s, p_s, min_p_s, seed,
-                   seed_ptr, offset, HAS_PARAMS: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
-                   RETURN_LOGPROBS: tl.constexpr, BLOCK: tl.constexpr):
+def _select_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, cd_ptr, ci_ptr, tok_ptr, lp_ptr, vocab, chunk, S, inv_t_s,
+                   k_s, p_s, min_p_s, seed, seed_ptr, offset, HAS_PARAMS: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+                   RETURN_LOGPROBS: tl.constexpr, SMAX: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * vocab
-    cd_row = cd_ptr + row * vocab  # the candidates' d and vocabulary index
-    ci_row = ci_ptr + row * vocab
-    if HAS_PARAMS:
-        inv_t = tl.load(params_ptr + row * 7)
-        k = tl.load(params_ptr + row * 7 + 1).to(tl.int32)
-        p = tl.load(params_ptr + row * 7 + 2)
-        min_p = tl.load(params_ptr + row * 7 + 3)
-    else:
-        # + a 0-d fp32 zero: scalar arguments become fp32 values (in the interpreter too)
-        inv_t = inv_t_s + tl.zeros([], tl.float32)
-        k = k_s + tl.zeros([], tl.int32)
-        p = p_s + tl.zeros([], tl.float32)
-        min_p = min_p_s + tl.zeros([], tl.float32)
-
-    # 1. the max, and whether the row holds NaN or +inf
-    top_v = tl.full([BLOCK], float("-inf"), tl.float32)
-    bad_v = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, vocab, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        x = tl.load(x_row + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-        bad_v = bad_v | ((x != x) | (x == float("inf"))).to(tl.int32)
-        top_v = tl.where(x > top_v, x, top_v)
-    top = tl.max(top_v, axis=0)
-    bad = tl.max(bad_v, axis=0) > 0
-
-    tok = (tl.zeros([1], tl.int32) + NAN_ROW).to(tl.int64)
-    logprob = tl.zeros([1], tl.float32)
+    inv_t, k, p, min_p = _row_params(params_ptr, row, inv_t_s, k_s, p_s, min_p_s, HAS_PARAMS)
+    top, bad = _row_top(wf_ptr, wi_ptr, row, S, SMAX)
+    s, slot = _slots(row, S, SMAX)
+    tok = tl.zeros([], tl.int64) + NAN_ROW
+    logprob = tl.zeros([], tl.float32)
     if bad:
         tok = tok * 0 + NAN_ROW
     elif top == float("-inf"):
         tok = tok * 0 + EMPTY_ROW
     elif inv_t == float("inf"):
-        # greedy: the first index of the max
-        best_v = tl.full([BLOCK], 2147483647, tl.int32)
-        for start in range(0, vocab, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            mask = idx < vocab
-            x = tl.load(x_row + idx, mask=mask, other=float("-inf")).to(tl.float32)
-            best_v = tl.minimum(best_v, tl.where(mask & (x == top), idx, 2147483647))
-        tok = tok * 0 + tl.min(best_v, axis=0).to(tl.int64)
+        # greedy: the first index of the max, in the first chunk that holds it
+        first = tl.min(tl.where(tl.load(wf_ptr + slot, mask=s < S, other=float("-inf")) == top, s, SMAX), axis=0)
+        tok = tok * 0 + tl.load(wi_ptr + (row * (S + 1) + first) * NW + 1).to(tl.int64)
     else:
         need_k = (k > 0) & (k < vocab)
         need_p = p < 1.0
-        d_m = tl.zeros([], tl.float32) + float("inf")
+        d_m = float("inf")
         if min_p > 0.0:
             d_m = -tl.log(min_p)
-        # 2. the cut C: every threshold is <= it
-        cut = d_m
-        z_all = 0.0
-        if need_k | need_p:
-            lev = tl.exp2(tl.arange(0, NLEV).to(tl.float32) * 0.5)
-            f_lev = tl.zeros([LBLOCK, NLEV], tl.float32)  # per lane: summed across the warps after the pass
-            z_v = tl.zeros([LBLOCK], tl.float32)
-            for start in range(0, vocab, LBLOCK):
-                idx, mask, d = _distance(x_row, start, vocab, top, inv_t, LBLOCK)
-                if need_k:
-                    w = tl.full([LBLOCK], 1.0, tl.float32)
-                else:
-                    w = tl.where(mask, tl.exp(-d), 0.0)
-                    z_v += w
-                f_lev += tl.where(mask[:, None] & (d[:, None] <= lev[None, :]), w[:, None], 0.0)
-            f_lev = tl.sum(f_lev, axis=0)
-            if need_k:
-                cut = tl.min(tl.where(f_lev >= k.to(tl.float32), lev, float("inf")), axis=0)
-                if not need_p:
-                    cut = tl.minimum(cut, d_m)  # min-p bounds the kept set too; with top-p it does not
-            else:
-                z_all = tl.sum(z_v, axis=0)
-                # the tokens beyond C hold at most V e^-C of the mass: this C leaves >= p Z below it
-                bound = tl.log(2.0 * vocab / ((1.0 - p) * z_all))
-                cut = tl.minimum(tl.min(tl.where(f_lev >= p * z_all, lev, float("inf")), axis=0), bound)
-        # 3. the candidates d <= C in vocabulary order; with no filter the draw reads the row itself
-        filtered = need_k | need_p | (min_p > 0.0)
-        n = vocab
-        if filtered:
-            n = 0
-            for start in range(0, vocab, BLOCK):
-                idx, mask, d = _distance(x_row, start, vocab, top, inv_t, BLOCK)
-                keep = mask & (d <= cut)
-                pos = n + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-                tl.store(cd_row + pos, d, mask=keep)
-                tl.store(ci_row + pos, idx, mask=keep)
-                n += tl.sum(keep.to(tl.int32), axis=0)
-        # 4. exact thresholds on the candidates
-        cut_key = cut.to(tl.int32, bitcast=True)
-        d_k = float("inf")
-        if need_k & (n >= k):  # fewer candidates than k (only below the min-p cut): top-k does not bind
-            d_k = _search(cd_row, n, cut_key, k.to(tl.float32), False).to(tl.int32).to(tl.float32, bitcast=True)
-        d_p = float("inf")
-        if need_p:
-            # top-p is relative to the mass top-k keeps, or to the whole row's
-            target = p * z_all
-            if need_k:
-                zk_v = tl.zeros([CBLOCK], tl.float32)
-                for start in range(0, n, CBLOCK):
-                    i = start + tl.arange(0, CBLOCK)
-                    d = tl.load(cd_row + i, mask=i < n, other=float("inf"))
-                    zk_v += tl.where(d <= d_k, tl.exp(-d), 0.0)
-                target = p * tl.sum(zk_v, axis=0)
-            hi = tl.minimum(cut, d_k).to(tl.int32, bitcast=True)
-            d_p = _search(cd_row, n, hi, target, True).to(tl.int32).to(tl.float32, bitcast=True)
-        t = tl.minimum(tl.minimum(d_k, d_p), d_m)
-
-        # 5. the draw: block sums in order for z and for the scan, BLOCK wide (a scan step is a
-        # reduction across the warps: few wide steps, not many narrow ones)
-        z = 0.0
-        for start in range(0, n, BLOCK):
-            i = start + tl.arange(0, BLOCK)
-            d = _candidate_d(cd_row, x_row, i, n, top, inv_t, filtered)
-            z += tl.sum(tl.where(d <= t, tl.exp(-d), 0.0), axis=0)
         key = load_seed(seed, seed_ptr, SEED_FROM_PTR)
         u = tl.max(uniform_at(key, tl.zeros([1], tl.int64) + offset.to(tl.int64) + row), axis=0)
-        target = u * z
-        run = 0.0
-        pick = 2147483647
-        last = -1
-        for start in range(0, n, BLOCK):
-            i = start + tl.arange(0, BLOCK)
-            d = _candidate_d(cd_row, x_row, i, n, top, inv_t, filtered)
-            e = tl.where(d <= t, tl.exp(-d), 0.0)
-            hit = ((run + tl.cumsum(e, axis=0)) > target) & (e > 0)
-            pick = tl.minimum(pick, tl.min(tl.where(hit, i, 2147483647), axis=0))
-            last = tl.maximum(last, tl.max(tl.where(e > 0, i, -1), axis=0))
-            run += tl.sum(e, axis=0)
-        if pick == 2147483647:  # u * z rounded up to z
-            pick = last
-        if filtered:
-            tok = tok * 0 + tl.load(ci_row + pick).to(tl.int64)
+        x_row = x_ptr + row * vocab
+        if need_k | need_p | (min_p > 0.0):
+            cd_row = cd_ptr + row * vocab
+            row_slot = (row * (S + 1) + S) * NW
+            cut = tl.load(wf_ptr + row_slot)
+            n = tl.load(wi_ptr + row_slot)
+            # exact thresholds on the candidates
+            cut_key = cut.to(tl.int32, bitcast=True)
+            d_k = float("inf")
+            if need_k & (n >= k):  # fewer candidates than k (only below the min-p cut): top-k does not bind
+                d_k = _search(cd_row, n, cut_key, k.to(tl.float32), False).to(tl.int32).to(tl.float32, bitcast=True)
+            d_p = float("inf")
+            if need_p:
+                # top-p is relative to the mass top-k keeps, or to the whole row's
+                target = p * tl.load(wf_ptr + row_slot + 1)
+                if need_k:
+                    zk_v = tl.zeros([CBLOCK], tl.float32)
+                    for start in range(0, n, CBLOCK):
+                        i = start + tl.arange(0, CBLOCK)
+                        d = tl.load(cd_row + i, mask=i < n, other=float("inf"))
+                        zk_v += tl.where(d <= d_k, tl.exp(-d), 0.0)
+                    target = p * tl.sum(zk_v, axis=0)
+                hi = tl.minimum(cut, d_k).to(tl.int32, bitcast=True)
+                d_p = _search(cd_row, n, hi, target, True).to(tl.int32).to(tl.float32, bitcast=True)
+            t = tl.minimum(tl.minimum(d_k, d_p), d_m)
+            # the draw: block sums in order for z and for the scan, BLOCK wide (a scan step is a
+            # reduction across the warps: few wide steps, not many narrow ones)
+            z = 0.0
+            for start in range(0, n, BLOCK):
+                i = start + tl.arange(0, BLOCK)
+                d = tl.load(cd_row + i, mask=i < n, other=float("inf"))
+                z += tl.sum(tl.where(d <= t, tl.exp(-d), 0.0), axis=0)
+            target = u * z
+            run = 0.0
+            pick = 2147483647
+            last = -1
+            for start in range(0, n, BLOCK):
+                i = start + tl.arange(0, BLOCK)
+                d = tl.load(cd_row + i, mask=i < n, other=float("inf"))
+                e = tl.where(d <= t, tl.exp(-d), 0.0)
+                hit = ((run + tl.cumsum(e, axis=0)) > target) & (e > 0)
+                pick = tl.minimum(pick, tl.min(tl.where(hit, i, 2147483647), axis=0))
+                last = tl.maximum(last, tl.max(tl.where(e > 0, i, -1), axis=0))
+                run += tl.sum(e, axis=0)
+            if pick == 2147483647:  # u * z rounded up to z
+                pick = last
+            tok = tok * 0 + tl.load(ci_ptr + row * vocab + pick).to(tl.int64)
+            logprob = logprob * 0 - tl.load(cd_row + pick) - tl.log(z)
         else:
+            # no filter: the chunk from the chunks' masses (step 2), then the token in it
+            z_c = tl.load(wf_ptr + slot + 1, mask=s < S, other=0.0)
+            z = tl.sum(z_c, axis=0)
+            target = u * z
+            sel = tl.min(tl.where(tl.cumsum(z_c, axis=0) > target, s, SMAX), axis=0)
+            if sel == SMAX:  # u * z rounded up to z
+                sel = tl.max(tl.where(z_c > 0, s, -1), axis=0)
+            run = tl.sum(tl.where(s < sel, z_c, 0.0), axis=0)
+            lo = sel * chunk
+            hi = tl.minimum(lo + chunk, vocab)
+            pick = 2147483647
+            last = -1
+            for start in range(lo, hi, BLOCK):
+                i, mask, d = _distance(x_row, start, hi, top, inv_t, BLOCK)
+                e = tl.where(mask, tl.exp(-d), 0.0)
+                hit = ((run + tl.cumsum(e, axis=0)) > target) & (e > 0)
+                pick = tl.minimum(pick, tl.min(tl.where(hit, i, 2147483647), axis=0))
+                last = tl.maximum(last, tl.max(tl.where(e > 0, i, -1), axis=0))
+                run += tl.sum(e, axis=0)
+            if pick == 2147483647:
+                pick = last
             tok = tok * 0 + pick.to(tl.int64)
-        if RETURN_LOGPROBS:
-            logprob = logprob * 0 - tl.max(_candidate_d(cd_row, x_row, pick + tl.arange(0, 1), n, top, inv_t,
-                                                        filtered), axis=0) - tl.log(z)
-    tl.store(tok_ptr + row + tl.arange(0, 1), tok)
+            logprob = logprob * 0 - (top - tl.load(x_row + pick).to(tl.float32)) * inv_t - tl.log(z)
+    tl.store(tok_ptr + row, tok)
     if RETURN_LOGPROBS:
-        tl.store(lp_ptr + row + tl.arange(0, 1), logprob)
+        tl.store(lp_ptr + row, logprob)
 
 
 def _block(vocab: int) -> int:
     return min(triton.next_power_of_2(vocab), 2048)
 
 
+def _split(batch: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """(chunks per row, chunk size): about 4 programs per SM, chunks of at least 2048 logits
+    and a multiple of 64 on a GPU (16 in the interpreter, so that tests split small rows)."""
+    least, align = (2048, 64) if device.type == "cuda" else (16, 16)
+    chunks = max(1, min(triton.cdiv(4 * num_sms(device), batch), triton.cdiv(vocab, least)))
+    chunk = triton.cdiv(triton.cdiv(vocab, chunks), align) * align
+    return triton.cdiv(vocab, chunk), chunk
+
+
+def _workspace(batch: int, chunks: int, device: torch.device):
+    return (torch.empty(batch, chunks + 1, NW, dtype=torch.float32, device=device),
+            torch.empty(batch, chunks + 1, NW, dtype=torch.int32, device=device))
+
+
 def sample_tokens(logits, params, prev_tokens, token_counts, inv_temperature, top_k, top_p, min_p,
                   repetition_penalty, presence_penalty, frequency_penalty, seed, seed_tensor, offset,
                   return_logprobs):
     batch, vocab = logits.shape
-    tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(batch if return_logprobs else 0, dtype=torch.float32, device=logits.device)
+    device = logits.device
+    tokens = torch.empty(batch, dtype=torch.int64, device=device)
+    logprobs = torch.empty(batch if return_logprobs else 0, dtype=torch.float32, device=device)
     if batch == 0:
         return tokens, logprobs
-    block = _block(vocab)
     has_params = params is not None
     x = logits
     if prev_tokens is not None or token_counts is not None:
-        x = torch.empty(batch, vocab, dtype=torch.float32, device=logits.device)
+        x = torch.empty(batch, vocab, dtype=torch.float32, device=device)
         from_prev = prev_tokens is not None
         n_prev = prev_tokens.shape[1] if from_prev else 0
-        counts = torch.zeros(batch, vocab, dtype=torch.int32, device=logits.device) if from_prev else token_counts
+        counts = torch.zeros(batch, vocab, dtype=torch.int32, device=device) if from_prev else token_counts
         _penalize_kernel[(batch,)](
             logits, prev_tokens if from_prev else counts, counts, params if has_params else logits, x, vocab, n_prev,
             repetition_penalty, presence_penalty, frequency_penalty, HAS_PARAMS=has_params, FROM_PREV=from_prev,
-            BLOCK=block, BLOCK_N=min(triton.next_power_of_2(max(n_prev, 1)), 1024), num_warps=4)
-    # the candidates' d and index: a scratch row each, as wide as the vocabulary
-    cand_d = torch.empty(batch, vocab, dtype=torch.float32, device=logits.device)
-    cand_i = torch.empty(batch, vocab, dtype=torch.int32, device=logits.device)
-    _sample_kernel[(batch,)](
-        x, params if has_params else x, cand_d, cand_i, tokens, logprobs if return_logprobs else tokens, vocab,
-        inv_temperature, top_k, top_p, min_p, seed, seed_tensor if seed_tensor is not None else tokens, offset,
-        HAS_PARAMS=has_params, SEED_FROM_PTR=seed_tensor is not None, RETURN_LOGPROBS=return_logprobs,
-        BLOCK=block, num_warps=8)
+            BLOCK=_block(vocab), BLOCK_N=min(triton.next_power_of_2(max(n_prev, 1)), 1024), num_warps=4)
+    chunks, chunk = _split(batch, vocab, device)
+    wf, wi = _workspace(batch, chunks, device)
+    p = params if has_params else x
+    smax = triton.next_power_of_2(chunks)
+    cblock = min(triton.next_power_of_2(chunk), 1024)
+    scalars = (inv_temperature, top_k, top_p, min_p)
+    # with scalar settings, skip the launches whose programs would all return at once
+    greedy = not has_params and inv_temperature == float("inf")
+    filtered = has_params or 0 < top_k < vocab or top_p < 1.0 or min_p > 0.0
+    _max_kernel[(batch, chunks)](x, wf, wi, vocab, chunk, chunks, BLOCK=cblock, num_warps=4)
+    if not greedy:
+        _levels_kernel[(batch, chunks)](x, p, wf, wi, vocab, chunk, chunks, *scalars, HAS_PARAMS=has_params,
+                                        SMAX=smax, num_warps=8)
+    # the candidates' d and vocabulary index: a scratch row each, as wide as the vocabulary
+    cand_d, cand_i = wf, wi  # unread without a filter (the types the kernel compiles for)
+    if filtered and not greedy:
+        cand_d = torch.empty(batch, vocab, dtype=torch.float32, device=device)
+        cand_i = torch.empty(batch, vocab, dtype=torch.int32, device=device)
+        _compact_kernel[(batch, chunks)](x, p, wf, wi, cand_d, cand_i, vocab, chunk, chunks, *scalars,
+                                         HAS_PARAMS=has_params, SMAX=smax, BLOCK=cblock, num_warps=4)
+    _select_kernel[(batch,)](
+        x, p, wf, wi, cand_d, cand_i, tokens, logprobs if return_logprobs else tokens, vocab, chunk, chunks,
+        *scalars, seed, seed_tensor if seed_tensor is not None else tokens, offset, HAS_PARAMS=has_params,
+        SEED_FROM_PTR=seed_tensor is not None, RETURN_LOGPROBS=return_logprobs, SMAX=smax, BLOCK=_block(vocab),
+        num_warps=8)
     return tokens, logprobs
 
 
 # ---- FlashInfer's renorm and mask ops ------------------------------------------------
-# One program per row: the threshold t (one of the row's values) by a search on
-# order-preserving int32 keys testing NPIV pivots per pass (8 passes over the
-# row instead of bisection's 32), then one pass (two for renormalization) that
-# keeps the values >= t. Semantics:
+# The same split as the sampler, on the values themselves: the chunks' max
+# (``_max_kernel``), their counts (top-k) or masses (top-p) of the values at or
+# above 16 levels below the max (logits: max - 2^(j/2); probabilities:
+# max * 2^-2^(j/2); the last level keeps everything), the candidates at or
+# above the lowest level that holds the target, compacted per row; then every
+# chunk's program finds the threshold t (one of the row's values) on the row's
+# candidates, by a search on order-preserving int32 keys testing NPIV pivots
+# per pass, and keeps its chunk's values >= t. Semantics:
 # genfast/reference/sampling.py.
 
 @triton.jit
@@ -326,73 +467,178 @@ def _order_key(x):
     return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
 
 
-@triton.jit(do_not_specialize=["k_s", "p_s"])
-def _filter_kernel(x_ptr, arr_ptr, out_ptr, vocab, k_s, p_s, HAS_ARR: tl.constexpr, TOP_P: tl.constexpr,
-                   RENORM: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * vocab
-    out_row = out_ptr + row * vocab
+@triton.jit
+def _filter_levels(top, IS_PROBS: tl.constexpr):
+    if IS_PROBS:
+        return top * tl.exp2(-_levels())  # the last level, 0, keeps every probability
+    else:
+        return top - _levels()
+
+
+@triton.jit
+def _filter_target(arr_ptr, row, k_s, p_s, HAS_ARR: tl.constexpr, TOP_P: tl.constexpr):
     if TOP_P:
         target = (tl.load(arr_ptr + row) if HAS_ARR else p_s) + tl.zeros([], tl.float32)
-        total_v = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, vocab, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            total_v += tl.load(x_row + idx, mask=idx < vocab, other=0.0).to(tl.float32)
-        # top_p is absolute, as FlashInfer's: a row holding less mass is kept whole
-        on = (target < 1.0) & (tl.sum(total_v, axis=0) >= target)
     else:
-        k = (tl.load(arr_ptr + row) if HAS_ARR else k_s) + tl.zeros([], tl.int64)
-        target = k.to(tl.float32)
-        on = (k > 0) & (k < vocab)
-    t = float("-inf")
+        target = ((tl.load(arr_ptr + row) if HAS_ARR else k_s) + tl.zeros([], tl.int64)).to(tl.float32)
+    return target
+
+
+@triton.jit
+def _filter_levels_kernel(x_ptr, wf_ptr, wi_ptr, vocab, chunk, S, IS_PROBS: tl.constexpr, TOP_P: tl.constexpr,
+                          SMAX: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    top, _ = _row_top(wf_ptr, wi_ptr, row, S, SMAX)
+    lev = _filter_levels(top, IS_PROBS)
+    x_row = x_ptr + row * vocab
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, vocab)
+    cnt = tl.zeros([LBLOCK, NLEV], tl.float32)  # per lane: summed across the warps once at the end
+    mass = tl.zeros([LBLOCK, NLEV], tl.float32)
+    total = tl.zeros([LBLOCK], tl.float32)
+    for start in range(lo, hi, LBLOCK):
+        idx = start + tl.arange(0, LBLOCK)
+        mask = idx < hi
+        x = tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32)
+        above = mask[:, None] & (x[:, None] >= lev[None, :])
+        cnt += above.to(tl.float32)
+        if TOP_P:
+            mass += tl.where(above, x[:, None], 0.0)
+        total += x
+    slot = (row * (S + 1) + c) * NW
+    j = tl.arange(0, NLEV)
+    tl.store(wf_ptr + slot + 1, tl.sum(total, axis=0))
+    tl.store(wf_ptr + slot + 2 + j, tl.sum(mass, axis=0))
+    tl.store(wi_ptr + slot + 2 + j, tl.sum(cnt.to(tl.int32), axis=0))
+
+
+@triton.jit(do_not_specialize=["k_s", "p_s"])
+def _filter_compact_kernel(x_ptr, arr_ptr, wf_ptr, wi_ptr, c_ptr, vocab, chunk, S, k_s, p_s, HAS_ARR: tl.constexpr,
+                           IS_PROBS: tl.constexpr, TOP_P: tl.constexpr, SMAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    target = _filter_target(arr_ptr, row, k_s, p_s, HAS_ARR, TOP_P)
+    s, slot = _slots(row, S, SMAX)
+    j = tl.arange(0, NLEV)
+    if TOP_P:
+        total = tl.sum(tl.load(wf_ptr + slot + 1, mask=s < S, other=0.0), axis=0)
+        # top_p is absolute, as FlashInfer's: a row holding less mass is kept whole
+        on = (target < 1.0) & (total >= target)
+        f = tl.sum(tl.load(wf_ptr + slot[:, None] + 2 + j[None, :], mask=(s < S)[:, None], other=0.0), axis=0)
+    else:
+        on = (target > 0.0) & (target < vocab)
+        f = tl.sum(tl.load(wi_ptr + slot[:, None] + 2 + j[None, :], mask=(s < S)[:, None], other=0),
+                   axis=0).to(tl.float32)
+    cut = tl.min(tl.where(f >= target, j, NLEV - 1), axis=0)
+    n = 0
     if on:
-        # the largest key with F(key) >= target, F the count (or mass) of the keys >= it:
-        # NPIV pivots per pass over the row, as _search
-        lo = tl.zeros([], tl.int64) - 2147483648
+        top, _ = _row_top(wf_ptr, wi_ptr, row, S, SMAX)
+        lev = tl.max(tl.where(j == cut, _filter_levels(top, IS_PROBS), float("-inf")), axis=0)
+        cnt_cut = tl.sum(tl.where(j[None, :] == cut, tl.load(wi_ptr + slot[:, None] + 2 + j[None, :],
+                                                              mask=(s < S)[:, None], other=0), 0), axis=1)
+        n = tl.sum(cnt_cut, axis=0)
+        pos0 = tl.sum(tl.where(s < c, cnt_cut, 0), axis=0)  # this chunk's first position
+        x_row = x_ptr + row * vocab
+        c_row = c_ptr + row * vocab
+        lo = c * chunk
+        hi = tl.minimum(lo + chunk, vocab)
+        for start in range(lo, hi, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            mask = idx < hi
+            x = tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32)
+            keep = mask & (x >= lev)
+            tl.store(c_row + pos0 + tl.cumsum(keep.to(tl.int32), axis=0) - 1, x, mask=keep)
+            pos0 += tl.sum(keep.to(tl.int32), axis=0)
+    if c == 0:
+        row_slot = (row * (S + 1) + S) * NW
+        tl.store(wi_ptr + row_slot, on.to(tl.int32))
+        tl.store(wi_ptr + row_slot + 1, n)
+        tl.store(wi_ptr + row_slot + 2, cut)
+
+
+@triton.jit(do_not_specialize=["k_s", "p_s"])
+def _filter_apply_kernel(x_ptr, arr_ptr, wf_ptr, wi_ptr, c_ptr, out_ptr, vocab, chunk, S, k_s, p_s,
+                         HAS_ARR: tl.constexpr, IS_PROBS: tl.constexpr, TOP_P: tl.constexpr, RENORM: tl.constexpr,
+                         SMAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    row_slot = (row * (S + 1) + S) * NW
+    on = tl.load(wi_ptr + row_slot) > 0
+    n = tl.load(wi_ptr + row_slot + 1)
+    c_row = c_ptr + row * vocab
+    t = float("-inf")
+    z = 0.0
+    if on:
+        # the largest key with F(key) >= target, F the count (or mass) of the candidates >= it; every
+        # value at or above the cut level is a candidate, and F(key of that level) >= target
+        target = _filter_target(arr_ptr, row, k_s, p_s, HAS_ARR, TOP_P)
+        top, _ = _row_top(wf_ptr, wi_ptr, row, S, SMAX)
+        j = tl.arange(0, NLEV)
+        cut = tl.load(wi_ptr + row_slot + 2)
+        lev = tl.max(tl.where(j == cut, _filter_levels(top, IS_PROBS), float("-inf")), axis=0)
+        lo = _order_key(lev).to(tl.int64)
         hi = tl.zeros([], tl.int64) + 2147483648
-        j = tl.arange(0, NPIV).to(tl.int64)
+        jp = tl.arange(0, NPIV).to(tl.int64)
         while hi - lo > 1:
-            piv = lo + 1 + ((hi - lo - 1) * (j + 1)) // (NPIV + 1)
-            f = tl.zeros([LBLOCK, NPIV], tl.float32)
-            for start in range(0, vocab, LBLOCK):
-                idx = start + tl.arange(0, LBLOCK)
-                mask = idx < vocab
-                x = tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32)
-                w = x if TOP_P else tl.full([LBLOCK], 1.0, tl.float32)
-                above = mask[:, None] & (_order_key(x).to(tl.int64)[:, None] >= piv[None, :])
+            piv = lo + 1 + ((hi - lo - 1) * (jp + 1)) // (NPIV + 1)
+            f = tl.zeros([CBLOCK, NPIV], tl.float32)
+            for start in range(0, n, CBLOCK):
+                i = start + tl.arange(0, CBLOCK)
+                m = i < n
+                x = tl.load(c_row + i, mask=m, other=0.0)
+                w = x if TOP_P else tl.full([CBLOCK], 1.0, tl.float32)
+                above = m[:, None] & (_order_key(x).to(tl.int64)[:, None] >= piv[None, :])
                 f += tl.where(above, w[:, None], 0.0)
             ok = tl.sum(f, axis=0) >= target  # F falls as the key grows: the pivots that pass precede those that fail
             lo = tl.max(tl.where(ok, piv, lo), axis=0)
             hi = tl.min(tl.where(ok, hi, piv), axis=0)
         key = lo.to(tl.int32)
         t = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
-    if RENORM:
-        z_v = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, vocab, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            x = tl.load(x_row + idx, mask=idx < vocab, other=0.0).to(tl.float32)
-            z_v += tl.where(x >= t, x, 0.0)
-        inv = 1.0 / tl.maximum(tl.sum(z_v, axis=0), 1e-8)  # FlashInfer's guard against an all-zero row
-        for start in range(0, vocab, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            mask = idx < vocab
-            x = tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32)
+        if RENORM:
+            z_v = tl.zeros([CBLOCK], tl.float32)
+            for start in range(0, n, CBLOCK):
+                i = start + tl.arange(0, CBLOCK)
+                x = tl.load(c_row + i, mask=i < n, other=0.0)
+                z_v += tl.where(x >= t, x, 0.0)
+            z = tl.sum(z_v, axis=0)
+    elif RENORM:
+        s, slot = _slots(row, S, SMAX)
+        z = tl.sum(tl.load(wf_ptr + slot + 1, mask=s < S, other=0.0), axis=0)
+    inv = 1.0 / tl.maximum(z, 1e-8)  # FlashInfer's guard against an all-zero row
+    x_row = x_ptr + row * vocab
+    out_row = out_ptr + row * vocab
+    lo = c * chunk
+    hi = tl.minimum(lo + chunk, vocab)
+    for start in range(lo, hi, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < hi
+        raw = tl.load(x_row + idx, mask=mask, other=0.0)
+        x = raw.to(tl.float32)
+        if RENORM:
             tl.store(out_row + idx, tl.where(x >= t, x * inv, 0.0), mask=mask)
-    else:
-        for start in range(0, vocab, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            mask = idx < vocab
-            raw = tl.load(x_row + idx, mask=mask, other=0.0)
-            tl.store(out_row + idx, tl.where(raw.to(tl.float32) >= t, raw, float("-inf")), mask=mask)
+        else:
+            tl.store(out_row + idx, tl.where(x >= t, raw, float("-inf")), mask=mask)
 
 
 def _filter(x, per_row, k, p, top_p: bool, renorm: bool):
     batch, vocab = x.shape
     out = torch.empty_like(x)
-    if batch > 0:
-        _filter_kernel[(batch,)](x, per_row if per_row is not None else x, out, vocab, k, p,
-                                 HAS_ARR=per_row is not None, TOP_P=top_p, RENORM=renorm, BLOCK=_block(vocab),
-                                 num_warps=8)
+    if batch == 0:
+        return out
+    chunks, chunk = _split(batch, vocab, x.device)
+    wf, wi = _workspace(batch, chunks, x.device)
+    cand = torch.empty(batch, vocab, dtype=torch.float32, device=x.device)
+    arr = per_row if per_row is not None else x
+    flags = dict(IS_PROBS=renorm, TOP_P=top_p, SMAX=triton.next_power_of_2(chunks))
+    block = min(triton.next_power_of_2(chunk), 1024)
+    _max_kernel[(batch, chunks)](x, wf, wi, vocab, chunk, chunks, BLOCK=block, num_warps=4)
+    _filter_levels_kernel[(batch, chunks)](x, wf, wi, vocab, chunk, chunks, **flags, num_warps=8)
+    _filter_compact_kernel[(batch, chunks)](x, arr, wf, wi, cand, vocab, chunk, chunks, k, p,
+                                            HAS_ARR=per_row is not None, **flags, BLOCK=block, num_warps=4)
+    _filter_apply_kernel[(batch, chunks)](x, arr, wf, wi, cand, out, vocab, chunk, chunks, k, p,
+                                          HAS_ARR=per_row is not None, RENORM=renorm, **flags, BLOCK=block,
+                                          num_warps=4)
     return out
 
 
