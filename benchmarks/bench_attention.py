@@ -23,6 +23,8 @@ compute-bound like prefill.
 """
 from __future__ import annotations
 
+import functools
+
 import os
 
 import torch
@@ -69,6 +71,11 @@ def _fp8(x):
     return (x.float() / scale.view(-1, 1)).to(torch.float8_e4m3fn), scale
 
 
+# The GPU decode rows' A/B: the shared kernel with (BLOCK_N, num_warps, num_stages) other than its defaults
+# (64 keys per block, 4 warps, 3 stages at Llama-3-8B's group of 4).
+DECODE_AB_TILES = ((128, 4, 3), (64, 4, 4), (128, 8, 3))
+
+
 def _decode(batch, context, dtype, cache_dtype, device):
     def build():
         q, k, v, k_cache, v_cache = _decode_inputs(batch, context, dtype, cache_dtype, device)
@@ -87,6 +94,13 @@ def _decode(batch, context, dtype, cache_dtype, device):
             fns["genfast fp16 MMA"] = lambda: kernels.attention_with_kvcache(
                 q, gk, gv, k, v, lens, 0, None, HEADDIM ** -0.5, True, -1, 0, 0.0, None, k_scale, v_scale,
                 fp8_f16=True)
+        if device.type == "cuda":
+            from genfast.kernels import attention as kernels
+
+            for tiles in DECODE_AB_TILES:  # A/B: the shared kernel with other tiles than its defaults
+                fns["genfast n{} w{} s{}".format(*tiles)] = functools.partial(
+                    kernels.attention_with_kvcache, q, gk, gv, k, v, lens, 0, None, HEADDIM ** -0.5, True, -1, 0,
+                    0.0, None, k_scale, v_scale, decode_config=tiles)
         if cache_dtype != torch.float8_e4m3fn:
             # Baselines in their own layout (b, nheads_k, seqlen, d), contiguous.
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -108,7 +122,7 @@ def _decode(batch, context, dtype, cache_dtype, device):
 # the kernel before the prefill kernel existed (G heads of a KV head packed into one tile), and the prefill
 # kernel with other (BLOCK_M, BLOCK_N, num_warps, num_stages) than prefill_config's.
 # GENFAST_PREFILL_TILES="128,128,8,3;64,64,4,4" replaces the tiles below.
-PREFILL_AB_TILES = ((128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3))
+PREFILL_AB_TILES = ((128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 8, 3))
 
 
 def _prefill_variants() -> list[tuple[str, str, tuple | None]]:
@@ -248,8 +262,9 @@ def cases(quick: bool, device) -> list[Case]:
             out.append(Case(
                 family=FAMILY, op="attention_with_kvcache", mode="decode" + (" fp8-cache" if fp8 else ""),
                 size=f"b{batch} ctx{ctx}", dtype=dtype, device=device, nbytes=kv_bytes, footprint=kv_bytes,
-                impls=(("genfast", "genfast fp16 MMA") if gpu else ("genfast",)) if fp8 else
-                      ("genfast", "sdpa", "gpt-fast", "torch.compile"),
+                impls=((("genfast", "genfast fp16 MMA") if gpu else ("genfast",)) if fp8 else
+                       ("genfast", "sdpa", "gpt-fast", "torch.compile"))
+                + (tuple("genfast n{} w{} s{}".format(*t) for t in DECODE_AB_TILES) if gpu else ()),
                 build=_decode(batch, context, dtype, cache_dtype, device),
             ))
     for size in prefills:

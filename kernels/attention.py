@@ -35,9 +35,10 @@ Prefill is bound by the tensor cores (4·sq·sk·H·d flops, halved by a causal
 mask), not by bytes. What ``_prefill_kernel`` does that the shared kernel did
 not, each a FlashAttention-2 practice:
 
-- tile = 128 query rows of one head (``prefill_config``), 8 warps, 3 stages of
-  K/V in flight; the shared kernel's tile packs G heads x 16 positions (64 rows,
-  32-key blocks, 4 warps): small MMAs, and its diagonal spans every block;
+- tile = 128 query rows of one head, 8 warps, 3 stages of K/V in flight (64
+  rows and 4 warps when few tiles per SM: ``prefill_config``); the shared
+  kernel's tile packs G heads x 16 positions (64 rows, 32-key blocks, 4
+  warps): small MMAs, and its diagonal spans every block;
 - the key loop in three runs of aligned blocks: masked blocks at a left window
   edge, blocks every row of the tile sees in full (no mask, no bounds check on
   the loads, no -inf guard in the softmax), then masked blocks on the causal
@@ -76,19 +77,12 @@ same-dtype specialization compiles to the code it had before:
   the MMAs; K's scale multiplies the score scale (so also softcap's
   constants), V's the output's 1/l, as in the shared kernel.
 
-Not measured on a GPU yet: written on a machine without one and checked with
-``TRITON_INTERPRET=1`` against ``genfast/reference/attention.py`` (and compiled
-for sm_90). Decode measured at 91-92% of copy bandwidth on an H200; prefill
-was at 0.59x SDPA with the shared kernel. The next GPU run must measure, in one
-run (``benchmarks/bench_attention.py``'s GPU quick set): causal bf16 prefill
-2k and 8k, genfast (this kernel) against "genfast shared kernel" (the old
-path) and SDPA, and the tile variants (``GENFAST_PREFILL_TILES``); target
->= 0.8x SDPA. If 128 x 128 tiles or another stage count wins, change
-``prefill_config``; decode rows must not move. The chunked-prefill rows (a 2k
-chunk after 2k cached tokens, pages of 16, bf16 and fp8 caches) time the
-paged/fp8 path against the same tokens in a contiguous cache and against the
-shared kernel (the paths they took before): paged bf16 should be within a few
-percent of contiguous, and both well ahead of the shared kernel.
+Measured on an H200 (2026-11-27, causal bf16, Llama-3-8B heads, b1): 2k 0.155 ms
+with 128 x 64 tiles (SDPA 0.086), 0.087 with 64 x 64 and 4 warps; 8k 1.191
+ms, 1.130 with 128 x 128 tiles (SDPA 1.019). ``prefill_config`` now picks the
+tile by the number of 128-row programs per SM. Chunked prefill over pages of 16
+took 0.389 ms against 0.235 for the same tokens in a contiguous cache: the
+paged gather is the cost still to find.
 """
 from __future__ import annotations
 
@@ -548,14 +542,15 @@ def kvcache_append_(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_
 
 def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offset, seqlen_new,
             block_table, cu_q, cu_k, kv_mode, strides, max_keys, softmax_scale, causal, window_left, window_right,
-            softcap, alibi_slopes, k_scale, v_scale, f16_mma=False):
+            softcap, alibi_slopes, k_scale, v_scale, f16_mma=False, config=None):
+    """``config``: (BLOCK_N, num_warps, num_stages) instead of the defaults (the benchmark's A/B rows)."""
     H, D = q.shape[-2], q.shape[-1]
     HK = k_cache.shape[-2]
     G = H // HK
     block_m = max(16, min(triton.next_power_of_2(G * max_sq), 64 if G <= 64 else triton.next_power_of_2(G)))
     ql = max(1, block_m // G)
     num_qc = triton.cdiv(max_sq, ql)
-    block_n = 64 if block_m <= 32 else 32
+    block_n, warps, stages = config or (64 if block_m <= 32 else 32, 4, 3)
     block_d = _block_d(D)
     # Splits from shapes only: enough programs for two waves of the SMs, >= 4 key blocks per split.
     programs = batch * HK * num_qc
@@ -581,7 +576,8 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
         HK=HK, G=G, D=D, QL=ql, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=splits,
         KV_MODE=kv_mode, HAS_SEQLENS=seqlens is not None, VARLEN_Q=cu_q is not None, CAUSAL=causal,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, FP8=fp8,
-        IEEE=q.dtype == torch.float32, F16_MMA=f16_mma and fp8 and q.dtype != torch.float32)
+        IEEE=q.dtype == torch.float32, F16_MMA=f16_mma and fp8 and q.dtype != torch.float32, num_warps=warps,
+        num_stages=stages)
     if splits > 1:
         _combine_kernel[(total_q * H,)](part_out, part_lse, out, lse, total_q, H, max_sq, D=D, BLOCK_D=block_d,
                                         NUM_SPLITS=splits, VARLEN_Q=cu_q is not None)
@@ -597,16 +593,22 @@ def _max_shared_mem(device_index: int | None) -> int | None:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def prefill_config(headdim: int, dtype: torch.dtype, max_shared_mem: int | None = None) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``_prefill_kernel``: the first of FA2's tiles whose q
-    tile and K/V stages fit the device's shared memory. 16-bit at headdim <= 128: 128 query rows over
-    64-key blocks, 8 warps (two warp groups of 64 rows on Hopper), 3 stages of K/V in flight: 32 KB of q
-    + 3 x 32 KB of K/V = 128 KB (H100/H200/A100); 2 stages (96 KB) for 99 KB parts. Half the rows at
-    headdim 256 and for fp32 (IEEE products on twice the bytes)."""
+def prefill_config(headdim: int, dtype: torch.dtype, max_shared_mem: int | None = None,
+                   waves: float | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``_prefill_kernel``: the first tile of the list whose q
+    tile and K/V stages fit the device's shared memory. ``waves``: programs of 128 query rows per SM.
+
+    16-bit at headdim <= 128, from an H200's causal Llama-3-8B rows (2026-11-27, kernel times in one run):
+    with few 128-row programs per SM (2k: 3.9) the tail of the causal grid decides, and 64 x 64 tiles with
+    4 warps took 0.087 ms against 0.155 for 128 x 64 with 8 warps (SDPA 0.086); with many (8k: 15.5),
+    128 x 128 tiles with 8 warps and 3 stages took 1.130 ms against 1.191 (64 x 64: 1.200; SDPA 1.019).
+    3 stages of 128 x 128 K/V + the q tile need 224 KB (H100/H200: 227 KB); 2 stages for 99 KB parts.
+    Half the rows at headdim 256 and for fp32 (IEEE products on twice the bytes)."""
     if dtype == torch.float32:
         tiles = [(64, 32, 4, 2), (32, 32, 4, 2)] if headdim <= 128 else [(32, 32, 4, 2), (32, 16, 4, 2)]
     elif headdim <= 128:
-        tiles = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)]
+        tiles = [(64, 64, 4, 3), (64, 64, 4, 2)] if waves is not None and waves < 8 else \
+            [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)]
     else:
         tiles = [(64, 64, 8, 2), (64, 32, 4, 2)]
     block_d = _block_d(headdim)
@@ -636,7 +638,8 @@ def _prefill(q, k, v, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offse
     G = H // k.shape[-2]
     smem = _max_shared_mem((q.device.index if q.device.index is not None else torch.cuda.current_device())
                            if q.device.type == "cuda" else None)
-    block_m, block_n, warps, stages = config or prefill_config(D, q.dtype, smem)
+    waves = batch * H * triton.cdiv(max_sq, 128) / num_sms(q.device)
+    block_m, block_n, warps, stages = config or prefill_config(D, q.dtype, smem, waves)
     block_d = _block_d(D)
     paged = block_table is not None
     fp8 = k.dtype == torch.float8_e4m3fn
@@ -656,11 +659,12 @@ def _prefill(q, k, v, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offse
 
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, softmax_scale,
                            causal, window_left, window_right, softcap, alibi_slopes, k_scale, v_scale, *,
-                           kernel=None, fp8_f16=False):
+                           kernel=None, fp8_f16=False, decode_config=None):
     """``kernel``: "prefill" or "shared" forces one (benchmarks' A/B rows); None picks by shape.
     ``fp8_f16``: the shared kernel meets an fp8 cache in fp16 instead of the query's dtype (an A/B row of
     the GPU benchmark: e4m3 -> bf16 costs the sm_90 code three conversions per pair of values, -> fp16 one;
-    to become the default once a GPU run shows it faster)."""
+    to become the default once a GPU run shows it faster). ``decode_config``: the shared kernel's
+    (BLOCK_N, num_warps, num_stages), for the benchmark's A/B rows."""
     batch, sq, H, _ = q.shape
     if k is not None:
         _append(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, k_scale, v_scale)
@@ -683,7 +687,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offs
     else:
         _launch(q, k_cache, v_cache, out, lse, seqlen_offset=seqlen_offset, seqlen_new=seqlen_new,
                 block_table=block_table, kv_mode=1 if paged else 0, max_keys=capacity, k_scale=k_scale,
-                v_scale=v_scale, f16_mma=fp8_f16, **common)
+                v_scale=v_scale, f16_mma=fp8_f16, config=decode_config, **common)
     return out, lse
 
 

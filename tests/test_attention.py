@@ -210,6 +210,24 @@ def shapes():
     return SMALL if is_triton() else LARGE
 
 
+@pytest.mark.skipif(not genfast.backends()["triton"][0], reason="no Triton backend")
+@pytest.mark.parametrize("tiles", [(128, 4, 3), (64, 4, 4), (128, 8, 3)])
+def test_decode_tiles(tiles):
+    """The benchmark's A/B tiles (BLOCK_N, num_warps, num_stages) of the decode kernel, fp16 and an fp8
+    cache: a Llama-3-8B-style group of 4, ragged lengths over several key blocks, one appended token."""
+    from genfast.kernels import attention as kernels
+
+    lens = torch.tensor([300, 129, 7])
+    for cache_dtype in (torch.float16, FP8):
+        cache = Cache(3, 320, 2, 128, cache_dtype, DEVICE, lens, None)
+        q = torch.randn(3, 1, 8, 128).to(DEVICE, torch.float16)
+        k, v = (torch.randn(3, 1, 2, 128).to(DEVICE, torch.float16) for _ in range(2))
+        out, lse = kernels.attention_with_kvcache(q, cache.k, cache.v, k, v, lens.to(DEVICE, torch.int32), 0, None,
+                                                  128 ** -0.5, True, -1, 0, 0.0, None, cache.k_scale, cache.v_scale,
+                                                  decode_config=tiles)
+        check_against_oracle(out, lse, q, cache.logical("k"), cache.logical("v"), lens + 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_contiguous_cache(backend, dtype):
     skip_unsupported(backend, dtype)
@@ -514,6 +532,22 @@ def test_prefill_kernel_blocks(group, dtype, kw):
         a, b = int(cu[i]), int(cu[i + 1])
         check_against_oracle(out[a:b][None], lse[:, a:b][None], q[a:b][None], k[a:b][None].double(),
                              v[a:b][None].double(), [n], alibi=alibi, **kw)
+
+
+@pytest.mark.skipif(not genfast.backends()["triton"][0], reason="no Triton backend")
+@pytest.mark.parametrize("waves", [1.0, 100.0])
+def test_prefill_default_tiles(waves):
+    """The tiles prefill_config picks for 16-bit heads of 128 on an H100/H200 (227 KB of shared memory),
+    with few and with many programs per SM: a causal grid whose last tile is partial, GQA 4."""
+    from genfast.kernels import attention as kernels
+
+    tiles = kernels.prefill_config(128, torch.float16, 232448, waves)
+    assert tiles[0] == (64 if waves < 8 else 128)
+    q = torch.randn(1, 150, 4, 128).to(DEVICE, torch.float16)
+    k = torch.randn(1, 150, 1, 128).to(DEVICE, torch.float16)
+    v = torch.randn(1, 150, 1, 128).to(DEVICE, torch.float16)
+    out, lse = _prefill_call(q, k, v, tiles=tiles)
+    check_against_oracle(out, lse, q, k.double(), v.double(), [150], causal=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
