@@ -94,7 +94,7 @@ def _decode(batch, context, dtype, cache_dtype, device):
             fns["genfast fp16 MMA"] = lambda: kernels.attention_with_kvcache(
                 q, gk, gv, k, v, lens, 0, None, HEADDIM ** -0.5, True, -1, 0, 0.0, None, k_scale, v_scale,
                 fp8_f16=True)
-        if device.type == "cuda":
+        if device.type == "cuda" and cache_dtype != torch.float8_e4m3fn:
             from genfast.kernels import attention as kernels
 
             for tiles in DECODE_AB_TILES:  # A/B: the shared kernel with other tiles than its defaults
@@ -264,7 +264,7 @@ def cases(quick: bool, device) -> list[Case]:
                 size=f"b{batch} ctx{ctx}", dtype=dtype, device=device, nbytes=kv_bytes, footprint=kv_bytes,
                 impls=((("genfast", "genfast fp16 MMA") if gpu else ("genfast",)) if fp8 else
                        ("genfast", "sdpa", "gpt-fast", "torch.compile"))
-                + (tuple("genfast n{} w{} s{}".format(*t) for t in DECODE_AB_TILES) if gpu else ()),
+                + (tuple("genfast n{} w{} s{}".format(*t) for t in DECODE_AB_TILES) if gpu and not fp8 else ()),
                 build=_decode(batch, context, dtype, cache_dtype, device),
             ))
     for size in prefills:
