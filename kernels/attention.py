@@ -204,13 +204,15 @@ def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, seqlens_ptr, seql
         q = tl.load(q_ptr + q_rows[:, None] * D + d[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
         q_unscale = 1.0
         if F16_MMA:
-            # An fp8 cache meets the query in fp16 (e4m3 -> fp16 is one instruction per pair on sm_90;
-            # to bf16 it goes on through fp16). A power of two keeps the tile's largest |q| below
-            # 2^15, exactly undone in the score scale, so no bf16 query overflows fp16.
-            # The power of two 2^e is built from its exponent bits: the GPU's exp2 and division
-            # are approximate, a bit pattern is exact (e <= 113, so 2^-e stays normal).
+            # An fp8 cache meets a 16-bit query in fp16: e4m3 -> fp16 is one instruction per pair on
+            # sm_90, to bf16 it goes on through fp16 (three). On an H200 (2026-11-27, b8 x 16k,
+            # Llama-3-8B heads) the kernel took 82.7 us against 122.4 in bf16 (a bf16 cache: 139.5).
+            # A power of two 2^-e brings the tile's largest |q| into [2^14, 2^15], exactly undone in
+            # the score scale: no bf16 query overflows fp16, and a small one keeps fp16's precision.
+            # 2^-e is built from its exponent bits: the GPU's exp2 and division are approximate, a bit
+            # pattern is exact (-100 <= e <= 113: both 2^e and 2^-e are normal floats).
             amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0)
-            e = tl.maximum(tl.ceil(tl.log2(tl.maximum(amax, 1.0))) - 15.0, 0.0).to(tl.int32)
+            e = tl.minimum(tl.maximum(tl.ceil(tl.log2(tl.maximum(amax, 1e-30))) - 15.0, -100.0), 113.0).to(tl.int32)
             q_unscale = ((e + 127) << 23).to(tl.float32, bitcast=True)
             q = (q.to(tl.float32) * ((127 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
         # Visible keys of each row: [row_lo, row_hi); query i sits at position L - sq + i.
@@ -542,7 +544,7 @@ def kvcache_append_(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_
 
 def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offset, seqlen_new,
             block_table, cu_q, cu_k, kv_mode, strides, max_keys, softmax_scale, causal, window_left, window_right,
-            softcap, alibi_slopes, k_scale, v_scale, f16_mma=False, config=None):
+            softcap, alibi_slopes, k_scale, v_scale, config=None):
     """``config``: (BLOCK_N, num_warps, num_stages) instead of the defaults (the benchmark's A/B rows)."""
     H, D = q.shape[-2], q.shape[-1]
     HK = k_cache.shape[-2]
@@ -550,7 +552,13 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
     block_m = max(16, min(triton.next_power_of_2(G * max_sq), 64 if G <= 64 else triton.next_power_of_2(G)))
     ql = max(1, block_m // G)
     num_qc = triton.cdiv(max_sq, ql)
-    block_n, warps, stages = config or (64 if block_m <= 32 else 32, 4, 3)
+    block_n = 64 if block_m <= 32 else 32
+    # 4 stages of K/V in flight for a 16-bit cache where shared memory allows (Hopper, A100): on an H200
+    # (2026-11-27, Llama-3-8B heads, bf16) 124.7 us against 139.5 with 3 at b8 x 16k, 125.1 against
+    # 140.4 at b32 x 4k (128-key blocks with 3: 125.3 and 126.1); an fp8 cache is bound by its widening.
+    deep = k_cache.dtype in (torch.float16, torch.bfloat16) and block_n == 64 and \
+        (_max_shared_mem(_device_index(q.device)) or 0) >= 4 * 2 * block_n * _block_d(D) * 2 + 32768
+    block_n, warps, stages = config or (block_n, 4, 4 if deep else 3)
     block_d = _block_d(D)
     # Splits from shapes only: enough programs for two waves of the SMs, >= 4 key blocks per split.
     programs = batch * HK * num_qc
@@ -576,7 +584,7 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
         HK=HK, G=G, D=D, QL=ql, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=splits,
         KV_MODE=kv_mode, HAS_SEQLENS=seqlens is not None, VARLEN_Q=cu_q is not None, CAUSAL=causal,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, FP8=fp8,
-        IEEE=q.dtype == torch.float32, F16_MMA=f16_mma and fp8 and q.dtype != torch.float32, num_warps=warps,
+        IEEE=q.dtype == torch.float32, F16_MMA=fp8 and q.dtype != torch.float32, num_warps=warps,
         num_stages=stages)
     if splits > 1:
         _combine_kernel[(total_q * H,)](part_out, part_lse, out, lse, total_q, H, max_sq, D=D, BLOCK_D=block_d,
@@ -584,6 +592,13 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
 
 
 PREFILL_MIN_SEQLEN_Q = 64  # shorter queries pack the G heads of a KV head into one tile (_attention_kernel)
+
+
+def _device_index(device: torch.device) -> int | None:
+    """A CUDA device's index; None for the interpreter's CPU tensors."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=None)
@@ -598,7 +613,7 @@ def prefill_config(headdim: int, dtype: torch.dtype, max_shared_mem: int | None 
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``_prefill_kernel``: the first tile of the list whose q
     tile and K/V stages fit the device's shared memory. ``waves``: programs of 128 query rows per SM.
 
-    16-bit at headdim <= 128, from an H200's causal Llama-3-8B rows (2026-11-27, kernel times in one run):
+    16-bit at headdims 64 to 128, from an H200's causal Llama-3-8B rows (2026-11-27, kernel times in one run):
     with few 128-row programs per SM (2k: 3.9) the tail of the causal grid decides, and 64 x 64 tiles with
     4 warps took 0.087 ms against 0.155 for 128 x 64 with 8 warps (SDPA 0.086); with many (8k: 15.5),
     128 x 128 tiles with 8 warps and 3 stages took 1.130 ms against 1.191 (64 x 64: 1.200; SDPA 1.019).
@@ -606,6 +621,10 @@ def prefill_config(headdim: int, dtype: torch.dtype, max_shared_mem: int | None 
     Half the rows at headdim 256 and for fp32 (IEEE products on twice the bytes)."""
     if dtype == torch.float32:
         tiles = [(64, 32, 4, 2), (32, 32, 4, 2)] if headdim <= 128 else [(32, 32, 4, 2), (32, 16, 4, 2)]
+    elif headdim < 64:
+        # UNet heads: 128 x 64 tiles took 16.4 and 21.2 us at headdims 8 and 40 (H200, SD1.5 shapes),
+        # 64 x 64 ones 29.7 and 25.5: the per-tile work is small, more rows amortize it
+        tiles = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)]
     elif headdim <= 128:
         tiles = [(64, 64, 4, 3), (64, 64, 4, 2)] if waves is not None and waves < 8 else \
             [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2)]
@@ -636,8 +655,7 @@ def _prefill(q, k, v, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offse
     fp8 k/v takes ``k_scale``/``v_scale`` (nheads_k,)."""
     H, D = q.shape[-2], q.shape[-1]
     G = H // k.shape[-2]
-    smem = _max_shared_mem((q.device.index if q.device.index is not None else torch.cuda.current_device())
-                           if q.device.type == "cuda" else None)
+    smem = _max_shared_mem(_device_index(q.device))
     waves = batch * H * triton.cdiv(max_sq, 128) / num_sms(q.device)
     block_m, block_n, warps, stages = config or prefill_config(D, q.dtype, smem, waves)
     block_d = _block_d(D)
@@ -659,12 +677,9 @@ def _prefill(q, k, v, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offse
 
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, softmax_scale,
                            causal, window_left, window_right, softcap, alibi_slopes, k_scale, v_scale, *,
-                           kernel=None, fp8_f16=False, decode_config=None):
+                           kernel=None, decode_config=None):
     """``kernel``: "prefill" or "shared" forces one (benchmarks' A/B rows); None picks by shape.
-    ``fp8_f16``: the shared kernel meets an fp8 cache in fp16 instead of the query's dtype (an A/B row of
-    the GPU benchmark: e4m3 -> bf16 costs the sm_90 code three conversions per pair of values, -> fp16 one;
-    to become the default once a GPU run shows it faster). ``decode_config``: the shared kernel's
-    (BLOCK_N, num_warps, num_stages), for the benchmark's A/B rows."""
+    ``decode_config``: the shared kernel's (BLOCK_N, num_warps, num_stages), for the benchmark's A/B rows."""
     batch, sq, H, _ = q.shape
     if k is not None:
         _append(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, k_scale, v_scale)
@@ -687,7 +702,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offs
     else:
         _launch(q, k_cache, v_cache, out, lse, seqlen_offset=seqlen_offset, seqlen_new=seqlen_new,
                 block_table=block_table, kv_mode=1 if paged else 0, max_keys=capacity, k_scale=k_scale,
-                v_scale=v_scale, f16_mma=fp8_f16, config=decode_config, **common)
+                v_scale=v_scale, config=decode_config, **common)
     return out, lse
 
 
