@@ -251,39 +251,46 @@ def _compact_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, cd_ptr, ci_ptr, vocab, ch
             row_slot = (row * (S + 1) + S) * NW
             tl.store(wf_ptr + row_slot, cut_d)
             tl.store(wf_ptr + row_slot + 1, z_all)
+            # the level below the cut (its key; -1 below the first level: every key is above it)
+            below = tl.max(tl.where(j == cut - 1, lev, float("-inf")), axis=0)
+            tl.store(wf_ptr + row_slot + 2, tl.where(cut > 0, below, tl.full([], -1, tl.int32).to(tl.float32,
+                                                                                              bitcast=True)))
             tl.store(wi_ptr + row_slot, tl.sum(cnt_cut, axis=0))
 
 
 @triton.jit
-def _search(cd_ptr, n, hi, target, MASS: tl.constexpr):
-    """The smallest int32 key in (-1, hi] whose F reaches target, F(key) the count
-    (MASS false) or the mass exp(-d) of the n candidates d at cd_ptr with bits(d) <= key;
-    hi if none below it does. Each pass tests NPIV pivots spread over the open interval
-    (lo, hi) and keeps the part where F crosses the target: 2^31 keys in 8 passes."""
-    lo = tl.zeros([], tl.int64) - 1
+def _search(cd_ptr, n, lo, hi, target, MASS: tl.constexpr, SBLOCK: tl.constexpr):
+    """The smallest int32 key in (lo, hi] whose F reaches target, F(key) the count (MASS
+    false) or the mass exp(-d) of the n candidates d at cd_ptr with bits(d) <= key; hi if
+    none below it does (F(lo) < target is known). Each pass tests NPIV pivots spread over
+    the open interval (lo, hi) and keeps the part where F crosses the target: 2^31 keys in
+    8 passes, the 2^22.5 keys between two cut levels in 6. SBLOCK candidates per step: a
+    step's loads wait on L2, so few wide steps beat many narrow ones."""
+    lo = lo.to(tl.int64)
     hi = hi.to(tl.int64)
     j = tl.arange(0, NPIV).to(tl.int64)
     while hi - lo > 1:
-        piv = lo + 1 + ((hi - lo - 1) * (j + 1)) // (NPIV + 1)  # in [lo + 1, hi - 1]
-        f = tl.zeros([CBLOCK, NPIV], tl.float32)  # per lane: summed across the warps once per pass
-        for start in range(0, n, CBLOCK):
-            i = start + tl.arange(0, CBLOCK)
+        # in [lo + 1, hi - 1]: non-negative int32 keys, compared in 32 bits
+        piv = (lo + 1 + ((hi - lo - 1) * (j + 1)) // (NPIV + 1)).to(tl.int32)
+        f = tl.zeros([SBLOCK, NPIV], tl.float32)  # per lane: summed across the warps once per pass
+        for start in range(0, n, SBLOCK):
+            i = start + tl.arange(0, SBLOCK)
             m = i < n
             d = tl.load(cd_ptr + i, mask=m, other=float("inf"))
-            key = d.to(tl.int32, bitcast=True).to(tl.int64)
-            w = tl.exp(-d) if MASS else tl.full([CBLOCK], 1.0, tl.float32)
-            below = m[:, None] & (key[:, None] <= piv[None, :])
+            w = tl.exp(-d) if MASS else tl.full([SBLOCK], 1.0, tl.float32)
+            below = m[:, None] & (d.to(tl.int32, bitcast=True)[:, None] <= piv[None, :])
             f += tl.where(below, w[:, None], 0.0)
         ok = tl.sum(f, axis=0) >= target  # F grows with the key: the pivots that pass follow those that fail
-        hi = tl.min(tl.where(ok, piv, hi), axis=0)
-        lo = tl.max(tl.where(ok, lo, piv), axis=0)
+        hi = tl.min(tl.where(ok, piv.to(tl.int64), hi), axis=0)
+        lo = tl.max(tl.where(ok, lo, piv.to(tl.int64)), axis=0)
     return hi
 
 
 @triton.jit(do_not_specialize=["k_s", "seed", "offset"])
 def _select_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, cd_ptr, ci_ptr, tok_ptr, lp_ptr, vocab, chunk, S, inv_t_s,
                    k_s, p_s, min_p_s, seed, seed_ptr, offset, HAS_PARAMS: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
-                   RETURN_LOGPROBS: tl.constexpr, SMAX: tl.constexpr, BLOCK: tl.constexpr):
+                   RETURN_LOGPROBS: tl.constexpr, SMAX: tl.constexpr, BLOCK: tl.constexpr,
+                   SBLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     inv_t, k, p, min_p = _row_params(params_ptr, row, inv_t_s, k_s, p_s, min_p_s, HAS_PARAMS)
     top, bad = _row_top(wf_ptr, wi_ptr, row, S, SMAX)
@@ -312,11 +319,14 @@ def _select_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, cd_ptr, ci_ptr, tok_ptr, l
             row_slot = (row * (S + 1) + S) * NW
             cut = tl.load(wf_ptr + row_slot)
             n = tl.load(wi_ptr + row_slot)
-            # exact thresholds on the candidates
+            # exact thresholds on the candidates, above the level below the cut: it held fewer than k
+            # tokens (top-k), or less than the target mass (top-p alone)
             cut_key = cut.to(tl.int32, bitcast=True)
+            below_key = tl.load(wf_ptr + row_slot + 2).to(tl.int32, bitcast=True)
             d_k = float("inf")
             if need_k & (n >= k):  # fewer candidates than k (only below the min-p cut): top-k does not bind
-                d_k = _search(cd_row, n, cut_key, k.to(tl.float32), False).to(tl.int32).to(tl.float32, bitcast=True)
+                d_k = _search(cd_row, n, below_key, cut_key, k.to(tl.float32), False,
+                              SBLOCK).to(tl.int32).to(tl.float32, bitcast=True)
             d_p = float("inf")
             if need_p:
                 # top-p is relative to the mass top-k keeps, or to the whole row's
@@ -329,7 +339,8 @@ def _select_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, cd_ptr, ci_ptr, tok_ptr, l
                         zk_v += tl.where(d <= d_k, tl.exp(-d), 0.0)
                     target = p * tl.sum(zk_v, axis=0)
                 hi = tl.minimum(cut, d_k).to(tl.int32, bitcast=True)
-                d_p = _search(cd_row, n, hi, target, True).to(tl.int32).to(tl.float32, bitcast=True)
+                p_lo = tl.where(need_k, -1, below_key)  # top-p after top-k: anywhere below d_k
+                d_p = _search(cd_row, n, p_lo, hi, target, True, SBLOCK).to(tl.int32).to(tl.float32, bitcast=True)
             t = tl.minimum(tl.minimum(d_k, d_p), d_m)
             # the draw: block sums in order for z and for the scan, BLOCK wide (a scan step is a
             # reduction across the warps: few wide steps, not many narrow ones)
@@ -445,7 +456,7 @@ def sample_tokens(logits, params, prev_tokens, token_counts, inv_temperature, to
         x, p, wf, wi, cand_d, cand_i, tokens, logprobs if return_logprobs else tokens, vocab, chunk, chunks,
         *scalars, seed, seed_tensor if seed_tensor is not None else tokens, offset, HAS_PARAMS=has_params,
         SEED_FROM_PTR=seed_tensor is not None, RETURN_LOGPROBS=return_logprobs, SMAX=smax, BLOCK=_block(vocab),
-        num_warps=8)
+        SBLOCK=min(triton.next_power_of_2(vocab), 1024), num_warps=8)
     return tokens, logprobs
 
 
@@ -454,11 +465,15 @@ def sample_tokens(logits, params, prev_tokens, token_counts, inv_temperature, to
 # (``_max_kernel``), their counts (top-k) or masses (top-p) of the values at or
 # above 16 levels below the max (logits: max - 2^(j/2); probabilities:
 # max * 2^-2^(j/2); the last level keeps everything), the candidates at or
-# above the lowest level that holds the target, compacted per row; then every
-# chunk's program finds the threshold t (one of the row's values) on the row's
+# above the lowest level that holds the target, compacted per row; then one
+# program per row finds the threshold t (one of the row's values) on the
 # candidates, by a search on order-preserving int32 keys testing NPIV pivots
-# per pass, and keeps its chunk's values >= t. Semantics:
-# genfast/reference/sampling.py.
+# per pass between that level and the one above it, and every chunk's program
+# keeps its values >= t. Semantics: genfast/reference/sampling.py. On an H200
+# (2026-11-27, 64 x 128256 fp32) the split version with the search repeated in
+# every chunk's program took 0.211 ms for top_k_mask_logits (one program per
+# row before: 1.76 ms; eager 0.224) and 1.25 ms for top_p_renorm_probs
+# (eager 1.14): its many candidates were searched 9 times per row.
 
 @triton.jit
 def _order_key(x):
@@ -558,11 +573,14 @@ def _filter_compact_kernel(x_ptr, arr_ptr, wf_ptr, wi_ptr, c_ptr, vocab, chunk, 
 
 
 @triton.jit(do_not_specialize=["k_s", "p_s"])
-def _filter_apply_kernel(x_ptr, arr_ptr, wf_ptr, wi_ptr, c_ptr, out_ptr, vocab, chunk, S, k_s, p_s,
-                         HAS_ARR: tl.constexpr, IS_PROBS: tl.constexpr, TOP_P: tl.constexpr, RENORM: tl.constexpr,
-                         SMAX: tl.constexpr, BLOCK: tl.constexpr):
+def _filter_search_kernel(arr_ptr, wf_ptr, wi_ptr, c_ptr, vocab, S, k_s, p_s, HAS_ARR: tl.constexpr,
+                          IS_PROBS: tl.constexpr, TOP_P: tl.constexpr, RENORM: tl.constexpr, SMAX: tl.constexpr,
+                          SBLOCK: tl.constexpr):
+    """One program per row: the threshold t, the largest key with F(key) >= target, F the count (or
+    mass) of the candidates >= it. Every value at or above the cut level is a candidate and F there
+    reaches the target; at the level above it F does not (counts exactly, masses to rounding), so the
+    search runs between the two. With RENORM also the kept mass z. Both go to the row's slot."""
     row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
     row_slot = (row * (S + 1) + S) * NW
     on = tl.load(wi_ptr + row_slot) > 0
     n = tl.load(wi_ptr + row_slot + 1)
@@ -570,42 +588,51 @@ def _filter_apply_kernel(x_ptr, arr_ptr, wf_ptr, wi_ptr, c_ptr, out_ptr, vocab, 
     t = float("-inf")
     z = 0.0
     if on:
-        # the largest key with F(key) >= target, F the count (or mass) of the candidates >= it; every
-        # value at or above the cut level is a candidate, and F(key of that level) >= target
         target = _filter_target(arr_ptr, row, k_s, p_s, HAS_ARR, TOP_P)
         top, _ = _row_top(wf_ptr, wi_ptr, row, S, SMAX)
         j = tl.arange(0, NLEV)
         cut = tl.load(wi_ptr + row_slot + 2)
-        lev = tl.max(tl.where(j == cut, _filter_levels(top, IS_PROBS), float("-inf")), axis=0)
-        lo = _order_key(lev).to(tl.int64)
+        lev = _filter_levels(top, IS_PROBS)
+        lo = _order_key(tl.max(tl.where(j == cut, lev, float("-inf")), axis=0)).to(tl.int64)
         hi = tl.zeros([], tl.int64) + 2147483648
+        if cut > 0:
+            hi = _order_key(tl.max(tl.where(j == cut - 1, lev, float("-inf")), axis=0)).to(tl.int64)
         jp = tl.arange(0, NPIV).to(tl.int64)
         while hi - lo > 1:
-            piv = lo + 1 + ((hi - lo - 1) * (jp + 1)) // (NPIV + 1)
-            f = tl.zeros([CBLOCK, NPIV], tl.float32)
-            for start in range(0, n, CBLOCK):
-                i = start + tl.arange(0, CBLOCK)
+            piv = (lo + 1 + ((hi - lo - 1) * (jp + 1)) // (NPIV + 1)).to(tl.int32)  # in (lo, hi): int32
+            f = tl.zeros([SBLOCK, NPIV], tl.float32)  # per lane: summed across the warps once per pass
+            for start in range(0, n, SBLOCK):
+                i = start + tl.arange(0, SBLOCK)
                 m = i < n
                 x = tl.load(c_row + i, mask=m, other=0.0)
-                w = x if TOP_P else tl.full([CBLOCK], 1.0, tl.float32)
-                above = m[:, None] & (_order_key(x).to(tl.int64)[:, None] >= piv[None, :])
-                f += tl.where(above, w[:, None], 0.0)
+                w = x if TOP_P else tl.full([SBLOCK], 1.0, tl.float32)
+                f += tl.where(m[:, None] & (_order_key(x)[:, None] >= piv[None, :]), w[:, None], 0.0)
             ok = tl.sum(f, axis=0) >= target  # F falls as the key grows: the pivots that pass precede those that fail
-            lo = tl.max(tl.where(ok, piv, lo), axis=0)
-            hi = tl.min(tl.where(ok, hi, piv), axis=0)
+            lo = tl.max(tl.where(ok, piv.to(tl.int64), lo), axis=0)
+            hi = tl.min(tl.where(ok, hi, piv.to(tl.int64)), axis=0)
         key = lo.to(tl.int32)
         t = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
         if RENORM:
-            z_v = tl.zeros([CBLOCK], tl.float32)
-            for start in range(0, n, CBLOCK):
-                i = start + tl.arange(0, CBLOCK)
+            z_v = tl.zeros([SBLOCK], tl.float32)
+            for start in range(0, n, SBLOCK):
+                i = start + tl.arange(0, SBLOCK)
                 x = tl.load(c_row + i, mask=i < n, other=0.0)
                 z_v += tl.where(x >= t, x, 0.0)
             z = tl.sum(z_v, axis=0)
     elif RENORM:
         s, slot = _slots(row, S, SMAX)
         z = tl.sum(tl.load(wf_ptr + slot + 1, mask=s < S, other=0.0), axis=0)
-    inv = 1.0 / tl.maximum(z, 1e-8)  # FlashInfer's guard against an all-zero row
+    tl.store(wf_ptr + row_slot, t)
+    tl.store(wf_ptr + row_slot + 1, z)
+
+
+@triton.jit
+def _filter_apply_kernel(x_ptr, wf_ptr, out_ptr, vocab, chunk, S, RENORM: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    row_slot = (row * (S + 1) + S) * NW
+    t = tl.load(wf_ptr + row_slot)
+    inv = 1.0 / tl.maximum(tl.load(wf_ptr + row_slot + 1), 1e-8)  # FlashInfer's guard against an all-zero row
     x_row = x_ptr + row * vocab
     out_row = out_ptr + row * vocab
     lo = c * chunk
@@ -636,9 +663,10 @@ def _filter(x, per_row, k, p, top_p: bool, renorm: bool):
     _filter_levels_kernel[(batch, chunks)](x, wf, wi, vocab, chunk, chunks, **flags, num_warps=8)
     _filter_compact_kernel[(batch, chunks)](x, arr, wf, wi, cand, vocab, chunk, chunks, k, p,
                                             HAS_ARR=per_row is not None, **flags, BLOCK=block, num_warps=4)
-    _filter_apply_kernel[(batch, chunks)](x, arr, wf, wi, cand, out, vocab, chunk, chunks, k, p,
-                                          HAS_ARR=per_row is not None, RENORM=renorm, **flags, BLOCK=block,
-                                          num_warps=4)
+    _filter_search_kernel[(batch,)](arr, wf, wi, cand, vocab, chunks, k, p, HAS_ARR=per_row is not None,
+                                    RENORM=renorm, **flags, SBLOCK=min(triton.next_power_of_2(vocab), 1024),
+                                    num_warps=8)
+    _filter_apply_kernel[(batch, chunks)](x, wf, out, vocab, chunk, chunks, RENORM=renorm, BLOCK=block, num_warps=4)
     return out
 
 
