@@ -1,7 +1,7 @@
 """Where a benchmark case's time goes on the GPU: each implementation's kernels
 (launches per call and device time per launch, from ``torch.profiler``) next
 to its wall time per call, for the cases of ``python -m genfast bench`` whose
-label contains one of the given strings.
+label contains one of the given strings, in the order ``--ops`` names them.
 
 usage: python benchmarks/gpu_profile.py --ops FAMILY_OR_OP ... [--match TEXT ...] [--skip IMPL ...] [--calls N]
 
@@ -65,7 +65,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = p.parse_args()
     device = torch.device(args.device)
-    for case in harness.collect(args.quick, device, args.ops):
+    order = {name: i for i, name in enumerate(args.ops)}  # the cases in the order --ops names them
+    cases = sorted(harness.collect(args.quick, device, args.ops),
+                   key=lambda c: min(order.get(c.op, len(order)), order.get(c.family, len(order))))
+    for case in cases:
         if not any(m in case.label for m in args.match):
             continue
         print(f"\n## {case.label}")
