@@ -116,6 +116,13 @@ def _distance(x_ptr, start, end, top, inv_t, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _chunk_range(c, chunk, vocab):
+    """[lo, hi): the vocabulary positions of chunk c."""
+    lo = c * chunk
+    return lo, tl.minimum(lo + chunk, vocab)
+
+
+@triton.jit
 def _row_params(params_ptr, row, inv_t_s, k_s, p_s, min_p_s, HAS_PARAMS: tl.constexpr):
     if HAS_PARAMS:
         inv_t = tl.load(params_ptr + row * 7)
@@ -152,8 +159,7 @@ def _max_kernel(x_ptr, wf_ptr, wi_ptr, vocab, chunk, S, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     x_row = x_ptr + row * vocab
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, vocab)
+    lo, hi = _chunk_range(c, chunk, vocab)
     top_v = tl.full([BLOCK], float("-inf"), tl.float32)
     arg_v = tl.zeros([BLOCK], tl.int32) + lo
     bad_v = tl.zeros([BLOCK], tl.int32)
@@ -180,8 +186,7 @@ def _levels_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, vocab, chunk, S, inv_t_s, 
     top, bad = _row_top(wf_ptr, wi_ptr, row, S, SMAX)
     if (bad == 0) & (top > float("-inf")) & (inv_t < float("inf")):
         x_row = x_ptr + row * vocab
-        lo = c * chunk
-        hi = tl.minimum(lo + chunk, vocab)
+        lo, hi = _chunk_range(c, chunk, vocab)
         mass_on = (p < 1.0) & ((k <= 0) | (k >= vocab))  # top-p alone
         lev = _levels()
         cnt = tl.zeros([LBLOCK, NLEV], tl.float32)  # per lane: summed across the warps once at the end
@@ -242,8 +247,7 @@ def _compact_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, cd_ptr, ci_ptr, vocab, ch
         x_row = x_ptr + row * vocab
         cd_row = cd_ptr + row * vocab
         ci_row = ci_ptr + row * vocab
-        lo = c * chunk
-        hi = tl.minimum(lo + chunk, vocab)
+        lo, hi = _chunk_range(c, chunk, vocab)
         for start in range(lo, hi, BLOCK):
             idx, mask, d = _distance(x_row, start, hi, top, inv_t, BLOCK)
             keep = mask & (d <= cut_d)
@@ -378,8 +382,7 @@ def _select_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, cd_ptr, ci_ptr, tok_ptr, l
             if sel == SMAX:  # u * z rounded up to z
                 sel = tl.max(tl.where(z_c > 0, s, -1), axis=0)
             run = tl.sum(tl.where(s < sel, z_c, 0.0), axis=0)
-            lo = sel * chunk
-            hi = tl.minimum(lo + chunk, vocab)
+            lo, hi = _chunk_range(sel, chunk, vocab)
             pick = 2147483647
             last = -1
             for start in range(lo, hi, BLOCK):
@@ -511,8 +514,7 @@ def _filter_levels_kernel(x_ptr, wf_ptr, wi_ptr, vocab, chunk, S, IS_PROBS: tl.c
     top, _ = _row_top(wf_ptr, wi_ptr, row, S, SMAX)
     lev = _filter_levels(top, IS_PROBS)
     x_row = x_ptr + row * vocab
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, vocab)
+    lo, hi = _chunk_range(c, chunk, vocab)
     cnt = tl.zeros([LBLOCK, NLEV], tl.float32)  # per lane: summed across the warps once at the end
     mass = tl.zeros([LBLOCK, NLEV], tl.float32)
     total = tl.zeros([LBLOCK], tl.float32)
@@ -560,8 +562,7 @@ def _filter_compact_kernel(x_ptr, arr_ptr, wf_ptr, wi_ptr, c_ptr, vocab, chunk, 
         pos0 = tl.sum(tl.where(s < c, cnt_cut, 0), axis=0)  # this chunk's first position
         x_row = x_ptr + row * vocab
         c_row = c_ptr + row * vocab
-        lo = c * chunk
-        hi = tl.minimum(lo + chunk, vocab)
+        lo, hi = _chunk_range(c, chunk, vocab)
         for start in range(lo, hi, BLOCK):
             idx = start + tl.arange(0, BLOCK)
             mask = idx < hi
@@ -639,8 +640,7 @@ def _filter_apply_kernel(x_ptr, wf_ptr, out_ptr, vocab, chunk, S, RENORM: tl.con
     inv = 1.0 / tl.maximum(tl.load(wf_ptr + row_slot + 1), 1e-8)  # FlashInfer's guard against an all-zero row
     x_row = x_ptr + row * vocab
     out_row = out_ptr + row * vocab
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, vocab)
+    lo, hi = _chunk_range(c, chunk, vocab)
     for start in range(lo, hi, BLOCK):
         idx = start + tl.arange(0, BLOCK)
         mask = idx < hi
