@@ -391,8 +391,9 @@ def _prefill_block(acc, m, l, q, kb, vb, kv_offs, n0, L, qpos, row_lo, row_hi, s
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seqlens_ptr, seqlen_offset, cu_q_ptr, cu_k_ptr,
-                    bt_ptr, blocks_per_seq, page_size, page_shift, sk_b, sk_n, sk_h, max_sq, total_q, H, softmax_scale, softcap,
-                    window_left, window_right, alibi_ptr, alibi_bstride, k_scale_ptr, v_scale_ptr,
+                    bt_ptr, blocks_per_seq, page_size, page_shift, sk_b, sk_n, sk_h, max_sq, total_q, H,
+                    softmax_scale, softcap, window_left, window_right, alibi_ptr, alibi_bstride, k_scale_ptr,
+                    v_scale_ptr,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS: tl.constexpr,
                     PAGED: tl.constexpr, PAGE_POW2: tl.constexpr, FP8: tl.constexpr, CAUSAL: tl.constexpr,
@@ -497,9 +498,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seqlens_ptr, seqlen_o
                 start, stop = f_hi, hi
             for n0 in range(start, stop, BLOCK_N):
                 acc, m, l = _prefill_block(acc, m, l, q, kb, vb, kv_offs, n0, L, qpos, row_lo, row_hi, slope2,
-                                           qk_scale2, cap_in, cap_out, dmask, bt_row_ptr, page_size, page_shift, sk_b, sk_n,
-                                           BLOCK_N, EVEN_D, part != 1, PAGED, PAGE_POW2, FP8, HAS_SOFTCAP, HAS_ALIBI,
-                                           IEEE)
+                                           qk_scale2, cap_in, cap_out, dmask, bt_row_ptr, page_size, page_shift,
+                                           sk_b, sk_n, BLOCK_N, EVEN_D, part != 1, PAGED, PAGE_POW2, FP8,
+                                           HAS_SOFTCAP, HAS_ALIBI, IEEE)
                 if not PAGED:
                     kb += step
                     vb += step
