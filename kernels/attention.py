@@ -558,14 +558,14 @@ def _append(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, k
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     fp8 = k_cache.dtype == torch.float8_e4m3fn
+    shift = _shift(k_cache.shape[1]) if paged else -1
     _append_kernel[(batch * seqlen_new,)](
         k, v, k_cache, v_cache, cache_seqlens if cache_seqlens is not None else k, seqlen_offset,
-        block_table if paged else k, block_table.shape[1] if paged else 1, k_cache.shape[1], _shift(k_cache.shape[1]),
+        block_table if paged else k, block_table.shape[1] if paged else 1, k_cache.shape[1], shift,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         k_scale if fp8 else k, v_scale if fp8 else k, seqlen_new, capacity, k_cache.shape[0],
         HK=hk, D=d, BLOCK_H=triton.next_power_of_2(hk), BLOCK_D=_block_d(d),
-        HAS_SEQLENS=cache_seqlens is not None, PAGED=paged, PAGE_POW2=paged and _shift(k_cache.shape[1]) >= 0,
-        FP8=fp8)
+        HAS_SEQLENS=cache_seqlens is not None, PAGED=paged, PAGE_POW2=shift >= 0, FP8=fp8)
 
 
 def kvcache_append_(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, k_scale, v_scale):
@@ -602,11 +602,12 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
     else:
         part_out = part_lse = lse
     fp8 = k_cache.dtype == torch.float8_e4m3fn
+    shift = _shift(k_cache.shape[1]) if kv_mode == 1 else -1
     dummy = q
     _attention_kernel[(batch * HK, splits, num_qc)](
         q, k_cache, v_cache, out, lse, seqlens if seqlens is not None else dummy, seqlen_offset, seqlen_new,
         block_table if block_table is not None else dummy, block_table.shape[1] if block_table is not None else 1,
-        k_cache.shape[1] if kv_mode == 1 else 1, _shift(k_cache.shape[1]) if kv_mode == 1 else 0,
+        k_cache.shape[1] if kv_mode == 1 else 1, shift,
         cu_q if cu_q is not None else dummy,
         cu_k if cu_k is not None else dummy, *strides, max_sq, total_q, batch, H, softmax_scale,
         softcap, window_left, window_right, alibi_slopes if alibi_slopes is not None else dummy,
@@ -616,7 +617,7 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
         KV_MODE=kv_mode, HAS_SEQLENS=seqlens is not None, VARLEN_Q=cu_q is not None, CAUSAL=causal,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, FP8=fp8,
         IEEE=q.dtype == torch.float32, F16_MMA=fp8 and q.dtype != torch.float32,
-        PAGE_POW2=kv_mode == 1 and _shift(k_cache.shape[1]) >= 0, num_warps=warps,
+        PAGE_POW2=shift >= 0, num_warps=warps,
         num_stages=stages)
     if splits > 1:
         _combine_kernel[(total_q * H,)](part_out, part_lse, out, lse, total_q, H, max_sq, D=D, BLOCK_D=block_d,
@@ -693,18 +694,19 @@ def _prefill(q, k, v, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offse
     block_d = _block_d(D)
     paged = block_table is not None
     fp8 = k.dtype == torch.float8_e4m3fn
+    shift = _shift(k.shape[1]) if paged else -1
     dummy = q
     _prefill_kernel[(batch * H, triton.cdiv(max_sq, block_m))](
         q, k, v, out, lse, seqlens if seqlens is not None else dummy, seqlen_offset,
         cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
         block_table if paged else dummy, block_table.shape[1] if paged else 1, k.shape[1] if paged else 1,
-        _shift(k.shape[1]) if paged else 0,
+        shift,
         *strides, max_sq, total_q, H, softmax_scale, softcap, window_left, window_right,
         alibi_slopes if alibi_slopes is not None else dummy,
         alibi_slopes.shape[1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
         k_scale if fp8 else dummy, v_scale if fp8 else dummy,
         G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == D, VARLEN=cu_q is not None,
-        HAS_SEQLENS=seqlens is not None, PAGED=paged, PAGE_POW2=paged and _shift(k.shape[1]) >= 0, FP8=fp8,
+        HAS_SEQLENS=seqlens is not None, PAGED=paged, PAGE_POW2=shift >= 0, FP8=fp8,
         CAUSAL=causal, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
 

@@ -3,7 +3,6 @@ import functools
 import os
 
 import torch
-
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -12,7 +11,7 @@ from triton.language.extra import libdevice
 INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_sms(index: int | None) -> int:
     if index is None:  # interpreter: a small pretend GPU, so tests exercise the split paths
         return 4

@@ -672,7 +672,7 @@ def _elementwise_grid(x, c, s, cl):
     cols = c if cl else s
     block_k = min(triton.next_power_of_2(cols), APPLY_BLOCK)
     block_r = APPLY_BLOCK // block_k
-    return (triton.cdiv(rows, block_r), triton.cdiv(cols, block_k)), rows, dict(BLOCK_R=block_r, BLOCK_K=block_k)
+    return (triton.cdiv(rows, block_r), triton.cdiv(cols, block_k)), rows, {"BLOCK_R": block_r, "BLOCK_K": block_k}
 
 
 def _apply(x, residual, out, coef, c, s, cl, activation, negative_slope):

@@ -182,7 +182,7 @@ def _levels_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, vocab, chunk, S, inv_t_s, 
                    HAS_PARAMS: tl.constexpr, SMAX: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    inv_t, k, p, min_p = _row_params(params_ptr, row, inv_t_s, k_s, p_s, min_p_s, HAS_PARAMS)
+    inv_t, k, p, _min_p = _row_params(params_ptr, row, inv_t_s, k_s, p_s, min_p_s, HAS_PARAMS)
     top, bad = _row_top(wf_ptr, wi_ptr, row, S, SMAX)
     if (bad == 0) & (top > float("-inf")) & (inv_t < float("inf")):
         x_row = x_ptr + row * vocab
@@ -193,7 +193,7 @@ def _levels_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, vocab, chunk, S, inv_t_s, 
         mass = tl.zeros([LBLOCK, NLEV], tl.float32)
         z_v = tl.zeros([LBLOCK], tl.float32)
         for start in range(lo, hi, LBLOCK):
-            idx, mask, d = _distance(x_row, start, hi, top, inv_t, LBLOCK)
+            _idx, mask, d = _distance(x_row, start, hi, top, inv_t, LBLOCK)
             below = mask[:, None] & (d[:, None] <= lev[None, :])
             cnt += below.to(tl.float32)
             e = tl.where(mask, tl.exp(-d), 0.0)
@@ -661,7 +661,7 @@ def _filter(x, per_row, k, p, top_p: bool, renorm: bool):
     wf, wi = _workspace(batch, chunks, x.device)
     cand = torch.empty(batch, vocab, dtype=torch.float32, device=x.device)
     arr = per_row if per_row is not None else x
-    flags = dict(IS_PROBS=renorm, TOP_P=top_p, SMAX=triton.next_power_of_2(chunks))
+    flags = {"IS_PROBS": renorm, "TOP_P": top_p, "SMAX": triton.next_power_of_2(chunks)}
     block = min(triton.next_power_of_2(chunk), 1024)
     _max_kernel[(batch, chunks)](x, wf, wi, vocab, chunk, chunks, BLOCK=block, num_warps=4)
     _filter_levels_kernel[(batch, chunks)](x, wf, wi, vocab, chunk, chunks, **flags, num_warps=8)
