@@ -154,7 +154,7 @@ if [[ $PARTS == *bench* ]]; then
     if [[ $PARTS == *tests* ]]; then L=(75 35 60 40 60) R=(195 160 100 60 0)
     else
         L=() R=()
-        for x in 75 40 95 60 60 55 90; do L+=($((x * BUDGET / 510))); done
+        for x in 75 40 95 60 60 70 75; do L+=($((x * BUDGET / 510))); done
         for ((i = 0; i < ${#L[@]}; i++)); do r=0; for ((j = i + 1; j < ${#L[@]}; j++)); do r=$((r + L[j])); done; R+=($r); done
     fi
     bench attention "${L[0]}" "${R[0]}" "$PY" -m genfast bench --ops attention

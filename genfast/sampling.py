@@ -29,6 +29,7 @@ HF transformers' logits processors in HF's order, then one draw.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Union
 
@@ -112,8 +113,10 @@ def _check_param(fn: str, name: str, value, batch: int, device, check_values: bo
     return value
 
 
+@functools.lru_cache(maxsize=256)
 def _inv_temperature(t: float) -> float:
-    """fp32(1 / fp32(t)); +inf (greedy) for 0 or a temperature whose inverse overflows fp32."""
+    """fp32(1 / fp32(t)); +inf (greedy) for 0 or a temperature whose inverse overflows fp32.
+    Cached: a decode loop passes the same few temperatures every step (3 us a call uncached)."""
     if t == 0:
         return math.inf
     return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(t, dtype=torch.float32))

@@ -119,19 +119,30 @@ class _Fused:
         c = self.config
         return (c.dynamic_thresholding_ratio, c.sample_max_value) if c.get("thresholding") else None
 
-    def _gf_reset(self):
-        self._gf_tables = {}
+    def _gf_reset(self, keep_schedule: bool = False):
+        """Forgets the loop's state; ``keep_schedule``: the schedule is the one the
+        tables were built for, so they (and the host copies) stay."""
+        if not keep_schedule:
+            self._gf_tables = {}
+            self._gf_host = None  # host fp64 copies of the schedule, taken at the first step
+            self._gf_schedule = None  # the schedule the tables are for (_schedule_of)
         self._gf_x0_table = None  # (x0_rows, takes noise) of the table fetched last: a thresholded step's x0 pass
         self._gf_history = None
         self._gf_row = None
-        self._gf_host = None  # host fp64 copies of the schedule, taken at set_timesteps
         self._gf_counter = None  # the next row, for schedulers that look rows up by timestep value
         self._gf_start = None  # the first row of the multistep warm-up (see _gf_warmup_start)
         self.noise_seed = int(torch.empty((), dtype=torch.int64).random_().item())
 
     def set_timesteps(self, *args, **kwargs):
+        """diffusers' set_timesteps. When it makes the schedule of the call before (a
+        pipeline calls it once per image with the same arguments), the coefficient
+        tables built on the device at that loop's first step are kept: no host-to-device
+        copy and no host sync in the next loop, which can therefore be captured in a
+        CUDA graph as it is. The comparison reads the new schedule back to the host."""
         super().set_timesteps(*args, **kwargs)
-        self._gf_reset()
+        schedule = _schedule_of(self)
+        self._gf_reset(keep_schedule=_same_schedule(schedule, getattr(self, "_gf_schedule", None)))
+        self._gf_schedule = schedule
 
     @property
     def fused(self) -> bool:
@@ -312,6 +323,19 @@ def _output(cls, **fields):
             OrderedDict.__setitem__(out, name, value)
         object.__setattr__(out, name, value)  # not __dict__.update: torch 2.11's dynamo cannot trace it
     return out
+
+
+def _schedule_of(scheduler):
+    """The schedule set_timesteps made, on the host (the tables are built from it and the
+    frozen config): the step count, the timesteps and, where the scheduler has them, the sigmas."""
+    sigmas = scheduler.__dict__.get("sigmas")
+    return (scheduler.__dict__.get("num_inference_steps"), _host(scheduler.timesteps),
+            _host(sigmas) if isinstance(sigmas, torch.Tensor) else None)
+
+
+def _same_schedule(a, b) -> bool:
+    return (a is not None and b is not None and a[0] == b[0] and torch.equal(a[1], b[1])
+            and (a[2] is None) == (b[2] is None) and (a[2] is None or torch.equal(a[2], b[2])))
 
 
 def _is_index(timestep) -> bool:

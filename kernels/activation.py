@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import div, exp
+from .common import cdiv, div, exp, next_pow2
 
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "silu": 2}
 TILE = 2048  # output elements per program
@@ -136,11 +136,11 @@ def _gated_act_backward_kernel(grad_out_ptr, x_ptr, bias_ptr, grad_x_ptr, rows, 
 def _launch(kernel, tensors, x: torch.Tensor, bias, activation: str) -> None:
     F = x.shape[-1] // 2
     rows = x.numel() // x.shape[-1]
-    block_f = min(MAX_BLOCK_F, triton.next_power_of_2(F))
-    while block_f > MIN_SPLIT_F and 8 * (triton.cdiv(F, block_f) * block_f - F) > F:
+    block_f = min(MAX_BLOCK_F, next_pow2(F))
+    while block_f > MIN_SPLIT_F and 8 * (cdiv(F, block_f) * block_f - F) > F:
         block_f //= 2  # masked-off lanes of the last column block: at most 1/8 of F
     block_r = TILE // block_f
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(F, block_f))
+    grid = (cdiv(rows, block_r), cdiv(F, block_f))
     kernel[grid](*tensors, rows, F, ACT=ACT_CODES[activation], HAS_BIAS=bias is not None, BLOCK_R=block_r,
                  BLOCK_F=block_f, num_warps=NUM_WARPS)
 

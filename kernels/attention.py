@@ -92,7 +92,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import num_sms
+from .common import cdiv, next_pow2, num_sms
 
 # constexpr: compiled kernels may read no other globals (the interpreter does not enforce it)
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -103,7 +103,7 @@ FP8_MAX = tl.constexpr(448.0)
 def _block_d(headdim: int) -> int:
     """Tile width over the headdim: a power of two, at least 16 (tl.dot's smallest inner size on a GPU);
     the columns past headdim are masked."""
-    return max(16, triton.next_power_of_2(headdim))
+    return max(16, next_pow2(headdim))
 
 
 @triton.jit
@@ -564,7 +564,7 @@ def _append(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, k
         block_table if paged else k, block_table.shape[1] if paged else 1, k_cache.shape[1], shift,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         k_scale if fp8 else k, v_scale if fp8 else k, seqlen_new, capacity, k_cache.shape[0],
-        HK=hk, D=d, BLOCK_H=triton.next_power_of_2(hk), BLOCK_D=_block_d(d),
+        HK=hk, D=d, BLOCK_H=next_pow2(hk), BLOCK_D=_block_d(d),
         HAS_SEQLENS=cache_seqlens is not None, PAGED=paged, PAGE_POW2=shift >= 0, FP8=fp8)
 
 
@@ -579,9 +579,9 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
     H, D = q.shape[-2], q.shape[-1]
     HK = k_cache.shape[-2]
     G = H // HK
-    block_m = max(16, min(triton.next_power_of_2(G * max_sq), 64 if G <= 64 else triton.next_power_of_2(G)))
+    block_m = max(16, min(next_pow2(G * max_sq), 64 if G <= 64 else next_pow2(G)))
     ql = max(1, block_m // G)
-    num_qc = triton.cdiv(max_sq, ql)
+    num_qc = cdiv(max_sq, ql)
     block_n = 64 if block_m <= 32 else 32
     # 4 stages of K/V in flight for a 16-bit cache where shared memory allows (Hopper, A100): on an H200
     # (2026-11-27, Llama-3-8B heads, bf16) 124.7 us against 139.5 with 3 at b8 x 16k, 125.1 against
@@ -594,8 +594,8 @@ def _launch(q, k_cache, v_cache, out, lse, *, batch, max_sq, total_q, seqlens, s
     programs = batch * HK * num_qc
     splits = 1
     if programs < 2 * num_sms(q.device):
-        splits = min(triton.cdiv(2 * num_sms(q.device), max(programs, 1)), max(1, max_keys // (4 * block_n)), 64)
-        splits = triton.next_power_of_2(splits) if splits > 1 else 1
+        splits = min(cdiv(2 * num_sms(q.device), max(programs, 1)), max(1, max_keys // (4 * block_n)), 64)
+        splits = next_pow2(splits) if splits > 1 else 1
     if splits > 1:
         part_out = torch.empty((splits, total_q * H * D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((splits, total_q * H), dtype=torch.float32, device=q.device)
@@ -676,7 +676,7 @@ def _use_prefill(batch, nheads, max_sq, max_sk, device) -> bool:
     a small grid meets many more keys than queries (a short chunk over a long cache)."""
     if max_sq < PREFILL_MIN_SEQLEN_Q:
         return False
-    programs = batch * nheads * triton.cdiv(max_sq, 128)  # 128-row query blocks (16-bit tiles)
+    programs = batch * nheads * cdiv(max_sq, 128)  # 128-row query blocks (16-bit tiles)
     return programs >= num_sms(device) or max_sk <= 8 * max_sq
 
 
@@ -689,14 +689,14 @@ def _prefill(q, k, v, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offse
     H, D = q.shape[-2], q.shape[-1]
     G = H // k.shape[-2]
     smem = _max_shared_mem(_device_index(q.device))
-    waves = batch * H * triton.cdiv(max_sq, 128) / num_sms(q.device)
+    waves = batch * H * cdiv(max_sq, 128) / num_sms(q.device)
     block_m, block_n, warps, stages = config or prefill_config(D, q.dtype, smem, waves)
     block_d = _block_d(D)
     paged = block_table is not None
     fp8 = k.dtype == torch.float8_e4m3fn
     shift = _shift(k.shape[1]) if paged else -1
     dummy = q
-    _prefill_kernel[(batch * H, triton.cdiv(max_sq, block_m))](
+    _prefill_kernel[(batch * H, cdiv(max_sq, block_m))](
         q, k, v, out, lse, seqlens if seqlens is not None else dummy, seqlen_offset,
         cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
         block_table if paged else dummy, block_table.shape[1] if paged else 1, k.shape[1] if paged else 1,

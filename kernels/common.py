@@ -11,6 +11,18 @@ from triton.language.extra import libdevice
 INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b), for launch code. triton.cdiv and triton.next_power_of_2 are
+    constexpr functions: 1.5 us a call on the host (Triton 3.6 and 3.9), about a
+    microsecond more per launch than the plain arithmetic for each grid or block size."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for launch code."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 @functools.cache
 def _device_sms(index: int | None) -> int:
     if index is None:  # interpreter: a small pretend GPU, so tests exercise the split paths

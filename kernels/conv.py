@@ -76,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import div, exp, rsqrt
+from .common import cdiv, div, exp, next_pow2, rsqrt
 
 ACT_CODES = {"none": 0, "silu": 1, "gelu": 2, "relu": 3, "leaky_relu": 4}
 APPLY_BLOCK = 2048
@@ -605,17 +605,17 @@ def _layout(x: torch.Tensor):
 
 def _tiling(n, c, s, channels_last):
     """(BLOCK_C, BLOCK_S, splits, s_per_split) for the moments and sums kernels."""
-    p2 = triton.next_power_of_2
+    p2 = next_pow2
     if channels_last:  # channels are contiguous: 32 wide (64-128 B rows) x 128 positions measured best
         block_c = min(p2(c), 32)
         block_s = min(p2(s), max(TILE // block_c, 1))
     else:
         block_s = min(p2(s), 1024)
         block_c = min(p2(c), max(TILE // block_s, 1))
-    programs = n * triton.cdiv(c, block_c)
-    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, programs), triton.cdiv(s, block_s)))
-    s_per_split = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
-    return block_c, block_s, triton.cdiv(s, s_per_split), s_per_split
+    programs = n * cdiv(c, block_c)
+    splits = max(1, min(cdiv(TARGET_PROGRAMS, programs), cdiv(s, block_s)))
+    s_per_split = cdiv(cdiv(s, splits), block_s) * block_s
+    return block_c, block_s, cdiv(s, s_per_split), s_per_split
 
 
 def _opt(t, x):
@@ -632,15 +632,15 @@ def _one_program_tiling(cg, s):
     """(BLOCK_C, BLOCK_S, ONE_TILE) of the one-program-per-(n, group) kernels, or None
     when a group is too large for one program (more than GROUP_ONE_PROGRAM elements, or
     more than GROUP_TILE channels). Shapes only: no host sync."""
-    block_c = triton.next_power_of_2(cg)
+    block_c = next_pow2(cg)
     if cg * s > GROUP_ONE_PROGRAM or block_c > GROUP_TILE:
         return None
-    block_s = min(triton.next_power_of_2(s), GROUP_TILE // block_c)
+    block_s = min(next_pow2(s), GROUP_TILE // block_c)
     return block_c, block_s, block_s >= s
 
 
 def _cblock(cg):
-    return min(triton.next_power_of_2(cg), 256)
+    return min(next_pow2(cg), 256)
 
 
 def group_norm_act(x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift, residual):
@@ -659,7 +659,7 @@ def _channel_moments(x, n, c, s, cl):
     """(mean, M2) per (n, c, split) of x, fp32 (n, c, splits), with (splits, s_per_split)."""
     block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
     cmean, cm2 = x.new_empty((2, n, c, splits), dtype=torch.float32)
-    _channel_moments_kernel[(n, triton.cdiv(c, block_c), splits)](
+    _channel_moments_kernel[(n, cdiv(c, block_c), splits)](
         x, cmean, cm2, c, s, s_per_split, splits, CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_S=block_s,
         num_warps=NUM_WARPS)
     return cmean, cm2, splits, s_per_split
@@ -670,9 +670,9 @@ def _elementwise_grid(x, c, s, cl):
     APPLY_BLOCK elements each, the contiguous axis (S, or C for channels_last) as wide as it allows."""
     rows = x.numel() // max(c if cl else s, 1)
     cols = c if cl else s
-    block_k = min(triton.next_power_of_2(cols), APPLY_BLOCK)
+    block_k = min(next_pow2(cols), APPLY_BLOCK)
     block_r = APPLY_BLOCK // block_k
-    return (triton.cdiv(rows, block_r), triton.cdiv(cols, block_k)), rows, {"BLOCK_R": block_r, "BLOCK_K": block_k}
+    return (cdiv(rows, block_r), cdiv(cols, block_k)), rows, {"BLOCK_R": block_r, "BLOCK_K": block_k}
 
 
 def _apply(x, residual, out, coef, c, s, cl, activation, negative_slope):
@@ -715,7 +715,7 @@ def _group_norm_act_into(x, num_groups, weight, bias, eps, activation, negative_
     _group_finalize_kernel[(n * num_groups,)](
         cmean, cm2, _opt(weight, x), _opt(bias, x), _opt(add, x), _opt(scale_shift, x), mean, rstd,
         coef[0], coef[1], coef[2], c, s, num_groups, cg, s_per_split, splits, eps,
-        **flags, BLOCK=min(triton.next_power_of_2(cg * splits), 1024),
+        **flags, BLOCK=min(next_pow2(cg * splits), 1024),
         num_warps=4)
     _apply(x, residual, out, coef, c, s, cl, activation, negative_slope)
     return out, mean, rstd
@@ -752,11 +752,11 @@ def group_norm_act_backward(grad_out, x, num_groups, weight, bias, mean, rstd, a
             BLOCK=_cblock(cg), num_warps=4)
         block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
         sums = x.new_empty((3, n, c, splits), dtype=torch.float32)
-        _channel_sums_kernel[(n, triton.cdiv(c, block_c), splits)](
+        _channel_sums_kernel[(n, cdiv(c, block_c), splits)](
             x, g, coef[0], coef[1], coef[2], sums[0], sums[1], sums[2], c, s, s_per_split, splits, negative_slope,
             CHANNELS_LAST=cl, ACT=act, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS)
         back = x.new_empty((3, n, c), dtype=torch.float32)
-        splits_p2 = triton.next_power_of_2(splits)
+        splits_p2 = next_pow2(splits)
         _group_backward_kernel[(n * num_groups,)](
             sums[0], sums[1], sums[2], rstd, w_, b_, ss_, back[0], back[1], back[2], grad_add, grad_ss, wb[0],
             wb[1], c, s, num_groups, cg, splits, HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], HAS_SS=flags["HAS_SS"],
@@ -805,7 +805,7 @@ def batch_norm_act_train(x, weight, bias, eps, activation, negative_slope):
     _bn_finalize_kernel[(c,)](
         cmean, cm2, _opt(weight, x), _opt(bias, x), mean, rstd, var, coef[0], coef[1], coef[2], n, c, s,
         s_per_split, splits, eps, HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK=min(triton.next_power_of_2(n * splits), 1024), num_warps=4)
+        BLOCK=min(next_pow2(n * splits), 1024), num_warps=4)
     _apply(x, None, out, coef, c, s, cl, activation, negative_slope)
     return out, mean, rstd, var
 
@@ -826,14 +826,14 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, rstd, activation, n
     block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
     sums = x.new_empty((3, n, c, splits), dtype=torch.float32)
     act = ACT_CODES[activation]
-    _channel_sums_kernel[(n, triton.cdiv(c, block_c), splits)](
+    _channel_sums_kernel[(n, cdiv(c, block_c), splits)](
         x, g, coef[0], coef[1], coef[2], sums[0], sums[1], sums[2], c, s, s_per_split, splits, negative_slope,
         CHANNELS_LAST=cl, ACT=act, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS)
     # Over the images, then one group per channel of one image of N * S elements.
     sums = sums.sum(1)
     back = x.new_empty((3, c), dtype=torch.float32)
     unused = x.new_empty((3, c), dtype=torch.float32)  # the per-(n, c) gradients of add and scale_shift
-    splits_p2 = triton.next_power_of_2(splits)
+    splits_p2 = next_pow2(splits)
     _group_backward_kernel[(c,)](
         sums[0], sums[1], sums[2], rstd, _opt(weight, x), _opt(bias, x), x, back[0], back[1], back[2],
         unused[0], unused[1:], grads[0], grads[1], c, n * s, c, 1, splits,

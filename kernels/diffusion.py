@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cdiv, next_pow2
 from .rng import load_seed, normal_at
 
 BLOCK = 1024  # 4 fp32 per thread: a 16-byte access per input, 6 inputs at most stay in registers
@@ -173,7 +174,7 @@ def sampler_step(sample, model_output, cond, noise, history, history2, history3,
         return prev, x0
     per_sample = guidance_factor if guidance_factor is not None else bound  # both (B,): one batch split
     inner = numel // per_sample.numel() if per_sample is not None else numel
-    _sampler_step_kernel[(triton.cdiv(numel, BLOCK),)](
+    _sampler_step_kernel[(cdiv(numel, BLOCK),)](
         sample, model_output, cond if cond is not None else sample, noise if noise is not None else sample,
         history if history is not None else sample, history2 if history2 is not None else sample,
         history3 if history3 is not None else sample,
@@ -192,8 +193,8 @@ def sampler_step(sample, model_output, cond, noise, history, history2, history3,
 def guidance_rescale_factor(uncond, cond, guidance_scale, guidance_rescale):
     batch = uncond.shape[0]
     inner = uncond.numel() // batch
-    block = min(4096, triton.next_power_of_2(inner))
-    nblocks = triton.cdiv(inner, block)
+    block = min(4096, next_pow2(inner))
+    nblocks = cdiv(inner, block)
     partials = torch.empty((batch, nblocks, 4), dtype=torch.float32, device=uncond.device)
     _rescale_partials_kernel[(batch, nblocks)](uncond, cond, partials, guidance_scale, inner, BLOCK=block,
                                                num_warps=NUM_WARPS)

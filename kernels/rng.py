@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cdiv
+
 # 8 fp32 per thread: two 16-byte stores, enough Philox work in flight per thread
 # to cover latency without spilling registers.
 BLOCK = 2048
@@ -113,6 +115,6 @@ def fill_noise_(out: torch.Tensor, seed: int, seed_tensor: torch.Tensor | None, 
     if numel == 0:
         return
     from_ptr = seed_tensor is not None
-    _fill_noise_kernel[(triton.cdiv(numel + offset % 4, BLOCK),)](
+    _fill_noise_kernel[(cdiv(numel + offset % 4, BLOCK),)](
         out, numel, seed, seed_tensor if from_ptr else out, offset,
         SEED_FROM_PTR=from_ptr, NORMAL=normal, BLOCK=BLOCK, num_warps=NUM_WARPS)

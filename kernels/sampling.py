@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import num_sms
+from .common import cdiv, next_pow2, num_sms
 from .rng import load_seed, uniform_at
 
 NAN_ROW, EMPTY_ROW = tl.constexpr(-1), tl.constexpr(-2)  # compiled kernels read globals only as constexpr
@@ -402,16 +402,16 @@ def _select_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, cd_ptr, ci_ptr, tok_ptr, l
 
 
 def _block(vocab: int) -> int:
-    return min(triton.next_power_of_2(vocab), 2048)
+    return min(next_pow2(vocab), 2048)
 
 
 def _split(batch: int, vocab: int, device: torch.device) -> tuple[int, int]:
     """(chunks per row, chunk size): about 4 programs per SM, chunks of at least 2048 logits
     and a multiple of 64 on a GPU (16 in the interpreter, so that tests split small rows)."""
     least, align = (2048, 64) if device.type == "cuda" else (16, 16)
-    chunks = max(1, min(triton.cdiv(4 * num_sms(device), batch), triton.cdiv(vocab, least)))
-    chunk = triton.cdiv(triton.cdiv(vocab, chunks), align) * align
-    return triton.cdiv(vocab, chunk), chunk
+    chunks = max(1, min(cdiv(4 * num_sms(device), batch), cdiv(vocab, least)))
+    chunk = cdiv(cdiv(vocab, chunks), align) * align
+    return cdiv(vocab, chunk), chunk
 
 
 def _workspace(batch: int, chunks: int, device: torch.device):
@@ -438,12 +438,12 @@ def sample_tokens(logits, params, prev_tokens, token_counts, inv_temperature, to
         _penalize_kernel[(batch,)](
             logits, prev_tokens if from_prev else counts, counts, params if has_params else logits, x, vocab, n_prev,
             repetition_penalty, presence_penalty, frequency_penalty, HAS_PARAMS=has_params, FROM_PREV=from_prev,
-            BLOCK=_block(vocab), BLOCK_N=min(triton.next_power_of_2(max(n_prev, 1)), 1024), num_warps=4)
+            BLOCK=_block(vocab), BLOCK_N=min(next_pow2(max(n_prev, 1)), 1024), num_warps=4)
     chunks, chunk = _split(batch, vocab, device)
     wf, wi = _workspace(batch, chunks, device)
     p = params if has_params else x
-    smax = triton.next_power_of_2(chunks)
-    cblock = min(triton.next_power_of_2(chunk), 1024)
+    smax = next_pow2(chunks)
+    cblock = min(next_pow2(chunk), 1024)
     scalars = (inv_temperature, top_k, top_p, min_p)
     # with scalar settings, skip the launches whose programs would all return at once
     greedy = not has_params and inv_temperature == float("inf")
@@ -463,7 +463,7 @@ def sample_tokens(logits, params, prev_tokens, token_counts, inv_temperature, to
         x, p, wf, wi, cand_d, cand_i, tokens, logprobs if return_logprobs else tokens, vocab, chunk, chunks,
         *scalars, seed, seed_tensor if seed_tensor is not None else tokens, offset, HAS_PARAMS=has_params,
         SEED_FROM_PTR=seed_tensor is not None, RETURN_LOGPROBS=return_logprobs, SMAX=smax, BLOCK=_block(vocab),
-        SBLOCK=min(triton.next_power_of_2(vocab), 1024), num_warps=8)
+        SBLOCK=min(next_pow2(vocab), 1024), num_warps=8)
     return tokens, logprobs
 
 
@@ -661,14 +661,14 @@ def _filter(x, per_row, k, p, top_p: bool, renorm: bool):
     wf, wi = _workspace(batch, chunks, x.device)
     cand = torch.empty(batch, vocab, dtype=torch.float32, device=x.device)
     arr = per_row if per_row is not None else x
-    flags = {"IS_PROBS": renorm, "TOP_P": top_p, "SMAX": triton.next_power_of_2(chunks)}
-    block = min(triton.next_power_of_2(chunk), 1024)
+    flags = {"IS_PROBS": renorm, "TOP_P": top_p, "SMAX": next_pow2(chunks)}
+    block = min(next_pow2(chunk), 1024)
     _max_kernel[(batch, chunks)](x, wf, wi, vocab, chunk, chunks, BLOCK=block, num_warps=4)
     _filter_levels_kernel[(batch, chunks)](x, wf, wi, vocab, chunk, chunks, **flags, num_warps=8)
     _filter_compact_kernel[(batch, chunks)](x, arr, wf, wi, cand, vocab, chunk, chunks, k, p,
                                             HAS_ARR=per_row is not None, **flags, BLOCK=block, num_warps=4)
     _filter_search_kernel[(batch,)](arr, wf, wi, cand, vocab, chunks, k, p, HAS_ARR=per_row is not None,
-                                    RENORM=renorm, **flags, SBLOCK=min(triton.next_power_of_2(vocab), 1024),
+                                    RENORM=renorm, **flags, SBLOCK=min(next_pow2(vocab), 1024),
                                     num_warps=8)
     _filter_apply_kernel[(batch, chunks)](x, wf, out, vocab, chunk, chunks, RENORM=renorm, BLOCK=block, num_warps=4)
     return out

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import exp
+from .common import cdiv, exp
 from .rng import load_seed, stream_block, stream_positions
 
 # 8 elements per thread: one or two 16-byte accesses per tensor, and enough
@@ -165,7 +165,7 @@ def _reparameterize_with_kl_backward_kernel(grad_z_ptr, grad_kl_ptr, mu_ptr, log
 
 def _noise_grid(numel: int, offset: int) -> int:
     """Programs for numel elements whose stream positions start at offset (see stream_positions)."""
-    return triton.cdiv(numel + offset % 4, BLOCK)
+    return cdiv(numel + offset % 4, BLOCK)
 
 
 def _reduction_scale(reduction: str, x: torch.Tensor) -> float:
@@ -211,7 +211,7 @@ def gaussian_kl(mu, logvar, reduction):
     reduce = reduction != "none"
     if numel == 0:
         return mu.new_zeros((), dtype=torch.float32) if reduce else torch.empty_like(mu)
-    grid = triton.cdiv(numel, BLOCK)
+    grid = cdiv(numel, BLOCK)
     kl = mu.new_empty((grid,), dtype=torch.float32) if reduce else torch.empty_like(mu)
     _gaussian_kl_kernel[(grid,)](mu, logvar, kl, numel, REDUCE=reduce, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return _finish(kl, reduction, mu) if reduce else kl
@@ -222,7 +222,7 @@ def gaussian_kl_backward(grad_kl, mu, logvar, reduction):
     numel = mu.numel()
     if numel == 0:
         return grad_mu, grad_logvar
-    _gaussian_kl_backward_kernel[(triton.cdiv(numel, BLOCK),)](
+    _gaussian_kl_backward_kernel[(cdiv(numel, BLOCK),)](
         grad_kl, mu, logvar, grad_mu, grad_logvar, numel, _reduction_scale(reduction, mu),
         KL_ELEMENTWISE=reduction == "none", BLOCK=BLOCK, num_warps=NUM_WARPS)
     return grad_mu, grad_logvar

@@ -12,6 +12,7 @@ import zlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -108,3 +109,18 @@ def assert_compiled_matches(fn, args, wrt):
     torch.testing.assert_close(cout, out)
     for a, b in zip(cgrads, grads):
         torch.testing.assert_close(a, b)
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that read a tensor's value on the host (a sync on a GPU)."""
+
+    READS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal")
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))

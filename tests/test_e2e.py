@@ -10,6 +10,7 @@ import torch
 import genfast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from conftest import HostReads
 from e2e import common, decode, diffusion, gan, vae
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,6 +100,35 @@ def test_gan_training_step_matches_eager():
         for b, b_ref in zip(net.buffers(), net_ref.buffers()):
             assert torch.allclose(b.float(), b_ref.float(), rtol=1e-5, atol=1e-6)
     fused.step(real, z), eager.step(real, z)
+
+
+def test_diffusion_loop_after_the_first_reads_nothing_on_the_host():
+    """The loop GraphedLoop captures (a second loop of the patched UNet and the twin
+    scheduler) reads no tensor on the host: a CUDA graph can hold it whole."""
+    _, patched, sched = diffusion.build(diffusion.TINY, DEVICE)
+    latents, text = diffusion.inputs(diffusion.TINY, 2, DEVICE, text_len=5)
+    twin = genfast.schedulers.from_diffusers(copy.deepcopy(sched))
+    with torch.no_grad():
+        diffusion.prepare_loop(twin, 3, latents.device)
+        first = diffusion.loop_genfast(patched, twin, latents, text)
+        diffusion.prepare_loop(twin, 3, latents.device)
+        with HostReads() as mode:
+            second = diffusion.loop_genfast(patched, twin, latents, text)
+    assert mode.reads == []
+    torch.testing.assert_close(second, first, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_diffusion_loop_captured_in_one_cuda_graph_matches_the_eager_loop():
+    _, patched, sched = diffusion.build(diffusion.TINY, "cuda")
+    latents, text = diffusion.inputs(diffusion.TINY, 2, "cuda", text_len=5)
+    with common.full_fp32():
+        ref = diffusion.sample_genfast(patched, sched, latents, text, 4)
+        graphed = diffusion.GraphedLoop(patched, sched, latents, text, 4)
+        for seed in (0, 1):  # a replay reads the latents copied in
+            x = latents if seed == 0 else torch.randn_like(latents)
+            want = ref if seed == 0 else diffusion.sample_genfast(patched, sched, x, text, 4)
+            torch.testing.assert_close(graphed(x), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -20,7 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 import genfast  # noqa: E402
 from genfast import schedulers as S  # noqa: E402
 
-from conftest import assert_close  # noqa: E402
+from conftest import HostReads, assert_close  # noqa: E402
 
 
 class _Torch64(types.ModuleType):
@@ -485,6 +485,72 @@ def test_compiled_step_has_no_host_sync(name, kwargs):
         ys.append(y)
         assert len(s._gf_tables) == 1  # built once, at the first step, not inside a compiled one
     torch.testing.assert_close(ys[1], ys[0])
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("DPMSolverMultistepScheduler", {}),
+    ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+    ("UniPCMultistepScheduler", {}),
+])
+def test_second_loop_keeps_the_tables_and_reads_nothing_on_the_host(name, kwargs):
+    """set_timesteps with the same arguments (a pipeline's next image) keeps the
+    coefficient tables: that loop, begun with set_begin_index(0) as pipelines do, reads
+    no tensor on the host, so it can be captured in a CUDA graph whole. A knob that
+    changes the schedule (FlowMatch's set_shift) or other arguments rebuild them."""
+    sched = getattr(S, name)(**kwargs)
+    x = torch.randn(2, 4, 6, 5)
+
+    def prepare(steps=6):  # outside the loop a CUDA graph would capture
+        sched.set_timesteps(steps)
+        sched.set_begin_index(0)
+
+    def run():
+        y = x * getattr(sched, "init_noise_sigma", 1.0)
+        for t in sched.timesteps:
+            m = torch.sin(0.7 * _scaled(sched, y, t)) + 0.3 * y
+            y = sched.step_with_guidance(m, 1.1 * m + 0.2, t, y, 4.0).prev_sample
+        return y
+
+    def loop(steps=6):
+        prepare(steps)
+        return run()
+
+    first = loop()
+    tables = {k: v[0] for k, v in sched._gf_tables.items()}
+    prepare()
+    with HostReads() as mode:
+        second = run()
+    assert mode.reads == []
+    assert sched._gf_tables.keys() == tables.keys()
+    assert all(v[0] is tables[k] for k, v in sched._gf_tables.items())  # the same tensors, not rebuilt
+    assert torch.equal(second, first)
+    loop(steps=5)
+    assert all(v[0] is not tables.get(k) for k, v in sched._gf_tables.items())
+    if hasattr(sched, "set_shift"):
+        kept = loop()
+        sched.set_shift(2.0)
+        shifted = loop()
+        assert not torch.equal(shifted, kept)
+        ref = getattr(diffusers, name)(**kwargs)
+        ref.set_shift(2.0)
+        torch.testing.assert_close(shifted, trajectory_like(ref, x, 6), rtol=1e-5, atol=1e-5)
+
+
+def _scaled(sched, y, t):
+    return sched.scale_model_input(y, t) if hasattr(sched, "scale_model_input") else y
+
+
+def trajectory_like(sched, x, steps):
+    """test_second_loop's loop on a diffusers scheduler, guidance by the pipeline's ops."""
+    sched.set_timesteps(steps)
+    sched.set_begin_index(0)
+    y = x * getattr(sched, "init_noise_sigma", 1.0)
+    for t in sched.timesteps:
+        m = torch.sin(0.7 * _scaled(sched, y, t)) + 0.3 * y
+        cond = 1.1 * m + 0.2
+        y = sched.step(m + 4.0 * (cond - m), t, y).prev_sample
+    return y
 
 
 def test_ddpm_steps_the_training_schedule_without_set_timesteps():

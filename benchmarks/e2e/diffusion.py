@@ -5,6 +5,8 @@ and classifier-free guidance.
   and the output norm; on the CPU the attention by ``genfast.attention``) and ``genfast.schedulers.from_diffusers`` of the
   DPMSolverMultistepScheduler, guidance fused into the step
   (``step_with_guidance``);
+- genfast CUDA graph (on a GPU): the same loop captured whole in one CUDA graph and
+  replayed (``GraphedLoop``; its first image includes the capture);
 - eager: the loop of diffusers' StableDiffusionPipeline: latents doubled,
   ``scale_model_input``, the UNet, ``chunk``, ``uncond + g (cond - uncond)``,
   ``scheduler.step``; with ``--compile`` also around ``torch.compile(unet)``.
@@ -84,14 +86,55 @@ def sample_eager(unet, scheduler, latents, text, steps: int, guidance: float = 7
 @torch.no_grad()
 def sample_genfast(unet, scheduler, latents, text, steps: int, guidance: float = 7.5):
     scheduler = genfast.schedulers.from_diffusers(copy.deepcopy(scheduler))
-    scheduler.set_timesteps(steps, device=latents.device)
+    prepare_loop(scheduler, steps, latents.device)
+    return loop_genfast(unet, scheduler, latents, text, guidance)
+
+
+def prepare_loop(scheduler, steps: int, device) -> None:
+    """What a pipeline does before its loop: the schedule, and ``set_begin_index(0)``
+    (which spares the first step's timestep lookup, a host sync)."""
+    scheduler.set_timesteps(steps, device=device)
+    scheduler.set_begin_index(0)
+
+
+def loop_genfast(unet, scheduler, latents, text, guidance: float = 7.5):
+    """``sample_genfast``'s loop on a prepared twin scheduler (``prepare_loop``)."""
     latents = latents * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        # DPM++ scale_model_input is the identity: the pipeline's call is kept for other schedulers
         x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
         uncond, cond = unet(x, t, encoder_hidden_states=text).sample.chunk(2)
         latents = scheduler.step_with_guidance(uncond, cond, t, latents, guidance).prev_sample
     return latents
+
+
+class GraphedLoop:
+    """``sample_genfast`` on a GPU with the whole loop (every step's UNet, guidance and
+    fused DPM++ step) captured once in one CUDA graph; a call copies the latents in and
+    replays it. Nothing in the loop waits on the host: the twin scheduler builds its
+    tables in the warm-up loop and keeps them through ``set_timesteps`` with the same
+    schedule (tests/test_e2e.py checks the loop for host reads on the CPU)."""
+
+    @torch.no_grad()
+    def __init__(self, unet, scheduler, latents, text, steps: int, guidance: float = 7.5):
+        self.scheduler = genfast.schedulers.from_diffusers(copy.deepcopy(scheduler))
+        self.latents = latents.clone()  # the graph's input, at a fixed address
+        dev = latents.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # compiles the kernels, builds the tables, picks cuDNN's algorithms
+            prepare_loop(self.scheduler, steps, dev)
+            loop_genfast(unet, self.scheduler, self.latents, text, guidance)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        prepare_loop(self.scheduler, steps, dev)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = loop_genfast(unet, self.scheduler, self.latents, text, guidance)
+
+    @torch.no_grad()
+    def __call__(self, latents):
+        self.latents.copy_(latents)
+        self.graph.replay()
+        return self.out.clone()
 
 
 def check_close(got, ref, what: str) -> float:
@@ -119,6 +162,16 @@ def bench(quick: bool = True, device=None, batch: int = 1, steps: int = 10, reps
     fns = {"genfast": lambda: sample_genfast(patched, sched, latents, text, steps),
            "eager diffusers loop": lambda: sample_eager(unet, sched, latents, text, steps)}
     firsts = {"genfast": common.time_once(lambda: sample_genfast(patched, sched, latents, text, 1), device)}
+    if device.type == "cuda":  # the whole loop in one CUDA graph; its first image includes the capture
+        with torch.no_grad():
+            with common.full_fp32():  # a graph keeps the math settings it was captured under
+                graph_err = check_close(GraphedLoop(patched, sched, latents, text, steps)(latents), ref,
+                                        "diffusion, CUDA graph")
+            graphed = []
+            firsts["genfast CUDA graph"] = common.time_once(  # warm-up loop, capture, replay
+                lambda: graphed.append(GraphedLoop(patched, sched, latents, text, steps)) or graphed[0](latents),
+                device)
+        fns["genfast CUDA graph"] = lambda: graphed[0](latents)
     if compile:
         import warnings
 
@@ -131,8 +184,10 @@ def bench(quick: bool = True, device=None, batch: int = 1, steps: int = 10, reps
             lambda: sample_eager(compiled, sched, latents, text, 1), device)
         fns["torch.compile(unet)"] = lambda: sample_eager(compiled, sched, latents, text, steps)
     t = common.time_many(fns, device, reps)
+    errs = {"genfast": err, "genfast CUDA graph": graph_err if device.type == "cuda" else None}
     rows = [common.Row("diffusion", case, name, batch, "img/s", t[name], first_s=firsts.get(name),
-                       note=f"max err {err:.1e} of scale" if name == "genfast" else "") for name in fns]
+                       note=f"max err {errs[name]:.1e} of scale" if errs.get(name) is not None else "")
+            for name in fns]
     shown = {k: v for k, v in config.items() if k in ("sample_size", "block_out_channels", "layers_per_block",
                                                       "cross_attention_dim", "norm_num_groups")}
     common.print_rows(rows, f"diffusion: UNet2DConditionModel {'SD1.5' if not quick else 'reduced'} {shown}, "
