@@ -487,6 +487,23 @@ def test_compiled_step_has_no_host_sync(name, kwargs):
     torch.testing.assert_close(ys[1], ys[0])
 
 
+def _pipeline_loop(sched, x, prepare=True, steps=6):
+    """A pipeline's loop with a stand-in model and guidance: fused (twin) or by the pipeline's ops;
+    ``prepare``: set_timesteps and set_begin_index(0) first, as pipelines call them."""
+    if prepare:
+        sched.set_timesteps(steps)
+        sched.set_begin_index(0)
+    y = x * getattr(sched, "init_noise_sigma", 1.0)
+    for t in sched.timesteps:
+        m = torch.sin(0.7 * (sched.scale_model_input(y, t) if hasattr(sched, "scale_model_input") else y)) + 0.3 * y
+        cond = 1.1 * m + 0.2
+        if getattr(sched, "_genfast_twin", False):
+            y = sched.step_with_guidance(m, cond, t, y, 4.0).prev_sample
+        else:
+            y = sched.step(m + 4.0 * (cond - m), t, y).prev_sample
+    return y
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("DPMSolverMultistepScheduler", {}),
     ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
@@ -500,57 +517,26 @@ def test_second_loop_keeps_the_tables_and_reads_nothing_on_the_host(name, kwargs
     changes the schedule (FlowMatch's set_shift) or other arguments rebuild them."""
     sched = getattr(S, name)(**kwargs)
     x = torch.randn(2, 4, 6, 5)
-
-    def prepare(steps=6):  # outside the loop a CUDA graph would capture
-        sched.set_timesteps(steps)
-        sched.set_begin_index(0)
-
-    def run():
-        y = x * getattr(sched, "init_noise_sigma", 1.0)
-        for t in sched.timesteps:
-            m = torch.sin(0.7 * _scaled(sched, y, t)) + 0.3 * y
-            y = sched.step_with_guidance(m, 1.1 * m + 0.2, t, y, 4.0).prev_sample
-        return y
-
-    def loop(steps=6):
-        prepare(steps)
-        return run()
-
-    first = loop()
+    first = _pipeline_loop(sched, x)
     tables = {k: v[0] for k, v in sched._gf_tables.items()}
-    prepare()
+    sched.set_timesteps(6)  # outside what a CUDA graph would capture
+    sched.set_begin_index(0)
     with HostReads() as mode:
-        second = run()
+        second = _pipeline_loop(sched, x, prepare=False)
     assert mode.reads == []
     assert sched._gf_tables.keys() == tables.keys()
     assert all(v[0] is tables[k] for k, v in sched._gf_tables.items())  # the same tensors, not rebuilt
     assert torch.equal(second, first)
-    loop(steps=5)
+    _pipeline_loop(sched, x, steps=5)
     assert all(v[0] is not tables.get(k) for k, v in sched._gf_tables.items())
     if hasattr(sched, "set_shift"):
-        kept = loop()
+        kept = _pipeline_loop(sched, x)
         sched.set_shift(2.0)
-        shifted = loop()
+        shifted = _pipeline_loop(sched, x)
         assert not torch.equal(shifted, kept)
         ref = getattr(diffusers, name)(**kwargs)
         ref.set_shift(2.0)
-        torch.testing.assert_close(shifted, trajectory_like(ref, x, 6), rtol=1e-5, atol=1e-5)
-
-
-def _scaled(sched, y, t):
-    return sched.scale_model_input(y, t) if hasattr(sched, "scale_model_input") else y
-
-
-def trajectory_like(sched, x, steps):
-    """test_second_loop's loop on a diffusers scheduler, guidance by the pipeline's ops."""
-    sched.set_timesteps(steps)
-    sched.set_begin_index(0)
-    y = x * getattr(sched, "init_noise_sigma", 1.0)
-    for t in sched.timesteps:
-        m = torch.sin(0.7 * _scaled(sched, y, t)) + 0.3 * y
-        cond = 1.1 * m + 0.2
-        y = sched.step(m + 4.0 * (cond - m), t, y).prev_sample
-    return y
+        torch.testing.assert_close(shifted, _pipeline_loop(ref, x), rtol=1e-5, atol=1e-5)
 
 
 def test_ddpm_steps_the_training_schedule_without_set_timesteps():
