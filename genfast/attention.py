@@ -30,25 +30,27 @@ MAX_GROUP = 64  # query heads per KV head that one kernel item holds (MQA up to 
 
 def _fake_attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table,
                                  softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, k_scale,
-                                 v_scale):
+                                 v_scale, need_lse):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype)
 
 
 def _fake_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                    window_left, window_right, softcap, alibi_slopes):
+                    window_left, window_right, softcap, alibi_slopes, need_lse):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if cu_seqlens_q is None:
         return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_dtype)
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
 
 
-# The op always returns lse (fp32): computing it is free next to reading the cache.
+# The ops always return lse (fp32): computing it is free next to reading the cache. need_lse=False
+# says the caller drops it: on the CPU a whole 16-bit prompt may then run PyTorch's flash attention
+# (AMX tiles where the CPU has them), whose lse comes from scores rounded to the input precision.
 attention_with_kvcache_op = _ops.define(
     "attention_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
     "Tensor? cache_seqlens, int seqlen_offset, Tensor? block_table, float softmax_scale, bool causal, "
-    "int window_left, int window_right, float softcap, Tensor? alibi_slopes, Tensor? k_scale, Tensor? v_scale) "
-    "-> (Tensor, Tensor)",
+    "int window_left, int window_right, float softcap, Tensor? alibi_slopes, Tensor? k_scale, Tensor? v_scale, "
+    "bool need_lse) -> (Tensor, Tensor)",
     "attention",
     _fake_attention_with_kvcache,
 )
@@ -63,7 +65,7 @@ kvcache_append_op = _ops.define(
 attention_op = _ops.define(
     "attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
     "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, float softcap, "
-    "Tensor? alibi_slopes) -> (Tensor, Tensor)",
+    "Tensor? alibi_slopes, bool need_lse) -> (Tensor, Tensor)",
     "attention",
     _fake_attention,
 )
@@ -357,7 +359,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     alibi_slopes = _alibi(fn, alibi_slopes, q.shape[0], q.shape[2], q.device)
     out, lse = attention_with_kvcache_op(
         q.contiguous(), k_cache, v_cache, k, v, seqlens, offset, block_table, _scale(fn, softmax_scale, q.shape[3]),
-        bool(causal), left, right, _softcap(fn, softcap), alibi_slopes, k_scale, v_scale)
+        bool(causal), left, right, _softcap(fn, softcap), alibi_slopes, k_scale, v_scale, bool(return_softmax_lse))
     return (out, lse) if return_softmax_lse else out
 
 
@@ -432,7 +434,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     alibi_slopes = _alibi(fn, alibi_slopes, batch_for_alibi, nheads, q.device)
     out, lse = attention_op(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, cu_seqlens, max_q, max_k,
                             _scale(fn, softmax_scale, q.shape[-1]), bool(causal), left, right,
-                            _softcap(fn, softcap), alibi_slopes)
+                            _softcap(fn, softcap), alibi_slopes, bool(return_softmax_lse))
     return (out, lse) if return_softmax_lse else out
 
 
@@ -581,7 +583,8 @@ class KVCache:
         else:
             args = self._checked_attend[1]
         out, lse = attention_with_kvcache_op(q.contiguous(), kc, vc, None, None, self.seqlens, self._pending,
-                                             self.block_table, *args, self.k_scale, self.v_scale)
+                                             self.block_table, *args, self.k_scale, self.v_scale,
+                                             bool(return_softmax_lse))
         return (out, lse) if return_softmax_lse else out
 
     def advance(self) -> None:

@@ -712,8 +712,8 @@ def _prefill(q, k, v, out, lse, *, batch, max_sq, total_q, seqlens, seqlen_offse
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, softmax_scale,
-                           causal, window_left, window_right, softcap, alibi_slopes, k_scale, v_scale, *,
-                           kernel=None, decode_config=None):
+                           causal, window_left, window_right, softcap, alibi_slopes, k_scale, v_scale,
+                           need_lse=True, *, kernel=None, decode_config=None):
     """``kernel``: "prefill" or "shared" forces one (benchmarks' A/B rows); None picks by shape.
     ``decode_config``: the shared kernel's (BLOCK_N, num_warps, num_stages), for the benchmark's A/B rows."""
     batch, sq, H, _ = q.shape
@@ -757,7 +757,7 @@ def _prefill_args(q, k, cu_seqlens_q, max_seqlen_q):
 
 
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-              window_right, softcap, alibi_slopes, *, kernel=None, config=None):
+              window_right, softcap, alibi_slopes, need_lse=True, *, kernel=None, config=None):
     """``kernel``: "prefill" or "shared" forces one (benchmarks' A/B rows, tests); None picks by shape."""
     out, lse, args = _prefill_args(q, k, cu_seqlens_q, max_seqlen_q)
     if q.numel() == 0 or args["batch"] == 0 or max_seqlen_q == 0:

@@ -790,11 +790,11 @@ def test_opcheck():
     lens = torch.tensor([2, 9], dtype=torch.int32, device=DEVICE)
     ops = torch.ops.genfast
     torch.library.opcheck(ops.attention_with_kvcache.default,
-                          (q, kc, vc, k, v, lens, 0, None, 0.125, True, -1, 0, 0.0, None, None, None))
+                          (q, kc, vc, k, v, lens, 0, None, 0.125, True, -1, 0, 0.0, None, None, None, True))
     torch.library.opcheck(ops.kvcache_append_.default, (kc, vc, k, v, lens, 0, None, None, None))
     cu = torch.tensor([0, 1, 3], dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(ops.attention.default, (q[0], k[0].repeat(1, 1, 1)[:3], v[0][:3], cu, cu, 3, 3, 0.125,
-                                                  True, -1, 0, 0.0, None))
+                                                  True, -1, 0, 0.0, None, False))
 
 
 def test_torch_compile_fullgraph_decode_step():
@@ -876,7 +876,7 @@ def test_decode_step_replays_in_a_cuda_graph():
         torch.testing.assert_close(out, torch.stack(expected))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_whole_prompt_prefill(backend, dtype, causal):
     """A whole prompt (queries = keys from position 0, no softcap/ALiBi/window): on the CPU in fp32 this
@@ -897,3 +897,11 @@ def test_whole_prompt_prefill(backend, dtype, causal):
     out, lse = genfast.attention_with_kvcache(q, k_cache, v_cache, causal=causal, return_softmax_lse=True,
                                               cache_seqlens=torch.full((b,), n, dtype=torch.int32, device=backend))
     check_against_oracle(out, lse, q, k, v, [n] * b, causal=causal)
+    # Without lse, a 16-bit prompt on the CPU runs PyTorch's flash attention too (AMX tiles): its output
+    # is held to the same rule
+    out64, _ = oracle(q, k, v, [n] * b, causal=causal)
+    lowp, _ = oracle(q, k, v, [n] * b, dtype=q.dtype, causal=causal)
+    for out in (genfast.attention(q, k, v, causal=causal),
+                genfast.attention_with_kvcache(q, k_cache, v_cache, causal=causal,
+                                               cache_seqlens=torch.full((b,), n, dtype=torch.int32, device=backend))):
+        assert_close(out, out64, lowp, atol=ATOL[q.dtype])

@@ -1042,15 +1042,20 @@ void set_common(Problem& p, const Tensor& q, double softmax_scale, bool causal, 
   p.alibi_bstride = alibi_slopes.has_value() && alibi_slopes->dim() == 2 ? alibi_slopes->size(1) : 0;
 }
 
-// A whole fp32 prompt at once (queries = keys, from position 0; without causal any number of keys) with none
-// of softcap, ALiBi or a window:
-// PyTorch's flash attention for the CPU, whose GEMM tiles beat this file's vector kernel at prefill sizes
-// (Llama-3-8B heads, 2k tokens: 163 against 273 ms). Not in bf16/fp16: there its scores are rounded to
-// the input precision (lse off by ~1e-3 relative), this file's are exact fp32 products. k and v:
-// (B, L, HK, D) views.
-bool aten_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Problem& p, Tensor& out, Tensor& lse) {
+// A whole prompt at once (queries = keys, from position 0; without causal any number of keys) with none
+// of softcap, ALiBi or a window: PyTorch's flash attention for the CPU, whose GEMM tiles beat this file's
+// vector kernel at prefill sizes (Llama-3-8B heads, 2k tokens, fp32: 163 against 273 ms; bf16, where its
+// tiles are AMX's on CPUs that have them: 42 against 233 ms). In bf16/fp16 only when the caller drops
+// lse (need_lse false): there its scores are rounded to the input precision, so its lse is off by ~1e-3
+// relative, where this file's scores are exact fp32 products (its output's error was 1.4x that of
+// PyTorch's plain bf16 math, within the tests' 2x). k and v: (B, L, HK, D) views.
+bool aten_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Problem& p, bool need_lse, Tensor& out,
+                  Tensor& lse) {
+  const bool exact = q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat;
+  const bool sixteen = q.scalar_type() == k.scalar_type() &&
+                       (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf);
   if (p.max_sq < 64 || p.softcap > 0.f || p.alibi != nullptr || p.window_left >= 0 ||
-      (!p.causal && p.window_right >= 0) || q.scalar_type() != at::kFloat || k.scalar_type() != at::kFloat ||
+      (!p.causal && p.window_right >= 0) || !(exact || (sixteen && !need_lse)) ||
       (p.causal && k.size(1) != q.size(1))) {  // its causal mask is aligned top-left, this file's bottom-right
     return false;
   }
@@ -1072,7 +1077,7 @@ std::tuple<Tensor, Tensor> attention_with_kvcache(
     const Tensor& q, Tensor k_cache, Tensor v_cache, const OptTensor& k, const OptTensor& v,
     const OptTensor& cache_seqlens, int64_t seqlen_offset, const OptTensor& block_table, double softmax_scale,
     bool causal, int64_t window_left, int64_t window_right, double softcap, const OptTensor& alibi_slopes,
-    const OptTensor& k_scale, const OptTensor& v_scale) {
+    const OptTensor& k_scale, const OptTensor& v_scale, bool need_lse) {
   const KvRows rows = cache_rows(k_cache, block_table);
   const int* seqlens = cache_seqlens.has_value() ? cache_seqlens->data_ptr<int>() : nullptr;
   if (k.has_value()) append(k_cache, v_cache, *k, *v, rows, seqlens, seqlen_offset, opt_ptr(k_scale), opt_ptr(v_scale));
@@ -1103,7 +1108,8 @@ std::tuple<Tensor, Tensor> attention_with_kvcache(
   // A whole prompt: every row holds exactly its queries' keys.
   bool fresh = !block_table.has_value();
   for (int b = 0; fresh && b < p.B; ++b) fresh = p.kv_len(b) == p.max_sq;
-  if (fresh && aten_prefill(q, k_cache.narrow(1, 0, p.max_sq), v_cache.narrow(1, 0, p.max_sq), p, out, lse)) {
+  if (fresh && aten_prefill(q, k_cache.narrow(1, 0, p.max_sq), v_cache.narrow(1, 0, p.max_sq), p, need_lse, out,
+                            lse)) {
     return {out, lse};
   }
   run(p, q.scalar_type(), k_cache.scalar_type());
@@ -1114,7 +1120,7 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
                                      const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k,
                                      int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
                                      int64_t window_left, int64_t window_right, double softcap,
-                                     const OptTensor& alibi_slopes) {
+                                     const OptTensor& alibi_slopes, bool need_lse) {
   const bool packed = cu_seqlens_q.has_value();
   Tensor out = at::empty_like(q);
   Problem p{};
@@ -1152,13 +1158,17 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
   if (q.numel() == 0 || p.B == 0) return {out, lse};
   if (lanes_head_dim(p.D)) {
     // From headdim 32 on, over 256 keys or more, PyTorch's GEMM tiles are as fast (both FMA-bound): fp32 goes there.
-    if (!packed && p.D >= 32 && max_seqlen_k >= 256 && aten_prefill(q, k, v, p, out, lse)) return {out, lse};
+    if (!packed && p.D >= 32 && max_seqlen_k >= 256 && aten_prefill(q, k, v, p, need_lse, out, lse)) {
+      return {out, lse};
+    }
     run_lanes(p, q.scalar_type());
     return {out, lse};
   }
   // Also cross-attention (no causal mask, other key counts): at headdim 64, 1024 queries x 77 keys, fp32,
   // PyTorch's kernel took 2.1 ms and this file's vector kernel 3.2 ms.
-  if (!packed && (max_seqlen_k == max_seqlen_q || !causal) && aten_prefill(q, k, v, p, out, lse)) return {out, lse};
+  if (!packed && (max_seqlen_k == max_seqlen_q || !causal) && aten_prefill(q, k, v, p, need_lse, out, lse)) {
+    return {out, lse};
+  }
   run(p, q.scalar_type(), k.scalar_type());
   return {out, lse};
 }

@@ -91,7 +91,7 @@ def _attend(q, k, v, q_pos, k_len, softmax_scale, causal, window_left, window_ri
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_table, softmax_scale,
-                           causal, window_left, window_right, softcap, alibi_slopes, k_scale, v_scale):
+                           causal, window_left, window_right, softcap, alibi_slopes, k_scale, v_scale, need_lse=True):
     cdt = compute_dtype(q.dtype)
     batch, sq = q.shape[:2]
     base = torch.full((batch,), seqlen_offset, dtype=torch.int64, device=q.device)
@@ -116,7 +116,7 @@ def kvcache_append_(k_cache, v_cache, k, v, cache_seqlens, seqlen_offset, block_
 
 
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-              window_right, softcap, alibi_slopes):
+              window_right, softcap, alibi_slopes, need_lse=True):
     """Packed variable-length attention: q (total_q, nheads, d), k/v (total_k, nheads_k, d), or with a batch
     dimension in front when cu_seqlens_q is None. Returns out and lse (nheads, total_q) / (batch, nheads, sq)."""
     cdt = compute_dtype(q.dtype)
