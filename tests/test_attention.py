@@ -876,6 +876,30 @@ def test_decode_step_replays_in_a_cuda_graph():
         torch.testing.assert_close(out, torch.stack(expected))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [(-1, -1), (40, -1)])
+def test_prefill_chunk_over_rows_of_equal_length(backend, dtype, window):
+    """A chunk of 70 queries appended over 150 cached keys in every row (on the CPU: PyTorch's flash
+    attention under a bottom-right causal mask; in bf16 only without lse), the cache past the rows
+    poisoned with NaN."""
+    skip_unsupported(backend, dtype)
+    b, n, h, hk, d, old = 2, 70, 8, 2, 64, 150 if not is_triton() else 80
+    q, k, v = (torch.randn(b, n, heads, d).to(backend, dtype) for heads in (h, hk, hk))
+    k_old, v_old = (torch.randn(b, old, hk, d).to(backend, dtype) for _ in range(2))
+    k_cache = torch.full((b, old + n + 9, hk, d), float("nan"), dtype=dtype, device=backend)
+    v_cache = k_cache.clone()
+    k_cache[:, :old], v_cache[:, :old] = k_old, v_old
+    lens = torch.full((b,), old, dtype=torch.int32, device=backend)
+    k_all, v_all = torch.cat([k_old, k], 1), torch.cat([v_old, v], 1)
+    out, lse = genfast.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, window_size=window,
+                                              return_softmax_lse=True)
+    check_against_oracle(out, lse, q, k_all, v_all, [old + n] * b, window=window)
+    out = genfast.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens + n, window_size=window)
+    out64, _ = oracle(q, k_all, v_all, [old + n] * b, window=window)
+    lowp, _ = oracle(q, k_all, v_all, [old + n] * b, dtype=q.dtype, window=window)
+    assert_close(out, out64, lowp, atol=ATOL[q.dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_whole_prompt_prefill(backend, dtype, causal):

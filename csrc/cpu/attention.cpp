@@ -35,6 +35,7 @@
 // Bytes per decode step: the K and V rows of every valid position once,
 // 2 * L * nheads_k * headdim * sizeof(cache) per batch row; q and out are
 // G times smaller per position than one K row and are ignored.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -1051,25 +1052,54 @@ void set_common(Problem& p, const Tensor& q, double softmax_scale, bool causal, 
   p.alibi_bstride = alibi_slopes.has_value() && alibi_slopes->dim() == 2 ? alibi_slopes->size(1) : 0;
 }
 
-// A whole prompt at once (queries = keys, from position 0; without causal any number of keys) with none
-// of softcap, ALiBi or a window: PyTorch's flash attention for the CPU, whose GEMM tiles beat this file's
-// vector kernel at prefill sizes (Llama-3-8B heads, 2k tokens, fp32: 163 against 273 ms; bf16, where its
-// tiles are AMX's on CPUs that have them: 42 against 233 ms). In bf16/fp16 only when the caller drops
-// lse (need_lse false): there its scores are rounded to the input precision, so its lse is off by ~1e-3
-// relative, where this file's scores are exact fp32 products (its output's error was 1.4x that of
-// PyTorch's plain bf16 math, within the tests' 2x). k and v: (B, L, HK, D) views.
+// Prefill-sized query chunks (64 or more per row) over contiguous keys, with neither softcap nor ALiBi:
+// PyTorch's flash attention for the CPU, whose GEMM tiles beat this file's vector kernel there
+// (Llama-3-8B heads, 2k tokens, fp32: 163 against 273 ms; bf16, where its tiles are AMX's on CPUs that
+// have them: 40 against 233 ms; bf16, 512 queries over a 4k cache: 43 against 220 ms). A whole prompt
+// (every row's keys are its queries, no window) takes its is_causal flag; otherwise an additive mask
+// (1, 1, sq, keys) in q's dtype says what each query sees: bottom-right causal, the left window. Only
+// where every row has the same number of keys and every query sees one (its kernel would give NaN
+// where this file's gives zeros). In bf16/fp16 only when the caller drops lse (need_lse false): there its scores are rounded
+// to the input precision, so its lse is off by ~1e-3 relative, where this file's scores are exact
+// fp32 products (its output's error was 1.4x that of PyTorch's plain bf16 math, within the tests'
+// 2x). k and v: (B, keys, HK, D) views.
 bool aten_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Problem& p, bool need_lse, Tensor& out,
                   Tensor& lse) {
   const bool exact = q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat;
   const bool sixteen = q.scalar_type() == k.scalar_type() &&
                        (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf);
-  if (p.max_sq < 64 || p.softcap > 0.f || p.alibi != nullptr || p.window_left >= 0 ||
-      (!p.causal && p.window_right >= 0) || !(exact || (sixteen && !need_lse)) ||
-      (p.causal && k.size(1) != q.size(1))) {  // its causal mask is aligned top-left, this file's bottom-right
+  const bool right_window = !p.causal && p.window_right >= 0;
+  if (p.max_sq < 64 || p.softcap > 0.f || p.alibi != nullptr || right_window || !(exact || (sixteen && !need_lse))) {
     return false;
   }
+  // Every row holds nk keys: its kernel computes the scores of masked keys too, so a row's keys past its
+  // length (a cache's unwritten memory, NaN in the tests) must not be there. Every query sees a key.
+  const int64_t sq = q.size(1), nk = k.size(1);
+  for (int b = 0; b < p.B; ++b) {
+    if (p.kv_len(b) != nk) return false;
+  }
+  if (nk < (p.causal ? sq : 1) || (!p.causal && p.window_left >= 0)) return false;
+  std::optional<Tensor> mask;
+  if (p.window_left >= 0 || (p.causal && nk != sq)) {  // its is_causal is aligned top-left
+    mask = at::empty({1, 1, sq, nk}, q.options());  // the same for every row
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_mask", [&] {
+      scalar_t* m = mask->data_ptr<scalar_t>();
+      const scalar_t hidden(kNegInf), seen(0.f);
+      at::parallel_for(0, sq, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t pos = nk - sq + r;  // bottom-right alignment
+          const int64_t hi = p.causal ? pos + 1 : nk;
+          const int64_t lo = p.window_left >= 0 ? std::max<int64_t>(0, pos - p.window_left) : 0;
+          scalar_t* row = m + r * nk;
+          std::fill(row, row + lo, hidden);
+          std::fill(row + lo, row + hi, seen);
+          std::fill(row + hi, row + nk, hidden);
+        }
+      });
+    });
+  }
   auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(q.transpose(1, 2), k.transpose(1, 2),
-                                                                v.transpose(1, 2), 0.0, p.causal, std::nullopt,
+                                                                v.transpose(1, 2), 0.0, p.causal && !mask, mask,
                                                                 (double)p.scale);
   // q came as a (B, L, H, D) view, so PyTorch's output is laid out (B, L, H, D) too: no copy needed
   const Tensor ot = o.transpose(1, 2);
@@ -1114,12 +1144,14 @@ std::tuple<Tensor, Tensor> attention_with_kvcache(
   p.v_scale = opt_ptr(v_scale);
   set_common(p, q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes);
   if (q.numel() == 0) return {out, lse};
-  // A whole prompt: every row holds exactly its queries' keys.
-  bool fresh = !block_table.has_value();
-  for (int b = 0; fresh && b < p.B; ++b) fresh = p.kv_len(b) == p.max_sq;
-  if (fresh && aten_prefill(q, k_cache.narrow(1, 0, p.max_sq), v_cache.narrow(1, 0, p.max_sq), p, need_lse, out,
-                            lse)) {
-    return {out, lse};
+  // A prefill chunk over a contiguous cache: the keys up to the longest row's.
+  if (rows.mode == 0 && p.max_sq >= 64) {
+    int64_t longest = 0;
+    for (int b = 0; b < p.B; ++b) longest = std::max<int64_t>(longest, p.kv_len(b));
+    if (longest <= k_cache.size(1) &&
+        aten_prefill(q, k_cache.narrow(1, 0, longest), v_cache.narrow(1, 0, longest), p, need_lse, out, lse)) {
+      return {out, lse};
+    }
   }
   run(p, q.scalar_type(), k_cache.scalar_type());
   return {out, lse};
@@ -1175,7 +1207,7 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
   }
   // Also cross-attention (no causal mask, other key counts): at headdim 64, 1024 queries x 77 keys, fp32,
   // PyTorch's kernel took 2.1 ms and this file's vector kernel 3.2 ms.
-  if (!packed && (max_seqlen_k == max_seqlen_q || !causal) && aten_prefill(q, k, v, p, need_lse, out, lse)) {
+  if (!packed && aten_prefill(q, k, v, p, need_lse, out, lse)) {
     return {out, lse};
   }
   run(p, q.scalar_type(), k.scalar_type());
