@@ -462,12 +462,15 @@ def test_prefill_padded_and_packed(backend, causal, dtype):
     v = torch.cat([s[2] for s in seqs]).to(backend)
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=backend)
     out, lse = genfast.attention(q, k, v, causal=causal, cu_seqlens=cu, return_softmax_lse=True)
+    # without lse a 16-bit batch may run another kernel (on the CPU PyTorch's, sequence by sequence)
+    plain = genfast.attention(q, k, v, causal=causal, cu_seqlens=cu)
     assert lse.shape == (h, q.shape[0])
     for i, (qs, ks, vs) in enumerate(seqs):
         a, b = int(cu[i]), int(cu[i + 1])
         o64, l64 = oracle(qs[None], ks[None].double(), vs[None].double(), [ks.shape[0]], causal=causal)
         lowp, _ = oracle(qs[None], ks[None], vs[None], [ks.shape[0]], causal=causal, dtype=dtype)
         assert_close(out[a:b][None], o64, lowp, atol=ATOL[dtype])
+        assert_close(plain[a:b][None], o64, lowp, atol=ATOL[dtype])
         torch.testing.assert_close(lse[:, a:b].cpu().double(), l64[0], rtol=1e-5, atol=1e-5)
     # padded batch, seqlen_q < seqlen_k (bottom-right causal)
     q = torch.randn(2, 7, h, d).to(backend, dtype)
@@ -700,7 +703,8 @@ def test_long_query_over_a_paged_or_fp8_cache(backend, monkeypatch, shape, page_
 
 def test_long_query_with_cache_batch_idx(backend, monkeypatch):
     """cache_batch_idx reaches the kernels as a paged cache with one page of the whole capacity per row (here
-    96 rows, more than the 64 keys of a block): the prefill kernel gives what it gives on the indexed rows."""
+    96 rows, more than the 64 keys of a block): the prefill kernel gives what it gives on the indexed rows
+    (on the CPU up to rounding: over a contiguous cache the 64-query chunk runs PyTorch's flash kernel)."""
     from genfast.kernels import attention as kernels
 
     prefill = _Launches(kernels._prefill_kernel)
@@ -713,7 +717,7 @@ def test_long_query_with_cache_batch_idx(backend, monkeypatch):
     want_k, want_v = kc[idx.long()].clone(), vc[idx.long()].clone()
     want = genfast.attention_with_kvcache(q, want_k, want_v, k, v, cache_seqlens=lens)
     out = genfast.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, cache_batch_idx=idx.to(backend))
-    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(out, want, rtol=0 if is_triton() else 1e-5, atol=0 if is_triton() else 1e-5)
     if is_triton():
         assert prefill.count == 2
 

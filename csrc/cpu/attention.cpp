@@ -1052,42 +1052,22 @@ void set_common(Problem& p, const Tensor& q, double softmax_scale, bool causal, 
   p.alibi_bstride = alibi_slopes.has_value() && alibi_slopes->dim() == 2 ? alibi_slopes->size(1) : 0;
 }
 
-// Prefill-sized query chunks (64 or more per row) over contiguous keys, with neither softcap nor ALiBi:
-// PyTorch's flash attention for the CPU, whose GEMM tiles beat this file's vector kernel there
-// (Llama-3-8B heads, 2k tokens, fp32: 163 against 273 ms; bf16, where its tiles are AMX's on CPUs that
-// have them: 40 against 233 ms; bf16, 512 queries over a 4k cache: 43 against 220 ms). A whole prompt
-// (every row's keys are its queries, no window) takes its is_causal flag; otherwise an additive mask
-// (1, 1, sq, keys) in q's dtype says what each query sees: bottom-right causal, the left window. Only
-// where every row has the same number of keys and every query sees one (its kernel would give NaN
-// where this file's gives zeros). In bf16/fp16 only when the caller drops lse (need_lse false): there its scores are rounded
-// to the input precision, so its lse is off by ~1e-3 relative, where this file's scores are exact
-// fp32 products (its output's error was 1.4x that of PyTorch's plain bf16 math, within the tests'
-// 2x). k and v: (B, keys, HK, D) views.
-bool aten_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Problem& p, bool need_lse, Tensor& out,
-                  Tensor& lse) {
-  const bool exact = q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat;
-  const bool sixteen = q.scalar_type() == k.scalar_type() &&
-                       (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf);
-  const bool right_window = !p.causal && p.window_right >= 0;
-  if (p.max_sq < 64 || p.softcap > 0.f || p.alibi != nullptr || right_window || !(exact || (sixteen && !need_lse))) {
-    return false;
-  }
-  // Every row holds nk keys: its kernel computes the scores of masked keys too, so a row's keys past its
-  // length (a cache's unwritten memory, NaN in the tests) must not be there. Every query sees a key.
+// PyTorch's flash attention for the CPU on one set of rows: q (b, sq, H, D), k and v (b, nk, HK, D)
+// views holding exactly the rows' keys. Returns out (b, sq, H, D), writes lse (b, H, sq). A whole
+// prompt (nk = sq, no window) takes its is_causal flag; otherwise an additive mask (1, 1, sq, nk) in q's
+// dtype says what each query sees: bottom-right causal (its is_causal is aligned top-left), the left
+// window. The caller made sure that every query sees a key.
+Tensor flash_rows(const Tensor& q, const Tensor& k, const Tensor& v, const Problem& p, Tensor lse) {
   const int64_t sq = q.size(1), nk = k.size(1);
-  for (int b = 0; b < p.B; ++b) {
-    if (p.kv_len(b) != nk) return false;
-  }
-  if (nk < (p.causal ? sq : 1) || (!p.causal && p.window_left >= 0)) return false;
   std::optional<Tensor> mask;
-  if (p.window_left >= 0 || (p.causal && nk != sq)) {  // its is_causal is aligned top-left
-    mask = at::empty({1, 1, sq, nk}, q.options());  // the same for every row
+  if (p.window_left >= 0 || (p.causal && nk != sq)) {
+    mask = at::empty({1, 1, sq, nk}, q.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_mask", [&] {
       scalar_t* m = mask->data_ptr<scalar_t>();
       const scalar_t hidden(kNegInf), seen(0.f);
       at::parallel_for(0, sq, 64, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
-          const int64_t pos = nk - sq + r;  // bottom-right alignment
+          const int64_t pos = nk - sq + r;
           const int64_t hi = p.causal ? pos + 1 : nk;
           const int64_t lo = p.window_left >= 0 ? std::max<int64_t>(0, pos - p.window_left) : 0;
           scalar_t* row = m + r * nk;
@@ -1101,14 +1081,61 @@ bool aten_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Probl
   auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(q.transpose(1, 2), k.transpose(1, 2),
                                                                 v.transpose(1, 2), 0.0, p.causal && !mask, mask,
                                                                 (double)p.scale);
-  // q came as a (B, L, H, D) view, so PyTorch's output is laid out (B, L, H, D) too: no copy needed
-  const Tensor ot = o.transpose(1, 2);
-  if (ot.is_contiguous() && ot.scalar_type() == out.scalar_type()) {
-    out = ot;
-  } else {
-    out.copy_(ot);
-  }
   lse.copy_(l);
+  return o.transpose(1, 2);  // q came as a (b, sq, H, D) view, so this is laid out (b, sq, H, D) too
+}
+
+// Prefill-sized query chunks (64 or more in the longest row) over contiguous or packed keys, with
+// neither softcap nor ALiBi: PyTorch's flash attention for the CPU, whose GEMM tiles beat this file's
+// vector kernel there (Llama-3-8B heads, 2k tokens, fp32: 163 against 273 ms; bf16, where its tiles
+// are AMX's on CPUs that have them: 40 against 233 ms; bf16, 512 queries over a 4k cache: 43 against
+// 220 ms). Its kernel computes the scores of masked keys too, so a row's keys past its length (a
+// cache's unwritten memory, NaN in the tests) must not be read: rows of equal length go in one call,
+// ragged or packed rows one call each, over their own keys. Only where every query sees a key (its
+// kernel would give NaN where this file's gives zeros). In bf16/fp16 only when the caller drops lse
+// (need_lse false): there its scores are rounded to the input precision, so its lse is off by ~1e-3
+// relative, where this file's scores are exact fp32 products (its output's error was 1.4x that of
+// PyTorch's plain bf16 math, within the tests' 2x). Padded: q (B, sq, H, D), k and v (B, keys, HK, D)
+// views; packed (p.cu_q set): q (total_q, H, D), k and v (total_k, HK, D).
+bool aten_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Problem& p, bool need_lse, Tensor& out,
+                  Tensor& lse) {
+  const bool exact = q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat;
+  const bool sixteen = q.scalar_type() == k.scalar_type() &&
+                       (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf);
+  const bool right_window = !p.causal && p.window_right >= 0;
+  if (p.max_sq < 64 || p.softcap > 0.f || p.alibi != nullptr || right_window || (!p.causal && p.window_left >= 0) ||
+      !(exact || (sixteen && !need_lse))) {
+    return false;
+  }
+  const bool packed = p.cu_q != nullptr;
+  bool even = !packed;
+  for (int b = 0; b < p.B; ++b) {
+    const int sq = p.q_len(b), nk = p.kv_len(b);
+    if (sq > 0 && nk < (p.causal ? sq : 1)) return false;
+    even = even && nk == k.size(1);
+  }
+  if (even) {
+    const Tensor o = flash_rows(q, k, v, p, lse);
+    if (o.is_contiguous() && o.scalar_type() == out.scalar_type()) {
+      out = o;  // no copy
+    } else {
+      out.copy_(o);
+    }
+    return true;
+  }
+  for (int b = 0; b < p.B; ++b) {
+    const int sq = p.q_len(b), nk = p.kv_len(b);
+    if (sq == 0) continue;
+    if (packed) {
+      const int64_t q0 = p.cu_q[b], k0 = p.rows.cu[b];
+      out.narrow(0, q0, sq).copy_(flash_rows(q.narrow(0, q0, sq).unsqueeze(0), k.narrow(0, k0, nk).unsqueeze(0),
+                                             v.narrow(0, k0, nk).unsqueeze(0), p,
+                                             lse.narrow(1, q0, sq).unsqueeze(0))[0]);
+    } else {
+      out.narrow(0, b, 1).copy_(flash_rows(q.narrow(0, b, 1), k.narrow(0, b, 1).narrow(1, 0, nk),
+                                           v.narrow(0, b, 1).narrow(1, 0, nk), p, lse.narrow(0, b, 1)));
+    }
+  }
   return true;
 }
 
@@ -1207,7 +1234,7 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
   }
   // Also cross-attention (no causal mask, other key counts): at headdim 64, 1024 queries x 77 keys, fp32,
   // PyTorch's kernel took 2.1 ms and this file's vector kernel 3.2 ms.
-  if (!packed && aten_prefill(q, k, v, p, need_lse, out, lse)) {
+  if (aten_prefill(q, k, v, p, need_lse, out, lse)) {
     return {out, lse};
   }
   run(p, q.scalar_type(), k.scalar_type());
