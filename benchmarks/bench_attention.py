@@ -8,7 +8,13 @@ Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128). Baselines:
 - ``gpt-fast``: gpt-fast's eager step: ``index_put`` of the new k/v, KV heads
   expanded with ``repeat_interleave``, SDPA with a boolean mask over the whole
   max length (the cache is sized to the context here, its best case);
-- ``torch.compile`` of the gpt-fast step.
+- ``torch.compile`` of the gpt-fast step;
+- ``flex_attention``: ``torch.compile(flex_attention)`` with ``enable_gqa``, over the
+  valid prefix as SDPA (no mask to evaluate) for decode, with a causal block mask
+  for prefill (not in the GPU's quick set: its compile alone would take the check's
+  time);
+- ``flash-attn``: ``flash_attn_with_kvcache`` on a GPU where flash-attn is installed
+  (the same cache layout and in-place append as genfast's).
 
 Bytes a decode step must move: the K and V rows of every cached token once,
 2 · batch · context · nheads_k · headdim · sizeof(cache); q, the new k/v and
@@ -65,6 +71,22 @@ def gpt_fast_step(q, k_cache, v_cache, k, v, input_pos, mask):
     return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
 
 
+@functools.cache
+def _flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flash_attn():
+    """flash-attn's ``flash_attn_with_kvcache``, or None where it is not installed."""
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        return None
+    return flash_attn_with_kvcache
+
+
 def _fp8(x):
     """x (batch, seqlen, nheads_k, headdim) as float8_e4m3fn with per-head scales (nheads_k,): (x8, scale)."""
     scale = x.float().abs().amax(dim=(0, 1, 3)) / 448
@@ -97,6 +119,8 @@ def _decode(batch, context, dtype, cache_dtype, device):
         if cache_dtype != torch.float8_e4m3fn:
             # Baselines in their own layout (b, nheads_k, seqlen, d), contiguous.
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            k_cache_fa = (k_cache.clone(), v_cache.clone()) if _flash_attn() is not None and device.type == "cuda" \
+                else None
             kc = k_cache.transpose(1, 2).contiguous()
             vc = v_cache.transpose(1, 2).contiguous()
             del k_cache, v_cache
@@ -106,6 +130,10 @@ def _decode(batch, context, dtype, cache_dtype, device):
             fns["gpt-fast"] = lambda: gpt_fast_step(qt, kc, vc, kt, vt, input_pos, mask)
             compiled = torch.compile(gpt_fast_step, dynamic=False)
             fns["torch.compile"] = lambda: compiled(qt, kc, vc, kt, vt, input_pos, mask)
+            fns["flex_attention"] = lambda: _flex()(qt, kc, vc, enable_gqa=True)
+            if (fa := _flash_attn()) is not None and device.type == "cuda":
+                fk, fv = k_cache_fa
+                fns["flash-attn"] = lambda: fa(q, fk, fv, k, v, cache_seqlens=lens)
         return fns
 
     return build
@@ -130,7 +158,7 @@ def _prefill_variants() -> list[tuple[str, str, tuple | None]]:
         [(f"genfast {t[0]}x{t[1]} w{t[2]} s{t[3]}", "prefill", t) for t in tiles]
 
 
-def _prefill(seqlen, dtype, device, variants=()):
+def _prefill(seqlen, dtype, device, variants=(), flex=True):
     def build():
         g = torch.Generator(device="cpu").manual_seed(0)
         q = torch.randn(1, seqlen, NHEADS, HEADDIM, generator=g).to(device, dtype)
@@ -139,6 +167,11 @@ def _prefill(seqlen, dtype, device, variants=()):
         qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
         fns = {"genfast": lambda: genfast.attention(q, k, v, causal=True),
                "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)}
+        if flex:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            mask = create_block_mask(lambda b, h, i, j: j <= i, 1, None, seqlen, seqlen, device=device)
+            fns["flex_attention"] = lambda: _flex()(qt, kt, vt, block_mask=mask, enable_gqa=True)
         if variants:
             from genfast.kernels import attention as kernels
 
@@ -228,6 +261,7 @@ def cases(quick: bool, device) -> list[Case]:
     both also time a chunked prefill over a paged bf16 and a paged fp8 cache (``_chunked_prefill``)."""
     device = torch.device(device)
     gpu = device.type == "cuda"
+    flex = not (gpu and quick)  # FlexAttention's rows (its compile would take the GPU check's time)
     if quick:
         # on a GPU two bandwidth-bound points (each compiles the gpt-fast step once): the check must stay short
         grid = [(8, "16k"), (32, "4k")] if gpu else [(8, "4k")]
@@ -256,8 +290,9 @@ def cases(quick: bool, device) -> list[Case]:
                 family=FAMILY, op="attention_with_kvcache", mode="decode" + (" fp8-cache" if fp8 else ""),
                 size=f"b{batch} ctx{ctx}", dtype=dtype, device=device, nbytes=kv_bytes, footprint=kv_bytes,
                 impls=("genfast",) if fp8 else ("genfast", "sdpa", "gpt-fast", "torch.compile")
+                + (("flex_attention",) if flex else ()) + (("flash-attn",) if gpu and _flash_attn() else ())
                 + (tuple("genfast n{} w{} s{}".format(*t) for t in DECODE_AB_TILES) if gpu and not fp8 else ()),
-                build=_decode(batch, context, dtype, cache_dtype, device),
+                build=_decode(batch, context, dtype, cache_dtype, device), compiled=("torch.compile", "flex_attention"),
             ))
     for size in prefills:
         seqlen = {"2k": 2048, "8k": 8192}[size]
@@ -266,8 +301,9 @@ def cases(quick: bool, device) -> list[Case]:
         variants = _prefill_variants() if gpu and quick else []
         out.append(Case(family=FAMILY, op="attention", mode="prefill causal", size=size, dtype=dtype,
                         device=device, nbytes=nbytes, footprint=nbytes,
-                        impls=("genfast", "sdpa") + tuple(name for name, _, _ in variants),
-                        build=_prefill(seqlen, dtype, device, variants), compiled=()))
+                        impls=("genfast", "sdpa") + (("flex_attention",) if flex else ())
+                        + tuple(name for name, _, _ in variants),
+                        build=_prefill(seqlen, dtype, device, variants, flex), compiled=("flex_attention",)))
     for size, (batch, heads, nq, nk, headdim) in UNET_ATTENTION.items():
         if gpu and quick and size == "unet cross hd8":
             continue  # the GPU check's time is short: one headdim-8 case compiles the kernels for it
