@@ -381,6 +381,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     max_seqlen : int, optional
         The longest sequence; computed from cu_seqlens when None (a host sync on a GPU).
     return_softmax_lse : bool
+        On the CPU, prompts of 64 or more queries without softcap or ALiBi run PyTorch's flash
+        attention for the CPU (GEMM tiles, AMX ones for bf16 where the CPU has them); in bf16/fp16
+        only when lse is not asked for, since that kernel's lse comes from scores rounded to the
+        input precision (genfast's kernels compute the scores as exact fp32 products).
 
     Returns
     -------
