@@ -44,7 +44,7 @@ def _fake_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 
 
 # The ops always return lse (fp32): computing it is free next to reading the cache. need_lse=False
-# says the caller drops it: on the CPU a whole 16-bit prompt may then run PyTorch's flash attention
+# says the caller drops it: on the CPU a 16-bit prefill may then run PyTorch's flash attention
 # (AMX tiles where the CPU has them), whose lse comes from scores rounded to the input precision.
 attention_with_kvcache_op = _ops.define(
     "attention_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "

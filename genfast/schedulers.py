@@ -124,7 +124,7 @@ class _Fused:
         tables were built for, so they (and the host copies) stay."""
         if not keep_schedule:
             self._gf_tables = {}
-            self._gf_host = None  # host fp64 copies of the schedule, taken at the first step
+            self._gf_host = None  # host fp64 copies of the schedule (set_timesteps', or the first step's)
             self._gf_schedule = None  # the schedule the tables are for (_schedule_of)
         self._gf_x0_table = None  # (x0_rows, takes noise) of the table fetched last: a thresholded step's x0 pass
         self._gf_history = None
@@ -143,6 +143,8 @@ class _Fused:
         schedule = _schedule_of(self)
         self._gf_reset(keep_schedule=_same_schedule(schedule, getattr(self, "_gf_schedule", None)))
         self._gf_schedule = schedule
+        if self._gf_host is None:  # the steps' host copies: these, not a second copy at the first step
+            self._gf_host = {"timesteps": schedule[1].numpy(), "sigmas": schedule[2]}
 
     @property
     def fused(self) -> bool:

@@ -55,8 +55,8 @@ namespace genfast::cpu {
 namespace {
 
 constexpr int kBlockN = 16;  // keys per block: the widened K/V block of all heads stays in L2, the scores in L1
-constexpr int kMaxRows = 64;
-constexpr int kDirectRows = 8;  // decode items of up to this many query rows per KV head skip the widened buffers  // query rows per item; a prefill chunk of 64 rows reuses each K block 64x
+constexpr int kMaxRows = 64;  // query rows per item; a prefill chunk of 64 rows reuses each K block 64x
+constexpr int kDirectRows = 8;  // items of at most this many query rows per KV head skip the widened buffers
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kFp8Max = 448.f;
 
@@ -193,8 +193,7 @@ inline void fp8x32(const uint8_t* p, __m512& lo, __m512& hi) {
 // 16 e4m3 values as one fp32 vector (times 2^-8).
 inline __m512 fp8x16(const uint8_t* p) {
   const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256i h = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(b, 8), 1), _mm256_set1_epi16((short)0xBFFF));
-  return _mm512_cvtph_ps(h);
+  return _mm512_cvtph_ps(_mm512_castsi512_si256(fp8_to_fp16_bits(_mm512_castsi256_si512(b))));
 }
 
 inline void widen_fp8_32(const uint8_t* p, float* dst) {
@@ -481,8 +480,8 @@ void run_item(const Problem& p, const Item& it, Scratch& w) {
   }
   const TC* kcache = static_cast<const TC*>(p.k);
   const TC* vcache = static_cast<const TC*>(p.v);
-  // fp8 with few query rows per KV head (decode): K and V rows converted in registers where they are
-  // used, without the widened buffers' stores and reloads; with more rows, widened once for all of them.
+  // Few query rows per KV head (decode): K and V rows converted in registers where they are used,
+  // without the widened buffers' stores and reloads; with more rows, widened once for all of them.
 #if defined(CPU_CAPABILITY_AVX512)
   const bool kInRegisters = R <= kDirectRows;
 #else
@@ -1102,8 +1101,8 @@ bool aten_prefill(const Tensor& q, const Tensor& k, const Tensor& v, const Probl
   const bool exact = q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat;
   const bool sixteen = q.scalar_type() == k.scalar_type() &&
                        (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf);
-  const bool right_window = !p.causal && p.window_right >= 0;
-  if (p.max_sq < 64 || p.softcap > 0.f || p.alibi != nullptr || right_window || (!p.causal && p.window_left >= 0) ||
+  const bool window_without_causal = !p.causal && (p.window_left >= 0 || p.window_right >= 0);
+  if (p.max_sq < 64 || p.softcap > 0.f || p.alibi != nullptr || window_without_causal ||
       !(exact || (sixteen && !need_lse))) {
     return false;
   }
@@ -1172,7 +1171,7 @@ std::tuple<Tensor, Tensor> attention_with_kvcache(
   set_common(p, q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes);
   if (q.numel() == 0) return {out, lse};
   // A prefill chunk over a contiguous cache: the keys up to the longest row's.
-  if (rows.mode == 0 && p.max_sq >= 64) {
+  if (rows.mode == 0) {
     int64_t longest = 0;
     for (int b = 0; b < p.B; ++b) longest = std::max<int64_t>(longest, p.kv_len(b));
     if (longest <= k_cache.size(1) &&
