@@ -695,7 +695,9 @@ def _grad_apply(x, g, grad_x, coef, back, c, s, cl, act, negative_slope):
 def _group_norm_act_into(x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift, residual,
                          out):
     n, c, s, cl = _layout(x)
-    mean, rstd = x.new_empty((2, n, num_groups), dtype=torch.float32)
+    # Outputs of their own (not views of one buffer): an op's outputs must not alias.
+    mean = x.new_empty((n, num_groups), dtype=torch.float32)
+    rstd = torch.empty_like(mean)
     if n * c == 0:
         return out, mean, rstd
     if s == 0:
@@ -728,11 +730,12 @@ def group_norm_act_backward(grad_out, x, num_groups, weight, bias, mean, rstd, a
     # Every element of these is written by the kernels (the groups cover every channel).
     grad_add = x.new_empty((n, c), dtype=torch.float32)
     grad_ss = x.new_empty((n, 2 * c), dtype=torch.float32)
-    wb = x.new_empty((2, n, c), dtype=torch.float32)  # per-image parts of grad_weight, grad_bias
+    # Per-image parts of grad_weight and grad_bias, apart: an op's outputs may not alias.
+    gw_parts, gb_parts = (x.new_empty((n, c), dtype=torch.float32) for _ in range(2))
     if n * c == 0 or s == 0:
-        for t in (grad_x, grad_add, grad_ss, wb):
+        for t in (grad_x, grad_add, grad_ss, gw_parts, gb_parts):
             t.zero_()
-        return grad_x, *wb.sum(1), grad_add, grad_ss
+        return grad_x, gw_parts.sum(0), gb_parts.sum(0), grad_add, grad_ss
     g = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last if cl and x.dim() == 4 else
                                         torch.channels_last_3d if cl else torch.contiguous_format)
     cg = c // num_groups
@@ -742,7 +745,7 @@ def group_norm_act_backward(grad_out, x, num_groups, weight, bias, mean, rstd, a
     tiling = _one_program_tiling(cg, s)
     if tiling is not None:
         _group_norm_act_backward_one_program_kernel[(n * num_groups,)](
-            x, g, grad_x, w_, b_, add_, ss_, mean, rstd, grad_add, grad_ss, wb[0], wb[1], c, s, num_groups, cg,
+            x, g, grad_x, w_, b_, add_, ss_, mean, rstd, grad_add, grad_ss, gw_parts, gb_parts, c, s, num_groups, cg,
             negative_slope, CHANNELS_LAST=cl, **flags, ACT=act, BLOCK_C=tiling[0], BLOCK_S=tiling[1],
             ONE_TILE=tiling[2], num_warps=NUM_WARPS)
     else:
@@ -758,13 +761,14 @@ def group_norm_act_backward(grad_out, x, num_groups, weight, bias, mean, rstd, a
         back = x.new_empty((3, n, c), dtype=torch.float32)
         splits_p2 = next_pow2(splits)
         _group_backward_kernel[(n * num_groups,)](
-            sums[0], sums[1], sums[2], rstd, w_, b_, ss_, back[0], back[1], back[2], grad_add, grad_ss, wb[0],
-            wb[1], c, s, num_groups, cg, splits, HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], HAS_SS=flags["HAS_SS"],
+            sums[0], sums[1], sums[2], rstd, w_, b_, ss_, back[0], back[1], back[2], grad_add, grad_ss, gw_parts,
+            gb_parts, c, s, num_groups, cg, splits, HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], HAS_SS=flags["HAS_SS"],
             BLOCK=max(1, min(_cblock(cg), 2048 // splits_p2)), SPLITS_P2=splits_p2, num_warps=4)
         _grad_apply(x, g, grad_x, coef, back, c, s, cl, act, negative_slope)
-    # One image: its parts are the gradients (views, no launch); else one sum over the images.
-    gw, gb = wb[:, 0] if n == 1 else wb.sum(1)
-    return grad_x, gw, gb, grad_add, grad_ss
+    # One image: its parts are the gradients (views, no launch); else a sum over the images.
+    if n == 1:
+        return grad_x, gw_parts[0], gb_parts[0], grad_add, grad_ss
+    return grad_x, gw_parts.sum(0), gb_parts.sum(0), grad_add, grad_ss
 
 
 def channel_affine_act(x, scale, shift, residual, activation, negative_slope):
@@ -794,8 +798,7 @@ def _bn_layout(x: torch.Tensor):
 def batch_norm_act_train(x, weight, bias, eps, activation, negative_slope):
     n, c, s, cl = _bn_layout(x)
     out = torch.empty_like(x)
-    stats = x.new_empty((3, c), dtype=torch.float32)
-    mean, rstd, var = stats[0], stats[1], stats[2]
+    mean, rstd, var = (x.new_empty((c,), dtype=torch.float32) for _ in range(3))  # outputs may not alias
     if c == 0:
         return out, mean, rstd, var
     if n * s == 0:
@@ -813,7 +816,7 @@ def batch_norm_act_train(x, weight, bias, eps, activation, negative_slope):
 def batch_norm_act_backward(grad_out, x, weight, bias, mean, rstd, activation, negative_slope):
     n, c, s, cl = _bn_layout(x)
     grad_x = torch.empty_like(x)
-    grads = x.new_zeros((2, c), dtype=torch.float32)
+    grads = [x.new_zeros((c,), dtype=torch.float32) for _ in range(2)]  # outputs may not alias
     if n * c * s == 0:
         return grad_x.zero_(), grads[0], grads[1]
     fmt = torch.contiguous_format if x.is_contiguous() else \

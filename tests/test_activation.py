@@ -156,14 +156,14 @@ def test_gradcheck_fp64(activation):
     assert torch.autograd.gradcheck(lambda x: genfast.gated_act(x, activation), (x,))
 
 
-def test_opcheck():
+def test_opcheck(backend):
     ops = torch.ops.genfast
     for activation in ACTIVATIONS:
-        x = torch.randn(3, 5, 18, device=DEVICE, requires_grad=True)
-        bias = torch.randn(18, device=DEVICE, requires_grad=True)
+        x = torch.randn(3, 5, 18, device=backend, requires_grad=True)
+        bias = torch.randn(18, device=backend, requires_grad=True)
         for b in (None, bias):
             torch.library.opcheck(ops.gated_act.default, (x, b, activation))
-            grad_out = torch.randn(3, 5, 9, device=DEVICE)
+            grad_out = torch.randn(3, 5, 9, device=backend)
             torch.library.opcheck(ops.gated_act_backward.default,
                                   (grad_out, x.detach(), None if b is None else b.detach(), activation))
 

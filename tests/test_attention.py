@@ -787,16 +787,16 @@ def test_bad_input_raises_before_anything_is_written(monkeypatch):
         assert torch.equal(c, b), "a cache changed"
 
 
-def test_opcheck():
-    q = torch.randn(2, 3, 4, 64, device=DEVICE)
-    kc, vc = torch.randn(2, 16, 2, 64, device=DEVICE), torch.randn(2, 16, 2, 64, device=DEVICE)
-    k, v = torch.randn(2, 3, 2, 64, device=DEVICE), torch.randn(2, 3, 2, 64, device=DEVICE)
-    lens = torch.tensor([2, 9], dtype=torch.int32, device=DEVICE)
+def test_opcheck(backend):
+    q = torch.randn(2, 3, 4, 64, device=backend)
+    kc, vc = torch.randn(2, 16, 2, 64, device=backend), torch.randn(2, 16, 2, 64, device=backend)
+    k, v = torch.randn(2, 3, 2, 64, device=backend), torch.randn(2, 3, 2, 64, device=backend)
+    lens = torch.tensor([2, 9], dtype=torch.int32, device=backend)
     ops = torch.ops.genfast
     torch.library.opcheck(ops.attention_with_kvcache.default,
                           (q, kc, vc, k, v, lens, 0, None, 0.125, True, -1, 0, 0.0, None, None, None, True))
     torch.library.opcheck(ops.kvcache_append_.default, (kc, vc, k, v, lens, 0, None, None, None))
-    cu = torch.tensor([0, 1, 3], dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32, device=backend)
     torch.library.opcheck(ops.attention.default, (q[0], k[0].repeat(1, 1, 1)[:3], v[0][:3], cu, cu, 3, 3, 0.125,
                                                   True, -1, 0, 0.0, None, False))
 

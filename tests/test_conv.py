@@ -397,9 +397,10 @@ def test_gradcheck_fp64(activation):
     assert torch.autograd.gradcheck(lambda x: group_norm_act(x, 2, activation=activation), (x,))
 
 
-def test_opcheck():
+def test_opcheck(backend):
+    """Every backend: the schemas (outputs that do not alias), fakes and autograd registrations."""
     ops = torch.ops.genfast
-    t = make_inputs((2, 8, 5, 3), torch.float32, DEVICE, False, ("affine", "add", "scale_shift", "residual"))
+    t = make_inputs((2, 8, 5, 3), torch.float32, backend, False, ("affine", "add", "scale_shift", "residual"))
     x, w, b, add, ss, res = (t[k] for k in ("x", "weight", "bias", "add", "scale_shift", "residual"))
     xcl = to_layout(x.detach(), True).requires_grad_()
     cases = [
@@ -784,16 +785,21 @@ def test_batch_norm_act_bad_input_raises_before_anything_runs(kwargs, error, mat
     assert all(torch.equal(t, before) for t, before in stats), "running statistics touched"
 
 
-def test_batch_norm_act_train_opcheck_and_compile():
+def test_batch_norm_act_train_opcheck(backend):
     ops = torch.ops.genfast
-    x = torch.randn(3, 6, 5, 4, requires_grad=True)
-    w, b = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    x = torch.randn(3, 6, 5, 4, device=backend, requires_grad=True)
+    w, b = (torch.randn(6, device=backend, requires_grad=True) for _ in range(2))
     xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     for args in ((x, w, b, 1e-5, "silu", 0.01), (xcl, None, b, 1e-3, "leaky_relu", 0.2)):
         torch.library.opcheck(ops.batch_norm_act_train.default, args)
     _, mean, rstd, _ = ops.batch_norm_act_train(x.detach(), w.detach(), b.detach(), 1e-5, "gelu", 0.01)
     torch.library.opcheck(ops.batch_norm_act_backward.default,
-                          (torch.randn(3, 6, 5, 4), x.detach(), w.detach(), b.detach(), mean, rstd, "gelu", 0.01))
+                          (torch.randn_like(x), x.detach(), w.detach(), b.detach(), mean, rstd, "gelu", 0.01))
+
+
+def test_batch_norm_act_train_compiled_updates_running_stats():
+    x = torch.randn(3, 6, 5, 4, requires_grad=True)
+    w, b = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
     torch._dynamo.reset()
     rm, rv = torch.zeros(6), torch.ones(6)
     rm_c, rv_c = rm.clone(), rv.clone()

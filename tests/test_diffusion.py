@@ -452,17 +452,17 @@ def test_compiled_step_has_no_graph_break(backend):
     torch.testing.assert_close(h_comp, h_eager)
 
 
-def test_opcheck():
+def test_opcheck(backend):
     gen = torch.Generator().manual_seed(14)
-    x, u, c, n, h = (torch.randn(2, 3, 4, generator=gen) for _ in range(5))
-    rows = torch.stack([random_row(gen) for _ in range(2)])
-    factor = torch.rand(2) + 0.5
-    bound = torch.rand(2) + 1.0
+    x, u, c, n, h = (torch.randn(2, 3, 4, generator=gen).to(backend) for _ in range(5))
+    rows = torch.stack([random_row(gen) for _ in range(2)]).to(backend)
+    factor = torch.rand(2, device=backend) + 0.5
+    bound = torch.rand(2, device=backend) + 1.0
     op = D.sampler_step_op.packet
     torch.library.opcheck(op, (x, u, c, n, h.clone(), None, None, rows, 1, None, 2.0, factor, 0.5, None, True, 3,
                                None, 0, True))
-    torch.library.opcheck(op, (x, u, None, None, None, None, None, rows, 0, torch.tensor(1), 1.0, None, 0.0, None,
-                               True, 0, torch.tensor(9), 4, False))
+    torch.library.opcheck(op, (x, u, None, None, None, None, None, rows, 0, torch.tensor(1, device=backend), 1.0, None, 0.0, None,
+                               True, 0, torch.tensor(9, device=backend), 4, False))
     torch.library.opcheck(op, (x, u, c, None, h.clone(), h.clone(), h.clone(), rows, 1, None, 2.0, factor, 0.0, bound,
                                False, 0, None, 0, True))
     torch.library.opcheck(D.guidance_rescale_factor_op.packet, (u, c, 5.0, 0.7))

@@ -434,16 +434,16 @@ def test_flashinfer_probs_errors_name_the_function_and_probs(fn, probs, args, ma
 
 # ---- the op ----------------------------------------------------------------------
 
-def test_opcheck():
-    logits = torch.randn(4, 37, device=DEVICE)
-    params = torch.tensor([[1.0, 3, 0.9, 0.0, 1.2, 0.1, 0.1]] * 4, device=DEVICE)
-    prev = torch.randint(-1, 37, (4, 6), device=DEVICE)
-    counts = torch.randint(0, 3, (4, 37), device=DEVICE, dtype=torch.int32)
+def test_opcheck(backend):
+    logits = torch.randn(4, 37, device=backend)
+    params = torch.tensor([[1.0, 3, 0.9, 0.0, 1.2, 0.1, 0.1]] * 4, device=backend)
+    prev = torch.randint(-1, 37, (4, 6), device=backend)
+    counts = torch.randint(0, 3, (4, 37), device=backend, dtype=torch.int32)
     op = torch.ops.genfast.sample_tokens.default
     for args in [(logits, None, None, None, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 3, None, 0, True),
                  (logits, params, prev, None, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 3, None, 0, False),
                  (logits, params, None, counts, 1.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 3, None, 0, False),
-                 (logits, None, prev, None, 2.0, 5, 0.8, 0.1, 1.3, 0.2, 0.3, 0, torch.tensor(4, device=DEVICE), 9,
+                 (logits, None, prev, None, 2.0, 5, 0.8, 0.1, 1.3, 0.2, 0.3, 0, torch.tensor(4, device=backend), 9,
                   True)]:
         torch.library.opcheck(op, args)
 
@@ -638,10 +638,11 @@ def test_renorm_and_mask_bad_arguments(fn, x, arg, error, match, monkeypatch):
         fn(x, arg)
 
 
-def test_renorm_and_mask_opcheck_and_compile():
-    probs = torch.rand(3, 29, device=DEVICE).softmax(-1)
-    k = torch.tensor([1, 4, 0], device=DEVICE)
-    p = torch.tensor([0.3, 0.9, 1.0], device=DEVICE)
+def test_renorm_and_mask_opcheck_and_compile(backend):
+    device = backend
+    probs = torch.rand(3, 29, device=device).softmax(-1)
+    k = torch.tensor([1, 4, 0], device=device)
+    p = torch.tensor([0.3, 0.9, 1.0], device=device)
     torch.library.opcheck(torch.ops.genfast.top_k_renorm_probs.default, (probs, k, 0))
     torch.library.opcheck(torch.ops.genfast.top_k_renorm_probs.default, (probs, None, 3))
     torch.library.opcheck(torch.ops.genfast.top_p_renorm_probs.default, (probs, p, 1.0))

@@ -194,25 +194,25 @@ def test_gradcheck_fp64(reduction):
         lambda m, l: genfast.reparameterize_with_kl(m, l, seed=3, reduction=reduction), (mu, logvar))
 
 
-def test_opcheck():
-    mu, logvar = inputs((4, 9), torch.float32, DEVICE, requires_grad=True)
-    seed_t = torch.tensor(11, device=DEVICE)
+def test_opcheck(backend):
+    mu, logvar = inputs((4, 9), torch.float32, backend, requires_grad=True)
+    seed_t = torch.tensor(11, device=backend)
     ops = torch.ops.genfast
     cases = [
         (ops.reparameterize.default, (mu, logvar, None, 3, None, 5)),
         (ops.reparameterize.default, (mu, logvar, None, 0, seed_t, 5)),
-        (ops.reparameterize.default, (mu, logvar, torch.randn(4, 9, device=DEVICE), 0, None, 0)),
-        (ops.reparameterize_backward.default, (torch.randn(4, 9, device=DEVICE), logvar.detach(), None, 3, None, 5)),
-        (ops.fill_noise_.default, (torch.empty(4, 9, device=DEVICE), 3, None, 5, True)),
+        (ops.reparameterize.default, (mu, logvar, torch.randn(4, 9, device=backend), 0, None, 0)),
+        (ops.reparameterize_backward.default, (torch.randn(4, 9, device=backend), logvar.detach(), None, 3, None, 5)),
+        (ops.fill_noise_.default, (torch.empty(4, 9, device=backend), 3, None, 5, True)),
     ]
     for reduction in REDUCTIONS:
-        grad_kl = torch.randn((4, 9) if reduction == "none" else (), device=DEVICE)
+        grad_kl = torch.randn((4, 9) if reduction == "none" else (), device=backend)
         cases += [
             (ops.gaussian_kl.default, (mu, logvar, reduction)),
             (ops.gaussian_kl_backward.default, (grad_kl, mu.detach(), logvar.detach(), reduction)),
             (ops.reparameterize_with_kl.default, (mu, logvar, 3, None, 5, reduction)),
             (ops.reparameterize_with_kl_backward.default,
-             (torch.randn(4, 9, device=DEVICE), grad_kl, mu.detach(), logvar.detach(), 3, None, 5, reduction)),
+             (torch.randn(4, 9, device=backend), grad_kl, mu.detach(), logvar.detach(), 3, None, 5, reduction)),
         ]
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -86,7 +86,8 @@ def _attend(q, k, v, q_pos, k_len, softmax_scale, causal, window_left, window_ri
     vv = v.masked_fill(~(kpos.view(1, sk, 1, 1) < k_len.view(batch, 1, 1, 1)), 0.0)
     pg = p.view(batch, nheads_k, group * sq, sk)
     out = torch.matmul(pg, vv.permute(0, 2, 1, 3))  # (batch, nheads_k, group * sq, d)
-    out = out.view(batch, nheads_k, group, sq, d).permute(0, 3, 1, 2, 4).reshape(batch, sq, nheads, d)
+    # Contiguous, as the op's fake promises (the reshape of this permute can be a strided view).
+    out = out.view(batch, nheads_k, group, sq, d).permute(0, 3, 1, 2, 4).contiguous().view(batch, sq, nheads, d)
     return out, lse
 
 
