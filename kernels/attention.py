@@ -80,9 +80,10 @@ same-dtype specialization compiles to the code it had before:
 Measured on an H200 (2026-11-27, causal bf16, Llama-3-8B heads, b1): 2k 0.155 ms
 with 128 x 64 tiles (SDPA 0.086), 0.087 with 64 x 64 and 4 warps; 8k 1.191
 ms, 1.130 with 128 x 128 tiles (SDPA 1.019). ``prefill_config`` now picks the
-tile by the number of 128-row programs per SM. Chunked prefill over pages of 16
-took 0.389 ms against 0.235 for the same tokens in a contiguous cache: the
-paged gather is the cost still to find.
+tile by the number of 128-row programs per SM (a later run: 2k 0.083 ms, 8k
+1.150, SDPA 0.079 and 0.884). Chunked prefill over pages of 16 took 0.389 ms
+against 0.235 for the same tokens in a contiguous cache; with the page walk a
+shift and a mask (``_page_slot``), 0.289 against 0.210.
 """
 from __future__ import annotations
 
@@ -129,7 +130,8 @@ def _page_slot(pos, page_size, page_shift, PAGE_POW2: tl.constexpr):
     when the page size is a power of two (PAGE_POW2, page_shift its log2: vLLM's 16), else a division.
     A GPU has no integer divider: the sm_90 PTX of the paged prefill kernel held 37 divisions and 36
     remainders by the runtime page size (none with PAGE_POW2), and it ran 1.76x the contiguous
-    cache's time on an H200 (2k queries after 2k cached keys, pages of 16; not re-timed since)."""
+    cache's time on an H200 (2k queries after 2k cached keys, pages of 16); with PAGE_POW2, 1.38x
+    (289 against 210 us)."""
     if PAGE_POW2:
         page = pos >> page_shift
         slot = pos & (page_size - 1)

@@ -44,7 +44,9 @@ about 4 programs run per SM (chunks of at least 2048 logits): 0.173 ms and
 0.414 ms a call (wall, host included; 64 rows: 0.252 and 0.610 ms). With
 ``randn * 3`` logits top-p 0.9 keeps ~5-7k candidates, searched by one
 program per row: since that run the search starts at the level below the
-cut (6 passes, not 8) and takes 1024 candidates a step (not yet timed).
+cut (6 passes, not 8) and takes 1024 candidates a step: top-p alone 0.282 ms
+(8 rows) and 0.456 ms (64 rows) on the H200, of which the search
+(``_select_kernel``, one program per row) takes 189 and 242 us.
 """
 from __future__ import annotations
 
