@@ -4,7 +4,9 @@ Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128). Baselines:
 
 - ``sdpa``: ``F.scaled_dot_product_attention(enable_gqa=True)`` over exactly the
   valid prefix of a (batch, nheads_k, seqlen, headdim) cache: its best case
-  (no mask, no padding, a layout made for it);
+  (no mask, no padding, a layout made for it); for prefill on a GPU also
+  ``sdpa flash``, SDPA held to its flash backend (the target's reference; a
+  Hopper GPU's default is cuDNN's kernel);
 - ``gpt-fast``: gpt-fast's eager step: ``index_put`` of the new k/v, KV heads
   expanded with ``repeat_interleave``, SDPA with a boolean mask over the whole
   max length (the cache is sized to the context here, its best case);
@@ -167,6 +169,8 @@ def _prefill(seqlen, dtype, device, variants=(), flex=True):
         qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
         fns = {"genfast": lambda: genfast.attention(q, k, v, causal=True),
                "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)}
+        if torch.device(device).type == "cuda":
+            fns["sdpa flash"] = _sdpa_flash(qt, kt, vt)
         if flex:
             from torch.nn.attention.flex_attention import create_block_mask
 
@@ -183,6 +187,20 @@ def _prefill(seqlen, dtype, device, variants=(), flex=True):
         return fns
 
     return build
+
+
+def _sdpa_flash(qt, kt, vt):
+    """SDPA held to its flash backend (FlashAttention-2; on a Hopper GPU SDPA picks cuDNN's kernel by
+    default), the KV heads repeated for it beforehand, outside the timing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = qt.shape[1] // kt.shape[1]
+    kr, vr = kt.repeat_interleave(group, 1), vt.repeat_interleave(group, 1)
+
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kr, vr, is_causal=True)
+    return run
 
 
 CHUNK, CACHED, PAGE_SIZE = 2048, 2048, 16  # chunked prefill: a 2k chunk after 2k cached tokens, vLLM's page size
@@ -301,8 +319,8 @@ def cases(quick: bool, device) -> list[Case]:
         variants = _prefill_variants() if gpu and quick else []
         out.append(Case(family=FAMILY, op="attention", mode="prefill causal", size=size, dtype=dtype,
                         device=device, nbytes=nbytes, footprint=nbytes,
-                        impls=("genfast", "sdpa") + (("flex_attention",) if flex else ())
-                        + tuple(name for name, _, _ in variants),
+                        impls=("genfast", "sdpa") + (("sdpa flash",) if gpu else ())
+                        + (("flex_attention",) if flex else ()) + tuple(name for name, _, _ in variants),
                         build=_prefill(seqlen, dtype, device, variants, flex), compiled=("flex_attention",)))
     for size, (batch, heads, nq, nk, headdim) in UNET_ATTENTION.items():
         if gpu and quick and size == "unet cross hd8":
