@@ -209,11 +209,12 @@ CHUNK, CACHED, PAGE_SIZE = 2048, 2048, 16  # chunked prefill: a 2k chunk after 2
 def _chunked_prefill(dtype, cache_dtype, device):
     """A chunk of CHUNK queries over a paged cache (randomly permuted pages) holding CACHED + CHUNK tokens, the
     chunk's keys appended before the call (KVCache's update, then attend). A/B rows in the same run: the same
-    tokens in a contiguous cache (for a bf16 cache: the path paged must match), and the shared kernel (what
-    paged and fp8 caches ran before the prefill kernel took them)."""
-    def build():
-        from genfast.kernels import attention as kernels
+    tokens in a contiguous cache (for a bf16 cache: the path paged must match), and on a GPU the shared kernel
+    (what paged and fp8 caches ran before the prefill kernel took them). On the CPU both rows are the public
+    call (a paged cache's pages gathered for PyTorch's flash attention, a contiguous one read in place)."""
+    gpu = torch.device(device).type == "cuda"
 
+    def build():
         g = torch.Generator(device="cpu").manual_seed(0)
         n = CACHED + CHUNK
         q = torch.randn(1, CHUNK, NHEADS, HEADDIM, generator=g).to(device, dtype)
@@ -232,13 +233,18 @@ def _chunked_prefill(dtype, cache_dtype, device):
         lens = torch.full((1,), n, dtype=torch.int32, device=device)
 
         def call(kc, vc, bt, kernel=None):
+            if not gpu:
+                return lambda: genfast.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=bt,
+                                                              causal=True, k_scale=k_scale, v_scale=v_scale)
+            from genfast.kernels import attention as kernels
+
             return lambda: kernels.attention_with_kvcache(q, kc, vc, None, None, lens, 0, bt, HEADDIM ** -0.5, True,
                                                           -1, 0, 0.0, None, k_scale, v_scale, kernel=kernel)
 
-        paged = dict(cache_seqlens=lens, block_table=block_table, causal=True, k_scale=k_scale, v_scale=v_scale)
-        return {"genfast": lambda: genfast.attention_with_kvcache(q, pk, pv, **paged),
-                "genfast contiguous cache": call(k, v, None),
-                "genfast shared kernel": call(pk, pv, block_table, "shared")}
+        fns = {"genfast": call(pk, pv, block_table), "genfast contiguous cache": call(k, v, None)}
+        if gpu:
+            fns["genfast shared kernel"] = call(pk, pv, block_table, "shared")
+        return fns
 
     return build
 
@@ -332,14 +338,15 @@ def cases(quick: bool, device) -> list[Case]:
                         # on a GPU SDPA is one flash kernel either way: the check skips compiling it
                         impls=("genfast", "sdpa") if gpu else ("genfast", "sdpa", "torch.compile"),
                         build=_unet_attention(batch, heads, nq, nk, headdim, dtype, device, compile=not gpu)))
-    if gpu:  # the Triton kernels' paged/fp8 prefill against the contiguous cache and the shared kernel
-        for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
-            n = CACHED + CHUNK
-            nbytes = 2 * CHUNK * NHEADS * HEADDIM * 2 + 2 * n * NHEADS_K * HEADDIM * cache_dtype.itemsize
-            fp8 = " fp8-cache" if cache_dtype == torch.float8_e4m3fn else ""
-            out.append(Case(family=FAMILY, op="attention_with_kvcache", mode=f"chunked prefill paged{fp8}",
-                            size=f"{CHUNK // 1024}k after {CACHED // 1024}k page{PAGE_SIZE}", dtype=torch.bfloat16,
-                            device=device, nbytes=nbytes, footprint=nbytes,
-                            impls=("genfast", "genfast contiguous cache", "genfast shared kernel"),
-                            build=_chunked_prefill(torch.bfloat16, cache_dtype, device), compiled=()))
+    # Chunked prefill over a paged cache (bf16, fp8) against the same tokens in a contiguous one; on a GPU also
+    # with the shared kernel
+    for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        n = CACHED + CHUNK
+        nbytes = 2 * CHUNK * NHEADS * HEADDIM * 2 + 2 * n * NHEADS_K * HEADDIM * cache_dtype.itemsize
+        fp8 = " fp8-cache" if cache_dtype == torch.float8_e4m3fn else ""
+        out.append(Case(family=FAMILY, op="attention_with_kvcache", mode=f"chunked prefill paged{fp8}",
+                        size=f"{CHUNK // 1024}k after {CACHED // 1024}k page{PAGE_SIZE}", dtype=torch.bfloat16,
+                        device=device, nbytes=nbytes, footprint=nbytes,
+                        impls=("genfast", "genfast contiguous cache") + (("genfast shared kernel",) if gpu else ()),
+                        build=_chunked_prefill(torch.bfloat16, cache_dtype, device), compiled=()))
     return out

@@ -904,6 +904,36 @@ def test_prefill_chunk_over_rows_of_equal_length(backend, dtype, window):
     assert_close(out, out64, lowp, atol=ATOL[q.dtype])
 
 
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, FP8),
+                                               (torch.bfloat16, FP8)], ids=["fp32", "bf16", "fp32-fp8", "bf16-fp8"])
+def test_prefill_chunk_over_a_paged_cache(backend, dtype, cache_dtype):
+    """A chunk of 70 queries appended to ragged rows of a paged cache (pages of 16, permuted, every other
+    slot NaN): the same output as over a contiguous cache holding the same bytes (on the CPU both reach
+    PyTorch's flash attention, the pages gathered and an fp8 cache widened with its scales: fp32 with lse,
+    bf16 without), and the oracle's."""
+    skip_unsupported(backend, dtype)
+    b, n, h, hk, d = 3, 70, 8, 2, 64
+    old = torch.tensor([150, 37, 0] if not is_triton() else [40, 9, 0])
+    cache = Cache(b, int(old.max()) + n + 7, hk, d, cache_dtype or dtype, backend, old, page_size=16)
+    q, k, v = (torch.randn(b, n, heads, d).to(backend, dtype) for heads in (h, hk, hk))
+    want_lse = dtype == torch.float32
+    kw = dict(cache_seqlens=old.to(backend, torch.int32), return_softmax_lse=want_lse, k_scale=cache.k_scale,
+              v_scale=cache.v_scale)
+    bt = cache.block_table.long()
+    k_cont, v_cont = (x[bt].reshape(b, -1, hk, d) for x in (cache.k, cache.v))  # the rows' pages in order
+    got = genfast.attention_with_kvcache(q, cache.k, cache.v, k, v, block_table=cache.block_table, **kw)
+    ref = genfast.attention_with_kvcache(q, k_cont, v_cont, k, v, **kw)
+    for a, r in zip(got if want_lse else (got,), ref if want_lse else (ref,)):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+    k_log, v_log, lens = cache.logical("k"), cache.logical("v"), old + n
+    if want_lse:
+        check_against_oracle(*got, q, k_log, v_log, lens)
+    else:
+        out64, _ = oracle(q, k_log, v_log, lens)
+        lowp, _ = oracle(q, k_log, v_log, lens, dtype=q.dtype)
+        assert_close(got, out64, lowp, atol=ATOL[q.dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_whole_prompt_prefill(backend, dtype, causal):
