@@ -1234,7 +1234,10 @@ std::tuple<Tensor, Tensor> attention_with_kvcache(
   int64_t longest = 0;
   for (int b = 0; b < p.B; ++b) longest = std::max<int64_t>(longest, p.kv_len(b));
   const bool fp8 = k_cache.scalar_type() == c10::kFloat8_e4m3fn;
-  if ((rows.mode == 1 || longest <= k_cache.size(1)) &&
+  // A copy (paged, fp8) of at most 1 GB; beyond it the vector kernel, which streams the cache.
+  const bool copied = rows.mode == 1 || fp8;
+  const int64_t copy_bytes = 2 * p.B * longest * p.HK * p.D * q.element_size();
+  if ((rows.mode == 1 || longest <= k_cache.size(1)) && !(copied && copy_bytes > (int64_t(1) << 30)) &&
       aten_prefill_applies(q.scalar_type(), fp8 ? q.scalar_type() : k_cache.scalar_type(), p, need_lse) &&
       aten_prefill(q, prefill_rows(k_cache, block_table, k_scale, p, longest, q.scalar_type()),
                    prefill_rows(v_cache, block_table, v_scale, p, longest, q.scalar_type()), p, need_lse, out, lse)) {
