@@ -817,9 +817,10 @@ def batch_norm_act_train(x, weight, bias, eps, activation, negative_slope):
 def batch_norm_act_backward(grad_out, x, weight, bias, mean, rstd, activation, negative_slope):
     n, c, s, cl = _bn_layout(x)
     grad_x = torch.empty_like(x)
-    grads = [x.new_zeros((c,), dtype=torch.float32) for _ in range(2)]  # outputs may not alias
+    # grad_weight, grad_bias: every channel's written by _group_backward_kernel; outputs may not alias
+    grads = [x.new_empty((c,), dtype=torch.float32) for _ in range(2)]
     if n * c * s == 0:
-        return grad_x.zero_(), grads[0], grads[1]
+        return grad_x.zero_(), grads[0].zero_(), grads[1].zero_()
     fmt = torch.contiguous_format if x.is_contiguous() else \
         torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     g = grad_out.to(x.dtype).contiguous(memory_format=fmt)
