@@ -145,10 +145,35 @@ def check_close(got, ref, what: str) -> float:
     return err
 
 
+def profile_forward(unet, patched, latents, text, rows: int = 12) -> None:
+    """One guided UNet forward, unpatched and patched, under torch.profiler: the host's time by
+    op (self CPU time) next to the kernels' (device time), so that an uncaptured loop that is
+    slower than eager says which calls its host time goes to."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.cat([latents] * 2)
+    t = torch.tensor(500, device=latents.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if latents.is_cuda else [])
+    for name, model in (("eager UNet", unet), ("genfast-patched UNet", patched)):
+        with torch.no_grad():
+            for _ in range(2):
+                model(x, t, encoder_hidden_states=text)
+            if latents.is_cuda:
+                torch.cuda.synchronize()
+            with profile(activities=activities) as prof:
+                model(x, t, encoder_hidden_states=text)
+                if latents.is_cuda:
+                    torch.cuda.synchronize()
+        events = prof.key_averages()
+        print(f"\n{name}: one forward, by self CPU time")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+
+
 def bench(quick: bool = True, device=None, batch: int = 1, steps: int = 10, reps: int = 3,
-          compile: bool = False) -> list[common.Row]:
+          compile: bool = False, profile: bool = False) -> list[common.Row]:
     """``compile``: also time the eager loop around ``torch.compile(unet)`` (off by default: on
-    the CPU compiling the UNet takes minutes), with its time to the first image."""
+    the CPU compiling the UNet takes minutes), with its time to the first image. ``profile``: then
+    print ``profile_forward``'s tables."""
     device = torch.device(device) if device is not None else common.default_device()
     config = QUICK if quick else SD15
     if not quick:
@@ -192,6 +217,9 @@ def bench(quick: bool = True, device=None, batch: int = 1, steps: int = 10, reps
                                                       "cross_attention_dim", "norm_num_groups")}
     common.print_rows(rows, f"diffusion: UNet2DConditionModel {'SD1.5' if not quick else 'reduced'} {shown}, "
                             f"DPM++ 2M, {steps} steps, guidance 7.5, fp32; {device}")
+    if profile:
+        with common.full_fp32():
+            profile_forward(unet, patched, latents, text)
     return rows
 
 
@@ -202,9 +230,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(unet) (minutes on a CPU)")
+    p.add_argument("--profile", action="store_true", help="then profile one UNet forward, unpatched and patched")
     a = p.parse_args(argv)
     common.apply_common_args(a)
-    bench(quick=not a.full, device=a.device, batch=a.batch, steps=a.steps, compile=a.compile)
+    bench(quick=not a.full, device=a.device, batch=a.batch, steps=a.steps, compile=a.compile, profile=a.profile)
 
 
 if __name__ == "__main__":
