@@ -506,15 +506,16 @@ def _channel_affine_act_kernel(x_ptr, res_ptr, out_ptr, a_ptr, b_ptr, rows, C, S
 
 @triton.jit
 def _channel_sums_kernel(x_ptr, g_ptr, a_ptr, d_ptr, b_ptr, s1_ptr, s2_ptr, s3_ptr, C, S, s_per_split, splits, slope,
-                         CHANNELS_LAST: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
-    """Per (n, c, split): sums of dy, dy * (h - mean) and (h - mean)."""
+                         coef_n_stride, out_n_stride, out_c_stride, CHANNELS_LAST: tl.constexpr, ACT: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per (n, c, split): sums of dy, dy * (h - mean) and (h - mean), stored at n * out_n_stride +
+    c * out_c_stride + split; the coefficients (a, d, b) at n * coef_n_stride + c (0: per channel)."""
     n, cb, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    a = tl.load(a_ptr + n * C + c, mask=cm, other=0.0)[:, None]
-    d = tl.load(d_ptr + n * C + c, mask=cm, other=0.0)[:, None]
-    b = tl.load(b_ptr + n * C + c, mask=cm, other=0.0)[:, None]
+    a = tl.load(a_ptr + n * coef_n_stride + c, mask=cm, other=0.0)[:, None]
+    d = tl.load(d_ptr + n * coef_n_stride + c, mask=cm, other=0.0)[:, None]
+    b = tl.load(b_ptr + n * coef_n_stride + c, mask=cm, other=0.0)[:, None]
     s_begin = sp * s_per_split
     s_end = tl.minimum(s_begin + s_per_split, S)
     acc1 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
@@ -527,7 +528,7 @@ def _channel_sums_kernel(x_ptr, g_ptr, a_ptr, d_ptr, b_ptr, s1_ptr, s2_ptr, s3_p
         acc1 += dy
         acc2 += dy * xc
         acc3 += xc
-    out = (n * C + c) * splits + sp
+    out = n * out_n_stride + c * out_c_stride + sp
     tl.store(s1_ptr + out, tl.sum(acc1, axis=1), mask=cm)
     tl.store(s2_ptr + out, tl.sum(acc2, axis=1), mask=cm)
     tl.store(s3_ptr + out, tl.sum(acc3, axis=1), mask=cm)
@@ -583,9 +584,12 @@ def _group_backward_kernel(s1_ptr, s2_ptr, s3_ptr, rstd_ptr, w_ptr, b_ptr, ss_pt
 
 @triton.jit
 def _grad_apply_kernel(x_ptr, g_ptr, gx_ptr, a_ptr, d_ptr, b_ptr, p_ptr, q_ptr, r_ptr, rows, C, S, slope,
-                       CHANNELS_LAST: tl.constexpr, ACT: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    idx, nc, _, mask, nc_mask = _elementwise_tile(C, S, rows, CHANNELS_LAST, BLOCK_R, BLOCK_K)
+                       CHANNELS_LAST: tl.constexpr, ACT: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grad_x from the per-(n, c) coefficients (PER_CHANNEL: per channel, batch norm's)."""
+    idx, nc, c, mask, nc_mask = _elementwise_tile(C, S, rows, CHANNELS_LAST, BLOCK_R, BLOCK_K)
+    if PER_CHANNEL:
+        nc = c
     a = tl.load(a_ptr + nc, mask=nc_mask, other=0.0)
     d = tl.load(d_ptr + nc, mask=nc_mask, other=0.0)
     b = tl.load(b_ptr + nc, mask=nc_mask, other=0.0)
@@ -685,11 +689,11 @@ def _apply(x, residual, out, coef, c, s, cl, activation, negative_slope):
     return out
 
 
-def _grad_apply(x, g, grad_x, coef, back, c, s, cl, act, negative_slope):
+def _grad_apply(x, g, grad_x, coef, back, c, s, cl, act, negative_slope, per_channel=False):
     grid, rows, meta = _elementwise_grid(x, c, s, cl)
     _grad_apply_kernel[grid](
         x, g, grad_x, coef[0], coef[1], coef[2], back[0], back[1], back[2], rows, c, s, negative_slope,
-        CHANNELS_LAST=cl, ACT=act, **meta, num_warps=NUM_WARPS)
+        CHANNELS_LAST=cl, ACT=act, PER_CHANNEL=per_channel, **meta, num_warps=NUM_WARPS)
     return grad_x
 
 
@@ -758,7 +762,7 @@ def group_norm_act_backward(grad_out, x, num_groups, weight, bias, mean, rstd, a
         sums = x.new_empty((3, n, c, splits), dtype=torch.float32)
         _channel_sums_kernel[(n, cdiv(c, block_c), splits)](
             x, g, coef[0], coef[1], coef[2], sums[0], sums[1], sums[2], c, s, s_per_split, splits, negative_slope,
-            CHANNELS_LAST=cl, ACT=act, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS)
+            c, c * splits, splits, CHANNELS_LAST=cl, ACT=act, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS)
         back = x.new_empty((3, n, c), dtype=torch.float32)
         splits_p2 = next_pow2(splits)
         _group_backward_kernel[(n * num_groups,)](
@@ -824,25 +828,27 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, rstd, activation, n
     fmt = torch.contiguous_format if x.is_contiguous() else \
         torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     g = grad_out.to(x.dtype).contiguous(memory_format=fmt)
-    w = weight if weight is not None else torch.ones_like(rstd)
-    b = bias if bias is not None else torch.zeros_like(rstd)
-    # The forward's folded coefficients, per (n, c) as the elementwise kernels index them.
-    coef = torch.stack([rstd * w, -mean, b])[:, None, :].expand(3, n, c).contiguous()
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None)
+    w_, b_ = _opt(weight, x), _opt(bias, x)
+    # Four launches: the forward's folded coefficients per channel (one group per channel), the
+    # per-(n, c, split) sums stored channel by channel (a channel's images and splits adjacent, so
+    # the next kernel reduces them as one channel's splits), the per-channel gradient coefficients
+    # and parameter gradients, and grad_x.
+    coef = x.new_empty((3, c), dtype=torch.float32)
+    _coef_kernel[(c,)](mean, rstd, w_, b_, x, x, coef[0], coef[1], coef[2], c, c, 1, **flags, HAS_ADD=False,
+                       HAS_SS=False, BLOCK=1, num_warps=1)
     block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
-    sums = x.new_empty((3, n, c, splits), dtype=torch.float32)
+    sums = x.new_empty((3, c, n, splits), dtype=torch.float32)
     act = ACT_CODES[activation]
     _channel_sums_kernel[(n, cdiv(c, block_c), splits)](
         x, g, coef[0], coef[1], coef[2], sums[0], sums[1], sums[2], c, s, s_per_split, splits, negative_slope,
-        CHANNELS_LAST=cl, ACT=act, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS)
-    # Over the images, then one group per channel of one image of N * S elements.
-    sums = sums.sum(1)
+        0, splits, n * splits, CHANNELS_LAST=cl, ACT=act, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS)
     back = x.new_empty((3, c), dtype=torch.float32)
     unused = x.new_empty((3, c), dtype=torch.float32)  # the per-(n, c) gradients of add and scale_shift
-    splits_p2 = next_pow2(splits)
+    parts_p2 = next_pow2(n * splits)
     _group_backward_kernel[(c,)](
-        sums[0], sums[1], sums[2], rstd, _opt(weight, x), _opt(bias, x), x, back[0], back[1], back[2],
-        unused[0], unused[1:], grads[0], grads[1], c, n * s, c, 1, splits,
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_SS=False, BLOCK=1, SPLITS_P2=splits_p2, num_warps=4)
-    back = back[:, None, :].expand(3, n, c).contiguous()
-    _grad_apply(x, g, grad_x, coef, back, c, s, cl, act, negative_slope)
+        sums[0], sums[1], sums[2], rstd, w_, b_, x, back[0], back[1], back[2],
+        unused[0], unused[1:], grads[0], grads[1], c, n * s, c, 1, n * splits,
+        **flags, HAS_SS=False, BLOCK=1, SPLITS_P2=parts_p2, num_warps=4)
+    _grad_apply(x, g, grad_x, coef, back, c, s, cl, act, negative_slope, per_channel=True)
     return grad_x, grads[0], grads[1]
