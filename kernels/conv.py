@@ -828,7 +828,7 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, rstd, activation, n
     fmt = torch.contiguous_format if x.is_contiguous() else \
         torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     g = grad_out.to(x.dtype).contiguous(memory_format=fmt)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None)
+    flags = {"HAS_W": weight is not None, "HAS_B": bias is not None}
     w_, b_ = _opt(weight, x), _opt(bias, x)
     # Four launches: the forward's folded coefficients per channel (one group per channel), the
     # per-(n, c, split) sums stored channel by channel (a channel's images and splits adjacent, so
