@@ -97,6 +97,9 @@ GROUP_ONE_PROGRAM = 65536
 # Register tile of those kernels (lanes): the moments kernels' TILE; a group that
 # fits is read once and its variance taken in two passes over the registers.
 GROUP_TILE = TILE
+# Partial sums per channel that the BatchNorm backward's per-channel kernel reduces at once
+# (images x splits): one program holds them in registers.
+MAX_PARTS = 1024
 
 
 @triton.jit
@@ -843,12 +846,14 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, rstd, activation, n
     _channel_sums_kernel[(n, cdiv(c, block_c), splits)](
         x, g, coef[0], coef[1], coef[2], sums[0], sums[1], sums[2], c, s, s_per_split, splits, negative_slope,
         0, splits, n * splits, CHANNELS_LAST=cl, ACT=act, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS)
+    parts = n * splits
+    if parts > MAX_PARTS:  # many images of few positions: their sums reduced first (one more launch)
+        sums, parts = sums.sum(2), splits
     back = x.new_empty((3, c), dtype=torch.float32)
     unused = x.new_empty((3, c), dtype=torch.float32)  # the per-(n, c) gradients of add and scale_shift
-    parts_p2 = next_pow2(n * splits)
     _group_backward_kernel[(c,)](
         sums[0], sums[1], sums[2], rstd, w_, b_, x, back[0], back[1], back[2],
-        unused[0], unused[1:], grads[0], grads[1], c, n * s, c, 1, n * splits,
-        **flags, HAS_SS=False, BLOCK=1, SPLITS_P2=parts_p2, num_warps=4)
+        unused[0], unused[1:], grads[0], grads[1], c, n * s, c, 1, parts,
+        **flags, HAS_SS=False, BLOCK=1, SPLITS_P2=next_pow2(parts), num_warps=4)
     _grad_apply(x, g, grad_x, coef, back, c, s, cl, act, negative_slope, per_channel=True)
     return grad_x, grads[0], grads[1]

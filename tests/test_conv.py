@@ -721,6 +721,24 @@ def test_batch_norm_act_train_matches_torch(backend, shape, channels_last, dtype
         assert rv_g.dtype == torch.float32 and count > 1
 
 
+def test_batch_norm_act_backward_many_images(backend):
+    """Many images of two positions: the Triton backward's partial sums per channel (images x
+    splits) exceed what one program reduces, and are summed over the images first."""
+    shape = (1100, 3, 2)
+    x = (2 * torch.randn(shape, device=backend) + 3).requires_grad_()
+    w = (1 + 0.3 * torch.randn(3, device=backend)).requires_grad_()
+    b = (0.3 * torch.randn(3, device=backend)).requires_grad_()
+    grad = torch.randn(shape, device=backend)
+    out = genfast.batch_norm_act(x, None, None, w, b, training=True, activation="silu")
+    grads = torch.autograd.grad(out, (x, w, b), grad)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    g64 = torch.autograd.grad(torch_batch_norm_act(x64, None, None, w64, b64, "silu"), (x64, w64, b64), grad.double())
+    xl, wl, bl = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    glowp = torch.autograd.grad(torch_batch_norm_act(xl, None, None, wl, bl, "silu"), (xl, wl, bl), grad)
+    for name, g, r64, rl in zip(("x", "weight", "bias"), grads, g64, glowp):
+        assert_close(g, r64, rl, atol=1e-5 * (1 + r64.abs().cpu()), name=f"grad_{name}")
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_batch_norm_act_train_gradcheck_fp64(activation):
     """float64 runs on the reference: gradcheck of the training-mode backward (x, weight, bias)."""
