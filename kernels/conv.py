@@ -831,15 +831,14 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, rstd, activation, n
     fmt = torch.contiguous_format if x.is_contiguous() else \
         torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     g = grad_out.to(x.dtype).contiguous(memory_format=fmt)
-    flags = {"HAS_W": weight is not None, "HAS_B": bias is not None}
+    flags = _flags(weight, bias, None, None)
     w_, b_ = _opt(weight, x), _opt(bias, x)
     # Four launches: the forward's folded coefficients per channel (one group per channel), the
     # per-(n, c, split) sums stored channel by channel (a channel's images and splits adjacent, so
     # the next kernel reduces them as one channel's splits), the per-channel gradient coefficients
     # and parameter gradients, and grad_x.
     coef = x.new_empty((3, c), dtype=torch.float32)
-    _coef_kernel[(c,)](mean, rstd, w_, b_, x, x, coef[0], coef[1], coef[2], c, c, 1, **flags, HAS_ADD=False,
-                       HAS_SS=False, BLOCK=1, num_warps=1)
+    _coef_kernel[(c,)](mean, rstd, w_, b_, x, x, coef[0], coef[1], coef[2], c, c, 1, **flags, BLOCK=1, num_warps=1)
     block_c, block_s, splits, s_per_split = _tiling(n, c, s, cl)
     sums = x.new_empty((3, c, n, splits), dtype=torch.float32)
     act = ACT_CODES[activation]
@@ -854,6 +853,6 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, rstd, activation, n
     _group_backward_kernel[(c,)](
         sums[0], sums[1], sums[2], rstd, w_, b_, x, back[0], back[1], back[2],
         unused[0], unused[1:], grads[0], grads[1], c, n * s, c, 1, parts,
-        **flags, HAS_SS=False, BLOCK=1, SPLITS_P2=next_pow2(parts), num_warps=4)
+        HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], HAS_SS=False, BLOCK=1, SPLITS_P2=next_pow2(parts), num_warps=4)
     _grad_apply(x, g, grad_x, coef, back, c, s, cl, act, negative_slope, per_channel=True)
     return grad_x, grads[0], grads[1]
