@@ -31,6 +31,11 @@ x0, the corrector's partial sum and, at order 3, the x0 before (UniPC).
 diffusers' own state (``model_outputs``, ``last_sample``, Heun's
 ``sample``/``prev_derivative``) is not maintained.
 
+On the CPU, a deterministic Euler or flow-matching step that repeats the
+last one (same table, options, dtype and layout: every step of a plain loop
+after the first) is one call into the C++ library's direct binding, which
+checks the tensors itself; anything else runs the full step (``_gf_quick``).
+
 Dynamic thresholding (``thresholding=True``: DDPM, DDIM, LCM, DPMSolverMultistep,
 UniPCMultistep) is fused too: the step predicts x0 in one pass, takes each
 sample's bound from it on the device and runs the step on the thresholded x0
@@ -51,7 +56,9 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from . import _build
 from . import diffusion as D
+from .backends import forced as _forced_backend
 
 SUPPORTED = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler", "DDPMScheduler",
              "LCMScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
@@ -96,6 +103,7 @@ class _Fused:
     _genfast_twin = True
     device_step_counter = False  # True: the row is a device tensor the step advances (CUDA-graph replay)
     _gf_needs_schedule = True  # False: diffusers steps over the training schedule without set_timesteps (DDPM)
+    _gf_plain = None  # (table, output class, returns x0, C++ module): what _gf_quick repeats
 
     def _gf_x0_step(self, mo, sample, table, row, guidance, stochastic, noise, output_cls, return_dict):
         """A step whose output is (prev_sample, pred_original_sample), clip_sample or
@@ -127,6 +135,7 @@ class _Fused:
             self._gf_host = None  # host fp64 copies of the schedule (set_timesteps', or the first step's)
             self._gf_schedule = None  # the schedule the tables are for (_schedule_of)
         self._gf_x0_table = None  # (x0_rows, takes noise) of the table fetched last: a thresholded step's x0 pass
+        self._gf_plain = None
         self._gf_history = None
         self._gf_row = None
         self._gf_counter = None  # the next row, for schedulers that look rows up by timestep value
@@ -261,6 +270,48 @@ class _Fused:
             self._gf_row.add_(1)
         return result
 
+    def _gf_quick(self, uncond, cond, timestep, sample, scale, return_dict):
+        """The step the last one was, again, in one call: the C++ library's direct
+        binding with the table and output class the last step recorded in ``_gf_plain``
+        (a deterministic CPU step of a row-indexed sampler: Euler, flow matching, with
+        their default options), or None, and the caller takes the full path, which
+        checks everything and raises. The full path's Python costs ~5 us a step, as
+        much as the kernel at SD1.5 batch 1 (see ``_gf_record_plain``)."""
+        plain, row = self._gf_plain, self._step_index
+        C = torch._C
+        if (plain is None or row is None or self.device_step_counter or type(sample) is not torch.Tensor
+                or type(uncond) is not torch.Tensor or (cond is not None and type(cond) is not torch.Tensor)
+                or not (type(timestep) is float
+                        or (type(timestep) is torch.Tensor and timestep.is_floating_point()))
+                or torch.compiler.is_compiling() or C._len_torch_dispatch_stack()
+                or C._are_functorch_transforms_active() or _forced_backend() not in (None, "cpp")):
+            return None
+        table, output_cls, return_x0, cpp = plain
+        # declines (None) anything not plain: another dtype, shape, layout or device, a row out of range
+        out = cpp.sampler_step_plain(sample, uncond, cond, None, None, None, table, row, None, scale, 0.0, False,
+                                     0, None, return_x0)
+        if out is None:
+            return None
+        self._step_index = row + 1
+        if not return_dict:
+            return out if return_x0 else (out[0],)
+        # _output's result, built in half its time (this path never runs under torch.compile)
+        result = output_cls.__new__(output_cls)
+        OrderedDict.__setitem__(result, "prev_sample", out[0])
+        result.__dict__["prev_sample"] = out[0]
+        if return_x0:
+            OrderedDict.__setitem__(result, "pred_original_sample", out[1])
+            result.__dict__["pred_original_sample"] = out[1]
+        return result
+
+    def _gf_record_plain(self, plain, table, sample, guidance, output_cls, return_x0):
+        """After a full step: whether the next one may take ``_gf_quick``. ``plain``: the
+        step ran with the sampler's default options and no noise."""
+        plain = (plain and sample.is_cpu and sample.dtype in D._KERNEL_DTYPES and sample.is_contiguous()
+                 and (guidance is None or guidance[1] == 0))
+        cpp = _build.module() if plain else None
+        self._gf_plain = (table, output_cls, return_x0, cpp) if cpp is not None else None
+
     def _gf_noise(self, shape, generator, device, dtype):
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -271,6 +322,12 @@ class _Fused:
         """``step()`` on ``uncond + guidance_scale (cond - uncond)`` (rescaled as diffusers'
         ``rescale_noise_cfg`` when guidance_rescale > 0), guidance fused into the step.
         ``kwargs`` are ``step()``'s (generator, return_dict, eta, ...)."""
+        if (self._gf_plain is not None and not guidance_rescale and type(guidance_scale) in (float, int)
+                and (not kwargs or kwargs.keys() <= _QUICK_KWARGS)):
+            out = self._gf_quick(noise_uncond, noise_cond, timestep, sample, guidance_scale,
+                                 kwargs.get("return_dict", True))
+            if out is not None:
+                return out
         if not (isinstance(noise_uncond, torch.Tensor) and isinstance(noise_cond, torch.Tensor)
                 and noise_cond.shape == noise_uncond.shape and 0.0 <= guidance_rescale <= 1.0):
             fn = f"{type(self).__name__}.step_with_guidance"
@@ -285,6 +342,11 @@ class _Fused:
         if not self.fused:  # the pipeline's ops, then diffusers' step
             return self.step(_materialize(guided), timestep, sample, **kwargs)
         return self._step(guided, timestep, sample, **kwargs)
+
+
+# step_with_guidance's keyword arguments that leave a deterministic step the same (a
+# generator draws nothing there)
+_QUICK_KWARGS = {"return_dict", "generator"}
 
 
 class _Guided:
@@ -363,6 +425,10 @@ def _euler_class():
 
         def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
                  s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, return_dict: bool = True):
+            if self._gf_plain is not None and not s_churn:  # no churn: every row deterministic, as recorded
+                out = self._gf_quick(model_output, None, timestep, sample, 1.0, return_dict)
+                if out is not None:
+                    return out
             return self._step(model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator,
                               return_dict)
 
@@ -390,6 +456,7 @@ def _euler_class():
                 if stochastic and generator is not None else None
             prev, x0 = self._gf_run(mo, sample, table, row, guidance=guidance, stochastic=stochastic, noise=noise,
                                     return_x0=True)
+            self._gf_record_plain(not s_churn, table, sample, guidance, EulerDiscreteSchedulerOutput, True)
             self._step_index += 1
             if not return_dict:
                 return prev, x0
@@ -821,6 +888,10 @@ def _flow_match_class():
             if per_token_timesteps is not None:
                 return super().step(model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator,
                                     per_token_timesteps, return_dict)
+            if self._gf_plain is not None:
+                out = self._gf_quick(model_output, None, timestep, sample, 1.0, return_dict)
+                if out is not None:
+                    return out
             return self._step(model_output, timestep, sample, generator, return_dict)
 
         def _step(self, model_output, timestep, sample, generator=None, return_dict=True):
@@ -840,6 +911,8 @@ def _flow_match_class():
                 if stochastic and generator is not None else None
             prev = self._gf_run(mo, sample, table, self.step_index, guidance=guidance, stochastic=stochastic,
                                 noise=noise)
+            self._gf_record_plain(not stochastic, table, sample, guidance, FlowMatchEulerDiscreteSchedulerOutput,
+                                  False)
             self._step_index += 1
             if not return_dict:
                 return (prev,)

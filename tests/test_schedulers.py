@@ -384,6 +384,93 @@ def test_cpu_direct_call_equals_the_checked_path(name, x, counter, direct, monke
     assert torch.equal(direct_out, run(None))
 
 
+QUICK = ["EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"]
+
+
+@pytest.mark.parametrize("name", QUICK)
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_repeated_plain_step_equals_the_full_step(name, guided, return_dict, monkeypatch):
+    """From the second deterministic CPU step on, Euler's and flow matching's steps are
+    one call (``_gf_quick``): the full step's bits, output type, fields and step index."""
+    from genfast import _build
+
+    if _build.module() is None:
+        pytest.skip("the C++ backend is not built")
+    cls = getattr(S, name)
+    full_steps = []
+    full = cls._step
+
+    def counted(self, *args, **kwargs):
+        full_steps.append(1)
+        return full(self, *args, **kwargs)
+
+    def run(quick):
+        full_steps.clear()
+        with monkeypatch.context() as m:
+            m.setattr(cls, "_step", counted)
+            if not quick:
+                m.setattr(S._Fused, "_gf_record_plain", lambda self, *args: None)
+            s = cls()
+            s.set_timesteps(6)
+            x, outs = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(3)), []
+            for t in s.timesteps:
+                out = stand_in_model(x, t)
+                if guided:
+                    r = s.step_with_guidance(out, 1.1 * out + 0.2, t, x, 4.0, return_dict=return_dict,
+                                             generator=torch.Generator())
+                else:
+                    r = s.step(out, t, x, return_dict=return_dict)
+                outs.append(r)
+                x = r.prev_sample if return_dict else r[0]
+            return s.step_index, outs, len(full_steps)
+
+    (index_q, quick, full_q), (index_f, slow, full_f) = run(True), run(False)
+    assert (full_q, full_f) == (1, 6) and index_q == index_f == 6
+    for a, b in zip(quick, slow):
+        assert type(a) is type(b) and len(a) == len(b)
+        if return_dict:
+            assert list(a.keys()) == list(b.keys()) and vars(a).keys() == vars(b).keys()
+            assert all(torch.equal(getattr(a, k), getattr(b, k)) and a[k] is getattr(a, k) for k in a.keys())
+        else:
+            assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("name", QUICK)
+def test_repeated_plain_step_declines_what_the_full_step_checks(name):
+    """After a plain step armed the one-call path, what it does not take runs the full
+    step: its errors (the state unchanged), the model's dtype, churn, a new schedule."""
+    s = getattr(S, name)()
+    s.set_timesteps(5)
+    t = s.timesteps
+    x = torch.randn(1, 4, 5, 5)
+    s.step(x, t[0], x)
+    assert s._gf_plain is not None and s.step_index == 1
+    with pytest.raises(ValueError, match="model_output"):
+        s.step(torch.randn(1, 4, 5, 6), t[1], x)
+    with pytest.raises(ValueError, match="noise_cond"):
+        s.step_with_guidance(x, torch.randn(1, 4, 5, 6), t[1], x, 5.0)
+    with pytest.raises(ValueError, match="integer index"):
+        s.step(x, 1, x)
+    with pytest.raises(TypeError, match="model_output"):
+        s.step(x.numpy(), t[1], x)
+    assert s.step_index == 1
+    ref = getattr(diffusers, name)()
+    ref.set_timesteps(5)
+    ref._step_index = 1
+    y = s.step(x.half(), t[1], x).prev_sample  # diffusers returns the model output's dtype
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y, ref.step(x.half(), t[1], x).prev_sample)
+    if name == "EulerDiscreteScheduler":  # churn on this step: the full path, noise from the generator
+        ref._step_index = s._step_index = 2
+        gen = dict(s_churn=1.0, s_tmin=0.0, s_tmax=1e9)
+        torch.testing.assert_close(s.step(x, t[2], x, generator=torch.Generator().manual_seed(0), **gen).prev_sample,
+                                   ref.step(x, t[2], x, generator=torch.Generator().manual_seed(0), **gen).prev_sample)
+        assert s._gf_plain is None  # that step was not plain: the next one takes the full path too
+    s.set_timesteps(4)
+    assert s._gf_plain is None
+
+
 @pytest.mark.parametrize("cls", ["EulerDiscreteSchedulerOutput", "LCMSchedulerOutput"])
 @pytest.mark.parametrize("second_is_none", [False, True])
 def test_outputs_built_directly_equal_diffusers_construction(cls, second_is_none):
