@@ -565,7 +565,7 @@ void run_item(const Problem& p, const Item& it, Scratch& w) {
         const float m_new = std::max(m[r], hmax(mx));
         Vec sum(0.f);
         for (int j = 0; j < kBlockN; j += V) {
-          const Vec e = (Vec::loadu(sr + j) - Vec(m_new)).exp();
+          const Vec e = exp_fast(Vec::loadu(sr + j) - Vec(m_new));
           e.store(sr + j);
           sum = sum + e;
         }
