@@ -6,9 +6,9 @@
 // every op. A work item is (batch row, KV heads, query chunk,
 // KV split). Decode-sized items take all KV heads of their row. Per block of
 // kBlockN positions and per KV head, the head's K and V rows are widened to
-// fp32 into two L1-resident buffers (each row prefetched one head ahead: in
-// flash-attn's layout one head's rows are a stride apart that the hardware
-// prefetchers do not follow; widening all heads of a block at once instead
+// fp32 into two L1-resident buffers (each row prefetched kPrefetchHeads heads
+// ahead: in flash-attn's layout one head's rows are a stride apart that the
+// hardware prefetchers do not follow; widening all heads of a block at once instead
 // spilled to L2 and was 12-20% slower). Then the query rows of the head's GQA
 // group (G heads x up to QL positions) run against it: dot products with two query
 // rows held in registers, masks/softcap/ALiBi, an online softmax in fp32, and
@@ -22,7 +22,7 @@
 // Decode (at most kDirectRows query rows per KV head, AVX-512) skips the buffers: each
 // K and V row is converted in registers where it is used, every (row, key)
 // product vector is kept and a row's 16 keys are summed by one transposing
-// tree (sum16) instead of 16 horizontal sums, and the next head's rows are
+// tree (sum16) instead of 16 horizontal sums, and the rows kPrefetchHeads heads on are
 // prefetched key by key inside those loops. Issued in one burst per block (64
 // lines), the prefetches had filled the core's line-fill buffers and stalled
 // it: ~18% of the fp8 kernel's samples sat on them. Measured (2-core AVX-512
