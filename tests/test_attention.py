@@ -4,6 +4,9 @@ at a time), with PyTorch's own error in the query's precision as the yardstick.
 Caches are poisoned with NaN outside the valid prefix, so a kernel that reads a
 position it must not read, or writes one it must not write, fails."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -260,6 +263,40 @@ def test_masks_softcap_alibi(backend, kw):
         elif case.get("alibi") == "batch":
             case["alibi"] = torch.rand(batch, h).to(backend)
         run_case(backend, torch.float32, *shape, **case)
+
+
+BF16_DECODE = [dict(), dict(softcap=4.0, window=(40, -1)), dict(alibi="batch", scale=0.3, causal=False)]
+
+
+def _bf16_decode_cases(backend):
+    for kw in BF16_DECODE:
+        for shape in [(4, 1, 32, 8, 128, 700, 1), (3, 2, 8, 2, 64, 90, 2), (2, 1, 4, 4, 256, 97, 1),
+                      (2, 1, 8, 1, 96, 70, 0), (2, 1, 6, 2, 80, 50, 1)]:
+            case = dict(kw)
+            if case.get("alibi") == "batch":
+                case["alibi"] = torch.rand(shape[0], shape[2]).to(backend)
+            run_case(backend, torch.bfloat16, *shape, **case)
+
+
+def test_bf16_decode_masks_softcap_alibi(backend):
+    """bf16 queries over a bf16 cache: on AVX512_BF16 CPUs the C++ decode takes vdpbf16ps for q.k
+    (unscaled bf16 rows, the scale on the summed scores), headdims 64-256 (80: the FMA kernel)."""
+    if is_triton():
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+    _bf16_decode_cases(backend)
+
+
+def test_bf16_decode_fma_kernel():
+    """The same cases through the FMA kernel that CPUs without AVX512_BF16 run (GENFAST_CPU_NO_BF16_DOT
+    is read once per process: a subprocess)."""
+    if not genfast.backends()["cpp"][0]:
+        pytest.skip("the C++ backend is not built")
+    code = ("import sys, torch, genfast; sys.path.insert(0, 'tests'); import test_attention as t; "
+            "torch.manual_seed(5)\nwith genfast.use_backend('cpp'): t._bf16_decode_cases('cpu')")
+    env = dict(os.environ, GENFAST_CPU_NO_BF16_DOT="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("headdim", [64, 80, 96, 128, 256])

@@ -46,6 +46,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -329,8 +330,9 @@ __attribute__((target("avx512bf16"))) void scores_dot(const uint16_t* q, int nro
   }
 }
 
+// GENFAST_CPU_NO_BF16_DOT=1 takes the FMA kernel instead (the tests check both on one CPU).
 bool has_bf16_dot() {
-  static const bool yes = __builtin_cpu_supports("avx512bf16");
+  static const bool yes = __builtin_cpu_supports("avx512bf16") && std::getenv("GENFAST_CPU_NO_BF16_DOT") == nullptr;
   return yes;
 }
 
