@@ -269,18 +269,20 @@ BF16_DECODE = [dict(), dict(softcap=4.0, window=(40, -1)), dict(alibi="batch", s
 
 
 def _bf16_decode_cases(backend):
-    for kw in BF16_DECODE:
-        for shape in [(4, 1, 32, 8, 128, 700, 1), (3, 2, 8, 2, 64, 90, 2), (2, 1, 4, 4, 256, 97, 1),
-                      (2, 1, 8, 1, 96, 70, 0), (2, 1, 6, 2, 80, 50, 1)]:
-            case = dict(kw)
-            if case.get("alibi") == "batch":
-                case["alibi"] = torch.rand(shape[0], shape[2]).to(backend)
-            run_case(backend, torch.bfloat16, *shape, **case)
+    for cache_dtype in (None, FP8):
+        for kw in BF16_DECODE:
+            for shape in [(4, 1, 32, 8, 128, 700, 1), (3, 2, 8, 2, 64, 90, 2), (2, 1, 4, 4, 256, 97, 1),
+                          (2, 1, 8, 1, 96, 70, 0), (2, 1, 6, 2, 80, 50, 1)]:
+                case = dict(kw)
+                if case.get("alibi") == "batch":
+                    case["alibi"] = torch.rand(shape[0], shape[2]).to(backend)
+                run_case(backend, torch.bfloat16, *shape, cache_dtype=cache_dtype, **case)
 
 
 def test_bf16_decode_masks_softcap_alibi(backend):
-    """bf16 queries over a bf16 cache: on AVX512_BF16 CPUs the C++ decode takes vdpbf16ps for q.k
-    (unscaled bf16 rows, the scale on the summed scores), headdims 64-256 (80: the FMA kernel)."""
+    """bf16 queries over a bf16 or fp8 cache: on AVX512_BF16 CPUs the C++ decode takes vdpbf16ps for
+    q.k (unscaled bf16 rows, fp8 rows widened to bf16 in a permuted order that the query rows share,
+    the scale on the summed scores), headdims 64-256 (80, and 96 for fp8: the FMA kernel)."""
     if is_triton():
         pytest.skip("the Triton interpreter has no bf16 arithmetic")
     _bf16_decode_cases(backend)

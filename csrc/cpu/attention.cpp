@@ -186,6 +186,12 @@ inline Vec load_fp8(const uint8_t* p) {
 // the hardware converts fp16 to fp32. The 2^8 goes into the score scale and the output scale.
 constexpr float kFp8Unscale = 256.f;
 
+// Element t of a row in scores_dot's order for fp8 keys (within its 64) is cache element dot_order(t).
+inline int dot_order(int t) {
+  const int half = t / 32, u = t % 32;
+  return (u / 8) * 16 + half * 8 + u % 8;
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // e4m3 bits b as fp16 bits: b << 8 puts the sign at bit 15 and exponent and mantissa at 14..8; an
 // arithmetic shift right by one moves them to 13..7, fp16's places, and copies the sign into bit
@@ -293,24 +299,68 @@ inline void scores_direct(const float* q, int nrow, const TC* const* kp, const T
   }
 }
 
-// scores_direct() for bf16 query rows against a bf16 cache, on CPUs with AVX512_BF16: vdpbf16ps
-// multiplies 32 bf16 pairs into 16 fp32 sums, so the key rows are used as loaded (no widening)
-// and a row's dot products take half the instructions. The bf16 products are exact; the query
-// rows are the caller's unscaled bits and the scale multiplies the summed scores. On a 2-core
-// AMD EPYC (Zen 4), where vdpbf16ps issues at the FMA's rate, decode at batch 8, Llama-3-8B
-// heads, bf16 queries and cache: 4k context 11.2-12.1 -> 8.8-9.5 ms on 1 thread, 6.2-6.6 ->
-// 4.9-5.5 ms on 2; 16k 22.3-24.7 -> 19.0-20.6 ms. (On a Xeon the same instruction ran at the
-// FMA's rate in multiply-adds, not in instructions, and gained nothing: RESULTS.md.)
-template <int D>
-__attribute__((target("avx512bf16"))) void scores_dot(const uint16_t* q, int nrow, float scale,
-                                                      const c10::BFloat16* const* kp,
-                                                      const c10::BFloat16* const* next, int n, float* s,
-                                                      __m512* part) {
+// scores_direct() for bf16 query rows against a bf16 or fp8 cache, on CPUs with AVX512_BF16:
+// vdpbf16ps multiplies 32 bf16 pairs into 16 fp32 sums, so a row's dot products take half the
+// instructions, and bf16 key rows are used as loaded. fp8 rows become bf16 (exactly: e4m3 fits
+// bf16) by two 128-entry byte tables (vpermt2b: the low and the high byte of each magnitude's
+// bf16), the sign or-ed in and the bytes interleaved: 5 ops per 64 values, where widening them
+// to fp32 takes 14. The interleave orders each 64 values as [0-7, 16-23, 32-39, 48-55 | 8-15,
+// 24-31, 40-47, 56-63]; the query rows are stored in that order (dot_query), so the products
+// pair up. The bf16 products are exact; the query rows are the caller's unscaled bits and the
+// scale multiplies the summed scores. On a 2-core AMD EPYC (Zen 4), where vdpbf16ps issues at
+// the FMA's rate, decode at batch 8, Llama-3-8B heads, bf16 queries and cache: 4k context
+// 11.2-12.1 -> 8.8-9.5 ms on 1 thread, 6.2-6.6 -> 4.9-5.5 ms on 2; 16k 22.3-24.7 -> 19.0-20.6 ms.
+// (On a Xeon the same instruction ran at the FMA's rate in multiply-adds, not in instructions,
+// and gained nothing: RESULTS.md.)
+struct Fp8Bf16Tables {
+  alignas(64) uint8_t lo[128], hi[128];
+  Fp8Bf16Tables() {
+    for (int m = 0; m < 128; ++m) {
+      const float f = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(m), c10::Float8_e4m3fn::from_bits()));
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      const uint16_t b = static_cast<uint16_t>(bits >> 16);  // exact: an e4m3 value has 4 significant bits
+      lo[m] = static_cast<uint8_t>(b & 0xff);
+      hi[m] = static_cast<uint8_t>(b >> 8);
+    }
+  }
+};
+
+const Fp8Bf16Tables& fp8_bf16_tables() {
+  static const Fp8Bf16Tables t;
+  return t;
+}
+
+// The key row's D values as D / 32 vectors of bf16 pairs, in the dot order for fp8.
+template <typename TC, int D>
+__attribute__((target("avx512bf16,avx512vbmi"))) inline void dot_row(const TC* p, __m512bh* k) {
+  if constexpr (std::is_same_v<TC, c10::BFloat16>) {
+    for (int c = 0; c < D / 32; ++c) k[c] = (__m512bh)_mm512_loadu_si512(p + c * 32);
+  } else {
+    const Fp8Bf16Tables& t = fp8_bf16_tables();
+    const __m512i lo0 = _mm512_load_si512(t.lo), lo1 = _mm512_load_si512(t.lo + 64);
+    const __m512i hi0 = _mm512_load_si512(t.hi), hi1 = _mm512_load_si512(t.hi + 64);
+    for (int c = 0; c < D / 64; ++c) {
+      const __m512i x = _mm512_loadu_si512(reinterpret_cast<const uint8_t*>(p) + c * 64);
+      const __m512i l = _mm512_permutex2var_epi8(lo0, x, lo1);  // index bits 0-6: the magnitude
+      // the high byte, with x's sign bit: h | (x & 0x80)
+      const __m512i h = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, x, hi1), x,
+                                                  _mm512_set1_epi8((char)0x80), 0xF8);
+      k[2 * c] = (__m512bh)_mm512_unpacklo_epi8(l, h);
+      k[2 * c + 1] = (__m512bh)_mm512_unpackhi_epi8(l, h);
+    }
+  }
+}
+
+template <typename TC, int D>
+__attribute__((target("avx512bf16,avx512vbmi"))) void scores_dot(const uint16_t* q, int nrow, float scale,
+                                                                 const TC* const* kp, const TC* const* next, int n,
+                                                                 float* s, __m512* part) {
   constexpr int NV = D / 32;
   for (int j = 0; j < n; ++j) {
-    prefetch_row(next[j], D * 2);
+    prefetch_row(next[j], D * sizeof(TC));
     __m512bh k[NV];
-    for (int c = 0; c < NV; ++c) k[c] = (__m512bh)_mm512_loadu_si512(kp[j] + c * 32);
+    dot_row<TC, D>(kp[j], k);
     for (int r = 0; r < nrow; ++r) {
       const uint16_t* qr = q + r * D;
       __m512 a0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), k[0], (__m512bh)_mm512_loadu_si512(qr)),
@@ -332,7 +382,8 @@ __attribute__((target("avx512bf16"))) void scores_dot(const uint16_t* q, int nro
 
 // GENFAST_CPU_NO_BF16_DOT=1 takes the FMA kernel instead (the tests check both on one CPU).
 bool has_bf16_dot() {
-  static const bool yes = __builtin_cpu_supports("avx512bf16") && std::getenv("GENFAST_CPU_NO_BF16_DOT") == nullptr;
+  static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi") &&
+                          std::getenv("GENFAST_CPU_NO_BF16_DOT") == nullptr;
   return yes;
 }
 
@@ -507,9 +558,11 @@ void run_item(const Problem& p, const Item& it, Scratch& w) {
   const int G = p.G, R = it.R, rows = it.nh * R;
   const int sq = p.q_len(it.b);
   const TQ* q = static_cast<const TQ*>(p.q);
+  constexpr bool kFp8 = std::is_same_v<TC, c10::Float8_e4m3fn>;
 #if defined(CPU_CAPABILITY_AVX512)
-  // decode with bf16 queries and cache on an AVX512_BF16 CPU: scores_dot, on the queries' own bits
-  constexpr bool kDotTypes = std::is_same_v<TQ, c10::BFloat16> && std::is_same_v<TC, c10::BFloat16> && D % 32 == 0;
+  // decode with bf16 queries and a bf16 or fp8 cache on an AVX512_BF16 CPU: scores_dot, on the queries' own bits
+  constexpr bool kDotTypes = std::is_same_v<TQ, c10::BFloat16> &&
+                             ((std::is_same_v<TC, c10::BFloat16> && D % 32 == 0) || (kFp8 && D % 64 == 0));
   const bool dot = kDotTypes && R <= kDirectRows && has_bf16_dot();
 #else
   constexpr bool dot = false;
@@ -520,11 +573,19 @@ void run_item(const Problem& p, const Item& it, Scratch& w) {
     // fp8: the key scale is constant per KV head, so it is folded into q.
     const float qk_scale = p.scale * (p.k_scale ? p.k_scale[hk] * kFp8Unscale : 1.f);
     qk_scales[hh] = qk_scale;
+    if (dot && p.k_scale) qk_scales[hh] = p.scale * p.k_scale[hk];  // fp8 rows as bf16: no 2^-8
     for (int i = it.i0; i < it.i1; ++i) {
       const TQ* src = q + (p.q_row(it.b, i) * p.H + (int64_t)hk * G) * D;
       const int64_t at = ((int64_t)hh * R + (int64_t)(i - it.i0) * G) * D;
       if (dot) {
-        std::memcpy(w.qb.data() + at, src, (size_t)G * D * sizeof(uint16_t));
+        uint16_t* qb = w.qb.data() + at;
+        if constexpr (kFp8) {  // the dot order of scores_dot's fp8 rows
+          for (int g = 0; g < G; ++g)
+            for (int e = 0; e < D; ++e)
+              std::memcpy(qb + g * D + e, src + g * D + e / 64 * 64 + dot_order(e % 64), sizeof(uint16_t));
+        } else {
+          std::memcpy(qb, src, (size_t)G * D * sizeof(uint16_t));
+        }
         continue;
       }
       float* dst = w.q.data() + at;
@@ -597,7 +658,7 @@ void run_item(const Problem& p, const Item& it, Scratch& w) {
       float* l = w.l.data() + hh * R;
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (kDotTypes) {
-        if (dot) scores_dot<D>(w.qb.data() + (int64_t)hh * R * D, R, qk_scales[hh], kr, kn, n, s, part);
+        if (dot) scores_dot<TC, D>(w.qb.data() + (int64_t)hh * R * D, R, qk_scales[hh], kr, kn, n, s, part);
       }
       if (dot) {
       } else if (kInRegisters) scores_direct<TC, D>(w.q.data() + (int64_t)hh * R * D, R, kr, kn, n, s, part);
