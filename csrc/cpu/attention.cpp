@@ -30,7 +30,9 @@
 // bf16 cache 16.1 -> 9.9 ms at 4k (1 thread), 6.8 -> 5.1-5.3 ms at 4k and
 // 33.7 -> 27.7 ms at 16k; fp8 cache 9.65 -> 8.1 ms, 5.05 -> 4.4-4.7 ms and
 // 22.8 -> 19.6-20.5 ms. Both are now compute-bound at 4k (in L3): about 30 ns
-// per key and KV head per core, half of it the 64 FMAs of q.k and p.v.
+// per key and KV head per core, half of it the 64 FMAs of q.k and p.v. With bf16
+// queries over a bf16 or fp8 cache, CPUs with AVX512_BF16 take q.k with vdpbf16ps
+// instead (scores_dot: half the instructions, no widening of bf16 keys).
 //
 // Bytes per decode step: the K and V rows of every valid position once,
 // 2 * L * nheads_k * headdim * sizeof(cache) per batch row; q and out are
