@@ -431,7 +431,7 @@ def test_repeated_plain_step_equals_the_full_step(name, guided, return_dict, mon
         assert type(a) is type(b) and len(a) == len(b)
         if return_dict:
             assert list(a.keys()) == list(b.keys()) and vars(a).keys() == vars(b).keys()
-            assert all(torch.equal(getattr(a, k), getattr(b, k)) and a[k] is getattr(a, k) for k in a.keys())
+            assert all(torch.equal(getattr(a, k), getattr(b, k)) and a[k] is getattr(a, k) for k in a)
         else:
             assert all(torch.equal(p, q) for p, q in zip(a, b))
 
@@ -463,7 +463,7 @@ def test_repeated_plain_step_declines_what_the_full_step_checks(name):
     torch.testing.assert_close(y, ref.step(x.half(), t[1], x).prev_sample)
     if name == "EulerDiscreteScheduler":  # churn on this step: the full path, noise from the generator
         ref._step_index = s._step_index = 2
-        gen = dict(s_churn=1.0, s_tmin=0.0, s_tmax=1e9)
+        gen = {"s_churn": 1.0, "s_tmin": 0.0, "s_tmax": 1e9}
         torch.testing.assert_close(s.step(x, t[2], x, generator=torch.Generator().manual_seed(0), **gen).prev_sample,
                                    ref.step(x, t[2], x, generator=torch.Generator().manual_seed(0), **gen).prev_sample)
         assert s._gf_plain is None  # that step was not plain: the next one takes the full path too
