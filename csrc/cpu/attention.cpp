@@ -307,7 +307,7 @@ inline void scores_direct(const float* q, int nrow, const TC* const* kp, const T
 // bf16) by two 128-entry byte tables (vpermt2b: the low and the high byte of each magnitude's
 // bf16), the sign or-ed in and the bytes interleaved: 5 ops per 64 values, where widening them
 // to fp32 takes 14. The interleave orders each 64 values as [0-7, 16-23, 32-39, 48-55 | 8-15,
-// 24-31, 40-47, 56-63]; the query rows are stored in that order (dot_query), so the products
+// 24-31, 40-47, 56-63]; run_item stores the query rows in that order (dot_order), so the products
 // pair up. The bf16 products are exact; the query rows are the caller's unscaled bits and the
 // scale multiplies the summed scores. On a 2-core AMD EPYC (Zen 4), where vdpbf16ps issues at
 // the FMA's rate, decode at batch 8, Llama-3-8B heads, bf16 queries and cache: 4k context
@@ -574,20 +574,17 @@ void run_item(const Problem& p, const Item& it, Scratch& w) {
     const int hk = it.hk0 + hh;
     // fp8: the key scale is constant per KV head, so it is folded into q.
     const float qk_scale = p.scale * (p.k_scale ? p.k_scale[hk] * kFp8Unscale : 1.f);
-    qk_scales[hh] = qk_scale;
-    if (dot && p.k_scale) qk_scales[hh] = p.scale * p.k_scale[hk];  // fp8 rows as bf16: no 2^-8
+    // scores_dot: fp8 rows become bf16 exactly, without the 2^-8
+    qk_scales[hh] = dot ? p.scale * (p.k_scale ? p.k_scale[hk] : 1.f) : qk_scale;
     for (int i = it.i0; i < it.i1; ++i) {
       const TQ* src = q + (p.q_row(it.b, i) * p.H + (int64_t)hk * G) * D;
       const int64_t at = ((int64_t)hh * R + (int64_t)(i - it.i0) * G) * D;
       if (dot) {
+        const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);  // TQ is bf16 here
         uint16_t* qb = w.qb.data() + at;
-        if constexpr (kFp8) {  // the dot order of scores_dot's fp8 rows
-          for (int g = 0; g < G; ++g)
-            for (int e = 0; e < D; ++e)
-              std::memcpy(qb + g * D + e, src + g * D + e / 64 * 64 + dot_order(e % 64), sizeof(uint16_t));
-        } else {
-          std::memcpy(qb, src, (size_t)G * D * sizeof(uint16_t));
-        }
+        for (int g = 0; g < G; ++g)
+          for (int e = 0; e < D; ++e)  // fp8 keys: in the order of scores_dot's widened rows
+            qb[g * D + e] = bits[g * D + (kFp8 ? e / 64 * 64 + dot_order(e % 64) : e)];
         continue;
       }
       float* dst = w.q.data() + at;
