@@ -333,20 +333,18 @@ const Fp8Bf16Tables& fp8_bf16_tables() {
   return t;
 }
 
-// The key row's D values as D / 32 vectors of bf16 pairs, in the dot order for fp8.
+// The key row's D values as D / 32 vectors of bf16 pairs, in the dot order for fp8; tab holds
+// the fp8 tables (lo[0:64], lo[64:128], hi[0:64], hi[64:128]), loaded once by the caller.
 template <typename TC, int D>
-__attribute__((target("avx512bf16,avx512vbmi"))) inline void dot_row(const TC* p, __m512bh* k) {
+__attribute__((target("avx512bf16,avx512vbmi"))) inline void dot_row(const TC* p, const __m512i* tab, __m512bh* k) {
   if constexpr (std::is_same_v<TC, c10::BFloat16>) {
     for (int c = 0; c < D / 32; ++c) k[c] = (__m512bh)_mm512_loadu_si512(p + c * 32);
   } else {
-    const Fp8Bf16Tables& t = fp8_bf16_tables();
-    const __m512i lo0 = _mm512_load_si512(t.lo), lo1 = _mm512_load_si512(t.lo + 64);
-    const __m512i hi0 = _mm512_load_si512(t.hi), hi1 = _mm512_load_si512(t.hi + 64);
     for (int c = 0; c < D / 64; ++c) {
       const __m512i x = _mm512_loadu_si512(reinterpret_cast<const uint8_t*>(p) + c * 64);
-      const __m512i l = _mm512_permutex2var_epi8(lo0, x, lo1);  // index bits 0-6: the magnitude
+      const __m512i l = _mm512_permutex2var_epi8(tab[0], x, tab[1]);  // index bits 0-6: the magnitude
       // the high byte, with x's sign bit: h | (x & 0x80)
-      const __m512i h = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, x, hi1), x,
+      const __m512i h = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(tab[2], x, tab[3]), x,
                                                   _mm512_set1_epi8((char)0x80), 0xF8);
       k[2 * c] = (__m512bh)_mm512_unpacklo_epi8(l, h);
       k[2 * c + 1] = (__m512bh)_mm512_unpackhi_epi8(l, h);
@@ -358,11 +356,16 @@ template <typename TC, int D>
 __attribute__((target("avx512bf16,avx512vbmi"))) void scores_dot(const uint16_t* q, int nrow, float scale,
                                                                  const TC* const* kp, const TC* const* next, int n,
                                                                  float* s, __m512* part) {
+  __m512i tab[4];
+  if constexpr (!std::is_same_v<TC, c10::BFloat16>) {
+    const Fp8Bf16Tables& t = fp8_bf16_tables();
+    for (int i = 0; i < 4; ++i) tab[i] = _mm512_load_si512((i < 2 ? t.lo : t.hi) + (i % 2) * 64);
+  }
   constexpr int NV = D / 32;
   for (int j = 0; j < n; ++j) {
     prefetch_row(next[j], D * sizeof(TC));
     __m512bh k[NV];
-    dot_row<TC, D>(kp[j], k);
+    dot_row<TC, D>(kp[j], tab, k);
     for (int r = 0; r < nrow; ++r) {
       const uint16_t* qr = q + r * D;
       __m512 a0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), k[0], (__m512bh)_mm512_loadu_si512(qr)),
