@@ -43,8 +43,13 @@ def compare(model, inputs, fn=lambda m, *a: m(*a)):
     return out, report
 
 
-def names(entries):
-    return sorted(e.name for e in entries)
+def names(entries, kind=None):
+    """The entries' names: the fused blocks' (kind None), or those of one kind ("Linear": packed weights)."""
+    return sorted(e.name for e in entries if (e.kind != "Linear" if kind is None else e.kind == kind))
+
+
+def linear_names(model, skip=()):
+    return sorted(n for n, m in model.named_modules() if type(m) is nn.Linear and n not in skip)
 
 
 # ---- diffusers -------------------------------------------------------------------
@@ -122,6 +127,8 @@ def test_unet_patched_matches_unpatched(time_scale_shift, monkeypatch):
     assert isinstance(report, PatchReport)
     assert len(geglu_names(unet)) == 4  # one feed-forward per transformer block
     assert names(report.replaced) == sorted(resnets + attentions + geglu_names(unet) + ["conv_norm_out"])
+    # every other nn.Linear's weight is packed; a GEGLU's proj is the GEGLU's own matmul
+    assert names(report.replaced, "Linear") == linear_names(unet, {n + ".proj" for n in geglu_names(unet)})
     film = "FiLM" if time_scale_shift == "scale_shift" else "add"
     assert all(film in e.detail for e in report.replaced if e.kind == "ResnetBlock2D")
     # The transformer blocks' GroupNorms have no activation after them: left, with a reason.
@@ -138,6 +145,7 @@ def test_vae_patched_matches_unpatched():
     # the mid blocks' attention: one head of 32, with a GroupNorm, 4D input and a residual inside
     assert names(report.replaced) == sorted(resnets + attention_names(vae) +
                                             ["encoder.conv_norm_out", "decoder.conv_norm_out"])
+    assert names(report.replaced, "Linear") == linear_names(vae)
     assert names(report.left) == ["decoder.mid_block.attentions.0.group_norm",
                                   "encoder.mid_block.attentions.0.group_norm"]
 
@@ -145,7 +153,8 @@ def test_vae_patched_matches_unpatched():
 def test_report_prints_both_lists():
     unet = tiny_unet()
     text = str(genfast.patch(unet))
-    assert text.splitlines()[0].startswith("genfast.patch: 21 replaced, 4 left")
+    linears = len(linear_names(unet)) - 4  # the GEGLUs' projs are theirs
+    assert text.splitlines()[0].startswith(f"genfast.patch: {21 + linears} replaced, 4 left")
     assert "mid_block.resnets.0" in text and "not in a block genfast recognizes" in text
     assert "genfast.patch.AttnProcessor (headdim 8" in text
     assert repr(genfast.patch(unet)) == "PatchReport(replaced=0, left=4)"  # patching twice changes nothing new
@@ -173,7 +182,8 @@ def test_patched_feed_forward_trains_like_the_original():
     for ff in ffs:
         fused = copy.deepcopy(ff)
         report = genfast.patch(fused)
-        assert [e.kind for e in report.replaced] == [type(ff[0] if isinstance(ff, nn.Sequential) else ff.net[0]).__name__]
+        fused_kinds = [e.kind for e in report.replaced if e.kind != "Linear"]
+        assert fused_kinds == [type(ff[0] if isinstance(ff, nn.Sequential) else ff.net[0]).__name__]
         x = torch.randn(2, 5, 16 if isinstance(ff, nn.Sequential) else 64)
         out_ref, out = ff(x), fused(x)
         torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
@@ -217,7 +227,9 @@ def test_patched_attention_falls_back_to_the_original(monkeypatch):
     mask = torch.zeros(2, 1, 5)
     mask[0, :, 3:] = -10000.0  # diffusers' additive form: the first row ignores its last 2 tokens
     with torch.no_grad():
-        assert torch.equal(fused(x, ctx, attention_mask=mask), attn(x, ctx, attention_mask=mask))
+        # the original processor (its projections through the packed Linears: rounding apart, equal)
+        torch.testing.assert_close(fused(x, ctx, attention_mask=mask), attn(x, ctx, attention_mask=mask),
+                                   rtol=1e-5, atol=1e-6)
         assert count.calls == 0
         out = fused(x, ctx)
         assert count.calls == 1
@@ -424,3 +436,104 @@ def test_patch_does_not_import_diffusers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# ---- weights packed for oneDNN (CPU inference) -----------------------------------------
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_matches_fp64(dtype, bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(37, 53, bias=bias).to(dtype)
+    lin64 = copy.deepcopy(lin).double()
+    ref = copy.deepcopy(lin)
+    report = genfast.patch(lin)
+    assert [(e.name, e.kind) for e in report.replaced] == [("", "Linear")]
+    calls = []
+    lin.register_forward_hook(lambda *a: calls.append(1))  # hooks run around the packed forward
+    for x in (torch.randn(5, 37), torch.randn(2, 3, 37), torch.randn(4, 74)[:, ::2], torch.randn(37, 6).t()):
+        x = x.to(dtype)
+        with torch.no_grad():
+            assert_close(lin(x), lin64(x.double()), ref(x), atol=ATOL)
+    assert len(calls) == 4
+    assert lin.__dict__["_genfast_plan"].packed._packed is not None  # the packed path ran
+
+
+@needs_onednn
+def test_packed_linear_follows_the_weight():
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 40)
+    ref = copy.deepcopy(lin)
+    genfast.patch(lin)
+    x = torch.randn(3, 24)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x.to(lin.weight.dtype)), ref(x.to(ref.weight.dtype)), rtol=1e-5, atol=1e-5)
+
+    check()
+    for model in (lin, ref):  # an optimizer's in-place step
+        with torch.no_grad():
+            model.weight.mul_(-0.5)
+    check()
+    lin.load_state_dict(nn.Linear(24, 40).state_dict())
+    ref.load_state_dict(lin.state_dict())
+    check()
+    lin.weight = nn.Parameter(torch.randn(40, 24))  # another tensor
+    ref.weight = nn.Parameter(lin.weight.detach().clone())
+    check()
+    lin.bfloat16(), ref.bfloat16()
+    check()
+
+
+@needs_onednn
+def test_packed_linear_leaves_what_it_cannot_pack():
+    """Autograd, a 1-D input, fp64, an empty batch, inference tensors: F.linear itself, bit for bit."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    ref = copy.deepcopy(lin)
+    genfast.patch(lin)
+    x = torch.randn(4, 16, requires_grad=True)
+    out, out_ref = lin(x), ref(x)  # parameters require grad: differentiable, as eager
+    assert torch.equal(out, out_ref)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    assert torch.equal(lin.weight.grad, ref.weight.grad)
+    with torch.no_grad():
+        for inp in (torch.randn(16), torch.randn(0, 16)):
+            assert torch.equal(lin(inp), ref(inp))
+        assert torch.equal(lin.double()(x.double()), ref.double()(x.double()))
+    with torch.inference_mode():
+        lin2 = nn.Linear(16, 8)  # inference-tensor weights have no version to key a packed copy on
+        ref2 = copy.deepcopy(lin2)
+        genfast.patch(lin2)
+        assert torch.equal(lin2(x.detach().float()), ref2(x.detach().float()))
+    genfast.unpatch(lin)
+    assert "forward" not in lin.__dict__
+
+
+@needs_onednn
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.1), nn.SiLU(), nn.GELU()], ids=lambda a: type(a).__name__)
+def test_folded_conv_runs_its_activation_as_a_post_op(act):
+    """Odd geometry (groups, stride, dilation, output padding, bias) for both conv kinds; a second batch size
+    after the weights were packed for the first."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(6, 10, 3, stride=2, padding=1, dilation=2, groups=2), nn.BatchNorm2d(10),
+                        copy.deepcopy(act),
+                        nn.ConvTranspose2d(10, 4, 3, stride=2, padding=1, output_padding=1, groups=2, bias=False),
+                        nn.BatchNorm2d(4), copy.deepcopy(act)).eval()
+    for bn in (seq[1], seq[4]):
+        bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.normal_(1, 0.3)
+    _, report = compare(seq, (torch.randn(3, 6, 11, 9),))
+    assert names(report.replaced) == ["1", "4"] and all("folded into" in e.detail for e in report.replaced)
+    ref = copy.deepcopy(seq)
+    genfast.patch(seq)
+    with torch.no_grad():
+        seq(torch.randn(3, 6, 11, 9))
+        x = torch.randn(5, 6, 13, 8)
+        torch.testing.assert_close(seq(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert all(step._packed._packed is not None for step in seq.__dict__["_genfast_plan"].steps)

@@ -4,9 +4,12 @@ The model is genfast's own minimal Llama (RMSNorm, RoPE, grouped-query
 attention, SwiGLU), random weights from a seed; nothing is downloaded. Every
 loop runs the same weights and differs only in how it attends and samples:
 
-- genfast: ``genfast.KVCache`` (update → attend → advance, each layer's K/V
-  written in place at the row's length) and ``genfast.sample_tokens``; on a
-  GPU also with the decode step captured in a CUDA graph and replayed;
+- genfast: the model through ``genfast.patch`` (a copy sharing its weights; on
+  the CPU its ``nn.Linear`` weights packed once for oneDNN: PyTorch's fp32
+  ``F.linear`` runs MKL, slow on non-Intel CPUs), ``genfast.KVCache`` (update →
+  attend → advance, each layer's K/V written in place at the row's length) and
+  ``genfast.sample_tokens``; on a GPU also with the decode step captured in a
+  CUDA graph and replayed;
 - eager: gpt-fast's way, a preallocated (batch, kv_heads, max_seq, head_dim)
   cache written with ``index_copy_``, K/V heads repeated to the query heads,
   SDPA with a boolean mask row per position, argmax;
@@ -18,8 +21,8 @@ loop runs the same weights and differs only in how it attends and samples:
   ``generate`` compiles on a GPU, not on the CPU). Skipped, with a note, when
   transformers is not installed;
 - HF generate + genfast.hf: that model on genfast's attention
-  (``attn_implementation="genfast"``) with a ``genfast.hf.GenfastCache``:
-  what genfast gains inside an HF loop.
+  (``attn_implementation="genfast"``) with a ``genfast.hf.GenfastCache``, and
+  ``genfast.patch``-ed: what genfast gains inside an HF loop.
 
 At temperature 0 the loops must produce the same tokens (asserted). The same
 loops are also timed at temperature 0.8, top-p 0.9, the eager one sampling as
@@ -31,6 +34,7 @@ those warpers.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -132,6 +136,15 @@ class Llama(nn.Module):
         # the next token needs the last position's logits only (as HF generate computes them): a
         # prompt's other rows would cost seq x vocab x dim more
         return self.out(self.norm(x[:, -1:]))
+
+
+def patched(model: nn.Module) -> nn.Module:
+    """``genfast.patch`` of a copy of model that shares its parameters and buffers (the baselines
+    keep the unpatched model)."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    copied = copy.deepcopy(model, memo=shared)
+    genfast.patch(copied)
+    return copied
 
 
 def build_model(c: Config, device, dtype=torch.float32, seed: int = 0) -> Llama:
@@ -359,18 +372,21 @@ def _check_tokens(case: str, name: str, got: torch.Tensor, ref: torch.Tensor) ->
                              f"(row, step) = {bad}")
 
 
-def _bench_batch(model, hf, hf_genfast, prompt, n_new, compiled_step, device, reps) -> list[common.Row]:
+def _bench_batch(model, fast, hf, hf_genfast, prompt, n_new, compiled_step, device, reps) -> list[common.Row]:
+    """fast: model patched by genfast (sharing its weights)."""
     case = f"batch {prompt.shape[0]}"
     items = prompt.shape[0] * n_new
     ref = generate_eager(model, prompt, n_new)
-    _check_tokens(case, "genfast", generate_genfast(model, prompt, n_new), ref)
-    fns = {"genfast": lambda: generate_genfast(model, prompt, n_new),
+    _check_tokens(case, "genfast", generate_genfast(fast, prompt, n_new), ref)
+    fns = {"genfast": lambda: generate_genfast(fast, prompt, n_new),
            "eager (gpt-fast)": lambda: generate_eager(model, prompt, n_new)}
     if device.type == "cuda":  # the decode step captured once in a CUDA graph (its capture timed too)
-        _check_tokens(case, "genfast CUDA graph", generate_genfast_graph(model, prompt, n_new), ref)
-        fns["genfast CUDA graph"] = lambda: generate_genfast_graph(model, prompt, n_new)
-    # time to the first sampled decode token in a warm process (genfast has nothing to compile)
-    firsts = {"genfast": common.time_once(lambda: generate_genfast(model, prompt, 2), device)}
+        _check_tokens(case, "genfast CUDA graph", generate_genfast_graph(fast, prompt, n_new), ref)
+        fns["genfast CUDA graph"] = lambda: generate_genfast_graph(fast, prompt, n_new)
+    # time to the first sampled decode token in a warm process (genfast has nothing to compile;
+    # a fresh copy packs its weights in this call)
+    first_model = patched(model)
+    firsts = {"genfast": common.time_once(lambda: generate_genfast(first_model, prompt, 2), device)}
     notes = {}
     if hf is not None:
         _check_tokens(case, "HF generate", generate_hf(hf, prompt, n_new), ref)
@@ -401,7 +417,7 @@ def _bench_batch(model, hf, hf_genfast, prompt, n_new, compiled_step, device, re
     rows = [common.Row("decode", case, name, items, "tok/s", t[name], first_s=firsts.get(name),
                        note=notes.get(name, "")) for name in fns]
     # temperature 0.8, top-p 0.9: random tokens, so timed only; shows what sort-based top-p costs
-    fns = {"genfast": lambda: generate_genfast(model, prompt, n_new, 0.8, 0.9),
+    fns = {"genfast": lambda: generate_genfast(fast, prompt, n_new, 0.8, 0.9),
            "eager (HF top-p)": lambda: generate_eager(model, prompt, n_new, eager_step, 0.8, 0.9)}
     if hf is not None:
         fns["HF generate"] = lambda: generate_hf(hf, prompt, n_new, temperature=0.8, top_p=0.9)
@@ -419,6 +435,9 @@ def bench(quick: bool = True, device=None, compile: bool = True, batches=(1, 16)
     model = build_model(c, device)
     hf = build_hf_model(model)
     hf_genfast = build_hf_model(model, "genfast")
+    if hf_genfast is not None:
+        genfast.patch(hf_genfast)
+    fast = patched(model)
     rows = []
     compiled_step = None
     if compile:
@@ -435,7 +454,7 @@ def bench(quick: bool = True, device=None, compile: bool = True, batches=(1, 16)
     for batch in batches:
         prompt = torch.randint(0, c.vocab, (batch, prompt_len), device=device,
                                generator=torch.Generator(device).manual_seed(batch))
-        rows += _bench_batch(model, hf, hf_genfast, prompt, n_new, compiled_step, device, reps)
+        rows += _bench_batch(model, fast, hf, hf_genfast, prompt, n_new, compiled_step, device, reps)
     title = (f"decode: Llama-style {c.n_layers} layers, dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads, "
              f"vocab {c.vocab}, fp32, random weights; prompt {prompt_len}, {n_new} new tokens, greedy; {device}")
     common.print_rows(rows, title)
