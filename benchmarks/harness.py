@@ -70,6 +70,7 @@ class Case:
     impls: tuple[str, ...]
     build: Callable[[], dict[str, Callable[[], object]]]
     compiled: tuple[str, ...] = ("torch.compile",)
+    backend: str = ""  # what runs genfast's side when it is not the op dispatch's pick (cpp/triton/reference)
 
     @property
     def name(self) -> str:
@@ -284,7 +285,7 @@ def run_case(case: Case, copy_gbps: float, progress: Callable[[str], None] = lam
             "family": case.family, "op": case.op, "mode": case.mode, "size": case.size,
             "dtype": DTYPE_NAMES.get(case.dtype, str(case.dtype)), "device": case.device.type,
             "impl": impl,
-            "backend": genfast_backend(case.device, case.dtype) if impl == GENFAST else "",
+            "backend": (case.backend or genfast_backend(case.device, case.dtype)) if impl == GENFAST else "",
             "median_ms": t.median_s * 1e3, "reps": t.reps, "first_call_s": t.first_call_s,
             "compile_cache_hit": cache_hit.get(impl),
             "nbytes": case.nbytes, "gbps": gbps, "pct_copy": 100.0 * gbps / copy_gbps,

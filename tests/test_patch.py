@@ -43,9 +43,12 @@ def compare(model, inputs, fn=lambda m, *a: m(*a)):
     return out, report
 
 
+KERNEL_CHOICES = ("Linear", "ConvTranspose2d")  # modules patch runs through a faster CPU kernel, nothing fused
+
+
 def names(entries, kind=None):
-    """The entries' names: the fused blocks' (kind None), or those of one kind ("Linear": packed weights)."""
-    return sorted(e.name for e in entries if (e.kind != "Linear" if kind is None else e.kind == kind))
+    """The entries' names: the fused blocks' (kind None), or those of one kind (e.g. "Linear")."""
+    return sorted(e.name for e in entries if (e.kind not in KERNEL_CHOICES if kind is None else e.kind == kind))
 
 
 def linear_names(model, skip=()):
@@ -325,7 +328,8 @@ def test_dcgan_eval_folds_batch_norm_into_the_conv():
     g = dcgan().eval()
     _, report = compare(g, (torch.randn(3, 16, 1, 1),))
     assert names(report.replaced) == ["main.1", "main.4", "main.7"]
-    assert all("folded into" in e.detail for e in report.replaced)
+    assert all("folded into" in e.detail for e in report.replaced if e.kind == "BatchNorm2d")
+    assert names(report.replaced, "ConvTranspose2d") == ["main.9"]  # to 3 channels: GEMM + col2im
     assert report.left == []
 
 
@@ -537,3 +541,33 @@ def test_folded_conv_runs_its_activation_as_a_post_op(act):
         x = torch.randn(5, 6, 13, 8)
         torch.testing.assert_close(seq(x), ref(x), rtol=1e-5, atol=1e-5)
     assert all(step._packed._packed is not None for step in seq.__dict__["_genfast_plan"].steps)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_small_conv_transpose_runs_gemm_col2im(channels_last, monkeypatch):
+    """<= 4 output channels (odd geometry: stride 3, padding 2, output padding 1, dilation 2, bias), against fp64;
+    autograd, output_size, 5 channels and groups keep the module's own forward."""
+    torch.manual_seed(0)
+    calls = []
+    original = torch._C._nn.slow_conv_transpose2d
+    monkeypatch.setattr(torch._C._nn, "slow_conv_transpose2d", lambda *a: calls.append(1) or original(*a))
+    seq = nn.Sequential(nn.ConvTranspose2d(6, 3, 4, stride=3, padding=2, output_padding=1, dilation=2), nn.Tanh(),
+                        nn.ConvTranspose2d(3, 1, 3, bias=False))
+    for batch in (1, 5):
+        x = torch.randn(batch, 6, 7, 5)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        _, report = compare(seq, (x,))
+        assert names(report.replaced, "ConvTranspose2d") == ["0", "2"]
+    assert len(calls) == 4
+    genfast.patch(seq)
+    x = torch.randn(2, 6, 7, 5, requires_grad=True)
+    ref = copy.deepcopy(seq)
+    genfast.unpatch(ref)
+    assert torch.equal(seq(x), ref(x)) and len(calls) == 4  # autograd: the module's own forward
+    with torch.no_grad():
+        out_size = [a + 1 for a in ref[0](x).shape[-2:]]  # output_size asks for the extra output padding
+        assert torch.equal(seq[0](x, output_size=out_size), ref[0](x, output_size=out_size))
+    assert len(calls) == 4
+    left = genfast.patch(nn.Sequential(nn.ConvTranspose2d(6, 5, 3), nn.ConvTranspose2d(6, 4, 3, groups=2)))
+    assert left.replaced == []
