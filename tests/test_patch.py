@@ -495,6 +495,37 @@ def test_packed_linear_follows_the_weight():
 
 
 @needs_onednn
+def test_packed_linear_repacks_for_one_row_after_a_run_of_them():
+    """A decode loop at batch 1: the prefill's rows, then one row a step; the packed layout follows after
+    SWITCH_AFTER calls in a row, never on alternating calls; every result is F.linear's."""
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 80)
+    ref = copy.deepcopy(lin)
+    genfast.patch(lin)
+    plan = lin.__dict__["_genfast_plan"]
+    after = plan.SWITCH_AFTER
+
+    def call(rows):
+        x = torch.randn(rows, 48)
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), ref(x), rtol=1e-5, atol=1e-5)
+
+    call(7)
+    assert plan.single_row is False
+    for _ in range(after - 1):
+        call(1)
+    assert plan.single_row is False
+    call(1)
+    assert plan.single_row is True
+    for _ in range(3 * after):  # alternating: no repack
+        call(2 if _ % 2 else 1)
+    assert plan.single_row is True
+    for _ in range(after):
+        call(3)
+    assert plan.single_row is False
+
+
+@needs_onednn
 def test_packed_linear_leaves_what_it_cannot_pack():
     """Autograd, a 1-D input, fp64, an empty batch, inference tensors: F.linear itself, bit for bit."""
     torch.manual_seed(0)
