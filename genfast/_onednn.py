@@ -59,6 +59,11 @@ class PackedWeight:
     def __init__(self):
         self._key, self._packed = None, None
 
+    def __reduce__(self):
+        # deepcopy and pickle make an empty one (oneDNN's opaque tensors have no storage to copy); the copy
+        # packs its own weight on its first call
+        return PackedWeight, ()
+
     def get(self, weight: torch.Tensor, pack):
         """pack() made once per state of weight; None for an inference tensor (no version counter)."""
         try:

@@ -495,6 +495,25 @@ def test_packed_linear_follows_the_weight():
 
 
 @needs_onednn
+def test_patched_model_deep_copies_after_packing():
+    """A copy of a patched model that has packed its weights (an EMA copy, say) packs its own."""
+    torch.manual_seed(0)
+    g = dcgan().eval()
+    model = nn.Sequential(nn.Linear(8, 16), nn.Unflatten(1, (16, 1, 1)), g)
+    genfast.patch(model)
+    z = torch.randn(2, 8)
+    with torch.no_grad():
+        out = model(z)
+        twin = copy.deepcopy(model)
+        torch.testing.assert_close(twin(z), out)
+        twin[0].weight.mul_(2)
+        g.main[0].weight.mul_(2)  # the original only: the copy's fold must not follow it
+        ref = copy.deepcopy(twin)
+        genfast.unpatch(ref)
+        torch.testing.assert_close(twin(z), ref(z), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
 def test_packed_linear_repacks_for_one_row_after_a_run_of_them():
     """A decode loop at batch 1: the prefill's rows, then one row a step; the packed layout follows after
     SWITCH_AFTER calls in a row, never on alternating calls; every result is F.linear's."""
