@@ -21,6 +21,8 @@ nothing while ``torch.compile`` traces (inductor packs weights itself).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -40,9 +42,28 @@ def _has_ops(names) -> bool:
 HAS_LINEAR, HAS_CONV = _has_ops(_LINEAR_OPS), _has_ops(_CONV_OPS)
 
 
+_failed: str | None = None  # why a packed op raised where PyTorch's own path did not: then never again
+
+
+def _guarded(fast, fallback):
+    """fast(), or on a RuntimeError fallback(): an error of the caller's (a wrong shape) is then
+    fallback's own; a fallback that succeeds means oneDNN's packed ops fail on this machine, and
+    every later call takes PyTorch's path."""
+    global _failed
+    try:
+        return fast()
+    except RuntimeError as e:
+        error = e
+    out = fallback()  # outside the except: a caller's error comes unchained
+    _failed = f"{type(error).__name__}: {error}"
+    warnings.warn(f"genfast.patch: oneDNN's packed ops failed ({_failed}); PyTorch's path from now on",
+                  RuntimeWarning, stacklevel=3)
+    return out
+
+
 def usable(x: torch.Tensor, *params) -> bool:
     """Whether x and params (None allowed) can go through a packed oneDNN op with no difference but rounding."""
-    if type(x) not in _PLAIN or x.device.type != "cpu" or not x.numel() or not torch.backends.mkldnn.enabled:
+    if _failed is not None or type(x) not in _PLAIN or x.device.type != "cpu" or not x.numel() or not torch.backends.mkldnn.enabled:
         return False
     if x.dtype != torch.float32 and not (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return False
@@ -109,34 +130,43 @@ class Linear:
         else:
             self._against = 0
         hint = 1 if self.single_row else None
-        packed = self.packed.get(weight, lambda: torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), hint))
-        if packed is None:
-            return F.linear(x, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+        def fast():
+            packed = self.packed.get(weight, lambda: torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(),
+                                                                                             hint))
+            if packed is None:
+                return F.linear(x, weight, bias)
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+        return _guarded(fast, lambda: F.linear(x, weight, bias))
 
 
-def conv_act(conv, x, weight, bias, activation: str, negative_slope: float, packed: PackedWeight):
+def conv_act(conv, x, weight, bias, activation: str, negative_slope: float, packed: PackedWeight, fallback):
     """``act(conv(x))`` with conv's geometry (an nn.Conv2d or nn.ConvTranspose2d), the given weight
-    and bias, the weight packed and the activation as oneDNN's post-op; None where that does not apply
-    (the caller runs its own path)."""
-    if not (HAS_CONV and x.dim() == 4 and activation in POST_OPS and usable(x, weight, bias)):
-        return None
+    and bias, the weight packed and the activation as oneDNN's post-op; ``fallback()`` (the caller's
+    own path) where that does not apply."""
+    if not (HAS_CONV and x.dim() == 4 and activation in POST_OPS and usable(x, weight, bias)
+            and not isinstance(conv.padding, str)):  # "same" / "valid": PyTorch resolves them
+        return fallback()
     attr, algorithm = POST_OPS[activation]
     scalars = [negative_slope] if activation == "leaky_relu" else []
-    padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
+    padding, stride, dilation, groups = list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
     if isinstance(conv, torch.nn.ConvTranspose2d):
         out_pad = list(conv.output_padding)
-        w = packed.get(weight, lambda: torch.ops.mkldnn._reorder_convolution_transpose_weight(
-            weight, padding, out_pad, stride, dilation, conv.groups, list(x.shape)))
-        if w is None:
-            return None
-        return torch.ops.mkldnn._convolution_transpose_pointwise(
-            x, w, bias, padding, out_pad, stride, dilation, conv.groups, attr, scalars, algorithm)
-    if isinstance(conv.padding, str):  # "same" / "valid": let PyTorch resolve it
-        return None
-    w = packed.get(weight, lambda: torch.ops.mkldnn._reorder_convolution_weight(
-        weight, padding, stride, dilation, conv.groups, list(x.shape)))
-    if w is None:
-        return None
-    return torch.ops.mkldnn._convolution_pointwise(x, w, bias, padding, stride, dilation, conv.groups, attr,
-                                                   scalars, algorithm)
+
+        def fast():
+            w = packed.get(weight, lambda: torch.ops.mkldnn._reorder_convolution_transpose_weight(
+                weight, padding, out_pad, stride, dilation, groups, list(x.shape)))
+            if w is None:
+                return fallback()
+            return torch.ops.mkldnn._convolution_transpose_pointwise(
+                x, w, bias, padding, out_pad, stride, dilation, groups, attr, scalars, algorithm)
+    else:
+        def fast():
+            w = packed.get(weight, lambda: torch.ops.mkldnn._reorder_convolution_weight(
+                weight, padding, stride, dilation, groups, list(x.shape)))
+            if w is None:
+                return fallback()
+            return torch.ops.mkldnn._convolution_pointwise(x, w, bias, padding, stride, dilation, groups, attr,
+                                                           scalars, algorithm)
+    return _guarded(fast, fallback)

@@ -500,19 +500,21 @@ class _BatchNormAct:
                 # for (DCGAN's generator at batch 64: ~1.25x); _sequential_forward restores
                 # the caller's layout at the end
                 x = x.contiguous(memory_format=torch.channels_last)
-            # the folded weight packed for oneDNN once, the activation as its post-op
-            y = _onednn.conv_act(conv, x, weight, bias, self.activation, self.negative_slope, self._packed)
-            if y is not None:
-                return y
-            if isinstance(conv, nn.ConvTranspose2d):
-                y = nn.functional.conv_transpose2d(x, weight, bias, conv.stride, conv.padding, conv.output_padding,
-                                                   conv.groups, conv.dilation)
-            else:
-                y = conv._conv_forward(x, weight, bias)
-            return self._activate_inplace(y)
+            # the folded weight packed for oneDNN once, the activation as its post-op (else PyTorch's conv)
+            return _onednn.conv_act(conv, x, weight, bias, self.activation, self.negative_slope, self._packed,
+                                    lambda: self._conv_act(x, weight, bias))
         if self.conv is not None:
             x = self.conv(x)
         return batch_norm_module_act(self.bn, x, self.activation, self.negative_slope)
+
+    def _conv_act(self, x, weight, bias):
+        conv = self.conv
+        if isinstance(conv, nn.ConvTranspose2d):
+            y = nn.functional.conv_transpose2d(x, weight, bias, conv.stride, conv.padding, conv.output_padding,
+                                               conv.groups, conv.dilation)
+        else:
+            y = conv._conv_forward(x, weight, bias)
+        return self._activate_inplace(y)
 
     def _can_fold(self) -> bool:
         """Eval mode with running statistics, fp32/fp64 weights and no gradient wanted for them."""

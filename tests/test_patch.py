@@ -545,6 +545,34 @@ def test_packed_linear_repacks_for_one_row_after_a_run_of_them():
 
 
 @needs_onednn
+def test_packed_ops_failing_fall_back_for_good(monkeypatch):
+    """A packed op that raises where PyTorch's path works (a platform without it): that call and every
+    later one run PyTorch's path, with one warning; a caller's own error (a wrong shape) stays its own."""
+    import genfast._onednn as onednn
+
+    monkeypatch.setattr(onednn, "_failed", None)  # and back to None afterwards: the failure is simulated
+    torch.manual_seed(0)
+    lin, seq = nn.Linear(8, 4), nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    refs = copy.deepcopy(lin), copy.deepcopy(seq)
+    genfast.patch(lin), genfast.patch(seq)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            lin(torch.randn(2, 5))  # the caller's error, not a reason to give up on oneDNN
+        assert onednn._failed is None
+
+        def broken(*args):
+            raise RuntimeError("no oneDNN here")
+
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", broken)
+        monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", broken)
+        x, img = torch.randn(2, 8), torch.randn(2, 3, 6, 5)
+        with pytest.warns(RuntimeWarning, match="no oneDNN here"):
+            torch.testing.assert_close(lin(x), refs[0](x), rtol=1e-5, atol=1e-6)
+        assert onednn._failed is not None
+        torch.testing.assert_close(seq(img), refs[1](img), rtol=1e-5, atol=1e-5)  # no second warning needed
+
+
+@needs_onednn
 def test_packed_linear_leaves_what_it_cannot_pack():
     """Autograd, a 1-D input, fp64, an empty batch, inference tensors: F.linear itself, bit for bit."""
     torch.manual_seed(0)
