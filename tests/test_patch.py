@@ -467,12 +467,18 @@ def test_packed_linear_matches_fp64(dtype, bias):
     assert lin.__dict__["_genfast_plan"].packed._packed is not None  # the packed path ran
 
 
-@needs_onednn
-def test_packed_linear_follows_the_weight():
+def patched_linear(n_in, n_out):
+    """(an nn.Linear patched by genfast, an unpatched copy)."""
     torch.manual_seed(0)
-    lin = nn.Linear(24, 40)
+    lin = nn.Linear(n_in, n_out)
     ref = copy.deepcopy(lin)
     genfast.patch(lin)
+    return lin, ref
+
+
+@needs_onednn
+def test_packed_linear_follows_the_weight():
+    lin, ref = patched_linear(24, 40)
     x = torch.randn(3, 24)
 
     def check():
@@ -517,10 +523,7 @@ def test_patched_model_deep_copies_after_packing():
 def test_packed_linear_repacks_for_one_row_after_a_run_of_them():
     """A decode loop at batch 1: the prefill's rows, then one row a step; the packed layout follows after
     SWITCH_AFTER calls in a row, never on alternating calls; every result is F.linear's."""
-    torch.manual_seed(0)
-    lin = nn.Linear(48, 80)
-    ref = copy.deepcopy(lin)
-    genfast.patch(lin)
+    lin, ref = patched_linear(48, 80)
     plan = lin.__dict__["_genfast_plan"]
     after = plan.SWITCH_AFTER
 
@@ -575,10 +578,7 @@ def test_packed_ops_failing_fall_back_for_good(monkeypatch):
 @needs_onednn
 def test_packed_linear_leaves_what_it_cannot_pack():
     """Autograd, a 1-D input, fp64, an empty batch, inference tensors: F.linear itself, bit for bit."""
-    torch.manual_seed(0)
-    lin = nn.Linear(16, 8)
-    ref = copy.deepcopy(lin)
-    genfast.patch(lin)
+    lin, ref = patched_linear(16, 8)
     x = torch.randn(4, 16, requires_grad=True)
     out, out_ref = lin(x), ref(x)  # parameters require grad: differentiable, as eager
     assert torch.equal(out, out_ref)
