@@ -521,6 +521,8 @@ class _BatchNormAct:
         bn = self.bn
         if not self.foldable or bn.training or bn.running_mean is None or bn.running_var is None:
             return False
+        if torch.compiler.is_compiling():  # the fold's cache compares data pointers: traced, the unfolded ops
+            return False
         params = self._params()
         # A weight rounded to fp16/bf16 after scaling errs by 2^-9 relative: more than the unfolded BN does.
         if any(t.dtype not in (torch.float32, torch.float64) for t in params + [bn.running_mean, bn.running_var]):

@@ -649,3 +649,14 @@ def test_small_conv_transpose_runs_gemm_col2im(channels_last, monkeypatch):
     assert len(calls) == 4
     left = genfast.patch(nn.Sequential(nn.ConvTranspose2d(6, 5, 3), nn.ConvTranspose2d(6, 4, 3, groups=2)))
     assert left.replaced == []
+
+
+def test_patched_model_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) of a patched model traces PyTorch's and genfast's ops (no fold cache,
+    no packed weights: inductor does its own), and gives the eager patched model's output."""
+    g = dcgan().eval()
+    model = nn.Sequential(nn.Linear(8, 16), nn.Unflatten(1, (16, 1, 1)), g)
+    genfast.patch(model)
+    z = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(z), model(z), rtol=1e-5, atol=1e-5)
