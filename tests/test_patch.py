@@ -43,7 +43,7 @@ def compare(model, inputs, fn=lambda m, *a: m(*a)):
     return out, report
 
 
-KERNEL_CHOICES = ("Linear", "ConvTranspose2d")  # modules patch runs through a faster CPU kernel, nothing fused
+KERNEL_CHOICES = ("Linear", "Conv2d", "ConvTranspose2d")  # modules patch runs through a faster CPU kernel, nothing fused
 
 
 def names(entries, kind=None):
@@ -157,7 +157,8 @@ def test_report_prints_both_lists():
     unet = tiny_unet()
     text = str(genfast.patch(unet))
     linears = len(linear_names(unet)) - 4  # the GEGLUs' projs are theirs
-    assert text.splitlines()[0].startswith(f"genfast.patch: {21 + linears} replaced, 4 left")
+    convs = sum(type(m) is nn.Conv2d for m in unet.modules())
+    assert text.splitlines()[0].startswith(f"genfast.patch: {21 + linears + convs} replaced, 4 left")
     assert "mid_block.resnets.0" in text and "not in a block genfast recognizes" in text
     assert "genfast.patch.AttnProcessor (headdim 8" in text
     assert repr(genfast.patch(unet)) == "PatchReport(replaced=0, left=4)"  # patching twice changes nothing new
@@ -660,3 +661,31 @@ def test_patched_model_compiles_without_graph_breaks():
     z = torch.randn(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(z), model(z), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_weight_bound_conv2d_runs_packed(channels_last):
+    """A conv whose weight has >= PACK_CONV_RATIO x its input's elements (a UNet's deepest level) runs packed
+    (odd geometry: groups, stride, dilation, bias), against fp64, in the input's layout; a larger input, or
+    autograd, runs the module's own forward, bit for bit."""
+    from genfast.patch import PACK_CONV_RATIO
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(48, 40, 3, stride=2, padding=2, dilation=2, groups=2)
+    x = torch.randn(1, 48, 3, 3)
+    assert conv.weight.numel() >= PACK_CONV_RATIO * x.numel()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = copy.deepcopy(conv)
+    out, report = compare(conv, (x,))
+    assert [(e.name, e.kind) for e in report.replaced] == [("", "Conv2d")]
+    assert out.stride() == ref(x).stride()
+    genfast.patch(conv)
+    with torch.no_grad():
+        conv(x)
+        assert conv.__dict__["_genfast_plan"]._packed is not None  # the packed path ran
+        big = torch.randn(1, 48, 40, 40)  # the weight no longer outweighs it
+        assert torch.equal(conv(big), ref(big))
+    x.requires_grad_()
+    assert torch.equal(conv(x), ref(x))
