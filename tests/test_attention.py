@@ -665,13 +665,15 @@ def test_prefill_small_head_dims_huge_scores(backend):
     check_against_oracle(out, lse, q, k.double(), v.double(), [50, 50], causal=False)
 
 
+@pytest.mark.parametrize("headdim", [8, 40])
 @pytest.mark.parametrize("kw", [dict(), dict(causal=True, window_size=(700, 5))], ids=["full", "window"])
-def test_prefill_small_head_dims_long_keys(backend, kw):
-    """More keys than the CPU lanes kernel's chunk (512): the chunks' softmaxes merged online."""
+def test_prefill_small_head_dims_long_keys(backend, kw, headdim):
+    """More keys than the CPU lanes kernel's chunk (512): the chunks' softmaxes merged online (headdim 40 over
+    256 keys or more: the lanes kernel in fp32 too, not PyTorch's)."""
     if is_triton():
         pytest.skip("the interpreter is slow at this size; the chunking is the C++ kernel's")
-    q = torch.randn(1, 20, 2, 8).to(backend)
-    k, v = (torch.randn(1, 1300, 2, 8).to(backend) * 3 for _ in range(2))
+    q = torch.randn(1, 20, 2, headdim).to(backend)
+    k, v = (torch.randn(1, 1300, 2, headdim).to(backend) * 3 for _ in range(2))
     out, lse = genfast.attention(q, k, v, return_softmax_lse=True, **kw)
     window = kw.get("window_size", (-1, -1))
     check_against_oracle(out, lse, q, k.double(), v.double(), [1300], causal=kw.get("causal", False),

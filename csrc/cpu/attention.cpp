@@ -730,7 +730,8 @@ void run_item(const Problem& p, const Item& it, Scratch& w) {
 // Measured (2-core AVX-512 Xeon, fp32, 1 thread, 2 x 8 heads, headdim 8): 1024
 // queries x 1024 keys 5.37 ms, 13.3 cycles per score vector (PyTorch's flash
 // kernel: 11.2 ms); x 77 keys 0.58 ms (2.5 ms). From headdim 32 both are
-// FMA-bound and even over 256 keys or more (see attention() for the routing).
+// FMA-bound; over 256 keys or more PyTorch's takes headdims 48 and 56 (see
+// attention() for the routing).
 
 constexpr int kLaneKeys = 512;  // keys per chunk: U * 16 * 512 fp32 scores, 32-64 KB
 
@@ -1421,8 +1422,11 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
   set_common(p, q, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes);
   if (q.numel() == 0 || p.B == 0) return {out, lse};
   if (lanes_head_dim(p.D)) {
-    // From headdim 32 on, over 256 keys or more, PyTorch's GEMM tiles are as fast (both FMA-bound): fp32 goes there.
-    if (!packed && p.D >= 32 && max_seqlen_k >= 256 && aten_prefill(q, k, v, p, need_lse, out, lse)) {
+    // From headdim 48 on, over 256 keys or more, PyTorch's GEMM tiles are as fast (both FMA-bound): fp32 goes
+    // there. At 32-40 the two were within 2% on the Xeon, and on an AMD EPYC (where PyTorch's GEMMs are MKL's
+    // slow path) this kernel took 0.73-0.88x PyTorch's time (2 x 8 heads, headdim 40, 4096 x 4096: 304 against
+    // 353 ms); at 48 they were level (1024 keys) or this one ahead (2048: 82 against 90 ms), at 56 0.95x.
+    if (!packed && p.D >= 48 && max_seqlen_k >= 256 && aten_prefill(q, k, v, p, need_lse, out, lse)) {
       return {out, lse};
     }
     run_lanes(p, q.scalar_type());
