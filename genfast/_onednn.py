@@ -67,7 +67,9 @@ def _guarded(fast, fallback):
 
 def usable(x: torch.Tensor, *params) -> bool:
     """Whether x and params (None allowed) can go through a packed oneDNN op with no difference but rounding."""
-    if _failed is not None or type(x) not in _PLAIN or x.device.type != "cpu" or not x.numel() or not torch.backends.mkldnn.enabled:
+    if _failed is not None or type(x) not in _PLAIN or x.device.type != "cpu" or not x.numel():
+        return False
+    if not torch.backends.mkldnn.enabled:  # the user turned oneDNN off
         return False
     if x.dtype != torch.float32 and not (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return False
