@@ -659,12 +659,12 @@ void run_item(const Problem& p, const Item& it, Scratch& w) {
       float* m = w.m.data() + hh * R;
       float* l = w.l.data() + hh * R;
 #if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (kDotTypes) {
-        if (dot) scores_dot<TC, D>(w.qb.data() + (int64_t)hh * R * D, R, qk_scales[hh], kr, kn, n, s, part);
-      }
       if (dot) {
-      } else if (kInRegisters) scores_direct<TC, D>(w.q.data() + (int64_t)hh * R * D, R, kr, kn, n, s, part);
-      else
+        if constexpr (kDotTypes)
+          scores_dot<TC, D>(w.qb.data() + (int64_t)hh * R * D, R, qk_scales[hh], kr, kn, n, s, part);
+      } else if (kInRegisters) {
+        scores_direct<TC, D>(w.q.data() + (int64_t)hh * R * D, R, kr, kn, n, s, part);
+      } else
 #endif
         scores<D>(w.q.data() + (int64_t)hh * R * D, R, w.kp.data(), n, s);
       for (int r = 0; r < R; ++r) {
