@@ -65,19 +65,25 @@ def _guarded(fast, fallback):
     return out
 
 
-def usable(x: torch.Tensor, *params) -> bool:
-    """Whether x and params (None allowed) can go through a packed oneDNN op with no difference but rounding."""
-    if _failed is not None or type(x) not in _PLAIN or x.device.type != "cpu" or not x.numel():
-        return False
-    if not torch.backends.mkldnn.enabled:  # the user turned oneDNN off
-        return False
-    if x.dtype != torch.float32 and not (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+def cpu_inference(x: torch.Tensor, *params) -> bool:
+    """Whether x and params (None allowed) are plain non-empty CPU tensors of one dtype with no autograd graph
+    to record, outside ``torch.compile``'s tracing: where patch may pick another CPU kernel."""
+    if type(x) not in _PLAIN or x.device.type != "cpu" or not x.numel():
         return False
     if any(p is not None and (type(p) not in _PLAIN or p.dtype != x.dtype or p.device.type != "cpu") for p in params):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return False
     return not torch.compiler.is_compiling()
+
+
+def usable(x: torch.Tensor, *params) -> bool:
+    """Whether x and params (None allowed) can go through a packed oneDNN op with no difference but rounding."""
+    if _failed is not None or not torch.backends.mkldnn.enabled:  # failed here, or the user turned oneDNN off
+        return False
+    if x.dtype != torch.float32 and not (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    return cpu_inference(x, *params)
 
 
 class PackedWeight:

@@ -470,11 +470,8 @@ def _small_deconv_forward(self, input, output_size=None):
     5.7 against 12.9 ms; 1.1-2.5x over batches 1-64 and kernels 3-5 on an AMD EPYC; from 8 channels on
     oneDNN's is faster); anything else runs the module's own forward."""
     w, b = self.weight, self.bias
-    if (output_size is None and type(input) is torch.Tensor and input.device.type == "cpu" and input.dim() == 4
-            and input.dtype == w.dtype == torch.float32 and (b is None or b.dtype == torch.float32)
-            and not (torch.is_grad_enabled() and (input.requires_grad or w.requires_grad
-                                                  or (b is not None and b.requires_grad)))
-            and not torch.compiler.is_compiling()):
+    if (output_size is None and input.dim() == 4 and input.dtype == torch.float32
+            and _onednn.cpu_inference(input, w, b)):
         return torch._C._nn.slow_conv_transpose2d(input, w, self.kernel_size, b, self.stride, self.padding,
                                                   self.output_padding, self.dilation)
     return type(self).forward(self, input, output_size)
