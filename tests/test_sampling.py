@@ -141,6 +141,62 @@ def test_logprob_of_every_draw_is_exact(backend, vocab, config):
     torch.testing.assert_close(logprobs.cpu().double(), p.log(), rtol=0, atol=2e-4)
 
 
+def shaped_logits(shape, vocab, generator):
+    """Rows whose top-p threshold is found the hard way: flat, a few heavy tokens over a tail,
+    heavy tokens on a stride, one token far above the rest (at the start, inside, at the end)."""
+    x = torch.randn(4, vocab, generator=generator)
+    if shape == "flat":
+        return x * 0.5
+    if shape == "heavy-head":
+        x = x * 2
+        x[:, :5] += 12
+    elif shape == "heavy-stride":
+        x = x * 2
+        x[:, 3::256] += 8
+    elif shape == "spike":
+        for r, at in enumerate([0, 17, vocab // 2 + 5, vocab - 1]):
+            x[r, at] = 100.0
+    elif shape == "spike-bf16":
+        for r, at in enumerate([0, 17, vocab // 2 + 5, vocab - 1]):
+            x[r, at] = 4.0 + r
+        x = x.bfloat16()
+    elif shape == "inf-tail":
+        x = x * 3
+        x[:, vocab // 3:] = -INF
+    return x
+
+
+def tie_inclusive_probs(logits, temperature=1.0, top_p=1.0, min_p=0.0):
+    """The filtered distribution in fp64 with genfast's documented tie rule: every token tied
+    with the top-p threshold is kept (a sort-based filter keeps some of them, by sort order;
+    bf16 logits tie often)."""
+    d = (logits.double().amax(-1, keepdim=True) - logits.double()) / temperature
+    sd = d.sort(-1).values
+    cum = torch.exp(-sd).cumsum(-1)
+    first = (cum < top_p * cum[:, -1:]).sum(-1, keepdim=True).clamp(max=d.shape[-1] - 1)
+    t = sd.gather(1, first).clamp(max=-math.log(min_p) if min_p > 0 else INF)
+    e = torch.exp(-d) * (d <= t)
+    return e / e.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("shape", ["flat", "heavy-head", "heavy-stride", "spike", "spike-bf16", "inf-tail"])
+@pytest.mark.parametrize("kw", [dict(top_p=0.9), dict(top_p=0.5, min_p=0.001, temperature=0.7),
+                                dict(top_p=0.99, temperature=0.05)], ids=["p0.9", "p0.5+min_p", "p0.99-cold"])
+@pytest.mark.parametrize("vocab", [3001, 128256])
+def test_top_p_on_shaped_rows(backend, shape, kw, vocab):
+    small_vocab(backend, vocab)
+    logits = shaped_logits(shape, vocab, torch.Generator().manual_seed(vocab))
+    probs = tie_inclusive_probs(logits, **kw)
+    if shape != "spike-bf16":  # no ties: the sort-based filter agrees
+        torch.testing.assert_close(probs, hf_probs(logits, **kw), rtol=0, atol=1e-12)
+    for seed in range(3):
+        tokens, logprobs = genfast.sample_tokens(logits.to(backend), seed=seed, return_logprobs=True, **kw)
+        p = probs.gather(1, tokens.cpu()[:, None])[:, 0]
+        assert (p > 0).all(), f"a filtered-out token was drawn ({shape})"
+        # fp32 sums over the kept tokens: 1e-4 of a far token's log-probability (the reference's own error)
+        torch.testing.assert_close(logprobs.cpu().double(), p.log(), rtol=1e-4, atol=2e-4)
+
+
 def test_per_row_parameters(backend):
     batch, vocab = 6, 300
     logits = logits_like_a_model(batch, vocab, torch.Generator().manual_seed(3))

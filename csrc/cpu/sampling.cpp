@@ -97,12 +97,12 @@ float lane_max(const Vec& v) {
 // Buffers grown once per thread and reused, so a decode step does not fault in
 // fresh pages for its scratch rows (a 128k-row scratch is 512 KB).
 struct Scratch {
-  std::unique_ptr<float[]> x, e, cd, ce, wd[3], we[3];  // wd/we: the selection's work sets
+  std::unique_ptr<float[]> x, e, cd, ce, wd[2], we[2];  // wd/we: the selection's work sets
   std::unique_ptr<int32_t[]> ci;
   int64_t cap = 0;
   void reserve(int64_t n) {
     if (n <= cap) return;
-    for (auto* p : {&x, &e, &cd, &ce, &wd[0], &wd[1], &wd[2], &we[0], &we[1], &we[2]}) p->reset(new float[n]);
+    for (auto* p : {&x, &e, &cd, &ce, &wd[0], &wd[1], &we[0], &we[1]}) p->reset(new float[n]);
     ci.reset(new int32_t[n]);
     cap = n;
   }
@@ -113,12 +113,13 @@ Scratch& thread_scratch() {
   return s;
 }
 
-// Max over n (unpadded) floats; NaN wins.
-float row_max(const float* x, int64_t n) {
+// Max over n (unpadded) values; NaN wins.
+template <typename T>
+float row_max(const T* x, int64_t n) {
   Vec m(-kInf);
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) m = at::vec::maximum(m, Vec::loadu(x + j));
-  if (j < n) m = at::vec::maximum(m, Vec::set(Vec(-kInf), Vec::loadu(x + j, n - j), n - j));
+  for (; j + kLanes <= n; j += kLanes) m = at::vec::maximum(m, load_float(x + j, kLanes));
+  if (j < n) m = at::vec::maximum(m, Vec::set(Vec(-kInf), load_float(x + j, n - j), n - j));
   return lane_max(m);
 }
 
@@ -193,6 +194,8 @@ struct PenaltySource {
   const int64_t* counts64 = nullptr;
   const int32_t* counts32 = nullptr;
 
+  bool any() const { return prev != nullptr || counts64 != nullptr || counts32 != nullptr; }
+
   template <typename T>
   bool apply(const T* src, int64_t V, int64_t row, const RowParams& rp, float* x) const {
     if (prev != nullptr) return penalize_prev(src, V, prev + row * n_prev, n_prev, rp, x);
@@ -261,51 +264,149 @@ Levels distances(float* x, float* e, int64_t n_pad, float top, float inv_t) {
   return out;
 }
 
-// B for top-p without top-k: d in place, the total mass Z (an exp per token,
-// this path's largest cost) and the mass of d <= a few levels (nats), in one
-// pass; the candidate cut is the first level holding p Z, or else a bound on
-// the top-p threshold: the tokens beyond C hold at most V e^-C of the mass, so
-// C = log(2 V / ((1 - p) Z)) leaves >= p Z below it (a factor 2 of slack for
-// rounding). Nothing else is stored: the candidates' exp(-d) is recomputed.
-constexpr int kMassLevels = 5;
-constexpr float kMassLevel[kMassLevels] = {3.f, 5.f, 8.f, 11.f, 16.f};
+// B for top-p without top-k, read from the row's source (the logits, or the
+// penalized scratch) with no copy and no pass for the max: distances are taken
+// from a provisional top, the max of a sample of the row (~1/16 of its vectors,
+// evenly spaced), and the pass that compacts checks it (below).
+//
+// The cut C below which the tokens hold p of the mass is guessed from the same
+// sample. The mass beyond a level is spread over many light tokens, so the
+// sample estimates it well; the mass near the top sits on a few heavy tokens,
+// which a sample hits or misses. So C is the first level whose estimated tail is
+// under kTailShare of (1 - p) Z, with Z underestimated as the top token's mass
+// plus the tail beyond the first level. The pass that compacts at C checks it.
+// At 8 x 128256 fp32 (randn * 3, 2 threads) a share of 0.5 / 0.7 / 1.0 kept
+// ~20k / ~15k / ~12k candidates a row and missed in 4% / 8% / 20% of rows
+// (a miss costs one more pass); 0.7 was the fastest with 1.0.
+constexpr int kCutLevels = 14;
+constexpr float kCutLevel[kCutLevels] = {3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 14.f, 16.f, 18.f, 20.f};
+constexpr float kTailShare = 0.7f;
 
-float top_p_cut(float* x, int64_t n_pad, int64_t V, float top, float inv_t, float p, float& z_all) {
-  float mass[kMassLevels];
+// The sampled vectors: every step-th, at least 64 of them where the row has them.
+inline int64_t sample_step(int64_t V) { return std::clamp<int64_t>((V + kLanes - 1) / kLanes / 64, 1, 16) * kLanes; }
+
+// m <= kLanes values as a vector, -inf in the lanes past m.
+template <typename T>
+inline Vec load_logits(const T* x, int m) {
+  const Vec v = load_float(x, m);
+  return m == kLanes ? v : Vec::set(Vec(-kInf), v, m);
+}
+
+// d = (top - x) inv_t; a lane past the row (x = -inf) has d = inf: mass 0, never a candidate.
+inline Vec distance(const Vec& x, const Vec& top, const Vec& inv_t) { return (top - x) * inv_t; }
+
+template <typename T>
+float sample_max(const T* src, int64_t V) {
+  Vec m(-kInf);
+  for (int64_t j = 0; j < V; j += sample_step(V)) {
+    m = at::vec::maximum(m, load_logits(src + j, static_cast<int>(std::min<int64_t>(kLanes, V - j))));
+  }
+  return lane_max(m);
+}
+
+struct CutGuess {
+  float cut;
+  bool dense;  // more than 1 in 128 tokens below it (see compact)
+};
+
+template <typename T>
+CutGuess guess_top_p_cut(const T* src, int64_t V, float top, float inv_t, float p) {
+  const int64_t step = sample_step(V);
+  const Vec vtop(top), vinv(inv_t);
+  float tail[kCutLevels];
+  int64_t sampled = 0;
+  auto sample = [&](int64_t j) {
+    const int m = static_cast<int>(std::min<int64_t>(kLanes, V - j));
+    sampled += m;
+    return distance(load_logits(src + j, m), vtop, vinv);
+  };
 #if defined(CPU_CAPABILITY_AVX512)
-  __m512 acc = _mm512_setzero_ps(), lv[kMassLevels];
-  for (int l = 0; l < kMassLevels; ++l) lv[l] = _mm512_setzero_ps();
-  const __m512 vtop = _mm512_set1_ps(top), vinv = _mm512_set1_ps(inv_t);
-  for (int64_t j = 0; j < n_pad; j += 16) {
-    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(vtop, _mm512_loadu_ps(x + j)), vinv);
-    _mm512_storeu_ps(x + j, d);
-    const __mmask16 real = _mm512_cmp_ps_mask(d, d, _CMP_ORD_Q);  // not the NaN padding
-    const __m512 ev = _mm512_maskz_mov_ps(real, exp_neg(Vec(d)));
-    acc = _mm512_add_ps(acc, ev);
-    for (int l = 0; l < kMassLevels; ++l) {
-      lv[l] = _mm512_mask_add_ps(lv[l], _mm512_cmp_ps_mask(d, _mm512_set1_ps(kMassLevel[l]), _CMP_LE_OQ), lv[l], ev);
+  __m512 acc[kCutLevels];
+  for (int l = 0; l < kCutLevels; ++l) acc[l] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < V; j += step) {
+    const __m512 d = sample(j), ev = exp_neg(Vec(d));
+    for (int l = 0; l < kCutLevels; ++l) {
+      acc[l] = _mm512_mask_add_ps(acc[l], _mm512_cmp_ps_mask(d, _mm512_set1_ps(kCutLevel[l]), _CMP_GT_OQ), acc[l], ev);
     }
   }
-  z_all = lane_sum(Vec(acc));
-  for (int l = 0; l < kMassLevels; ++l) mass[l] = lane_sum(Vec(lv[l]));
+  for (int l = 0; l < kCutLevels; ++l) tail[l] = lane_sum(Vec(acc[l]));
 #else
-  Vec acc(0.f), lv[kMassLevels];
-  for (int l = 0; l < kMassLevels; ++l) lv[l] = Vec(0.f);
-  for (int64_t j = 0; j < n_pad; j += kLanes) {
-    const Vec d = (Vec(top) - Vec::loadu(x + j)) * Vec(inv_t);
-    d.store(x + j);
-    const Vec ev = exp_neg(d) & (d <= Vec(kInf));  // padding (NaN) adds nothing
+  Vec acc[kCutLevels];
+  for (int l = 0; l < kCutLevels; ++l) acc[l] = Vec(0.f);
+  for (int64_t j = 0; j < V; j += step) {
+    const Vec d = sample(j), ev = exp_neg(d) & (d <= Vec(kInf));
+    for (int l = 0; l < kCutLevels; ++l) acc[l] = acc[l] + (ev & (d > Vec(kCutLevel[l])));
+  }
+  for (int l = 0; l < kCutLevels; ++l) tail[l] = lane_sum(acc[l]);
+#endif
+  const float scale = static_cast<float>(V) / static_cast<float>(sampled);
+  const float allowed = kTailShare * (1.f - p) * (1.f + tail[0] * scale);
+  int l = 0;
+  while (l + 1 < kCutLevels && tail[l] * scale > allowed) ++l;
+  int64_t below = 0;
+  for (int64_t j = 0; j < V; j += step) {
+    alignas(64) float d[kLanes];
+    distance(load_logits(src + j, static_cast<int>(std::min<int64_t>(kLanes, V - j))), vtop, vinv).store(d);
+    for (int i = 0; i < kLanes; ++i) below += d[i] <= kCutLevel[l];
+  }
+  return {kCutLevel[l], below * 128 > sampled};
+}
+
+// C for top-p without top-k, in the same pass as the exp of every token: d from
+// the provisional top, the total mass Z, the row's max (NaN if any), and the
+// candidates d <= cut with exp(-d) and index (see compact), whose mass is
+// z_cand; returns their number. A token above the provisional top has d < 0 and
+// a mass above 1, up to e^kAboveTop (beyond that the caller starts again from
+// the row's max).
+constexpr float kAboveTop = 60.f;
+
+template <typename T, bool kDense>
+int64_t mass_and_candidates(const T* src, int64_t V, float top, float inv_t, float cut, float* cd, float* ce,
+                            int32_t* ci, float& z_all, float& z_cand, float& max) {
+  int64_t n = 0;
+  const Vec vtop(top), vinv(inv_t);
+  Vec mx(-kInf);
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 vcut = _mm512_set1_ps(cut);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 acc = _mm512_setzero_ps(), acc_c = _mm512_setzero_ps();
+  for (int64_t j = 0; j < V; j += 16) {
+    const Vec x = load_logits(src + j, static_cast<int>(std::min<int64_t>(16, V - j)));
+    mx = at::vec::maximum(mx, x);
+    const __m512 d = distance(x, vtop, vinv);
+    const __m512 ev = exp_neg(Vec(d));
+    acc = _mm512_add_ps(acc, ev);
+    const __mmask16 m = _mm512_cmp_ps_mask(d, vcut, _CMP_LE_OQ);
+    if (!kDense && m == 0) continue;
+    acc_c = _mm512_mask_add_ps(acc_c, m, acc_c, ev);
+    _mm512_storeu_ps(cd + n, _mm512_maskz_compress_ps(m, d));
+    _mm512_storeu_ps(ce + n, _mm512_maskz_compress_ps(m, ev));
+    _mm512_storeu_si512(ci + n, _mm512_maskz_compress_epi32(m, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j)))));
+    n += __builtin_popcount(m);
+  }
+  z_all = lane_sum(Vec(acc));
+  z_cand = lane_sum(Vec(acc_c));
+#else
+  Vec acc(0.f), acc_c(0.f);
+  for (int64_t j = 0; j < V; j += kLanes) {
+    const Vec x = load_logits(src + j, static_cast<int>(std::min<int64_t>(kLanes, V - j)));
+    mx = at::vec::maximum(mx, x);
+    const Vec d = distance(x, vtop, vinv);
+    const Vec ev = exp_neg(d) & (d <= Vec(kInf));
     acc = acc + ev;
-    for (int l = 0; l < kMassLevels; ++l) lv[l] = lv[l] + (ev & (d <= Vec(kMassLevel[l])));
+    acc_c = acc_c + (ev & (d <= Vec(cut)));
+    alignas(64) float dl[kLanes], el[kLanes];
+    d.store(dl);
+    ev.store(el);
+    for (int i = 0; i < kLanes; ++i) {
+      if (dl[i] <= cut) cd[n] = dl[i], ce[n] = el[i], ci[n++] = static_cast<int32_t>(j + i);
+    }
   }
   z_all = lane_sum(acc);
-  for (int l = 0; l < kMassLevels; ++l) mass[l] = lane_sum(lv[l]);
+  z_cand = lane_sum(acc_c);
 #endif
-  const float bound = std::log(2.f * static_cast<float>(V) / ((1.f - p) * z_all));
-  for (int l = 0; l < kMassLevels && kMassLevel[l] < bound; ++l) {
-    if (mass[l] >= p * z_all) return kMassLevel[l];
-  }
-  return bound;
+  max = lane_max(mx);
+  return n;
 }
 
 // Whether candidates (d <= cut, or x >= cut with kGe) are dense enough in the
@@ -381,21 +482,71 @@ float mass_le(const float* cd, const float* ce, int64_t n_pad, float t) {
   return z;
 }
 
-// D: exact thresholds by a value-splitting selection over the candidates. Each
-// step splits the working set W at a pivot value in one pass (compress-storing
-// both sides) and keeps the side that holds the answer, so the passes shrink
-// with W; below kSmall elements W is sorted. Returns the smallest candidate
+// D: exact thresholds over the candidates. Returns the smallest candidate
 // value t with F(t) >= target, F(t) the count (kMass false) or the mass of the
-// candidates d <= t: the tie-inclusive threshold of top-k and top-p.
-constexpr int64_t kSmall = 128;
+// candidates d <= t: the tie-inclusive threshold of top-k and top-p. Each round
+// takes kPivots pivots at even count quantiles of a sorted sample of the
+// working set W, sums F at every pivot in one pass, and compress-stores the
+// elements between the two pivots that bracket t in a second pass: W shrinks
+// about (kPivots + 1)-fold a round, whatever the distribution of the masses
+// (a midpoint split kept most of W: the candidates crowd towards the cut, and
+// a sample estimates counts well but masses badly, the heavy top tokens being
+// few). At kSmall elements or fewer W is sorted.
+constexpr int64_t kSmall = 64;
+constexpr int kPivots = 7, kSample = 8 * (kPivots + 1);
 
-// The pivot: the midpoint of (lo, hi) in value when the range is a few dozen
-// nats (the usual case), else the midpoint of the float bits, which reaches
-// any finite magnitude in ~31 steps.
-float split_point(float lo, float hi) {
-  if (hi <= 64.f) return lo + (hi - lo) * 0.5f;
-  const float a = std::max(lo, 1.0f), b = std::min(hi, std::numeric_limits<float>::max());
-  return key_to_float((float_to_key(a) + float_to_key(b)) / 2);
+// F of the elements of w[0, n) in (lo, p[k]] for each pivot k, and in (lo, hi].
+template <bool kMass>
+void sums_at(const float* wd, const float* we, int64_t n, float lo, float hi, const float* p, float* f) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 acc[kPivots + 1];
+  __m512 vp[kPivots + 1];
+  for (int k = 0; k <= kPivots; ++k) acc[k] = _mm512_setzero_ps(), vp[k] = _mm512_set1_ps(k < kPivots ? p[k] : hi);
+  const __m512 vlo = _mm512_set1_ps(lo), one = _mm512_set1_ps(1.f);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 valid = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, wd + j);
+    const __m512 ev = kMass ? _mm512_maskz_loadu_ps(valid, we + j) : one;
+    const __mmask16 in = _mm512_mask_cmp_ps_mask(valid, v, vlo, _CMP_GT_OQ);
+    for (int k = 0; k <= kPivots; ++k) {
+      acc[k] = _mm512_mask_add_ps(acc[k], _mm512_mask_cmp_ps_mask(in, v, vp[k], _CMP_LE_OQ), acc[k], ev);
+    }
+  }
+  for (int k = 0; k <= kPivots; ++k) f[k] = lane_sum(Vec(acc[k]));
+#else
+  for (int k = 0; k <= kPivots; ++k) f[k] = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    if (!(wd[j] > lo)) continue;
+    for (int k = 0; k <= kPivots; ++k) f[k] += wd[j] <= (k < kPivots ? p[k] : hi) ? (kMass ? we[j] : 1.f) : 0.f;
+  }
+#endif
+}
+
+// The elements of w[0, n) in (a, b], compress-stored into (od, oe); returns their number.
+template <bool kMass>
+int64_t keep_between(const float* wd, const float* we, int64_t n, float a, float b, float* od, float* oe) {
+  int64_t m = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 valid = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, wd + j);
+    const __mmask16 k = _mm512_mask_cmp_ps_mask(_mm512_mask_cmp_ps_mask(valid, v, va, _CMP_GT_OQ), v, vb, _CMP_LE_OQ);
+    // compress in a register, then a full store (the work buffers have a vector of slack)
+    _mm512_storeu_ps(od + m, _mm512_maskz_compress_ps(k, v));
+    if constexpr (kMass) _mm512_storeu_ps(oe + m, _mm512_maskz_compress_ps(k, _mm512_maskz_loadu_ps(valid, we + j)));
+    m += __builtin_popcount(k);
+  }
+#else
+  for (int64_t j = 0; j < n; ++j) {
+    if (wd[j] > a && wd[j] <= b) {
+      od[m] = wd[j];
+      if (kMass) oe[m] = we[j];
+      ++m;
+    }
+  }
+#endif
+  return m;
 }
 
 template <bool kMass>
@@ -403,66 +554,37 @@ float select(const float* d, const float* e, int64_t n, float hi, float target, 
   const float* wd = d;
   const float* we = e;
   int64_t wn = n;
-  float base = 0.f, lo = 0.f;
-  int src = -1;  // the work buffer holding W; -1: the candidates themselves
-  for (int iter = 0; iter < 128 && wn > kSmall; ++iter) {
-    const float pivot = split_point(lo, hi);
-    if (!(pivot > lo && pivot < hi)) break;
-    const int a = src == 0 ? 1 : 0, b = src == 2 ? 1 : 2;
-    float *ld = s.wd[a].get(), *le = s.we[a].get(), *rd = s.wd[b].get(), *re = s.we[b].get();
-    int64_t nl = 0, nr = 0;
-    float f = 0.f;
-#if defined(CPU_CAPABILITY_AVX512)
-    const __m512 vp = _mm512_set1_ps(pivot);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < wn; j += 16) {
-      const __mmask16 valid = wn - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (wn - j)) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(valid, wd + j);
-      const __mmask16 ml = _mm512_mask_cmp_ps_mask(valid, v, vp, _CMP_LE_OQ), mr = valid & ~ml;
-      // compress in a register, then a full store (the work buffers have a vector of slack)
-      _mm512_storeu_ps(ld + nl, _mm512_maskz_compress_ps(ml, v));
-      _mm512_storeu_ps(rd + nr, _mm512_maskz_compress_ps(mr, v));
-      if constexpr (kMass) {
-        const __m512 ev = _mm512_maskz_loadu_ps(valid, we + j);
-        _mm512_storeu_ps(le + nl, _mm512_maskz_compress_ps(ml, ev));
-        _mm512_storeu_ps(re + nr, _mm512_maskz_compress_ps(mr, ev));
-        acc = _mm512_mask_add_ps(acc, ml, acc, ev);
-      }
-      nl += __builtin_popcount(ml);
-      nr += __builtin_popcount(mr);
-    }
-    f = kMass ? lane_sum(Vec(acc)) : static_cast<float>(nl);
-#else
-    for (int64_t j = 0; j < wn; ++j) {
-      if (wd[j] <= pivot) {
-        ld[nl] = wd[j];
-        if (kMass) le[nl] = we[j], f += we[j];
-        ++nl;
-      } else {
-        rd[nr] = wd[j];
-        if (kMass) re[nr] = we[j];
-        ++nr;
-      }
-    }
-    if (!kMass) f = static_cast<float>(nl);
-#endif
-    if (base + f >= target) {
-      src = a, wd = ld, we = le, wn = nl, hi = pivot;
-    } else {
-      base += f;
-      src = b, wd = rd, we = re, wn = nr, lo = pivot;
-    }
-    if (wn == 0) return lo;  // only by rounding: keep what is known to be below
+  // t is in (lo, hi]; base: F of the candidates <= lo; W holds every candidate in (lo, hi] (the
+  // first W others too: the passes count only (lo, hi]).
+  float base = 0.f, lo = -kInf;
+  for (int buf = 0; wn > kSmall; buf = 1 - buf) {
+    float sample[kSample], p[kPivots], f[kPivots + 1];
+    for (int i = 0; i < kSample; ++i) sample[i] = wd[i * wn / kSample];
+    std::sort(sample, sample + kSample);
+    for (int k = 0; k < kPivots; ++k) p[k] = std::clamp(sample[8 * k + 7], lo, hi);
+    sums_at<kMass>(wd, we, wn, lo, hi, p, f);
+    int k = 0;
+    while (k < kPivots && base + f[k] < target) ++k;
+    const float a = k > 0 ? p[k - 1] : lo, b = k < kPivots ? p[k] : hi;
+    const int64_t m = keep_between<kMass>(wd, we, wn, a, b, s.wd[buf].get(), s.we[buf].get());
+    if (k > 0) base += f[k - 1];
+    lo = a, hi = b, wd = s.wd[buf].get(), we = s.we[buf].get();
+    if (m == 0) return lo;  // only by rounding: keep what is known to be below
+    if (m == wn) break;     // no progress (ties): sort W
+    wn = m;
   }
-  std::vector<std::pair<float, float>> w(wn);
-  for (int64_t i = 0; i < wn; ++i) w[i] = {wd[i], kMass ? we[i] : 1.f};
+  std::vector<std::pair<float, float>> w;
+  w.reserve(wn);
+  for (int64_t i = 0; i < wn; ++i) {
+    if (wd[i] > lo && wd[i] <= hi) w.emplace_back(wd[i], kMass ? we[i] : 1.f);
+  }
   std::sort(w.begin(), w.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
   float cum = base;
   for (const auto& [dv, ev] : w) {
     cum += ev;
     if (cum >= target) return dv;
   }
-  return wn > 0 ? w.back().first : lo;
+  return !w.empty() ? w.back().first : lo;
 }
 
 struct Draw {
@@ -506,9 +628,52 @@ Draw draw(const float* cd, const float* ce, const int32_t* ci, int64_t n, float 
   return {index(pick), -cd[pick] - std::log(z)};
 }
 
+// Top-p without top-k (min-p too), from the row's source: B and C in one pass
+// at a guessed cut, checked; if the candidates hold less than p Z, C again at
+// the bound C = log(2 V / ((1 - p) Z)): the tokens beyond it hold at most
+// V e^-C = (1 - p) Z / 2 of the mass. top: a provisional top (see above).
+template <typename T>
+Draw top_p_row(const T* src, int64_t V, float top, const RowParams& rp, float u, Scratch& s) {
+  float *cd = s.cd.get(), *ce = s.ce.get();
+  int32_t* ci = s.ci.get();
+  float z_all = 0.f, z_cand = 0.f, max = 0.f, cut = kInf;
+  int64_t n = 0;
+  auto candidates = [&](bool dense) {
+    return dense ? mass_and_candidates<T, true>(src, V, top, rp.inv_t, cut, cd, ce, ci, z_all, z_cand, max)
+                 : mass_and_candidates<T, false>(src, V, top, rp.inv_t, cut, cd, ce, ci, z_all, z_cand, max);
+  };
+  if (!std::isfinite(top)) top = row_max(src, V);  // the sample holds NaN or +-inf: the row's max decides
+  for (;;) {
+    if (std::isnan(top) || top == kInf) return {kNanRow, 0.f};
+    if (top == -kInf) return {kEmptyRow, 0.f};
+    const CutGuess guess = guess_top_p_cut(src, V, top, rp.inv_t, rp.p);
+    cut = guess.cut;
+    n = candidates(guess.dense);
+    if (std::isnan(max) || max == kInf) return {kNanRow, 0.f};
+    if (!((max - top) * rp.inv_t > kAboveTop)) break;
+    top = max;  // far above the provisional top: its masses may overflow
+  }
+  if (!(z_cand >= rp.p * z_all)) {
+    cut = std::log(2.f * static_cast<float>(V) / ((1.f - rp.p) * z_all));
+    n = candidates(true);
+  }
+  candidate_mass(cd, ce, n, true);
+  const float d_p = select<true>(cd, ce, n, cut, rp.p * z_all, s);
+  // min-p keeps d <= -log(min_p) from the row's max: (top - max) inv_t in these distances
+  const float d_m = rp.min_p > 0.f ? (top - max) * rp.inv_t - std::log(rp.min_p) : kInf;
+  return draw(cd, ce, ci, n, std::min(d_m, d_p), u);
+}
+
 template <typename T>
 Draw sample_row(const T* src, int64_t V, const PenaltySource& penalties, int64_t row, const RowParams& rp, float u,
                 Scratch& s) {
+  const bool need_k = rp.k > 0 && rp.k < V, need_p = rp.p < 1.f, need_m = rp.min_p > 0.f;
+  const bool top_p_only = need_p && !need_k && rp.inv_t != kInf;
+  if (top_p_only && !penalties.any()) {  // no scratch row
+    // min-p's threshold is relative to the row's max: with it, distances from the max itself, as the
+    // reference takes them (a token at the threshold stays on the same side)
+    return top_p_row(src, V, need_m ? row_max(src, V) : sample_max(src, V), rp, u, s);
+  }
   float* x = s.x.get();
   float* e = s.e.get();
   float top = load_row(src, V, x);
@@ -516,35 +681,31 @@ Draw sample_row(const T* src, int64_t V, const PenaltySource& penalties, int64_t
   if (penalties.apply(src, V, row, rp, x)) top = row_max(x, V);
   if (top == -kInf) return {kEmptyRow, 0.f};
   if (rp.inv_t == kInf) return {first_index_of(x, V, top), 0.f};
+  if (top_p_only) return top_p_row(static_cast<const float*>(x), V, top, rp, u, s);
 
   const int64_t n_pad = round_up(V);
-  const bool need_k = rp.k > 0 && rp.k < V, need_p = rp.p < 1.f, need_m = rp.min_p > 0.f;
   const float d_m = need_m ? -std::log(rp.min_p) : kInf;
-  float z_all = 0.f, cut = kInf;  // cut: every threshold is <= it
+  float cut = kInf;  // cut: every threshold is <= it
   bool have_e = false;  // exp(-d) of the whole row is in e
   float *cd = x, *ce = e;
   int32_t* ci = nullptr;
   int64_t n = V;
-  if (need_p && !need_k) {
-    cut = top_p_cut(x, n_pad, V, top, rp.inv_t, rp.p, z_all);
-  } else {
-    // Without top-p, min-p alone bounds the kept set: D = min(D_k, D_m); with it,
-    // top-p needs the whole mass top-k keeps.
-    if (!need_p) cut = d_m;
-    if (need_k) {
-      const Levels lv = distances<true, false>(x, e, n_pad, top, rp.inv_t);
-      for (int l = 0; l < kLevels; ++l) {
-        if (lv.count[l] >= static_cast<float>(rp.k)) {
-          cut = std::min(cut, kLevel[l]);
-          break;
-        }
+  // Without top-p, min-p alone bounds the kept set: D = min(D_k, D_m); with it,
+  // top-p needs the whole mass top-k keeps.
+  if (!need_p) cut = d_m;
+  if (need_k) {
+    const Levels lv = distances<true, false>(x, e, n_pad, top, rp.inv_t);
+    for (int l = 0; l < kLevels; ++l) {
+      if (lv.count[l] >= static_cast<float>(rp.k)) {
+        cut = std::min(cut, kLevel[l]);
+        break;
       }
-    } else if (!need_m) {  // no filter: the draw needs every exp(-d)
-      distances<false, true>(x, e, n_pad, top, rp.inv_t);
-      have_e = true;
-    } else {
-      distances<false, false>(x, e, n_pad, top, rp.inv_t);
     }
+  } else if (!need_m) {  // no filter: the draw needs every exp(-d)
+    distances<false, true>(x, e, n_pad, top, rp.inv_t);
+    have_e = true;
+  } else {
+    distances<false, false>(x, e, n_pad, top, rp.inv_t);
   }
   if (cut < kInf) {
     cd = s.cd.get();
@@ -561,10 +722,8 @@ Draw sample_row(const T* src, int64_t V, const PenaltySource& penalties, int64_t
   if (need_k && n >= rp.k) d_k = select<false>(cd, ce, n, cut, static_cast<float>(rp.k), s);
   // else: fewer than k candidates below the min-p cut, so top-k does not bind.
   t = std::min(t, d_k);
-  if (need_p) {
-    // top-p is relative to the mass top-k keeps, or to the whole row's.
-    const float target = rp.p * (need_k ? mass_le(cd, ce, nc_pad, d_k) : z_all);
-    const float d_p = select<true>(cd, ce, n, std::min(cut, d_k), target, s);
+  if (need_p) {  // top-p is relative to the mass top-k keeps
+    const float d_p = select<true>(cd, ce, n, std::min(cut, d_k), rp.p * mass_le(cd, ce, nc_pad, d_k), s);
     t = std::min(t, d_p);
   }
   return draw(cd, ce, ci, n, t, u);
