@@ -8,17 +8,23 @@
 //      token counts are > 0);
 //   B. d = (max - x) * inv_temperature in place (d >= 0, 0 at the top), and
 //      what picks a candidate cut-off C, in the same pass: with top-k the
-//      counts of d <= 1, 2, 3, ..., 64 nats; for top-p alone the total mass
-//      and the mass of d <= 3, 5, 8, 11, 16 nats (or a bound from the total);
+//      counts of d <= 1, 2, 3, ..., 64 nats;
 //   C. compact the candidates d <= C (AVX-512 compress), with exp(-d);
-//   D. exact thresholds on the candidates by a selection that splits the
-//      working set at a pivot value and keeps the side holding the answer
-//      (passes shrink with the set; the last <= 128 values are sorted);
+//   D. exact thresholds on the candidates by a selection that brackets the
+//      answer between sampled pivots, one pass a step (the set shrinks ~6x a
+//      pass; the last <= 64 values are sorted);
 //   E. kept mass Z and the draw: first kept token whose running mass exceeds
 //      u * Z, u = uniform(seed, offset + row), summed per 256-element block in
 //      the same order for Z and for the scan.
+// Top-p without top-k (the common serving setting, where every token's exp is
+// needed for Z) skips A and folds B into C: from a sample of the row, a
+// provisional top and a guessed cut; then one pass over the logits themselves
+// computes every exp(-d), Z, the true max and the compacted candidates; the
+// guess is checked (the candidates hold p Z) and redone from a bound if not.
 // Eager PyTorch with a sort moves the row ~15 times and sorts 128k keys; this
-// reads the input once and makes 2-3 passes over the cached scratch.
+// reads the input once and makes 2-3 passes over the cached scratch (top-p
+// alone: one pass over the row, a 1/16 sample, then the candidates).
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -298,7 +304,9 @@ inline Vec distance(const Vec& x, const Vec& top, const Vec& inv_t) { return (to
 template <typename T>
 float sample_max(const T* src, int64_t V) {
   Vec m(-kInf);
-  for (int64_t j = 0; j < V; j += sample_step(V)) {
+  const int64_t step = sample_step(V);
+  for (int64_t j = 0; j < V; j += step) {
+    __builtin_prefetch(src + std::min(j + 8 * step, V - 1));  // strided: the hardware prefetchers miss it
     m = at::vec::maximum(m, load_logits(src + j, static_cast<int>(std::min<int64_t>(kLanes, V - j))));
   }
   return lane_max(m);
@@ -343,13 +351,11 @@ CutGuess guess_top_p_cut(const T* src, int64_t V, float top, float inv_t, float 
   const float allowed = kTailShare * (1.f - p) * (1.f + tail[0] * scale);
   int l = 0;
   while (l + 1 < kCutLevels && tail[l] * scale > allowed) ++l;
-  int64_t below = 0;
+  Vec below(0.f);
   for (int64_t j = 0; j < V; j += step) {
-    alignas(64) float d[kLanes];
-    distance(load_logits(src + j, static_cast<int>(std::min<int64_t>(kLanes, V - j))), vtop, vinv).store(d);
-    for (int i = 0; i < kLanes; ++i) below += d[i] <= kCutLevel[l];
+    below = below + ones_where(distance(load_logits(src + j, static_cast<int>(std::min<int64_t>(kLanes, V - j))), vtop, vinv) <= Vec(kCutLevel[l]));
   }
-  return {kCutLevel[l], below * 128 > sampled};
+  return {kCutLevel[l], lane_sum(below) * 128.f > static_cast<float>(sampled)};
 }
 
 // C for top-p without top-k, in the same pass as the exp of every token: d from
@@ -484,94 +490,95 @@ float mass_le(const float* cd, const float* ce, int64_t n_pad, float t) {
 
 // D: exact thresholds over the candidates. Returns the smallest candidate
 // value t with F(t) >= target, F(t) the count (kMass false) or the mass of the
-// candidates d <= t: the tie-inclusive threshold of top-k and top-p. Each round
-// takes kPivots pivots at even count quantiles of a sorted sample of the
-// working set W, sums F at every pivot in one pass, and compress-stores the
-// elements between the two pivots that bracket t in a second pass: W shrinks
-// about (kPivots + 1)-fold a round, whatever the distribution of the masses
-// (a midpoint split kept most of W: the candidates crowd towards the cut, and
-// a sample estimates counts well but masses badly, the heavy top tokens being
-// few). At kSmall elements or fewer W is sorted.
+// candidates d <= t: the tie-inclusive threshold of top-k and top-p. Each pass
+// brackets t between two pivots read off a sorted sample of the working set W,
+// sums F below the bracket and compress-stores the elements inside it, which
+// become W. F is estimated from above: W's total F (known) less the sample's
+// scaled F over each pivot, since the tokens above t are many and light while
+// the mass below it sits on a few heavy tokens, which a sample hits or misses
+// (estimated from below, the bracket missed t more often than not). A bracket
+// that misses is retried as the side that holds t. About 1/6 of W is kept a
+// pass; at kSmall elements or fewer W is sorted.
 constexpr int64_t kSmall = 64;
-constexpr int kPivots = 7, kSample = 8 * (kPivots + 1);
-
-// F of the elements of w[0, n) in (lo, p[k]] for each pivot k, and in (lo, hi].
-template <bool kMass>
-void sums_at(const float* wd, const float* we, int64_t n, float lo, float hi, const float* p, float* f) {
-#if defined(CPU_CAPABILITY_AVX512)
-  __m512 acc[kPivots + 1];
-  __m512 vp[kPivots + 1];
-  for (int k = 0; k <= kPivots; ++k) acc[k] = _mm512_setzero_ps(), vp[k] = _mm512_set1_ps(k < kPivots ? p[k] : hi);
-  const __m512 vlo = _mm512_set1_ps(lo), one = _mm512_set1_ps(1.f);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 valid = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(valid, wd + j);
-    const __m512 ev = kMass ? _mm512_maskz_loadu_ps(valid, we + j) : one;
-    const __mmask16 in = _mm512_mask_cmp_ps_mask(valid, v, vlo, _CMP_GT_OQ);
-    for (int k = 0; k <= kPivots; ++k) {
-      acc[k] = _mm512_mask_add_ps(acc[k], _mm512_mask_cmp_ps_mask(in, v, vp[k], _CMP_LE_OQ), acc[k], ev);
-    }
-  }
-  for (int k = 0; k <= kPivots; ++k) f[k] = lane_sum(Vec(acc[k]));
-#else
-  for (int k = 0; k <= kPivots; ++k) f[k] = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    if (!(wd[j] > lo)) continue;
-    for (int k = 0; k <= kPivots; ++k) f[k] += wd[j] <= (k < kPivots ? p[k] : hi) ? (kMass ? we[j] : 1.f) : 0.f;
-  }
-#endif
-}
-
-// The elements of w[0, n) in (a, b], compress-stored into (od, oe); returns their number.
-template <bool kMass>
-int64_t keep_between(const float* wd, const float* we, int64_t n, float a, float b, float* od, float* oe) {
-  int64_t m = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 valid = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(valid, wd + j);
-    const __mmask16 k = _mm512_mask_cmp_ps_mask(_mm512_mask_cmp_ps_mask(valid, v, va, _CMP_GT_OQ), v, vb, _CMP_LE_OQ);
-    // compress in a register, then a full store (the work buffers have a vector of slack)
-    _mm512_storeu_ps(od + m, _mm512_maskz_compress_ps(k, v));
-    if constexpr (kMass) _mm512_storeu_ps(oe + m, _mm512_maskz_compress_ps(k, _mm512_maskz_loadu_ps(valid, we + j)));
-    m += __builtin_popcount(k);
-  }
-#else
-  for (int64_t j = 0; j < n; ++j) {
-    if (wd[j] > a && wd[j] <= b) {
-      od[m] = wd[j];
-      if (kMass) oe[m] = we[j];
-      ++m;
-    }
-  }
-#endif
-  return m;
-}
+constexpr int kSample = 64, kBracket = 5;
 
 template <bool kMass>
-float select(const float* d, const float* e, int64_t n, float hi, float target, Scratch& s) {
+float select(const float* d, const float* e, int64_t n, float hi, float target, float total, Scratch& s) {
   const float* wd = d;
   const float* we = e;
   int64_t wn = n;
-  // t is in (lo, hi]; base: F of the candidates <= lo; W holds every candidate in (lo, hi] (the
-  // first W others too: the passes count only (lo, hi]).
-  float base = 0.f, lo = -kInf;
-  for (int buf = 0; wn > kSmall; buf = 1 - buf) {
-    float sample[kSample], p[kPivots], f[kPivots + 1];
-    for (int i = 0; i < kSample; ++i) sample[i] = wd[i * wn / kSample];
-    std::sort(sample, sample + kSample);
-    for (int k = 0; k < kPivots; ++k) p[k] = std::clamp(sample[8 * k + 7], lo, hi);
-    sums_at<kMass>(wd, we, wn, lo, hi, p, f);
-    int k = 0;
-    while (k < kPivots && base + f[k] < target) ++k;
-    const float a = k > 0 ? p[k - 1] : lo, b = k < kPivots ? p[k] : hi;
-    const int64_t m = keep_between<kMass>(wd, we, wn, a, b, s.wd[buf].get(), s.we[buf].get());
-    if (k > 0) base += f[k - 1];
-    lo = a, hi = b, wd = s.wd[buf].get(), we = s.we[buf].get();
-    if (m == 0) return lo;  // only by rounding: keep what is known to be below
-    if (m == wn) break;     // no progress (ties): sort W
-    wn = m;
+  // t is in (lo, hi]; base: F of the candidates <= lo; W holds every candidate in (lo, hi], whose F
+  // is total (the first W, or one a missed bracket left, others too: a pass counts only (lo, hi]).
+  float base = 0.f, lo = -kInf, a = lo, b = hi;
+  int buf = 0;          // the work buffer the next pass writes
+  bool forced = false;  // the bracket (a, b] is set by a missed one
+  std::pair<float, float> sample[kSample];
+  for (int pass = 0; pass < 64 && wn > kSmall; ++pass) {
+    if (!forced) {
+      for (int i = 0; i < kSample; ++i) {
+        const int64_t k = i * wn / kSample;
+        sample[i] = {wd[k], kMass ? we[k] : 1.f};
+      }
+      std::sort(sample, sample + kSample, [](const auto& x, const auto& y) { return x.first < y.first; });
+      const float scale = static_cast<float>(wn) / kSample;
+      float above = 0.f;  // the estimated F of W over sample[c]
+      int c = kSample - 1;
+      while (c > 0) {
+        if (sample[c].first > lo && sample[c].first <= hi) above += sample[c].second * scale;
+        if (base + total - above < target) break;
+        --c;
+      }
+      a = c >= kBracket ? std::max(lo, sample[c - kBracket].first) : lo;
+      b = c + kBracket < kSample ? std::min(hi, sample[c + kBracket].first) : hi;
+    }
+    float* md = s.wd[buf].get();
+    float* me = s.we[buf].get();
+    int64_t nm = 0;
+    float below = 0.f, mid = 0.f;  // F of W in (lo, a] and in (a, b]
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 vlo = _mm512_set1_ps(lo), va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b), one = _mm512_set1_ps(1.f);
+    __m512 acc_below = _mm512_setzero_ps(), acc_mid = _mm512_setzero_ps();
+    for (int64_t j = 0; j < wn; j += 16) {
+      const __mmask16 valid = wn - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (wn - j)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(valid, wd + j);
+      const __m512 ev = kMass ? _mm512_maskz_loadu_ps(valid, we + j) : one;
+      const __mmask16 in = _mm512_mask_cmp_ps_mask(valid, v, vlo, _CMP_GT_OQ);
+      const __mmask16 mb = _mm512_mask_cmp_ps_mask(in, v, va, _CMP_LE_OQ);
+      const __mmask16 mm = _mm512_mask_cmp_ps_mask(in & ~mb, v, vb, _CMP_LE_OQ);
+      // compress in a register, then a full store (the work buffers have a vector of slack)
+      _mm512_storeu_ps(md + nm, _mm512_maskz_compress_ps(mm, v));
+      if constexpr (kMass) _mm512_storeu_ps(me + nm, _mm512_maskz_compress_ps(mm, ev));
+      acc_below = _mm512_mask_add_ps(acc_below, mb, acc_below, ev);
+      acc_mid = _mm512_mask_add_ps(acc_mid, mm, acc_mid, ev);
+      nm += __builtin_popcount(mm);
+    }
+    below = lane_sum(Vec(acc_below));
+    mid = lane_sum(Vec(acc_mid));
+#else
+    for (int64_t j = 0; j < wn; ++j) {
+      const float ev = kMass ? we[j] : 1.f;
+      if (!(wd[j] > lo)) continue;
+      if (wd[j] <= a) {
+        below += ev;
+      } else if (wd[j] <= b) {
+        md[nm] = wd[j];
+        if (kMass) me[nm] = ev;
+        mid += ev;
+        ++nm;
+      }
+    }
+#endif
+    forced = false;
+    if (base + below >= target) {  // t in (lo, a]: that bracket next, on the same W
+      forced = true, hi = b = a, a = lo;
+    } else if (base + below + mid >= target) {
+      if (nm == wn) break;  // no progress (ties): sort W
+      base += below, total = mid, lo = a, hi = b;
+      wd = md, we = me, wn = nm, buf = 1 - buf;
+      if (wn == 0) return lo;  // only by rounding: keep what is known to be below
+    } else {  // t in (b, hi]: that bracket next
+      forced = true, base += below + mid, lo = a = b, b = hi;
+    }
   }
   std::vector<std::pair<float, float>> w;
   w.reserve(wn);
@@ -658,7 +665,7 @@ Draw top_p_row(const T* src, int64_t V, float top, const RowParams& rp, float u,
     n = candidates(true);
   }
   candidate_mass(cd, ce, n, true);
-  const float d_p = select<true>(cd, ce, n, cut, rp.p * z_all, s);
+  const float d_p = select<true>(cd, ce, n, cut, rp.p * z_all, z_cand, s);
   // min-p keeps d <= -log(min_p) from the row's max: (top - max) inv_t in these distances
   const float d_m = rp.min_p > 0.f ? (top - max) * rp.inv_t - std::log(rp.min_p) : kInf;
   return draw(cd, ce, ci, n, std::min(d_m, d_p), u);
@@ -719,11 +726,12 @@ Draw sample_row(const T* src, int64_t V, const PenaltySource& penalties, int64_t
 
   float t = d_m;
   float d_k = kInf;
-  if (need_k && n >= rp.k) d_k = select<false>(cd, ce, n, cut, static_cast<float>(rp.k), s);
+  if (need_k && n >= rp.k) d_k = select<false>(cd, ce, n, cut, static_cast<float>(rp.k), static_cast<float>(n), s);
   // else: fewer than k candidates below the min-p cut, so top-k does not bind.
   t = std::min(t, d_k);
   if (need_p) {  // top-p is relative to the mass top-k keeps
-    const float d_p = select<true>(cd, ce, n, std::min(cut, d_k), rp.p * mass_le(cd, ce, nc_pad, d_k), s);
+    const float z_k = mass_le(cd, ce, nc_pad, d_k);
+    const float d_p = select<true>(cd, ce, n, std::min(cut, d_k), rp.p * z_k, z_k, s);
     t = std::min(t, d_p);
   }
   return draw(cd, ce, ci, n, t, u);
