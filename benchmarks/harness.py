@@ -1,5 +1,5 @@
 """The benchmark harness every family shares: the case format, timing, the
-machine's copy bandwidth, and the reports (table, JSON, CSV, chart).
+machine's copy and read bandwidth, and the reports (table, JSON, CSV, chart).
 
 A family lives in ``benchmarks/bench_<family>.py`` and exposes
 ``cases(quick: bool, device: torch.device) -> list[Case]``; ``collect`` finds
@@ -12,7 +12,8 @@ run); on the CPU a ``time.perf_counter`` loop over single calls after
 ``CPU_WARMUP`` warm-up calls, median of the repetitions. Achieved bandwidth is
 the bytes the op must move (``Case.nbytes``, counted by the family) over the
 median time, for every implementation alike, and is compared with a plain
-``dst.copy_(src)`` measured in the same run.
+``dst.copy_(src)`` (a read and a write) and a plain ``src.sum()`` (a read)
+measured in the same run.
 
 ``python -m genfast bench`` calls ``collect`` and ``run``;
 ``test_bench.py`` hands every family's cases to pytest-benchmark through
@@ -239,6 +240,16 @@ def copy_bandwidth(device: torch.device) -> dict:
     return {"bytes": 2 * nbytes, "median_ms": timing.median_s * 1e3, "gbps": 2 * nbytes / timing.median_s / 1e9}
 
 
+def read_bandwidth(device: torch.device) -> dict:
+    """GB/s of ``src.sum()`` over the same buffer size: a read stream with nothing written, the
+    reference for ops that mostly read (decode attention reads the KV cache and writes a few rows)."""
+    nbytes = COPY_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    timing = measure(lambda: src.sum(), device)
+    del src
+    return {"bytes": nbytes, "median_ms": timing.median_s * 1e3, "gbps": nbytes / timing.median_s / 1e9}
+
+
 def _compile_cache_hits() -> int | None:
     try:
         from torch._dynamo.utils import counters
@@ -255,7 +266,8 @@ def fresh_compile_state() -> None:
     torch._dynamo.reset()
 
 
-def run_case(case: Case, copy_gbps: float, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
+def run_case(case: Case, copy_gbps: float, read_gbps: float,
+             progress: Callable[[str], None] = lambda s: None) -> list[dict]:
     """Time every implementation of ``case``; one row per implementation."""
     fresh_compile_state()
     fns = case.build()
@@ -289,6 +301,7 @@ def run_case(case: Case, copy_gbps: float, progress: Callable[[str], None] = lam
             "median_ms": t.median_s * 1e3, "reps": t.reps, "first_call_s": t.first_call_s,
             "compile_cache_hit": cache_hit.get(impl),
             "nbytes": case.nbytes, "gbps": gbps, "pct_copy": 100.0 * gbps / copy_gbps,
+            "pct_read": 100.0 * gbps / read_gbps,
             "residency": residency(case),
             # how many times faster genfast is than this implementation
             "genfast_speedup": None if impl == GENFAST else t.median_s / reference,
@@ -303,7 +316,7 @@ def load_average() -> float | None:
         return None
 
 
-def environment(device: torch.device, copy: dict, load_before: float | None) -> dict:
+def environment(device: torch.device, copy: dict, read: dict, load_before: float | None) -> dict:
     cache_name, cache_bytes = last_level_cache(device)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -311,7 +324,7 @@ def environment(device: torch.device, copy: dict, load_before: float | None) -> 
         "cache": cache_name, "cache_bytes": cache_bytes,
         # other processes on the CPU make every CPU number slower and noisier
         "threads": torch.get_num_threads(), "load_average_before": load_before,
-        **versions(), "copy": copy,
+        **versions(), "copy": copy, "read": read,
     }
 
 
@@ -320,12 +333,12 @@ def run(cases: list[Case], device: torch.device, progress: Callable[[str], None]
     load_before = load_average()
     if device.type == "cpu" and load_before is not None and load_before > 0.5:
         progress(f"warning: load average {load_before:.1f} before the run: other processes share the CPU")
-    progress(f"copy bandwidth ({COPY_BYTES['cuda' if device.type == 'cuda' else 'cpu'] >> 20} MiB)")
-    copy = copy_bandwidth(device)
+    progress(f"copy and read bandwidth ({COPY_BYTES['cuda' if device.type == 'cuda' else 'cpu'] >> 20} MiB)")
+    copy, read = copy_bandwidth(device), read_bandwidth(device)
     rows = []
     for i, case in enumerate(cases, 1):
-        rows += run_case(case, copy["gbps"], lambda s: progress(f"[{i}/{len(cases)}] {s}"))
-    return {"environment": environment(device, copy, load_before), "rows": rows}
+        rows += run_case(case, copy["gbps"], read["gbps"], lambda s: progress(f"[{i}/{len(cases)}] {s}"))
+    return {"environment": environment(device, copy, read, load_before), "rows": rows}
 
 
 # ---- reports -----------------------------------------------------------------
@@ -333,7 +346,7 @@ def run(cases: list[Case], device: torch.device, progress: Callable[[str], None]
 COLUMNS = [  # (header, key, format)
     ("op", "name", "{}"), ("size", "size", "{}"), ("dtype", "dtype", "{}"), ("data in", "residency", "{}"),
     ("impl", "impl_label", "{}"), ("median ms", "median_ms", "{:.3f}"), ("GB/s", "gbps", "{:.1f}"),
-    ("% copy", "pct_copy", "{:.0f}%"), ("genfast ×", "genfast_speedup", "{:.2f}×"),
+    ("% copy", "pct_copy", "{:.0f}%"), ("% read", "pct_read", "{:.0f}%"), ("genfast ×", "genfast_speedup", "{:.2f}×"),
     ("1st call s", "first_call_s", "{:.2f}"),
 ]
 
@@ -350,14 +363,16 @@ def _cells(row: dict) -> list[str]:
 def title(report: dict) -> str:
     env, copy = report["environment"], report["environment"]["copy"]
     cache = f"{env['cache']} {env['cache_bytes'] / 2**20:.0f} MiB" if env["cache_bytes"] else env["cache"]
+    read = f", read {env['read']['gbps']:.1f} GB/s" if "read" in env else ""
     return (f"genfast {env['genfast']}, torch {env['torch']}, triton {env['triton']}\n"
-            f"{env['device_name']}, {cache}; copy {copy['gbps']:.1f} GB/s ({copy['bytes'] >> 20} MiB moved)")
+            f"{env['device_name']}, {cache}; copy {copy['gbps']:.1f} GB/s ({copy['bytes'] >> 20} MiB moved){read}")
 
 
 def print_table(report: dict, file=sys.stdout) -> None:
     """The report as a table: rich when installed, plain text otherwise."""
     rows, heads = report["rows"], [h for h, _, _ in COLUMNS]
-    notes = ("GB/s: bytes the op must move / median time. % copy: of dst.copy_(src) in this run. "
+    notes = ("GB/s: bytes the op must move / median time. % copy: of dst.copy_(src) in this run (read + "
+             "write); % read: of src.sum() in this run (a read stream). "
              "genfast ×: this row's time / genfast's. 1st call: includes torch.compile / JIT.")
     try:
         from rich.console import Console
@@ -412,7 +427,8 @@ def write_json(report: dict, path: str | Path) -> None:
 def write_csv(report: dict, path: str | Path) -> None:
     """One line per row, with the machine and the copy bandwidth on each so a file stands alone."""
     env = report["environment"]
-    extra = {"device_name": env["device_name"], "copy_gbps": env["copy"]["gbps"], "date": env["date"],
+    extra = {"device_name": env["device_name"], "copy_gbps": env["copy"]["gbps"], "read_gbps": env["read"]["gbps"],
+             "date": env["date"],
              "torch": env["torch"], "triton": env["triton"], "genfast": env["genfast"]}
     rows = [{**r, **extra} for r in report["rows"]]
     with open(path, "w", newline="") as f:
