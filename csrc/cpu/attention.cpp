@@ -489,7 +489,10 @@ __attribute__((target("avx512bf16,avx512vbmi"))) inline void pv_dot(float* acc, 
       fp8_row_bf16(vp[j] + c0, perm, tab, x);
       if (j + 1 < n) fp8_row_bf16(vp[j + 1] + c0, perm, tab, y);
       __m512i v[2][2];
-      for (int w = 0; w < 2; ++w) v[w][0] = _mm512_unpacklo_epi16(x[w], y[w]), v[w][1] = _mm512_unpackhi_epi16(x[w], y[w]);
+      for (int w = 0; w < 2; ++w) {
+        v[w][0] = _mm512_unpacklo_epi16(x[w], y[w]);
+        v[w][1] = _mm512_unpackhi_epi16(x[w], y[w]);
+      }
       for (int t = 0; t < T; ++t) {
         const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[t][j / 2]));
         for (int w = 0; w < 2; ++w) {

@@ -31,7 +31,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <algorithm>
@@ -60,19 +59,6 @@ struct RowParams {
 };
 
 inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
-
-inline float key_to_float(int64_t key) {
-  const uint32_t bits = static_cast<uint32_t>(key);
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline int64_t float_to_key(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  return bits;
-}
 
 inline Vec ones_where(const Vec& mask) { return mask & Vec(1.0f); }
 
@@ -352,9 +338,8 @@ CutGuess guess_top_p_cut(const T* src, int64_t V, float top, float inv_t, float 
   int l = 0;
   while (l + 1 < kCutLevels && tail[l] * scale > allowed) ++l;
   Vec below(0.f);
-  for (int64_t j = 0; j < V; j += step) {
-    below = below + ones_where(distance(load_logits(src + j, static_cast<int>(std::min<int64_t>(kLanes, V - j))), vtop, vinv) <= Vec(kCutLevel[l]));
-  }
+  sampled = 0;
+  for (int64_t j = 0; j < V; j += step) below = below + ones_where(sample(j) <= Vec(kCutLevel[l]));
   return {kCutLevel[l], lane_sum(below) * 128.f > static_cast<float>(sampled)};
 }
 
@@ -387,7 +372,8 @@ int64_t mass_and_candidates(const T* src, int64_t V, float top, float inv_t, flo
     acc_c = _mm512_mask_add_ps(acc_c, m, acc_c, ev);
     _mm512_storeu_ps(cd + n, _mm512_maskz_compress_ps(m, d));
     _mm512_storeu_ps(ce + n, _mm512_maskz_compress_ps(m, ev));
-    _mm512_storeu_si512(ci + n, _mm512_maskz_compress_epi32(m, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j)))));
+    const __m512i index = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j)));
+    _mm512_storeu_si512(ci + n, _mm512_maskz_compress_epi32(m, index));
     n += __builtin_popcount(m);
   }
   z_all = lane_sum(Vec(acc));
