@@ -282,7 +282,8 @@ def _bf16_decode_cases(backend):
 def test_bf16_decode_masks_softcap_alibi(backend):
     """bf16 queries over a bf16 or fp8 cache: on AVX512_BF16 CPUs the C++ decode takes vdpbf16ps for
     q.k (unscaled bf16 rows, fp8 rows widened to bf16 in a permuted order that the query rows share,
-    the scale on the summed scores), headdims 64-256 (80, and 96 for fp8: the FMA kernel)."""
+    the scale on the summed scores) and, over an fp8 cache, for P.V (probabilities rounded to bf16),
+    headdims 64-256 (80, and 96 for fp8: the FMA kernel)."""
     if is_triton():
         pytest.skip("the Triton interpreter has no bf16 arithmetic")
     _bf16_decode_cases(backend)

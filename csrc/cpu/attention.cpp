@@ -35,8 +35,7 @@
 // instead (scores_dot: half the instructions, no widening of bf16 keys), and over
 // an fp8 cache P.V too (pv_dot: the value rows widened to bf16 by byte tables, the
 // probabilities rounded to bf16; 2-core AMD EPYC, batch 8 x 4k, 1 thread: 11.0 ->
-// 7.3 ms). A bf16 cache is read at the memory's rate already: there pv_dot gained
-// nothing, and P.V stays on the FMAs.
+// 7.3 ms). For a bf16 cache the same was slower, and P.V stays on the FMAs.
 //
 // Bytes per decode step: the K and V rows of every valid position once,
 // 2 * L * nheads_k * headdim * sizeof(cache) per batch row; q and out are
@@ -426,15 +425,6 @@ inline void pv_direct(float* acc, const float* p, const TC* const* vp, const TC*
   }
 }
 
-// pv_direct() for an fp8 cache on CPUs with AVX512_BF16 (the decode that takes scores_dot): keys in
-// pairs, the probabilities (times 2^-8, the FMA path's scale of the values) rounded to bf16, as
-// flash-attention's P.V on a GPU rounds them to 16 bits; each value row widened to bf16 in cache
-// order (a byte permutation undoes the interleave's order, then dot_row's tables: exact), two rows'
-// bf16 interleaved by word (unpacklo/hi: the pairs (v_j[d], v_j+1[d])), and vdpbf16ps adds
-// p_j v_j[d] + p_j+1 v_j+1[d] to lane d. The accumulators run in the unpacks' lane order (dims
-// 0-3, 8-11, 16-19, 24-27 of each 32 in the lo half, 4-7, ... in the hi half), permuted from and
-// back to acc's order once per block. (For a bf16 cache, which decode reads at the memory's rate,
-// the same took as long as the FMA path on 2 threads and 10% longer on 1.)
 // 64 fp8 values of a row as two vectors of 32 bf16 (exact), in cache order: perm undoes the
 // interleave's order (see dot_row), tab holds the fp8 tables.
 __attribute__((target("avx512bf16,avx512vbmi"))) inline void fp8_row_bf16(const c10::Float8_e4m3fn* row,
@@ -448,6 +438,15 @@ __attribute__((target("avx512bf16,avx512vbmi"))) inline void fp8_row_bf16(const 
   out[1] = _mm512_unpackhi_epi8(l, h);
 }
 
+// pv_direct() for an fp8 cache on CPUs with AVX512_BF16 (the decode that takes scores_dot): keys in
+// pairs, the probabilities (times 2^-8, the FMA path's scale of the values) rounded to bf16, as
+// flash-attention's P.V on a GPU rounds them to 16 bits; each value row widened to bf16 in cache
+// order (a byte permutation undoes the interleave's order, then dot_row's tables: exact), two rows'
+// bf16 interleaved by word (unpacklo/hi: the pairs (v_j[d], v_j+1[d])), and vdpbf16ps adds
+// p_j v_j[d] + p_j+1 v_j+1[d] to lane d. The accumulators run in the unpacks' lane order (dims
+// 0-3, 8-11, 16-19, 24-27 of each 32 in the lo half, 4-7, ... in the hi half), permuted from and
+// back to acc's order once per block. (For a bf16 cache the same was slower: batch 8 x 4k on a
+// 2-core AMD EPYC, 2 threads, 6.1-6.6 against 5.1-5.3 ms.)
 template <int D, int T>
 __attribute__((target("avx512bf16,avx512vbmi"))) inline void pv_dot(float* acc, const float* p,
                                                                    const c10::Float8_e4m3fn* const* vp,
@@ -512,8 +511,7 @@ __attribute__((target("avx512bf16,avx512vbmi"))) inline void pv_dot(float* acc, 
 
 // Tiles of 4 rows (each converts the V rows again: for 16-bit and fp8 caches cheaper than a widened
 // buffer's store and reloads; G = 8 decode, bf16 cache, batch 8 x 4k: 11.0-11.8 -> 9.2 ms); the first
-// tile prefetches.
-// dot: an fp8 cache's P.V by pv_dot.
+// tile prefetches. dot: an fp8 cache's P.V by pv_dot.
 template <typename TC, int D>
 inline void accumulate_pv_direct(float* acc, int nrow, const float* p, const TC* const* vp, const TC* const* next,
                                  int n, bool dot) {
