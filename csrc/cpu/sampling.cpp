@@ -862,22 +862,26 @@ int64_t compact_ge(const float* x, int64_t n_pad, float cut, float* out) {
 template <typename T>
 void top_p_renorm_row(const T* src, T* dst, int64_t V, float p, Scratch& s) {
   float *cd = s.cd.get(), *ce = s.ce.get();
-  const float top = sample_max(src, V);
-  const int64_t step = sample_step(V);
-  float tail[kCutLevels], cut_at[kCutLevels];
-  Vec acc_tail[kCutLevels];
-  int64_t sampled = 0;
-  for (int l = 0; l < kCutLevels; ++l) cut_at[l] = top * std::exp(-kCutLevel[l]), acc_tail[l] = Vec(0.f);
-  for (int64_t j = 0; j < V; j += step) {  // ~1/16 of the row, 16 values at a time
-    const int m = static_cast<int>(std::min<int64_t>(kLanes, V - j));
-    const Vec x = load_float(src + j, m);  // 0 past m
-    for (int l = 0; l < kCutLevels; ++l) acc_tail[l] = acc_tail[l] + (x & (x < Vec(cut_at[l])));
-    sampled += m;
-  }
-  for (int l = 0; l < kCutLevels; ++l) tail[l] = lane_sum(acc_tail[l]);
-  const float scale = static_cast<float>(V) / static_cast<float>(sampled);
-  int l = 0;
-  while (l + 1 < kCutLevels && tail[l] * scale > kTailShare * (top + tail[0] * scale - p)) ++l;
+  // The first level whose estimated mass below it leaves p above (no candidates when top_p is 1).
+  auto guess_cut = [&] {
+    const float top = sample_max(src, V);
+    const int64_t step = sample_step(V);
+    float tail[kCutLevels], cut_at[kCutLevels];
+    Vec acc_tail[kCutLevels];
+    int64_t sampled = 0;
+    for (int l = 0; l < kCutLevels; ++l) cut_at[l] = top * std::exp(-kCutLevel[l]), acc_tail[l] = Vec(0.f);
+    for (int64_t j = 0; j < V; j += step) {  // ~1/16 of the row, 16 values at a time
+      const int m = static_cast<int>(std::min<int64_t>(kLanes, V - j));
+      const Vec x = load_float(src + j, m);  // 0 past m
+      for (int l = 0; l < kCutLevels; ++l) acc_tail[l] = acc_tail[l] + (x & (x < Vec(cut_at[l])));
+      sampled += m;
+    }
+    for (int l = 0; l < kCutLevels; ++l) tail[l] = lane_sum(acc_tail[l]);
+    const float scale = static_cast<float>(V) / static_cast<float>(sampled);
+    int l = 0;
+    while (l + 1 < kCutLevels && tail[l] * scale > kTailShare * (top + tail[0] * scale - p)) ++l;
+    return cut_at[l];
+  };
   double z_all = 0.0;
   float z_cand = 0.f;
   // The row's mass (lanes over blocks of 1024 added in fp64, as mass_ge) and the values >= cut as
@@ -885,6 +889,7 @@ void top_p_renorm_row(const T* src, T* dst, int64_t V, float p, Scratch& s) {
   auto candidates = [&](float cut) {
     int64_t n = 0;
     z_all = 0.0;
+    z_cand = 0.f;
     Vec acc_c(0.f);
     for (int64_t b = 0; b < V; b += 1024) {
       Vec acc(0.f);
@@ -901,16 +906,16 @@ void top_p_renorm_row(const T* src, T* dst, int64_t V, float p, Scratch& s) {
         alignas(64) float xl[kLanes];
         x.store(xl);
         for (int i = 0; i < m; ++i) {
-          if (xl[i] >= cut) cd[n] = -xl[i], ce[n++] = xl[i], acc_c = acc_c + Vec::set(Vec(0.f), Vec(xl[i]), 1);
+          if (xl[i] >= cut) cd[n] = -xl[i], ce[n++] = xl[i], z_cand += xl[i];
         }
 #endif
       });
       z_all += lane_sum(acc);
     }
-    z_cand = lane_sum(acc_c);
+    z_cand += lane_sum(acc_c);  // one of the two is 0
     return n;
   };
-  float cut = cut_at[l], t = -kInf;
+  float cut = p < 1.f ? guess_cut() : kInf, t = -kInf;
   int64_t n = candidates(cut);
   // top_p is absolute, as FlashInfer's: if the whole row holds less mass, keep it all
   if (p < 1.f && z_all >= p) {
