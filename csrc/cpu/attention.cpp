@@ -40,7 +40,9 @@
 // item ends (no horizontal sum per block) and calls exp for the rescale only when
 // the row's max rose; scores_dot takes keys in pairs (each query vector loaded
 // once for two keys, two chains per row). Together, batch 8 x 4k on 2 threads:
-// fp8 cache 3.9-4.0 -> 3.3-3.5 ms, bf16 cache 5.2-5.5 -> 4.7-5.0 ms (AMD EPYC).
+// fp8 cache 3.9-4.0 -> 3.3-3.5 ms, bf16 cache 5.2-5.5 -> 4.7-5.0 ms (AMD EPYC). pv_dot's
+// accumulators then stayed in its unpacks' lane order for the whole item (no
+// permutes per block): 1 thread, fp8, 6.9-7.6 -> 6.5-6.7 ms.
 //
 // Bytes per decode step: the K and V rows of every valid position once,
 // 2 * L * nheads_k * headdim * sizeof(cache) per batch row; q and out are
@@ -446,43 +448,41 @@ inline void pv_direct(float* acc, const float* p, const TC* const* vp, const TC*
   }
 }
 
-// 64 fp8 values of a row as two vectors of 32 bf16 (exact), in cache order: perm undoes the
-// interleave's order (see dot_row), tab holds the fp8 tables.
-__attribute__((target("avx512bf16,avx512vbmi"))) inline void fp8_row_bf16(const c10::Float8_e4m3fn* row,
-                                                                         __m512i perm, const __m512i* tab,
-                                                                         __m512i* out) {
-  const __m512i x = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(row));
-  const __m512i l = _mm512_permutex2var_epi8(tab[0], x, tab[1]);
-  const __m512i h = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(tab[2], x, tab[3]), x,
-                                              _mm512_set1_epi8((char)0x80), 0xF8);
-  out[0] = _mm512_unpacklo_epi8(l, h);
-  out[1] = _mm512_unpackhi_epi8(l, h);
+// pv_dot's accumulators hold each 64 dims of a row in the lane order of its unpacks: stored
+// element e (vector e / 16) is dim pv_order(e) of the 64. run_item puts the rows in order once
+// at the item's end (pv_dot_to_natural).
+inline int pv_order(int e) {
+  const int w = e / 32, h = (e / 16) % 2, i = e % 16;  // which dot_row vector, which unpack, which lane
+  return dot_order(w * 32 + (i / 4) * 8 + h * 4 + i % 4);
+}
+
+template <int D>
+void pv_dot_to_natural(float* acc, int rows) {
+  static const std::array<uint8_t, 64> order = [] {
+    std::array<uint8_t, 64> o{};
+    for (int e = 0; e < 64; ++e) o[e] = static_cast<uint8_t>(pv_order(e));
+    return o;
+  }();
+  float tmp[64];
+  for (int64_t c = 0; c < (int64_t)rows * D; c += 64) {
+    std::copy(acc + c, acc + c + 64, tmp);
+    for (int e = 0; e < 64; ++e) acc[c + order[e]] = tmp[e];
+  }
 }
 
 // pv_direct() for an fp8 cache on CPUs with AVX512_BF16 (the decode that takes scores_dot): keys in
 // pairs, the probabilities (times 2^-8, the FMA path's scale of the values) rounded to bf16, as
-// flash-attention's P.V on a GPU rounds them to 16 bits; each value row widened to bf16 in cache
-// order (a byte permutation undoes the interleave's order, then dot_row's tables: exact), two rows'
-// bf16 interleaved by word (unpacklo/hi: the pairs (v_j[d], v_j+1[d])), and vdpbf16ps adds
-// p_j v_j[d] + p_j+1 v_j+1[d] to lane d. The accumulators run in the unpacks' lane order (dims
-// 0-3, 8-11, 16-19, 24-27 of each 32 in the lo half, 4-7, ... in the hi half), permuted from and
-// back to acc's order once per block. (For a bf16 cache the same was slower: batch 8 x 4k on a
-// 2-core AMD EPYC, 2 threads, 6.1-6.6 against 5.1-5.3 ms.)
+// flash-attention's P.V on a GPU rounds them to 16 bits; each value row widened to bf16 by
+// dot_row (exact), two rows' bf16 interleaved by word (unpacklo/hi: the pairs (v_j[d], v_j+1[d])),
+// and vdpbf16ps adds p_j v_j[d] + p_j+1 v_j+1[d] to lane d. The accumulators stay in the unpacks'
+// lane order (pv_order) for the whole item, so no row or accumulator is permuted per block.
+// (For a bf16 cache the same was slower: batch 8 x 4k on a 2-core AMD EPYC, 2 threads, 6.1-6.6
+// against 5.1-5.3 ms.)
 template <int D, int T>
 __attribute__((target("avx512bf16,avx512vbmi"))) inline void pv_dot(float* acc, const float* p,
                                                                    const c10::Float8_e4m3fn* const* vp,
                                                                    const c10::Float8_e4m3fn* const* next, int n) {
   static_assert(D % 64 == 0);
-  const __m512i to_lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
-  const __m512i to_hi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  const __m512i from0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i from1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  alignas(64) static const std::array<uint8_t, 64> natural = [] {
-    std::array<uint8_t, 64> idx{};
-    for (int t = 0; t < 64; ++t) idx[dot_order(t)] = static_cast<uint8_t>(t);
-    return idx;
-  }();
-  const __m512i perm = _mm512_load_si512(natural.data());
   const Fp8Bf16Tables& tb = fp8_bf16_tables();
   __m512i tab[4];
   for (int i = 0; i < 4; ++i) tab[i] = _mm512_load_si512((i < 2 ? tb.lo : tb.hi) + (i % 2) * 64);
@@ -492,41 +492,29 @@ __attribute__((target("avx512bf16,avx512vbmi"))) inline void pv_dot(float* acc, 
     _mm256_store_si256(reinterpret_cast<__m256i*>(pairs[t]), (__m256i)_mm512_cvtneps_pbh(pv));
   }
   for (int c0 = 0; c0 < D; c0 += 64) {
-    __m512 a[T][2][2];
+    __m512 a[T][4];
     for (int t = 0; t < T; ++t)
-      for (int w = 0; w < 2; ++w) {
-        const float* at = acc + t * D + c0 + w * 32;
-        const __m512 x0 = _mm512_loadu_ps(at), x1 = _mm512_loadu_ps(at + 16);
-        a[t][w][0] = _mm512_permutex2var_ps(x0, to_lo, x1);
-        a[t][w][1] = _mm512_permutex2var_ps(x0, to_hi, x1);
-      }
+      for (int u = 0; u < 4; ++u) a[t][u] = _mm512_loadu_ps(acc + t * D + c0 + u * 16);
     for (int j = 0; j < n; j += 2) {
       if (next != nullptr && c0 == 0) {
         prefetch_row(next[j], D);
         if (j + 1 < n) prefetch_row(next[j + 1], D);
       }
-      __m512i x[2], y[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-      fp8_row_bf16(vp[j] + c0, perm, tab, x);
-      if (j + 1 < n) fp8_row_bf16(vp[j + 1] + c0, perm, tab, y);
-      __m512i v[2][2];
+      __m512bh x[2], y[2] = {(__m512bh)_mm512_setzero_si512(), (__m512bh)_mm512_setzero_si512()};
+      dot_row<c10::Float8_e4m3fn, 64>(vp[j] + c0, tab, x);
+      if (j + 1 < n) dot_row<c10::Float8_e4m3fn, 64>(vp[j + 1] + c0, tab, y);
+      __m512i v[4];
       for (int w = 0; w < 2; ++w) {
-        v[w][0] = _mm512_unpacklo_epi16(x[w], y[w]);
-        v[w][1] = _mm512_unpackhi_epi16(x[w], y[w]);
+        v[2 * w] = _mm512_unpacklo_epi16((__m512i)x[w], (__m512i)y[w]);
+        v[2 * w + 1] = _mm512_unpackhi_epi16((__m512i)x[w], (__m512i)y[w]);
       }
       for (int t = 0; t < T; ++t) {
         const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[t][j / 2]));
-        for (int w = 0; w < 2; ++w) {
-          a[t][w][0] = _mm512_dpbf16_ps(a[t][w][0], (__m512bh)v[w][0], pp);
-          a[t][w][1] = _mm512_dpbf16_ps(a[t][w][1], (__m512bh)v[w][1], pp);
-        }
+        for (int u = 0; u < 4; ++u) a[t][u] = _mm512_dpbf16_ps(a[t][u], (__m512bh)v[u], pp);
       }
     }
     for (int t = 0; t < T; ++t)
-      for (int w = 0; w < 2; ++w) {
-        float* at = acc + t * D + c0 + w * 32;
-        _mm512_storeu_ps(at, _mm512_permutex2var_ps(a[t][w][0], from0, a[t][w][1]));
-        _mm512_storeu_ps(at + 16, _mm512_permutex2var_ps(a[t][w][0], from1, a[t][w][1]));
-      }
+      for (int u = 0; u < 4; ++u) _mm512_storeu_ps(acc + t * D + c0 + u * 16, a[t][u]);
   }
 }
 
@@ -834,6 +822,11 @@ void run_item(const Problem& p, const Item& it, Scratch& w) {
     }
   }
   for (int r = 0; r < rows; ++r) w.l[r] = hsum(Vec::loadu(w.lv.data() + (int64_t)r * V));
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kFp8 && D % 64 == 0) {
+    if (dot) pv_dot_to_natural<D>(w.acc.data(), rows);  // pv_dot's lane order
+  }
+#endif
 }
 
 // ---- prefill with small headdims (8-56): queries in the vector lanes ---------
