@@ -208,15 +208,18 @@ def _check_eps(fn: str, eps) -> None:
 
 def _check_param(fn: str, name: str, t, shape: tuple, x: torch.Tensor, cast: bool = True):
     """A small float tensor of exactly ``shape`` on x's device, returned contiguous and,
-    with ``cast``, in the compute dtype (autograd casts its gradient back); None passes."""
+    with ``cast``, in the compute dtype (autograd casts its gradient back); None passes.
+    (Each step is skipped when it has nothing to do: this runs up to four times a call.)"""
     if t is None:
         return None
     _ops.check_tensor(fn, name, t)
-    if tuple(t.shape) != shape:
+    if t.shape != shape:
         raise ValueError(f"{fn}: {name} must have shape {shape}, got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{fn}: {name} must be on the device of x ({x.device}), got {t.device}")
-    return (t.to(compute_dtype(x.dtype)) if cast else t).contiguous()
+    if cast and t.dtype != (cdt := compute_dtype(x.dtype)):
+        t = t.to(cdt)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _params_cast(x: torch.Tensor) -> bool:
