@@ -21,8 +21,10 @@ a small workspace:
    few hundred to a few thousand per row;
 4. ``_select_kernel`` (row): exact thresholds on the candidates, the smallest
    key whose count (top-k) or mass (top-p) reaches the target, found by a
-   search that tests 16 pivots per pass (2^31 keys in 8 passes); then the kept
-   mass z and the draw, the first candidate whose running mass exceeds u * z,
+   search that tests 16 pivots per pass (2^31 keys in 8 passes; after the first
+   pass the candidates still in play are copied apart, and the later passes
+   read only them); then the kept mass z and the draw, the first candidate
+   whose running mass exceeds u * z,
    u = position ``offset + row`` of the uniform stream. Without a filter the
    draw picks the chunk from the chunks' masses, then the token in it.
 Greedy rows (temperature 0) take the first index of the max from step 1.
@@ -269,16 +271,47 @@ def _compact_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, cd_ptr, ci_ptr, vocab, ch
 
 
 @triton.jit
-def _search(cd_ptr, n, lo, hi, target, MASS: tl.constexpr, SBLOCK: tl.constexpr):
+def _order_key(x):
+    """int32 keys that order fp32 values: a < b iff key(a) < key(b) (neither NaN)."""
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+@triton.jit
+def _copy_between(src, n, dst, cap, lo, hi, ORDER_KEY: tl.constexpr, SBLOCK: tl.constexpr):
+    """Copies the values of src[0, n) whose key lies in [lo, hi] to dst, in order, and returns
+    their count (written while it is <= cap). Keys: the bits of non-negative floats, or _order_key."""
+    m = 0
+    for start in range(0, n, SBLOCK):
+        i = start + tl.arange(0, SBLOCK)
+        v = tl.load(src + i, mask=i < n, other=0.0)
+        key = _order_key(v) if ORDER_KEY else v.to(tl.int32, bitcast=True)
+        keep = (i < n) & (key >= lo) & (key <= hi)
+        pos = m + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(dst + pos, v, mask=keep & (pos < cap))
+        m += tl.sum(keep.to(tl.int32), axis=0)
+    return m
+
+
+@triton.jit
+def _search(cd_ptr, n, lo, hi, target, cap, MASS: tl.constexpr, SBLOCK: tl.constexpr):
     """The smallest int32 key in (lo, hi] whose F reaches target, F(key) the count (MASS
     false) or the mass exp(-d) of the n candidates d at cd_ptr with bits(d) <= key; hi if
     none below it does (F(lo) < target is known). Each pass tests NPIV pivots spread over
     the open interval (lo, hi) and keeps the part where F crosses the target: 2^31 keys in
     8 passes, the 2^22.5 keys between two cut levels in 6. SBLOCK candidates per step: a
-    step's loads wait on L2, so few wide steps beat many narrow ones."""
+    step's loads wait on L2, so few wide steps beat many narrow ones. When the candidates
+    take more than one step, those left in (lo, hi] after the first pass that moves lo
+    (about 1/17 of them) are copied past the n, to cd_ptr + n (if they fit in cap slots),
+    and the later passes read only them, F starting from that pass's F(lo): one step a
+    pass where each took n / SBLOCK (top-p 0.9 over 128256 logits keeps ~5-7k
+    candidates: 6 passes of 7 steps became 7 + 7 + 5)."""
     lo = lo.to(tl.int64)
     hi = hi.to(tl.int64)
     j = tl.arange(0, NPIV).to(tl.int64)
+    src = cd_ptr
+    f_out = tl.zeros([], tl.float32)  # F(lo) of the candidates no longer read
+    narrow = (n > SBLOCK).to(tl.int32)  # copy once, after the first pass that sets lo
     while hi - lo > 1:
         # in [lo + 1, hi - 1]: non-negative int32 keys, compared in 32 bits
         piv = (lo + 1 + ((hi - lo - 1) * (j + 1)) // (NPIV + 1)).to(tl.int32)
@@ -286,13 +319,21 @@ def _search(cd_ptr, n, lo, hi, target, MASS: tl.constexpr, SBLOCK: tl.constexpr)
         for start in range(0, n, SBLOCK):
             i = start + tl.arange(0, SBLOCK)
             m = i < n
-            d = tl.load(cd_ptr + i, mask=m, other=float("inf"))
+            d = tl.load(src + i, mask=m, other=float("inf"))
             w = tl.exp(-d) if MASS else tl.full([SBLOCK], 1.0, tl.float32)
             below = m[:, None] & (d.to(tl.int32, bitcast=True)[:, None] <= piv[None, :])
             f += tl.where(below, w[:, None], 0.0)
-        ok = tl.sum(f, axis=0) >= target  # F grows with the key: the pivots that pass follow those that fail
+        fs = f_out + tl.sum(f, axis=0)
+        ok = fs >= target  # F grows with the key: the pivots that pass follow those that fail
+        f_lo = tl.max(tl.where(ok, -1.0, fs), axis=0)  # F at the new lo, when a pivot failed (else -1)
         hi = tl.min(tl.where(ok, piv.to(tl.int64), hi), axis=0)
         lo = tl.max(tl.where(ok, lo, piv.to(tl.int64)), axis=0)
+        if narrow & (f_lo >= 0) & (hi - lo > 1):  # F(lo) is known: a pivot set lo
+            narrow = narrow * 0
+            dst = cd_ptr + n
+            m_in = _copy_between(src, n, dst, cap, lo + 1, hi, False, SBLOCK)
+            if m_in <= cap:
+                src, n, f_out = dst, m_in, f_lo
     return hi
 
 
@@ -335,7 +376,7 @@ def _select_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, cd_ptr, ci_ptr, tok_ptr, l
             below_key = tl.load(wf_ptr + row_slot + 2).to(tl.int32, bitcast=True)
             d_k = float("inf")
             if need_k & (n >= k):  # fewer candidates than k (only below the min-p cut): top-k does not bind
-                d_k = _search(cd_row, n, below_key, cut_key, k.to(tl.float32), False,
+                d_k = _search(cd_row, n, below_key, cut_key, k.to(tl.float32), vocab - n, False,
                               SBLOCK).to(tl.int32).to(tl.float32, bitcast=True)
             d_p = float("inf")
             if need_p:
@@ -350,7 +391,8 @@ def _select_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, cd_ptr, ci_ptr, tok_ptr, l
                     target = p * tl.sum(zk_v, axis=0)
                 hi = tl.minimum(cut, d_k).to(tl.int32, bitcast=True)
                 p_lo = tl.where(need_k, -1, below_key)  # top-p after top-k: anywhere below d_k
-                d_p = _search(cd_row, n, p_lo, hi, target, True, SBLOCK).to(tl.int32).to(tl.float32, bitcast=True)
+                d_p = _search(cd_row, n, p_lo, hi, target, vocab - n, True,
+                              SBLOCK).to(tl.int32).to(tl.float32, bitcast=True)
             t = tl.minimum(tl.minimum(d_k, d_p), d_m)
             # the draw: block sums in order for z and for the scan, BLOCK wide (a scan step is a
             # reduction across the warps: few wide steps, not many narrow ones)
@@ -416,6 +458,12 @@ def _split(batch: int, vocab: int, device: torch.device) -> tuple[int, int]:
     return cdiv(vocab, chunk), chunk
 
 
+def _sblock(vocab: int, device: torch.device) -> int:
+    """Candidates per step of the threshold searches: 1024 on a GPU; 64 in the interpreter, so
+    that tests take the searches' copy of the candidates left after a pass (``_copy_between``)."""
+    return min(next_pow2(vocab), 1024 if device.type == "cuda" else 64)
+
+
 def _workspace(batch: int, chunks: int, device: torch.device):
     return (torch.empty(batch, chunks + 1, NW, dtype=torch.float32, device=device),
             torch.empty(batch, chunks + 1, NW, dtype=torch.int32, device=device))
@@ -465,7 +513,7 @@ def sample_tokens(logits, params, prev_tokens, token_counts, inv_temperature, to
         x, p, wf, wi, cand_d, cand_i, tokens, logprobs if return_logprobs else tokens, vocab, chunk, chunks,
         *scalars, seed, seed_tensor if seed_tensor is not None else tokens, offset, HAS_PARAMS=has_params,
         SEED_FROM_PTR=seed_tensor is not None, RETURN_LOGPROBS=return_logprobs, SMAX=smax, BLOCK=_block(vocab),
-        SBLOCK=min(next_pow2(vocab), 1024), num_warps=8)
+        SBLOCK=_sblock(vocab, device), num_warps=8)
     return tokens, logprobs
 
 
@@ -483,13 +531,6 @@ def sample_tokens(logits, params, prev_tokens, token_counts, inv_temperature, to
 # every chunk's program took 0.211 ms for top_k_mask_logits (one program per
 # row before: 1.76 ms; eager 0.224) and 1.25 ms for top_p_renorm_probs
 # (eager 1.14): its many candidates were searched 9 times per row.
-
-@triton.jit
-def _order_key(x):
-    """int32 keys that order fp32 values: a < b iff key(a) < key(b) (neither NaN)."""
-    b = x.to(tl.int32, bitcast=True)
-    return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
-
 
 @triton.jit
 def _filter_levels(top, IS_PROBS: tl.constexpr):
@@ -605,18 +646,30 @@ def _filter_search_kernel(arr_ptr, wf_ptr, wi_ptr, c_ptr, vocab, S, k_s, p_s, HA
         if cut > 0:
             hi = _order_key(tl.max(tl.where(j == cut - 1, lev, float("-inf")), axis=0)).to(tl.int64)
         jp = tl.arange(0, NPIV).to(tl.int64)
+        # as _search: after the first pass, the candidates left in [lo, hi) are copied past the n
+        src, m_src = c_row, n
+        f_out = tl.zeros([], tl.float32)  # F(hi) of the candidates no longer read
+        narrow = (n > SBLOCK).to(tl.int32)
         while hi - lo > 1:
             piv = (lo + 1 + ((hi - lo - 1) * (jp + 1)) // (NPIV + 1)).to(tl.int32)  # in (lo, hi): int32
             f = tl.zeros([SBLOCK, NPIV], tl.float32)  # per lane: summed across the warps once per pass
-            for start in range(0, n, SBLOCK):
+            for start in range(0, m_src, SBLOCK):
                 i = start + tl.arange(0, SBLOCK)
-                m = i < n
-                x = tl.load(c_row + i, mask=m, other=0.0)
+                m = i < m_src
+                x = tl.load(src + i, mask=m, other=0.0)
                 w = x if TOP_P else tl.full([SBLOCK], 1.0, tl.float32)
                 f += tl.where(m[:, None] & (_order_key(x)[:, None] >= piv[None, :]), w[:, None], 0.0)
-            ok = tl.sum(f, axis=0) >= target  # F falls as the key grows: the pivots that pass precede those that fail
+            fs = f_out + tl.sum(f, axis=0)
+            ok = fs >= target  # F falls as the key grows: the pivots that pass precede those that fail
+            f_hi = tl.max(tl.where(ok, -1.0, fs), axis=0)  # F at the new hi, when a pivot failed (else -1)
             lo = tl.max(tl.where(ok, piv.to(tl.int64), lo), axis=0)
             hi = tl.min(tl.where(ok, hi, piv.to(tl.int64)), axis=0)
+            if narrow & (f_hi >= 0) & (hi - lo > 1):  # F(hi) is known: a pivot set hi
+                narrow = narrow * 0
+                dst = c_row + n
+                m_in = _copy_between(src, m_src, dst, vocab - n, lo, hi - 1, True, SBLOCK)
+                if m_in <= vocab - n:
+                    src, m_src, f_out = dst, m_in, f_hi
         key = lo.to(tl.int32)
         t = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
         if RENORM:
@@ -670,8 +723,7 @@ def _filter(x, per_row, k, p, top_p: bool, renorm: bool):
     _filter_compact_kernel[(batch, chunks)](x, arr, wf, wi, cand, vocab, chunk, chunks, k, p,
                                             HAS_ARR=per_row is not None, **flags, BLOCK=block, num_warps=4)
     _filter_search_kernel[(batch,)](arr, wf, wi, cand, vocab, chunks, k, p, HAS_ARR=per_row is not None,
-                                    RENORM=renorm, **flags, SBLOCK=min(next_pow2(vocab), 1024),
-                                    num_warps=8)
+                                    RENORM=renorm, **flags, SBLOCK=_sblock(vocab, x.device), num_warps=8)
     _filter_apply_kernel[(batch, chunks)](x, wf, out, vocab, chunk, chunks, RENORM=renorm, BLOCK=block, num_warps=4)
     return out
 
