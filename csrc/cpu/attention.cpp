@@ -572,7 +572,8 @@ struct Scratch {
   std::vector<const float*> kp, vp;
   Scratch(int D, int rows)
       : q((int64_t)rows * D), acc((int64_t)rows * D), s((int64_t)rows * kBlockN), kbuf((int64_t)kBlockN * D),
-        vbuf((int64_t)kBlockN * D), m(rows), l(rows), lv((int64_t)rows * Vec::size()), qb((int64_t)rows * D), kp(kBlockN), vp(kBlockN) {}
+        vbuf((int64_t)kBlockN * D), m(rows), l(rows), lv((int64_t)rows * Vec::size()), qb((int64_t)rows * D),
+        kp(kBlockN), vp(kBlockN) {}
 };
 
 // Dot products of `nrow` query rows with n keys. Two query rows live in registers (one for
