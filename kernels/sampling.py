@@ -646,7 +646,8 @@ def _filter_search_kernel(arr_ptr, wf_ptr, wi_ptr, c_ptr, vocab, S, k_s, p_s, HA
         if cut > 0:
             hi = _order_key(tl.max(tl.where(j == cut - 1, lev, float("-inf")), axis=0)).to(tl.int64)
         jp = tl.arange(0, NPIV).to(tl.int64)
-        # as _search: after the first pass, the candidates left in [lo, hi) are copied past the n
+        # as _search: once a pass has set hi (so F(hi) is known), the candidates left in [lo, hi) are copied
+        # past the n and the later passes read only them
         src, m_src = c_row, n
         f_out = tl.zeros([], tl.float32)  # F(hi) of the candidates no longer read
         narrow = (n > SBLOCK).to(tl.int32)
