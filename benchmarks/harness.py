@@ -372,12 +372,12 @@ def print_table(report: dict, file=sys.stdout) -> None:
     notes = ("GB/s: bytes the op must move / median time. % copy: of dst.copy_(src) in this run (read + "
              "write); % read: of src.sum() in this run (a read stream). "
              "genfast ×: this row's time / genfast's. 1st call: includes torch.compile / JIT.")
+    cells = [_cells(r) for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)]
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        cells = [_cells(r) for r in rows]
-        widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)]
         print(title(report), file=file)
         def line(values):
             return "  ".join(v.rjust(w) if i >= 5 else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
@@ -390,12 +390,13 @@ def print_table(report: dict, file=sys.stdout) -> None:
     table = Table(title=title(report), caption=notes)
     for i, h in enumerate(heads):
         table.add_column(h, justify="right" if i >= 5 else "left", no_wrap=i < 5)
-    for i, r in enumerate(rows):
+    for i, (r, c) in enumerate(zip(rows, cells)):
         last = i + 1 == len(rows) or (rows[i + 1]["op"], rows[i + 1]["mode"], rows[i + 1]["size"],
                                       rows[i + 1]["dtype"]) != (r["op"], r["mode"], r["size"], r["dtype"])
-        table.add_row(*_cells(r), end_section=last, style="bold" if r["impl"] == GENFAST else None)
-    # a pipe reports 80 columns, too few for the table: never go below 130
-    Console(file=file, width=max(130, Console(file=file).width)).print(table)
+        table.add_row(*c, end_section=last, style="bold" if r["impl"] == GENFAST else None)
+    # a pipe reports 80 columns, and a terminal may be narrower than the table: rich then squeezes
+    # the numeric columns to nothing. Never narrower than the cells (3 characters of rule and padding each).
+    Console(file=file, width=max(sum(widths) + 3 * len(widths) + 1, Console(file=file).width)).print(table)
 
 
 def markdown(report: dict) -> str:
