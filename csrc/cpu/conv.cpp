@@ -345,12 +345,16 @@ void nhwc_moments(const Problem& p, const T* x, int64_t n, int64_t r0, int64_t r
   for (int64_t r = r0; r < r1; r += R) {
     const int64_t rows = std::min(R, r1 - r);
     const T* base = x + (n * p.S + r) * C;
+    // The first pass reads the block row by row, in memory order; the second reads it from L1.
+    // Summed a column of rows at a time (at a stride of C), the pass took twice as long as NCHW's
+    // statistics; row by row, 35% less time at (2, 320, 64, 64) fp32, 1 thread (perf samples).
+    std::fill(bm.begin(), bm.end(), 0.f);
+    for (int64_t i = 0; i < rows; ++i)
+      vec_steps(static_cast<int>(C), [&](int j, int k) {
+        (Vec::loadu(bm.data() + j, k) + load_float(base + i * C + j, k)).store(bm.data() + j, k);
+      });
     const Vec inv(1.f / static_cast<float>(rows));
-    vec_steps(static_cast<int>(C), [&](int j, int k) {
-      Vec s(0.f);
-      for (int64_t i = 0; i < rows; ++i) s = s + load_float(base + i * C + j, k);
-      (s * inv).store(bm.data() + j, k);
-    });
+    vec_steps(static_cast<int>(C), [&](int j, int k) { (Vec::loadu(bm.data() + j, k) * inv).store(bm.data() + j, k); });
     vec_steps(static_cast<int>(C), [&](int j, int k) {
       const Vec m = Vec::loadu(bm.data() + j, k);
       Vec s(0.f);
