@@ -278,14 +278,14 @@ def _order_key(x):
 
 
 @triton.jit
-def _copy_between(src, n, dst, cap, lo, hi, ORDER_KEY: tl.constexpr, SBLOCK: tl.constexpr):
-    """Copies the values of src[0, n) whose key lies in [lo, hi] to dst, in order, and returns
-    their count (written while it is <= cap). Keys: the bits of non-negative floats, or _order_key."""
+def _copy_between(src, n, dst, cap, lo, hi, SBLOCK: tl.constexpr):
+    """Copies the values of src[0, n) whose _order_key lies in [lo, hi] to dst, in order, and
+    returns their count (written while it is <= cap)."""
     m = 0
     for start in range(0, n, SBLOCK):
         i = start + tl.arange(0, SBLOCK)
         v = tl.load(src + i, mask=i < n, other=0.0)
-        key = _order_key(v) if ORDER_KEY else v.to(tl.int32, bitcast=True)
+        key = _order_key(v)
         keep = (i < n) & (key >= lo) & (key <= hi)
         pos = m + tl.cumsum(keep.to(tl.int32), axis=0) - 1
         tl.store(dst + pos, v, mask=keep & (pos < cap))
@@ -293,48 +293,65 @@ def _copy_between(src, n, dst, cap, lo, hi, ORDER_KEY: tl.constexpr, SBLOCK: tl.
     return m
 
 
+COUNT, EXP_NEG, VALUE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # _search's weights
+
+
 @triton.jit
-def _search(cd_ptr, n, lo, hi, target, cap, MASS: tl.constexpr, SBLOCK: tl.constexpr):
-    """The smallest int32 key in (lo, hi] whose F reaches target, F(key) the count (MASS
-    false) or the mass exp(-d) of the n candidates d at cd_ptr with bits(d) <= key; hi if
-    none below it does (F(lo) < target is known). Each pass tests NPIV pivots spread over
-    the open interval (lo, hi) and keeps the part where F crosses the target: 2^31 keys in
-    8 passes, the 2^22.5 keys between two cut levels in 6. SBLOCK candidates per step: a
-    step's loads wait on L2, so few wide steps beat many narrow ones. When the candidates
-    take more than one step, those left in (lo, hi] after the first pass that moves lo
-    (about 1/17 of them) are copied past the n, to cd_ptr + n (if they fit in cap slots),
-    and the later passes read only them, F starting from that pass's F(lo): one step a
-    pass where each took n / SBLOCK (top-p 0.9 over 128256 logits keeps ~5-7k
-    candidates: 6 passes of 7 steps became 7 + 7 + 5)."""
+def _search(src, n, lo, hi, target, cap, RISING: tl.constexpr, WEIGHT: tl.constexpr, SBLOCK: tl.constexpr):
+    """The threshold between lo and hi (int32 keys, _order_key of the n candidates v at src)
+    where F reaches target; returns the final (lo, hi), hi - lo = 1. F(key) sums a weight (1,
+    exp(-v) or v) over the candidates with key(v) <= key (RISING: the smallest key with
+    F >= target is hi; F(lo) < target is known) or with key(v) >= key (falling: the largest
+    is lo; F(hi) < target is known). Each pass tests NPIV pivots spread over the open interval
+    (lo, hi) and keeps the part where F crosses the target: 2^31 keys in 8 passes, the 2^22.5
+    keys between two cut levels in 6. SBLOCK candidates per step: a step's loads wait on L2, so
+    few wide steps beat many narrow ones. When the candidates take more than one step, those
+    left between the bounds after the first pass that moves the known bound (about 1/17 of
+    them) are copied past the n, to src + n (if they fit in cap slots), and the later passes
+    read only them, F starting from that pass's F at the bound: one step a pass where each
+    took n / SBLOCK (top-p 0.9 over 128256 logits keeps ~5-7k candidates: 6 passes of 7
+    steps became 7 + 7 + 5)."""
     lo = lo.to(tl.int64)
     hi = hi.to(tl.int64)
     j = tl.arange(0, NPIV).to(tl.int64)
-    src = cd_ptr
-    f_out = tl.zeros([], tl.float32)  # F(lo) of the candidates no longer read
-    narrow = (n > SBLOCK).to(tl.int32)  # copy once, after the first pass that sets lo
+    dst = src + n
+    f_out = tl.zeros([], tl.float32)  # F at the known bound of the candidates no longer read
+    narrow = (n > SBLOCK).to(tl.int32)  # copy once, after the first pass that moves the known bound
     while hi - lo > 1:
-        # in [lo + 1, hi - 1]: non-negative int32 keys, compared in 32 bits
+        # in [lo + 1, hi - 1]: int32 keys, compared in 32 bits
         piv = (lo + 1 + ((hi - lo - 1) * (j + 1)) // (NPIV + 1)).to(tl.int32)
         f = tl.zeros([SBLOCK, NPIV], tl.float32)  # per lane: summed across the warps once per pass
         for start in range(0, n, SBLOCK):
             i = start + tl.arange(0, SBLOCK)
             m = i < n
-            d = tl.load(src + i, mask=m, other=float("inf"))
-            w = tl.exp(-d) if MASS else tl.full([SBLOCK], 1.0, tl.float32)
-            below = m[:, None] & (d.to(tl.int32, bitcast=True)[:, None] <= piv[None, :])
-            f += tl.where(below, w[:, None], 0.0)
+            v = tl.load(src + i, mask=m, other=0.0)
+            if WEIGHT == COUNT:
+                w = tl.full([SBLOCK], 1.0, tl.float32)
+            elif WEIGHT == EXP_NEG:
+                w = tl.exp(-v)
+            else:
+                w = v
+            key = _order_key(v)[:, None]
+            side = (key <= piv[None, :]) if RISING else (key >= piv[None, :])
+            f += tl.where(m[:, None] & side, w[:, None], 0.0)
         fs = f_out + tl.sum(f, axis=0)
-        ok = fs >= target  # F grows with the key: the pivots that pass follow those that fail
-        f_lo = tl.max(tl.where(ok, -1.0, fs), axis=0)  # F at the new lo, when a pivot failed (else -1)
-        hi = tl.min(tl.where(ok, piv.to(tl.int64), hi), axis=0)
-        lo = tl.max(tl.where(ok, lo, piv.to(tl.int64)), axis=0)
-        if narrow & (f_lo >= 0) & (hi - lo > 1):  # F(lo) is known: a pivot set lo
+        ok = fs >= target  # the pivots that pass follow (RISING) or precede those that fail
+        f_known = tl.max(tl.where(ok, -1.0, fs), axis=0)  # F at the bound a failing pivot set (else -1)
+        if RISING:
+            hi = tl.min(tl.where(ok, piv.to(tl.int64), hi), axis=0)
+            lo = tl.max(tl.where(ok, lo, piv.to(tl.int64)), axis=0)
+        else:
+            lo = tl.max(tl.where(ok, piv.to(tl.int64), lo), axis=0)
+            hi = tl.min(tl.where(ok, hi, piv.to(tl.int64)), axis=0)
+        if narrow & (f_known >= 0) & (hi - lo > 1):
             narrow = narrow * 0
-            dst = cd_ptr + n
-            m_in = _copy_between(src, n, dst, cap, lo + 1, hi, False, SBLOCK)
+            if RISING:
+                m_in = _copy_between(src, n, dst, cap, lo + 1, hi, SBLOCK)
+            else:
+                m_in = _copy_between(src, n, dst, cap, lo, hi - 1, SBLOCK)
             if m_in <= cap:
-                src, n, f_out = dst, m_in, f_lo
-    return hi
+                src, n, f_out = dst, m_in, f_known
+    return lo, hi
 
 
 @triton.jit(do_not_specialize=["k_s", "seed", "offset"])
@@ -376,8 +393,8 @@ def _select_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, cd_ptr, ci_ptr, tok_ptr, l
             below_key = tl.load(wf_ptr + row_slot + 2).to(tl.int32, bitcast=True)
             d_k = float("inf")
             if need_k & (n >= k):  # fewer candidates than k (only below the min-p cut): top-k does not bind
-                d_k = _search(cd_row, n, below_key, cut_key, k.to(tl.float32), vocab - n, False,
-                              SBLOCK).to(tl.int32).to(tl.float32, bitcast=True)
+                _, hi_k = _search(cd_row, n, below_key, cut_key, k.to(tl.float32), vocab - n, True, COUNT, SBLOCK)
+                d_k = hi_k.to(tl.int32).to(tl.float32, bitcast=True)
             d_p = float("inf")
             if need_p:
                 # top-p is relative to the mass top-k keeps, or to the whole row's
@@ -391,8 +408,8 @@ def _select_kernel(x_ptr, params_ptr, wf_ptr, wi_ptr, cd_ptr, ci_ptr, tok_ptr, l
                     target = p * tl.sum(zk_v, axis=0)
                 hi = tl.minimum(cut, d_k).to(tl.int32, bitcast=True)
                 p_lo = tl.where(need_k, -1, below_key)  # top-p after top-k: anywhere below d_k
-                d_p = _search(cd_row, n, p_lo, hi, target, vocab - n, True,
-                              SBLOCK).to(tl.int32).to(tl.float32, bitcast=True)
+                _, hi_p = _search(cd_row, n, p_lo, hi, target, vocab - n, True, EXP_NEG, SBLOCK)
+                d_p = hi_p.to(tl.int32).to(tl.float32, bitcast=True)
             t = tl.minimum(tl.minimum(d_k, d_p), d_m)
             # the draw: block sums in order for z and for the scan, BLOCK wide (a scan step is a
             # reduction across the warps: few wide steps, not many narrow ones)
@@ -645,32 +662,7 @@ def _filter_search_kernel(arr_ptr, wf_ptr, wi_ptr, c_ptr, vocab, S, k_s, p_s, HA
         hi = tl.zeros([], tl.int64) + 2147483648
         if cut > 0:
             hi = _order_key(tl.max(tl.where(j == cut - 1, lev, float("-inf")), axis=0)).to(tl.int64)
-        jp = tl.arange(0, NPIV).to(tl.int64)
-        # as _search: once a pass has set hi (so F(hi) is known), the candidates left in [lo, hi) are copied
-        # past the n and the later passes read only them
-        src, m_src = c_row, n
-        f_out = tl.zeros([], tl.float32)  # F(hi) of the candidates no longer read
-        narrow = (n > SBLOCK).to(tl.int32)
-        while hi - lo > 1:
-            piv = (lo + 1 + ((hi - lo - 1) * (jp + 1)) // (NPIV + 1)).to(tl.int32)  # in (lo, hi): int32
-            f = tl.zeros([SBLOCK, NPIV], tl.float32)  # per lane: summed across the warps once per pass
-            for start in range(0, m_src, SBLOCK):
-                i = start + tl.arange(0, SBLOCK)
-                m = i < m_src
-                x = tl.load(src + i, mask=m, other=0.0)
-                w = x if TOP_P else tl.full([SBLOCK], 1.0, tl.float32)
-                f += tl.where(m[:, None] & (_order_key(x)[:, None] >= piv[None, :]), w[:, None], 0.0)
-            fs = f_out + tl.sum(f, axis=0)
-            ok = fs >= target  # F falls as the key grows: the pivots that pass precede those that fail
-            f_hi = tl.max(tl.where(ok, -1.0, fs), axis=0)  # F at the new hi, when a pivot failed (else -1)
-            lo = tl.max(tl.where(ok, piv.to(tl.int64), lo), axis=0)
-            hi = tl.min(tl.where(ok, hi, piv.to(tl.int64)), axis=0)
-            if narrow & (f_hi >= 0) & (hi - lo > 1):  # F(hi) is known: a pivot set hi
-                narrow = narrow * 0
-                dst = c_row + n
-                m_in = _copy_between(src, m_src, dst, vocab - n, lo, hi - 1, True, SBLOCK)
-                if m_in <= vocab - n:
-                    src, m_src, f_out = dst, m_in, f_hi
+        lo, hi = _search(c_row, n, lo, hi, target, vocab - n, False, VALUE if TOP_P else COUNT, SBLOCK)
         key = lo.to(tl.int32)
         t = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
         if RENORM:
