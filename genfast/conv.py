@@ -206,6 +206,17 @@ def _check_eps(fn: str, eps) -> None:
         raise ValueError(f"{fn}: eps must be a float >= 0, got {eps!r}")
 
 
+def _check_running_stats(fn: str, x: torch.Tensor, running_mean, running_var) -> None:
+    c = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None:
+            _ops.check_tensor(fn, name, t)
+            if tuple(t.shape) != (c,):
+                raise ValueError(f"{fn}: {name} must have shape ({c},), got {tuple(t.shape)}")
+            if t.device != x.device:
+                raise ValueError(f"{fn}: {name} must be on the device of x ({x.device}), got {t.device}")
+
+
 def _check_param(fn: str, name: str, t, shape: tuple, x: torch.Tensor, cast: bool = True):
     """A small float tensor of exactly ``shape`` on x's device, returned contiguous and,
     with ``cast``, in the compute dtype (autograd casts its gradient back); None passes.
@@ -353,11 +364,7 @@ def instance_norm_act(x: torch.Tensor, running_mean: torch.Tensor | None = None,
         raise ValueError(f"{fn}: x must have shape (N, C, *spatial) with at least one spatial dim, "
                          f"got {tuple(x.shape)}")
     c = x.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None:
-            _ops.check_tensor(fn, name, t)
-            if tuple(t.shape) != (c,):
-                raise ValueError(f"{fn}: {name} must have shape ({c},), got {tuple(t.shape)}")
+    _check_running_stats(fn, x, running_mean, running_var)
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError(f"{fn}: use_input_stats=False needs running_mean and running_var")
@@ -420,13 +427,7 @@ def batch_norm_act(x: torch.Tensor, running_mean: torch.Tensor | None, running_v
     if x.dim() < 2:
         raise ValueError(f"{fn}: x must have shape (N, C, *spatial), got {tuple(x.shape)}")
     c = x.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None:
-            _ops.check_tensor(fn, name, t)
-            if tuple(t.shape) != (c,):
-                raise ValueError(f"{fn}: {name} must have shape ({c},), got {tuple(t.shape)}")
-            if t.device != x.device:
-                raise ValueError(f"{fn}: {name} must be on the device of x ({x.device}), got {t.device}")
+    _check_running_stats(fn, x, running_mean, running_var)
     negative_slope = _check_activation(fn, activation, negative_slope)
     _check_eps(fn, eps)
     weight = _check_param(fn, "weight", weight, (c,), x)

@@ -509,6 +509,20 @@ def test_instance_norm_act_matches_torch(backend, channels_last, activation):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(running_mean=torch.zeros(7)), "running_mean must have shape"),
+    (dict(running_var=torch.ones(6, device="meta")), "running_var must be on the device"),
+    (dict(use_input_stats=False, running_var=None), "running_mean and running_var"),
+])
+def test_instance_norm_act_bad_running_stats_raise_before_anything_runs(kwargs, match, monkeypatch):
+    args = {"running_mean": torch.zeros(6), "running_var": torch.ones(6), **kwargs}
+    monkeypatch.setattr(genfast._ops, "implementation", lambda *a: _never)
+    stats = [(t, t.clone()) for t in args.values() if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+    with pytest.raises(ValueError, match=match):
+        genfast.instance_norm_act(torch.randn(2, 6, 3, 3), **args)
+    assert all(torch.equal(t, before) for t, before in stats), "running statistics touched"
+
+
 def test_batch_norm_act_running_stats_and_eval():
     bn = torch.nn.BatchNorm2d(8)
     mine = genfast.nn.BatchNormAct.from_module(bn, torch.nn.LeakyReLU(0.2))
