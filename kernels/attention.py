@@ -142,6 +142,17 @@ def _page_slot(pos, page_size, page_shift, PAGE_POW2: tl.constexpr):
 
 
 @triton.jit
+def _visible(pos, L, window_left, window_right, CAUSAL: tl.constexpr):
+    """The keys [lo, hi) of L that a query at position pos sees (pos a scalar or a tensor)."""
+    if CAUSAL:
+        hi = tl.minimum(pos + 1, L)
+    else:
+        hi = tl.where(window_right >= 0, tl.minimum(pos + window_right + 1, L), L)
+    lo = tl.where(window_left >= 0, tl.maximum(pos - window_left, 0), 0)
+    return lo, hi
+
+
+@triton.jit
 def _append_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, seqlens_ptr, seqlen_offset, bt_ptr, blocks_per_seq, page_size,
                    page_shift, s0, s1, s2, k_scale_ptr, v_scale_ptr, seqlen_new, capacity, num_blocks,
                    HK: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -237,20 +248,12 @@ def _attention_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, seqlens_ptr, seql
             q = (q.to(tl.float32) * ((127 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
         # Visible keys of each row: [row_lo, row_hi); query i sits at position L - sq + i.
         qpos = L - sq + qi
-        row_hi = tl.zeros_like(qpos) + L
-        if CAUSAL:
-            row_hi = tl.minimum(row_hi, qpos + 1)
-        else:
-            row_hi = tl.where(window_right >= 0, tl.minimum(row_hi, qpos + window_right + 1), row_hi)
-        row_lo = tl.where(window_left >= 0, tl.maximum(qpos - window_left, 0), 0)
+        row_lo, row_hi = _visible(qpos, L, window_left, window_right, CAUSAL)
         # The chunk's key range, then this split's equal share of its blocks.
         first = L - sq + i0
         last = tl.minimum(first + QL - 1, L - 1)
-        if CAUSAL:
-            hi = tl.minimum(L, last + 1)
-        else:
-            hi = tl.where(window_right >= 0, tl.minimum(L, last + window_right + 1), L)
-        lo = tl.where(window_left >= 0, tl.maximum(first - window_left, 0), 0)
+        lo, _ = _visible(first, L, window_left, window_right, CAUSAL)
+        _, hi = _visible(last, L, window_left, window_right, CAUSAL)
         hi = tl.maximum(hi, lo)
         per = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
         start = lo + split * per
@@ -443,24 +446,13 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seqlens_ptr, seqlen_o
 
         # Visible keys of row i: [row_lo, row_hi); query i sits at position L - sq + i.
         qpos = L - sq + qi
-        row_hi = tl.zeros_like(qpos) + L
-        if CAUSAL:
-            row_hi = tl.minimum(row_hi, qpos + 1)
-        else:
-            row_hi = tl.where(window_right >= 0, tl.minimum(row_hi, qpos + window_right + 1), row_hi)
-        row_lo = tl.where(window_left >= 0, tl.maximum(qpos - window_left, 0), 0)
+        row_lo, row_hi = _visible(qpos, L, window_left, window_right, CAUSAL)
         # The tile's key range [lo, hi) (of its first and last valid rows), and inside it the keys that
         # every valid row sees, [full_lo, full_hi): those blocks run without masks.
         first = L - sq + i0
         last = L - sq + tl.minimum(i0 + BLOCK_M, sq) - 1
-        if CAUSAL:
-            hi = tl.minimum(L, last + 1)
-            full_hi = tl.minimum(L, first + 1)
-        else:
-            hi = tl.where(window_right >= 0, tl.minimum(L, last + window_right + 1), L)
-            full_hi = tl.where(window_right >= 0, tl.minimum(L, first + window_right + 1), L)
-        lo = tl.where(window_left >= 0, tl.maximum(first - window_left, 0), 0)
-        full_lo = tl.where(window_left >= 0, tl.maximum(last - window_left, 0), 0)
+        lo, full_hi = _visible(first, L, window_left, window_right, CAUSAL)
+        full_lo, hi = _visible(last, L, window_left, window_right, CAUSAL)
         lo = lo // BLOCK_N * BLOCK_N  # blocks aligned to BLOCK_N rows
         f_lo = tl.maximum(lo, tl.cdiv(full_lo, BLOCK_N) * BLOCK_N)
         f_hi = tl.maximum(f_lo, full_hi // BLOCK_N * BLOCK_N)
