@@ -134,18 +134,6 @@ struct Problem {
   }
 };
 
-inline float hsum(const Vec& v) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_reduce_add_ps(v);
-#else
-  alignas(64) float lanes[Vec::size()];
-  v.store(lanes);
-  float s = 0.f;
-  for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
-  return s;
-#endif
-}
-
 inline float hmax(const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_reduce_max_ps(v);

@@ -85,6 +85,16 @@ inline float lane_sum(const Vec& v) {
   return s;
 }
 
+// Sum of the lanes in a tree (AVX-512: 4 adds deep, where lane order is 15): for sums whose
+// latency a loop waits on.
+inline float hsum(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_ps(v);
+#else
+  return lane_sum(v);
+#endif
+}
+
 // Loads and stores of m <= Vec::size() elements of T as fp32 vectors.
 template <typename T>
 inline Vec load_float(const T* p, int m) {

@@ -141,38 +141,42 @@ struct Moments {
   }
 };
 
-// Mean and M2 of p[0, len), len <= kChunk: the exact two-pass formula, the
-// second pass from L1. Four accumulators hide the add latency.
-template <typename T>
-inline void chunk_moments(const T* p, int64_t len, float& mean, float& m2) {
+// a[u] = f(a[u], v) for the fp32 vectors v of the len elements at p, four chains; a tail's
+// lanes past len keep their accumulator.
+template <typename T, typename F>
+inline void accumulate(const T* p, int64_t len, Vec (&a)[4], F&& f) {
   constexpr int V = Vec::size();
-  Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
   int64_t j = 0;
-  for (; j + 4 * V <= len; j += 4 * V) {
-    a0 = a0 + load_float(p + j, V);
-    a1 = a1 + load_float(p + j + V, V);
-    a2 = a2 + load_float(p + j + 2 * V, V);
-    a3 = a3 + load_float(p + j + 3 * V, V);
-  }
-  for (; j < len; j += V) a0 = a0 + load_float(p + j, std::min<int64_t>(V, len - j));  // tail lanes load 0
-  mean = lane_sum((a0 + a1) + (a2 + a3)) / static_cast<float>(len);
-  const Vec m(mean);
-  a0 = a1 = a2 = a3 = Vec(0.f);
-  j = 0;
-  for (; j + 4 * V <= len; j += 4 * V) {
-    const Vec d0 = load_float(p + j, V) - m, d1 = load_float(p + j + V, V) - m;
-    const Vec d2 = load_float(p + j + 2 * V, V) - m, d3 = load_float(p + j + 3 * V, V) - m;
-    a0 = at::vec::fmadd(d0, d0, a0);
-    a1 = at::vec::fmadd(d1, d1, a1);
-    a2 = at::vec::fmadd(d2, d2, a2);
-    a3 = at::vec::fmadd(d3, d3, a3);
-  }
+  for (; j + 4 * V <= len; j += 4 * V)
+    for (int u = 0; u < 4; ++u) a[u] = f(a[u], load_float(p + j + u * V, V));
   for (; j < len; j += V) {
     const int k = static_cast<int>(std::min<int64_t>(V, len - j));
-    const Vec d = Vec::set(Vec(0.f), load_float(p + j, k) - m, k);
-    a0 = at::vec::fmadd(d, d, a0);
+    a[0] = Vec::set(a[0], f(a[0], load_float(p + j, k)), k);
   }
-  m2 = lane_sum((a0 + a1) + (a2 + a3));
+}
+
+// Mean and M2 of the values h = x + shift (kShift; else x) of a chunk (<= kChunk elements)
+// given as runs: runs(g) calls g(ptr, len, shift) for each run (a channel's part). The exact
+// two-pass formula, the second pass from L1; one horizontal sum a pass, however many
+// channels (a 4x4 channel is one vector: per-channel sums and merges took 2x eager's time).
+template <typename T, bool kShift, typename Runs>
+inline void chunk_moments(int64_t len, Runs&& runs, float& mean, float& m2) {
+  Vec a[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+  runs([&](const T* p, int64_t n, float shift) {
+    const Vec s(shift);
+    accumulate(p, n, a, [&](const Vec& acc, const Vec& v) { return acc + (kShift ? v + s : v); });
+  });
+  mean = hsum((a[0] + a[1]) + (a[2] + a[3])) / static_cast<float>(len);
+  const Vec m(mean);
+  a[0] = a[1] = a[2] = a[3] = Vec(0.f);
+  runs([&](const T* p, int64_t n, float shift) {
+    const Vec s(shift);
+    accumulate(p, n, a, [&](const Vec& acc, const Vec& v) {
+      const Vec d = (kShift ? v + s : v) - m;
+      return at::vec::fmadd(d, d, acc);
+    });
+  });
+  m2 = hsum((a[0] + a[1]) + (a[2] + a[3]));
 }
 
 // Shapes and the optional per-channel inputs, all fp32 (the Python layer
@@ -252,18 +256,23 @@ template <typename T>
 Moments nchw_moments(const Problem& p, const T* x, int64_t n, int64_t g, int64_t begin, int64_t end) {
   const T* base = x + (n * p.C + g * p.Cg) * p.S;
   Moments m;
-  for (int64_t i = begin; i < end;) {
-    int64_t stop = std::min(end, i + kChunk);
-    float shift = 0.f;
-    if (p.add) {  // add shifts each channel's mean: chunks stop at channel ends
-      const int64_t c = i / p.S;
-      stop = std::min(stop, (c + 1) * p.S);
-      shift = p.add_of(n, g * p.Cg + c);
-    }
+  for (int64_t i = begin; i < end; i += kChunk) {
+    const int64_t stop = std::min(end, i + kChunk);
+    auto runs = [&](auto&& f) {
+      if (!p.add) return f(base + i, stop - i, 0.f);
+      for (int64_t r = i, c = i / p.S; r < stop; ++c) {  // add shifts each channel: a run per channel
+        const int64_t r1 = std::min(stop, (c + 1) * p.S);
+        f(base + r, r1 - r, p.add_of(n, g * p.Cg + c));
+        r = r1;
+      }
+    };
     float mean, m2;
-    chunk_moments(base + i, stop - i, mean, m2);
-    m.merge(static_cast<double>(stop - i), static_cast<double>(mean) + shift, m2);
-    i = stop;
+    if (p.add) {
+      chunk_moments<T, true>(stop - i, runs, mean, m2);
+    } else {
+      chunk_moments<T, false>(stop - i, runs, mean, m2);
+    }
+    m.merge(static_cast<double>(stop - i), mean, m2);
   }
   return m;
 }
@@ -273,8 +282,8 @@ void nchw_apply(const Problem& p, const Coefs& k, const T* x, const T* res, T* o
                 int64_t begin, int64_t end) {
   const int64_t offset = (n * p.C + g * p.Cg) * p.S;
   const Vec slope(p.slope);
-  for (int64_t i = begin; i < end;) {
-    const int64_t c = i / p.S, stop = std::min(end, (c + 1) * p.S);
+  for (int64_t i = begin, c = begin / p.S; i < end; ++c) {
+    const int64_t stop = std::min(end, (c + 1) * p.S);
     const int64_t ki = n * p.C + g * p.Cg + c;
     const Vec a(k.a[ki]), d(k.d[ki]), b(k.b[ki]);
     const T* xp = x + offset + i;
