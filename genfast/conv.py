@@ -206,17 +206,6 @@ def _check_eps(fn: str, eps) -> None:
         raise ValueError(f"{fn}: eps must be a float >= 0, got {eps!r}")
 
 
-def _check_running_stats(fn: str, x: torch.Tensor, running_mean, running_var) -> None:
-    c = x.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None:
-            _ops.check_tensor(fn, name, t)
-            if tuple(t.shape) != (c,):
-                raise ValueError(f"{fn}: {name} must have shape ({c},), got {tuple(t.shape)}")
-            if t.device != x.device:
-                raise ValueError(f"{fn}: {name} must be on the device of x ({x.device}), got {t.device}")
-
-
 def _check_param(fn: str, name: str, t, shape: tuple, x: torch.Tensor, cast: bool = True):
     """A small float tensor of exactly ``shape`` on x's device, returned contiguous and,
     with ``cast``, in the compute dtype (autograd casts its gradient back); None passes.
@@ -231,6 +220,11 @@ def _check_param(fn: str, name: str, t, shape: tuple, x: torch.Tensor, cast: boo
     if cast and t.dtype != (cdt := compute_dtype(x.dtype)):
         t = t.to(cdt)
     return t if t.is_contiguous() else t.contiguous()
+
+
+def _check_running_stats(fn: str, x: torch.Tensor, running_mean, running_var) -> None:
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_param(fn, name, t, (x.shape[1],), x, cast=False)  # updated in place: checked, not replaced
 
 
 def _params_cast(x: torch.Tensor) -> bool:
