@@ -17,5 +17,8 @@ TORCH_LIBRARY(genfast_cpu, m) {}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // without the GIL while the kernel runs, as torch's own ops
-  m.def("sampler_step_plain", &genfast::cpu::sampler_step_plain, pybind11::call_guard<pybind11::gil_scoped_release>());
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("sampler_step_plain", &genfast::cpu::sampler_step_plain, nogil);
+  m.def("kvcache_append_plain", &genfast::cpu::kvcache_append_plain, nogil);
+  m.def("attention_with_kvcache_plain", &genfast::cpu::attention_with_kvcache_plain, nogil);
 }

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from . import _ops
+from . import _build, _ops, backends
 
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn)
 HEAD_DIMS = (64, 80, 96, 128, 256)  # what the C++ and Triton kernels are instantiated for
@@ -505,9 +505,13 @@ class KVCache:
             self._refs = [0] * num_pages
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # indexing k[layer] costs ~1 us a call
+        self._cpu = self.k.is_cpu
         self.seqlens = torch.zeros((batch,), dtype=torch.int32, device=self.k.device)
         self._lens = [0] * batch  # host mirror of seqlens
         self._pending = 0  # tokens written by update() this step, not yet committed by advance()
+        self._set_room()
+        self._default_args = (1.0 / math.sqrt(headdim), True, -1, 0, 0.0)  # attend's: scale, causal, window, softcap
         # The argument checks that depend only on shapes, dtypes, devices and strides run once per
         # signature: in a decode loop they cost as much as a small model's attention.
         self._checked_update = None
@@ -533,7 +537,22 @@ class KVCache:
     def _layer(self, layer: int):
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             _fail("KVCache", f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
-        return self.k[layer], self.v[layer]
+        return self._layers[layer]
+
+    def _set_room(self) -> None:
+        """The tokens every row can still take (the host mirror's), after lengths or pages changed."""
+        self._room = min((self._row_capacity(r) - self._lens[r] for r in range(self.batch)), default=0)
+
+    def _direct(self, layer):
+        """The C++ library, when a step's call can go straight to its direct bindings: a CPU cache
+        on the C++ backend, a valid layer, nothing tracing. They check the step's tensors themselves
+        and decline what they do not take as is (the checked path below then runs, with its errors).
+        In a small model's decode loop the checks and the dispatcher cost more than the kernels."""
+        if (type(layer) is int and 0 <= layer < self.num_layers and self._cpu and backends._forced in (None, "cpp")
+                and not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                         or torch._C._are_functorch_transforms_active())):
+            return _build.module()
+        return None
 
     def _check_room(self, fn: str, new: int) -> None:
         for row in range(self.batch):
@@ -546,6 +565,14 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v (batch, seqlen_new, nheads_k, headdim) at each row's length (the same
         seqlen_new for every layer of a step; ``advance`` commits them)."""
+        cpp = self._direct(layer)
+        if cpp is not None and type(k) is torch.Tensor and type(v) is torch.Tensor:
+            kc, vc = self._layers[layer]
+            new = cpp.kvcache_append_plain(kc, vc, k, v, self.seqlens, self.block_table, self.k_scale, self.v_scale,
+                                           self._room, self._pending)
+            if new >= 0:
+                self._pending = new
+                return
         fn = "KVCache.update"
         kc, vc = self._layer(layer)
         _check_rank(fn, "k", k, 4, "(batch, seqlen_new, nheads_k, headdim)")
@@ -568,6 +595,12 @@ class KVCache:
         """Attention of q (batch, seqlen_q, nheads, headdim) over layer's cache including the tokens
         ``update`` wrote this step; keyword arguments as in ``attention_with_kvcache``
         (causal, softmax_scale, window_size, softcap, alibi_slopes)."""
+        if not kwargs and not return_softmax_lse and type(q) is torch.Tensor and (cpp := self._direct(layer)):
+            kc, vc = self._layers[layer]
+            out = cpp.attention_with_kvcache_plain(q, kc, vc, self.seqlens, self._pending, self.block_table,
+                                                   *self._default_args, self.k_scale, self.v_scale)
+            if out is not None:
+                return out
         fn = "KVCache.attend"
         kc, vc = self._layer(layer)
         if kwargs or self._checked_attend is None or _signature(q) != self._checked_attend[0]:
@@ -596,6 +629,7 @@ class KVCache:
         if self._pending:
             self.seqlens.add_(self._pending)
             self._lens = [n + self._pending for n in self._lens]
+            self._room -= self._pending
             self._pending = 0
 
     def sync_lengths(self) -> None:
@@ -605,6 +639,7 @@ class KVCache:
         against counted the captured step once, when it was recorded."""
         self._lens = [int(n) for n in self.seqlens.tolist()]
         self._pending = 0
+        self._set_room()
 
     def reset(self, rows: Sequence[int] | None = None) -> None:
         """Empty the given rows (default: all); in paged mode their pages go back to the pool."""
@@ -618,6 +653,7 @@ class KVCache:
         index = torch.tensor(list(rows), dtype=torch.long, device=self.seqlens.device)
         self.seqlens.index_fill_(0, index, 0)
         self._pending = 0
+        self._set_room()
 
     # ---- paged mode ---------------------------------------------------------
 
@@ -648,6 +684,7 @@ class KVCache:
             self._refs[page] = 1
             self._pages[row].append(page)
         self._set_table(row)
+        self._set_room()
 
     def fork(self, src: int, dst: int) -> None:
         """Make row ``dst`` a copy of row ``src`` (beam search, parallel samples) without copying the
@@ -677,3 +714,4 @@ class KVCache:
         self._set_table(dst)
         self._lens[dst] = n
         self.seqlens[dst] = n
+        self._set_room()

@@ -3,6 +3,7 @@ oracle written here (plain softmax attention with explicit masks, one batch row
 at a time), with PyTorch's own error in the query's precision as the yardstick.
 Caches are poisoned with NaN outside the valid prefix, so a kernel that reads a
 position it must not read, or writes one it must not write, fails."""
+import importlib
 import math
 import os
 import subprocess
@@ -487,6 +488,69 @@ def test_kvcache_errors_and_fork():
     assert cache.seqlens.tolist() == [3, 3]
     with pytest.raises(RuntimeError, match="out of pages"):
         genfast.KVCache(1, 1, 10, 1, 64, dtype=torch.float32, page_size=4, num_pages=1).allocate(0, 8)
+
+
+@pytest.mark.parametrize("dtype, cache_dtype", [(torch.float32, torch.float32), (torch.float16, FP8),
+                                                (torch.bfloat16, torch.bfloat16), (torch.bfloat16, FP8)])
+@pytest.mark.parametrize("page_size", [None, 3])
+def test_kvcache_takes_strided_views(backend, dtype, cache_dtype, page_size):
+    """q, k and v as a fused QKV projection hands them (views of one (batch, seqlen, 3, heads, headdim)
+    tensor), and q also as a transposed (batch, heads, seqlen, headdim) tensor: the caches and outputs
+    are those of contiguous copies, bit for bit."""
+    skip_unsupported(backend, dtype)
+    batch, cap, hk, h, d = 2, 9, 2, 4, 64
+    scales = {"k_scale": 0.5 + torch.rand(hk), "v_scale": 0.5 + torch.rand(hk)} if cache_dtype == FP8 else {}
+    caches = [genfast.KVCache(1, batch, cap, hk, d, dtype=cache_dtype, device=backend, page_size=page_size, **scales)
+              for _ in range(2)]
+    if page_size is not None:
+        for cache in caches:
+            for row in range(batch):
+                cache.allocate(row, cap)
+    for n in [3, 1, 2]:
+        qkv = torch.randn(batch, n, 3, h, d).to(dtype).to(backend)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1, :hk], qkv[:, :, 2, hk:]
+        q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # heads outermost: head stride n * d
+        outs = []
+        for cache, (qi, ki, vi) in zip(caches, [(q, k, v), (q.contiguous(), k.contiguous(), v.contiguous())]):
+            cache.update(0, ki, vi)
+            outs.append(cache.attend(0, qi))
+            outs.append(cache.attend(0, q_t))
+            cache.advance()
+        assert all(o.is_contiguous() and o.shape == q.shape for o in outs)
+        assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2]) and torch.equal(outs[3], outs[2])
+    assert same_bits(caches[0].k, caches[1].k) and same_bits(caches[0].v, caches[1].v)
+
+
+def test_kvcache_step_on_cpp_goes_straight_to_the_kernels(monkeypatch):
+    """On the C++ backend a decode step's update and attend call the library's direct bindings, not
+    the ops (whose checks and dispatch cost more than a small model's kernels); what those decline
+    (here: a step appending another seqlen_new) still gets the ops' errors, with nothing written."""
+    if ("cpp", "cpu") not in BACKENDS:
+        pytest.skip("the C++ backend is not built")
+    attention_module = importlib.import_module("genfast.attention")
+    cache = genfast.KVCache(2, 2, 8, 1, 64, dtype=torch.float32)
+    k, q = torch.randn(2, 3, 1, 64), torch.randn(2, 3, 2, 64)
+    expected = []
+    for layer in range(2):
+        cache.update(layer, k, k)
+        expected.append(cache.attend(layer, q))
+    cache.reset()
+
+    def refuse(*args):
+        raise AssertionError("the op was called")
+
+    monkeypatch.setattr(attention_module, "attention_with_kvcache_op", refuse)
+    monkeypatch.setattr(attention_module, "kvcache_append_op", refuse)
+    with genfast.use_backend("cpp"):
+        for layer in range(2):
+            cache.update(layer, k, k)
+            assert torch.equal(cache.attend(layer, q), expected[layer])
+        before = cache.k.clone()
+        with pytest.raises(ValueError, match="same seqlen_new"):
+            cache.update(1, k[:, :1], k[:, :1])
+        assert torch.equal(cache.k, before)
+        cache.advance()
+        assert cache.seqlens.tolist() == [3, 3]
 
 
 # ---- genfast.attention (prefill) --------------------------------------------------

@@ -52,7 +52,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/index_select.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
@@ -104,8 +103,9 @@ struct Problem {
   int max_sq;            // query positions per row (padded), or the longest packed sequence
   const int* cu_q;       // packed queries: row b's positions start at cu_q[b]; null: padded (B, max_sq)
   int total_q;           // packed: rows of q
-  const void* q;         // (..., H, D)
-  void* out;             // like q
+  const void* q;         // (..., H, D), headdim contiguous: element (b, i, h, 0) at q_index(b, i, h)
+  int64_t q_sb, q_si, q_sh;  // q's strides: batch (padded only), position, head
+  void* out;             // contiguous, q's shape
   float* lse;            // padded: (B, H, max_sq); packed: (H, total_q)
   const void* k;         // cache base pointers
   const void* v;
@@ -129,6 +129,9 @@ struct Problem {
   }
   inline int q_len(int b) const { return cu_q ? cu_q[b + 1] - cu_q[b] : max_sq; }
   inline int64_t q_row(int b, int i) const { return cu_q ? (int64_t)cu_q[b] + i : (int64_t)b * max_sq + i; }
+  inline int64_t q_index(int b, int i, int h) const {
+    return (cu_q ? ((int64_t)cu_q[b] + i) * q_si : (int64_t)b * q_sb + (int64_t)i * q_si) + (int64_t)h * q_sh;
+  }
   inline int64_t lse_index(int b, int h, int i) const {
     return cu_q ? (int64_t)h * total_q + cu_q[b] + i : ((int64_t)b * H + h) * max_sq + i;
   }
@@ -676,18 +679,18 @@ void run_item(const Problem& p, const Item& it, Scratch& w) {
     // scores_dot: fp8 rows become bf16 exactly, without the 2^-8
     qk_scales[hh] = dot ? p.scale * (p.k_scale ? p.k_scale[hk] : 1.f) : qk_scale;
     for (int i = it.i0; i < it.i1; ++i) {
-      const TQ* src = q + (p.q_row(it.b, i) * p.H + (int64_t)hk * G) * D;
-      const int64_t at = ((int64_t)hh * R + (int64_t)(i - it.i0) * G) * D;
-      if (dot) {
-        const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);  // TQ is bf16 here
-        uint16_t* qb = w.qb.data() + at;
-        for (int g = 0; g < G; ++g)
-          for (int e = 0; e < D; ++e)  // fp8 keys: in the order of scores_dot's widened rows
-            qb[g * D + e] = bits[g * D + (kFp8 ? e / 64 * 64 + dot_order(e % 64) : e)];
-        continue;
+      for (int g = 0; g < G; ++g) {
+        const TQ* src = q + p.q_index(it.b, i, hk * G + g);
+        const int64_t at = ((int64_t)hh * R + (int64_t)(i - it.i0) * G + g) * D;
+        if (dot) {
+          const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);  // TQ is bf16 here
+          uint16_t* qb = w.qb.data() + at;
+          for (int e = 0; e < D; ++e) qb[e] = bits[kFp8 ? e / 64 * 64 + dot_order(e % 64) : e];  // fp8: scores_dot's order
+          continue;
+        }
+        float* dst = w.q.data() + at;
+        for (int e = 0; e < D; e += V) (load_float(src + e, V) * Vec(qk_scale)).store(dst + e);
       }
-      float* dst = w.q.data() + at;
-      for (int e = 0; e < G * D; e += V) (load_float(src + e, V) * Vec(qk_scale)).store(dst + e);
     }
   }
   std::fill(w.acc.begin(), w.acc.begin() + (int64_t)rows * D, 0.f);
@@ -916,7 +919,7 @@ void attend_lanes(const Problem& p) {
         full_hi = std::min(full_hi, (int)hi);
       }
       for (int t = 0; t < QB; ++t) {
-        const TQ* src = qbase + (p.q_row(b, i0 + std::min(t, nq - 1)) * p.H + h) * D;
+        const TQ* src = qbase + p.q_index(b, i0 + std::min(t, nq - 1), h);
         for (int d = 0; d < D; ++d) qt[((t / V) * D + d) * V + t % V] = static_cast<float>(src[d]) * qscale;
       }
       Vec q[U][D], m[U], l[U], lo[U], hi[U], pos[U];
@@ -1215,6 +1218,7 @@ template <typename TQ, typename TC>
 void append_rows(const Tensor& cache, const Tensor& x, const KvRows& rows, const int* seqlens, int64_t offset,
                  const float* scale) {
   const int B = x.size(0), S = x.size(1), HK = x.size(2), D = x.size(3);
+  const int64_t sb = x.stride(0), si = x.stride(1), sh = x.stride(2);  // the headdim is contiguous
   const TQ* src = x.data_ptr<TQ>();
   TC* dst = static_cast<TC*>(cache.data_ptr());
   // A decode step appends a few KB: waking threads costs more than the copy.
@@ -1224,7 +1228,7 @@ void append_rows(const Tensor& cache, const Tensor& x, const KvRows& rows, const
       const int b = (int)(t / S), i = (int)(t % S);
       const int64_t pos = (seqlens ? seqlens[b] : 0) + offset + i;
       for (int h = 0; h < HK; ++h) {
-        const TQ* s = src + (t * HK + h) * D;
+        const TQ* s = src + b * sb + i * si + h * sh;
         TC* d = dst + rows.offset(b, pos) + h * rows.s2;
         if constexpr (std::is_same_v<TC, TQ>) {
           std::copy(s, s + D, d);
@@ -1258,6 +1262,7 @@ KvRows cache_rows(const Tensor& cache, const OptTensor& block_table) {
 void append(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v, const KvRows& rows,
             const int* seqlens, int64_t offset, const float* k_scale, const float* v_scale) {
   if (k.numel() == 0) return;
+  TORCH_CHECK(k.stride(-1) == 1 && v.stride(-1) == 1, "kvcache_append_: k and v must have a contiguous headdim");
   dispatch_float(k.scalar_type(), "kvcache_append_", [&](auto tag) {
     using TQ = decltype(tag);
     if (k_cache.scalar_type() == c10::kFloat8_e4m3fn) {
@@ -1289,6 +1294,16 @@ void set_common(Problem& p, const Tensor& q, double softmax_scale, bool causal, 
   p.window_right = (int)window_right;
   p.alibi = opt_ptr(alibi_slopes);
   p.alibi_bstride = alibi_slopes.has_value() && alibi_slopes->dim() == 2 ? alibi_slopes->size(1) : 0;
+}
+
+// q (B, sq, H, D) or packed (total, H, D), its headdim contiguous, other strides any; out contiguous.
+void set_q(Problem& p, const Tensor& q, const Tensor& out) {
+  TORCH_CHECK(q.stride(-1) == 1 || q.size(-1) == 1, "attention: q's headdim must be contiguous");
+  p.q = q.data_ptr();
+  p.q_sb = q.dim() == 4 ? q.stride(0) : 0;
+  p.q_si = q.stride(-3);
+  p.q_sh = q.stride(-2);
+  p.out = out.data_ptr();
 }
 
 // PyTorch's flash attention for the CPU on one set of rows: q (b, sq, H, D), k and v (b, nk, HK, D)
@@ -1445,7 +1460,7 @@ std::tuple<Tensor, Tensor> attention_with_kvcache(
   const KvRows rows = cache_rows(k_cache, block_table);
   const int* seqlens = cache_seqlens.has_value() ? cache_seqlens->data_ptr<int>() : nullptr;
   if (k.has_value()) append(k_cache, v_cache, *k, *v, rows, seqlens, seqlen_offset, opt_ptr(k_scale), opt_ptr(v_scale));
-  Tensor out = at::empty_like(q);
+  Tensor out = at::empty(q.sizes(), q.options());
   Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   Problem p{};
   p.B = q.size(0);
@@ -1454,8 +1469,7 @@ std::tuple<Tensor, Tensor> attention_with_kvcache(
   p.D = q.size(3);
   p.HK = k_cache.size(2);
   p.G = p.H / p.HK;
-  p.q = q.data_ptr();
-  p.out = out.data_ptr();
+  set_q(p, q, out);
   p.lse = lse.data_ptr<float>();
   p.k = k_cache.data_ptr();
   p.v = v_cache.data_ptr();
@@ -1492,15 +1506,14 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
                                      int64_t window_left, int64_t window_right, double softcap,
                                      const OptTensor& alibi_slopes, bool need_lse) {
   const bool packed = cu_seqlens_q.has_value();
-  Tensor out = at::empty_like(q);
+  Tensor out = at::empty(q.sizes(), q.options());
   Problem p{};
   p.D = q.size(-1);
   p.H = q.size(-2);
   p.HK = k.size(-2);
   p.G = p.H / p.HK;
   p.max_sq = max_seqlen_q;
-  p.q = q.data_ptr();
-  p.out = out.data_ptr();
+  set_q(p, q, out);
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   Tensor lse;
@@ -1546,7 +1559,52 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
   return {out, lse};
 }
 
+// x (batch, seqlen, heads, headdim) as the kernels take it next to this cache: a dense CPU tensor in
+// fp32/fp16/bf16, its headdim contiguous and the cache's, the cache in its dtype or fp8.
+bool fits_cache(const Tensor& x, const Tensor& cache, int64_t batch) {
+  if (x.layout() != at::kStrided || !x.device().is_cpu() || x.dim() != 4) return false;
+  const auto t = x.scalar_type();
+  return (t == at::kFloat || t == at::kHalf || t == at::kBFloat16) &&
+         (cache.scalar_type() == t || cache.scalar_type() == c10::kFloat8_e4m3fn) && x.size(0) == batch &&
+         x.size(3) == cache.size(3) && x.stride(3) == 1;
+}
+
 }  // namespace
+
+// ---- KVCache's decode step, bound directly (csrc/ops.cpp) --------------------------------------
+// A KVCache owns its caches, lengths, block table and scales, valid by construction; a step hands it
+// only q, k and v. These two check those here and run the kernels, and decline (-1, nullopt) anything
+// they do not take as is, which the caller then sends through the op and Python's checks (and their
+// error messages). q, k and v may be strided views (a fused QKV projection's), headdim contiguous.
+
+int64_t kvcache_append_plain(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
+                             const Tensor& seqlens, const OptTensor& block_table, const OptTensor& k_scale,
+                             const OptTensor& v_scale, int64_t room, int64_t pending) {
+  const int64_t batch = seqlens.size(0);
+  if (!fits_cache(k, k_cache, batch) || !fits_cache(v, v_cache, batch) || v.sizes() != k.sizes() ||
+      v.scalar_type() != k.scalar_type() || k.size(2) != k_cache.size(2) || k.size(1) > room ||
+      (pending != 0 && k.size(1) != pending)) {
+    return -1;
+  }
+  append(k_cache, v_cache, k, v, cache_rows(k_cache, block_table), seqlens.data_ptr<int>(), 0, opt_ptr(k_scale),
+         opt_ptr(v_scale));
+  return k.size(1);
+}
+
+std::optional<Tensor> attention_with_kvcache_plain(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                                   const Tensor& seqlens, int64_t seqlen_offset,
+                                                   const OptTensor& block_table, double softmax_scale, bool causal,
+                                                   int64_t window_left, int64_t window_right, double softcap,
+                                                   const OptTensor& k_scale, const OptTensor& v_scale) {
+  const int64_t D = q.dim() == 4 ? q.size(3) : 0, HK = k_cache.size(2);
+  if (!fits_cache(q, k_cache, seqlens.size(0)) || q.size(2) % HK != 0 || q.size(2) / HK > kMaxRows ||
+      !(D == 64 || D == 80 || D == 96 || D == 128 || D == 256)) {
+    return std::nullopt;
+  }
+  return std::get<0>(attention_with_kvcache(q, k_cache, v_cache, std::nullopt, std::nullopt, seqlens, seqlen_offset,
+                                            block_table, softmax_scale, causal, window_left, window_right, softcap,
+                                            std::nullopt, k_scale, v_scale, false));
+}
 
 TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) {
   m.def("attention_with_kvcache", &attention_with_kvcache);

@@ -28,4 +28,14 @@ std::optional<std::tuple<Tensor, Tensor>> sampler_step_plain(
     const OptTensor& row_tensor, double guidance_scale, double clip, bool draw_noise, int64_t seed,
     const OptTensor& seed_tensor, bool return_x0);
 
+// attention.cpp: KVCache's decode step (bound in ops.cpp); -1 / nullopt: declined, use the ops.
+int64_t kvcache_append_plain(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k, const Tensor& v,
+                             const Tensor& seqlens, const OptTensor& block_table, const OptTensor& k_scale,
+                             const OptTensor& v_scale, int64_t room, int64_t pending);
+std::optional<Tensor> attention_with_kvcache_plain(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                                   const Tensor& seqlens, int64_t seqlen_offset,
+                                                   const OptTensor& block_table, double softmax_scale, bool causal,
+                                                   int64_t window_left, int64_t window_right, double softcap,
+                                                   const OptTensor& k_scale, const OptTensor& v_scale);
+
 }  // namespace genfast::cpu
