@@ -555,7 +555,9 @@ class KVCache:
         return None
 
     def _check_room(self, fn: str, new: int) -> None:
-        for row in range(self.batch):
+        if new <= self._room:
+            return
+        for row in range(self.batch):  # which row overflows
             need = self._lens[row] + new
             if need > self._row_capacity(row):
                 what = "allocated pages" if self.page_size is not None else "capacity"
