@@ -511,7 +511,8 @@ class KVCache:
         self._lens = [0] * batch  # host mirror of seqlens
         self._pending = 0  # tokens written by update() this step, not yet committed by advance()
         self._set_room()
-        self._default_args = (1.0 / math.sqrt(headdim), True, -1, 0, 0.0)  # attend's: scale, causal, window, softcap
+        # attend's arguments when it is given none: scale, causal, window (left, right), softcap
+        self._default_args = (_scale(fn, None, headdim), True, *_window(fn, (-1, -1), True), _softcap(fn, 0.0))
         # The argument checks that depend only on shapes, dtypes, devices and strides run once per
         # signature: in a decode loop they cost as much as a small model's attention.
         self._checked_update = None

@@ -525,8 +525,9 @@ def test_kvcache_takes_strided_views(backend, dtype, cache_dtype, page_size):
 
 def test_kvcache_step_on_cpp_goes_straight_to_the_kernels(monkeypatch):
     """On the C++ backend a decode step's update and attend call the library's direct bindings, not
-    the ops (whose checks and dispatch cost more than a small model's kernels); what those decline
-    (here: a step appending another seqlen_new) still gets the ops' errors, with nothing written."""
+    the ops (whose checks and dispatch cost more than a small model's kernels), with the ops' results;
+    what those decline (here: a step appending another seqlen_new) still gets the ops' errors, with
+    nothing written."""
     if ("cpp", "cpu") not in BACKENDS:
         pytest.skip("the C++ backend is not built")
     attention_module = importlib.import_module("genfast.attention")
@@ -535,7 +536,7 @@ def test_kvcache_step_on_cpp_goes_straight_to_the_kernels(monkeypatch):
     expected = []
     for layer in range(2):
         cache.update(layer, k, k)
-        expected.append(cache.attend(layer, q))
+        expected.append(cache.attend(layer, q, causal=True))  # an argument: the checked op's path
     cache.reset()
 
     def refuse(*args):
