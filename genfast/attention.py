@@ -449,7 +449,9 @@ class KVCache:
     ``update`` → ``attend`` → ``advance`` allocates nothing, never syncs with the host and can be
     captured in a CUDA graph. A host mirror of the lengths checks appends against the capacity
     (and the allocated pages) without a sync; after replaying captured steps, ``sync_lengths``
-    brings it up to date (a replay runs no Python).
+    brings it up to date (a replay runs no Python). q, k and v may be strided views (a fused QKV
+    projection's) with a contiguous headdim; on the CPU a step calls the C++ library directly
+    (see ``_direct``).
 
     Parameters
     ----------
