@@ -2,7 +2,7 @@
 # The one prepared run for a GPU machine that already has torch and triton:
 # install genfast without letting pip touch torch, print the device and the
 # versions, run the test suite on CUDA and the quick benchmarks, and leave the
-# log and the tables in OUTDIR. Every step has a time limit taken from one
+# log (and each step's own, stepN-NAME.log) and the tables in OUTDIR. Every step has a time limit taken from one
 # budget (GPU_CHECK_BUDGET seconds, default 510) so the whole run ends inside
 # 9 minutes; a failed step does not stop the next; the exit status is non-zero
 # if any step failed.
@@ -37,6 +37,7 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-510}
 PARTS=${GPU_CHECK_PARTS:-tests bench}
 FAILED=()
+STEP=0
 
 # step NAME LIMIT RESERVE CMD...: run CMD for at most LIMIT seconds, and never
 # into the RESERVE seconds that the later steps need.
@@ -53,7 +54,11 @@ step() {
     echo
     echo "=== $name (limit ${limit}s, ${SECONDS}s elapsed): $*"
     local start=$SECONDS rc=0
-    timeout -k 10 "$limit" "$@" || rc=$?
+    # Each step's output goes to a file of its own as well: a log that does not come back whole
+    # loses no step's output.
+    STEP=$((STEP + 1))
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/step$STEP-${name// /_}.log"
+    rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc after $((SECONDS - start))s"
     if ((rc != 0)); then FAILED+=("$name (exit $rc)"); fi
 }
@@ -115,7 +120,8 @@ step install 60 $((BUDGET - 90)) bash -c install
 # GPU_CHECK_SKIP_CPP=1: not the C++ build (a second run on the same machine; its timings stay quieter)
 BUILD_PID=
 if [ -z "${GPU_CHECK_SKIP_CPP:-}" ]; then
-    GENFAST_CACHE=$(mktemp -d) timeout 300 "$PY" -m genfast build >"$OUT/.build.log" 2>&1 &
+    # Low priority and the whole budget: it shares the cores with the tests' Triton compiles.
+    GENFAST_CACHE=$(mktemp -d) timeout $((BUDGET - SECONDS - 10)) nice -n 10 "$PY" -m genfast build >"$OUT/.build.log" 2>&1 &
     BUILD_PID=$!
 else
     echo "C++ build skipped (GPU_CHECK_SKIP_CPP)" >"$OUT/.build.log"
