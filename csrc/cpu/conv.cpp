@@ -609,9 +609,9 @@ inline void channel_sums(const T* x, const T* gout, int64_t len, float a, float 
       a3 = a3 + xc;
       if (keep) dy.store(keep + i0 + j, m);
     });
-    s1 += lane_sum(a1);
-    s2 += lane_sum(a2);
-    s3 += lane_sum(a3);
+    s1 += hsum(a1);
+    s2 += hsum(a2);
+    s3 += hsum(a3);
   }
 }
 
@@ -856,8 +856,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_backward(
   const Problem p = make_problem(x, num_groups, weight, bias, add, scale_shift, 0.0, negative_slope, activation);
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor grad_x = empty_output(x);
-  Tensor grad_add = at::zeros({p.N, p.C}, f32), grad_ss = at::zeros({p.N, 2 * p.C}, f32);
-  Tensor wpart = at::zeros({p.N, p.C}, f32), bpart = at::zeros({p.N, p.C}, f32);
+  // Every (n, c) of grad_add, grad_ss and the parts of grad_weight / grad_bias is written below.
+  Tensor grad_add = at::empty({p.N, p.C}, f32), grad_ss = at::empty({p.N, 2 * p.C}, f32);
+  Tensor grad_w = at::zeros({p.C}, f32), grad_b = at::zeros({p.C}, f32);
   if (p.N * p.C > 0 && p.S > 0) {
     TORCH_CHECK(p.S < (int64_t(1) << 31) && p.C < (int64_t(1) << 31), "group_norm_act: spatial size too large");
     // grad_out arrives in x's layout and dtype (autograd gives the output's dtype, which is x's).
@@ -867,8 +868,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_backward(
     for (int64_t n = 0; n < p.N; ++n)
       for (int64_t gi = 0; gi < p.G; ++gi)
         fold_group(p, n, gi, mean_c.data_ptr<float>()[n * p.G + gi], rstd_c.data_ptr<float>()[n * p.G + gi], k);
-    GradOut go{wpart.data_ptr<float>(), bpart.data_ptr<float>(), grad_add.data_ptr<float>(),
-               grad_ss.data_ptr<float>()};
+    std::vector<float> wpart(p.N * p.C), bpart(p.N * p.C);
+    GradOut go{wpart.data(), bpart.data(), grad_add.data_ptr<float>(), grad_ss.data_ptr<float>()};
     dispatch_float(x.scalar_type(), "group_norm_act_backward", [&](auto tag) {
       using T = decltype(tag);
       dispatch_act(p.act, [&](auto act) {
@@ -882,10 +883,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_backward(
         }
       });
     });
+    float *gw = grad_w.data_ptr<float>(), *gb = grad_b.data_ptr<float>();
+    for (int64_t n = 0; n < p.N; ++n)  // images in order: the sums do not depend on the threads
+      for (int64_t c = 0; c < p.C; ++c) {
+        gw[c] += wpart[n * p.C + c];
+        gb[c] += bpart[n * p.C + c];
+      }
   } else {
     grad_x.zero_();
+    grad_add.zero_();
+    grad_ss.zero_();
   }
-  return {grad_x, wpart.sum(0), bpart.sum(0), grad_add, grad_ss};
+  return {grad_x, grad_w, grad_b, grad_add, grad_ss};
 }
 
 // ---- batch norm in training mode --------------------------------------------
