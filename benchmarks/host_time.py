@@ -7,8 +7,10 @@ usage: python benchmarks/host_time.py [--device cuda] [--calls N]
 
 Rows: one ATen kernel (the floor), eager GroupNorm+SiLU (two), genfast's ops through
 their public functions and, on a GPU, bare Triton launches of an empty kernel with 1
-and with 24 arguments (Triton's own launch cost, and its cost per argument), then
-genfast's Triton GroupNorm called below its op (the op layer's share). A loop whose
+and with 24 arguments (Triton's own launch cost, and its cost per argument), the
+24-argument kernel launched through its compiled kernel (what a launcher that keeps
+it would save), then genfast's Triton GroupNorm called below its op (the op layer's
+share). A loop whose
 steps are host-bound (a small model's decode step, an uncaptured diffusion loop)
 is as slow as these add up to.
 """
@@ -56,8 +58,25 @@ def _triton_rows(device):
     ptrs = [torch.zeros(8, device=device) for _ in range(8)]
     ints = [3, 5, 7, 11, 13, 17, 19, 23]
     floats = [0.5 * i for i in range(8)]
-    return [("triton: empty kernel, 1 argument", lambda: one_arg[(1,)](t)),
+    rows = [("triton: empty kernel, 1 argument", lambda: one_arg[(1,)](t)),
             ("triton: empty kernel, 24 arguments", lambda: many_args[(1,)](*ptrs, *ints, *floats, A=1, B=2))]
+    # What a launcher that keeps the compiled kernel would pay: the 24-argument kernel through
+    # the compiled kernel's own runner (its grid fixed), and its driver launch called directly
+    # (Triton 3.x: kernel[grid](...) returns the CompiledKernel; run takes the grid, the stream,
+    # the function, the packed metadata, the launch metadata and hooks, then every argument in
+    # the signature's order, constexprs included). Not all Triton versions have these.
+    args = (*ptrs, *ints, *floats, 1, 2)
+    try:
+        compiled = many_args[(1,)](*ptrs, *ints, *floats, A=1, B=2)
+        runner = compiled[(1, 1, 1)]
+        run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+        stream = torch.cuda.current_stream(device).cuda_stream
+        rows += [("triton: 24 arguments, the compiled kernel's runner", lambda: runner(*args)),
+                 ("triton: 24 arguments, its launcher called directly",
+                  lambda: run(1, 1, 1, stream, function, metadata, None, None, None, *args))]
+    except Exception as e:  # noqa: BLE001 - a probe: say what this Triton lacks and go on
+        print(f"(no direct launch rows with this Triton: {type(e).__name__}: {e})")
+    return rows
 
 
 def main(argv=None) -> None:
