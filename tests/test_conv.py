@@ -466,12 +466,14 @@ def test_bad_input_raises_before_anything_runs(kwargs, error, match, monkeypatch
 # The C++ channels_last forward runs an image in channel blocks of whole groups (statistics,
 # then the apply from L2) where a block's part of a row is at least 1 KB, else in row pieces
 # with the statistics merged across them: both paths, one and two threads, blocks that split
-# the groups unevenly (32 groups in 3 blocks) and the per-(n, c) inputs; and training-mode
+# the groups unevenly (32 groups in 3 blocks), a block ending in a part vector ("tail": 530
+# channels) and the per-(n, c) inputs; and training-mode
 # batch norm over wide (N, C) rows, which takes the same kernels with a group per channel.
-@pytest.mark.parametrize("shape, dtype", [((2, 1280, 16, 16), torch.float32), ((2, 640, 5, 5), torch.bfloat16),
-                                          ((1, 96, 9, 7), torch.float32)], ids=["blocks3", "bf16", "rows"])
+@pytest.mark.parametrize("shape, groups, dtype", [
+    ((2, 1280, 16, 16), 32, torch.float32), ((2, 640, 5, 5), 32, torch.bfloat16), ((1, 96, 9, 7), 32, torch.float32),
+    ((2, 530, 4, 3), 10, torch.float32)], ids=["blocks3", "bf16", "rows", "tail"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_cpp_channels_last_paths(shape, dtype, threads):
+def test_cpp_channels_last_paths(shape, groups, dtype, threads):
     if not genfast.backends()["cpp"][0]:
         pytest.skip("no C++ backend")
     tensors = make_inputs(shape, dtype, "cpu", True, FEATURES["all"])
@@ -481,12 +483,12 @@ def test_cpp_channels_last_paths(shape, dtype, threads):
     torch.set_num_threads(threads)
     try:
         with genfast.use_backend("cpp"):
-            out, grads = run_and_grad(lambda **t: group_norm_act(num_groups=32, **t), tensors, grad)
+            out, grads = run_and_grad(lambda **t: group_norm_act(num_groups=groups, **t), tensors, grad)
             bn = genfast.batch_norm_act(x2d, None, None, training=True, activation="silu")
     finally:
         torch.set_num_threads(previous)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    check_against_torch(tensors, 32, grad, out, grads)
+    check_against_torch(tensors, groups, grad, out, grads)
     x64 = x2d.double()
     ref = F.silu(F.batch_norm(x64, None, None, training=True)).float()
     torch.testing.assert_close(bn, ref, rtol=1e-5, atol=1e-5)
