@@ -37,7 +37,8 @@
 // An image whose rows can be cut into channel blocks of whole groups that fit
 // in L2 with at least 1 KB of each row goes block by block instead (UNet levels
 // of 16x16 and 8x8): statistics, groups and apply in one task, the apply's
-// read from L2; 2 threads, (2, 1280, 16, 16) fp32: 182 -> 161 us (NCHW 139).
+// read from L2; 2 threads, fp32: (2, 1280, 16, 16) 164-168 -> 153-157 us, (2, 1280,
+// 8, 8) 62-63 -> 53-54 us (NCHW 136 and 50).
 // (Tried and dropped: tasks of whole-group channel blocks over all rows, to
 // keep a block in L2; rows read at a stride of C defeat the hardware
 // prefetcher and the forward took 1.6x longer. Applying the rows in reverse,
