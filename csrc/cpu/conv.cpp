@@ -286,9 +286,9 @@ Moments nchw_moments(const Problem& p, const T* x, int64_t n, int64_t g, int64_t
   return m;
 }
 
-template <typename T, Act A>
-void nchw_apply(const Problem& p, const Coefs& k, const T* x, const T* res, T* out, int64_t n, int64_t g,
-                int64_t begin, int64_t end) {
+template <typename T, Act A, bool kNative = false>
+GENFAST_BF16_TARGET void nchw_apply(const Problem& p, const Coefs& k, const T* x, const T* res, T* out, int64_t n,
+                                    int64_t g, int64_t begin, int64_t end) {
   const int64_t offset = (n * p.C + g * p.Cg) * p.S;
   const Vec slope(p.slope);
   for (int64_t i = begin, c = begin / p.S; i < end; ++c) {
@@ -298,12 +298,24 @@ void nchw_apply(const Problem& p, const Coefs& k, const T* x, const T* res, T* o
     const T* xp = x + offset + i;
     const T* rp = res ? res + offset + i : nullptr;
     T* op = out + offset + i;
-    vec_steps(static_cast<int>(stop - i), [&](int j, int m) {
+    // a plain loop, not vec_steps: a lambda would not inline store_out's bf16 instruction
+    for (int j = 0, len = static_cast<int>(stop - i); j < len; j += Vec::size()) {
+      const int m = std::min<int>(Vec::size(), len - j);
       Vec y = activate<A>(at::vec::fmadd(load_float(xp + j, m) + d, a, b), slope);
       if (rp) y = y + load_float(rp + j, m);
-      store_float(op + j, y, m);
-    });
+      store_out<T, kNative>(op + j, y, m);
+    }
     i = stop;
+  }
+}
+
+// A pass with bf16 output through vcvtneps2bf16 where the CPU has it (store_out).
+template <typename T, typename F>
+inline void with_bf16_stores(F&& pass) {
+  if (std::is_same_v<T, c10::BFloat16> && native_bf16()) {
+    pass(std::true_type{});
+  } else {
+    pass(std::false_type{});
   }
 }
 
@@ -326,7 +338,10 @@ void nchw_forward(const Problem& p, const T* x, const T* res, T* out, float* mea
         const int64_t g1 = std::min(groups, g0 + block);
         for (int64_t ng = g0; ng < g1; ++ng) m[ng - g0] = nchw_moments(p, x, ng / p.G, ng % p.G, 0, M);
         for (int64_t ng = g0; ng < g1; ++ng) finish_group(p, ng / p.G, ng % p.G, m[ng - g0], mean, rstd, k);
-        for (int64_t ng = g0; ng < g1; ++ng) nchw_apply<T, A>(p, k, x, res, out, ng / p.G, ng % p.G, 0, M);
+        with_bf16_stores<T>([&](auto native) {
+          for (int64_t ng = g0; ng < g1; ++ng)
+            nchw_apply<T, A, decltype(native)::value>(p, k, x, res, out, ng / p.G, ng % p.G, 0, M);
+        });
       }
     });
     return;
@@ -349,7 +364,10 @@ void nchw_forward(const Problem& p, const T* x, const T* res, T* out, float* mea
   at::parallel_for(0, groups * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t ng = t / parts, q = t % parts;
-      nchw_apply<T, A>(p, k, x, res, out, ng / p.G, ng % p.G, piece(M, parts, q), piece(M, parts, q + 1));
+      with_bf16_stores<T>([&](auto native) {
+        nchw_apply<T, A, decltype(native)::value>(p, k, x, res, out, ng / p.G, ng % p.G, piece(M, parts, q),
+                                                  piece(M, parts, q + 1));
+      });
     }
   });
 }
@@ -412,7 +430,8 @@ void nhwc_moments(const Problem& p, const T* x, int64_t n, int64_t r0, int64_t r
     };
     int64_t j = c0;
     for (; j + U * V <= c1; j += U * V) channels(j, std::integral_constant<int, U>{}, V);
-    for (; j < c1; j += V) channels(j, std::integral_constant<int, 1>{}, static_cast<int>(std::min<int64_t>(V, c1 - j)));
+    for (; j < c1; j += V)
+      channels(j, std::integral_constant<int, 1>{}, static_cast<int>(std::min<int64_t>(V, c1 - j)));
     count += rows;
   }
 }
@@ -423,9 +442,9 @@ void nhwc_moments(const Problem& p, const T* x, int64_t n, int64_t r0, int64_t r
 // (2, 320, 64, 64) prefetching x 2 rows ahead made the apply about 15% faster.
 inline int64_t prefetch_rows(int64_t row_bytes) { return std::max<int64_t>(1, 2048 / row_bytes); }
 
-template <typename T, Act A>
-void nhwc_apply(const Problem& p, const Coefs& k, const T* x, const T* res, T* out, int64_t n, int64_t r0,
-                int64_t r1, int64_t c0 = 0, int64_t c1 = -1) {
+template <typename T, Act A, bool kNative = false>
+GENFAST_BF16_TARGET void nhwc_apply(const Problem& p, const Coefs& k, const T* x, const T* res, T* out, int64_t n,
+                                    int64_t r0, int64_t r1, int64_t c0 = 0, int64_t c1 = -1) {
   const int64_t C = p.C, ahead = prefetch_rows(C * sizeof(T));
   if (c1 < 0) c1 = C;
   const float *a = k.a.data() + n * C + c0, *d = k.d.data() + n * C + c0, *b = k.b.data() + n * C + c0;
@@ -433,13 +452,14 @@ void nhwc_apply(const Problem& p, const Coefs& k, const T* x, const T* res, T* o
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = (n * p.S + r) * C + c0;
     if (r + ahead < r1) prefetch(x + off + ahead * C, (c1 - c0) * sizeof(T));
-    vec_steps(static_cast<int>(c1 - c0), [&](int j, int m) {
+    for (int j = 0, len = static_cast<int>(c1 - c0); j < len; j += Vec::size()) {  // no lambda: see nchw_apply
+      const int m = std::min<int>(Vec::size(), len - j);
       const Vec y0 = at::vec::fmadd(load_float(x + off + j, m) + Vec::loadu(d + j, m), Vec::loadu(a + j, m),
                                     Vec::loadu(b + j, m));
       Vec y = activate<A>(y0, slope);
       if (res) y = y + load_float(res + off + j, m);
-      store_float(out + off + j, y, m);
-    });
+      store_out<T, kNative>(out + off + j, y, m);
+    }
   }
 }
 
@@ -500,7 +520,9 @@ void nhwc_forward(const Problem& p, const T* x, const T* res, T* out, float* mea
         const int64_t n = t / blocks, g0 = piece(p.G, blocks, t % blocks), g1 = piece(p.G, blocks, t % blocks + 1);
         nhwc_moments(p, x, n, 0, p.S, pm.data() + n * C, pm2.data() + n * C, g0 * p.Cg, g1 * p.Cg);
         for (int64_t g = g0; g < g1; ++g) nhwc_finish_group(p, n, g, 1, pm.data(), pm2.data(), mean, rstd, k, var);
-        nhwc_apply<T, A>(p, k, x, res, out, n, 0, p.S, g0 * p.Cg, g1 * p.Cg);
+        with_bf16_stores<T>([&](auto native) {
+          nhwc_apply<T, A, decltype(native)::value>(p, k, x, res, out, n, 0, p.S, g0 * p.Cg, g1 * p.Cg);
+        });
       }
     });
     return;
@@ -520,7 +542,9 @@ void nhwc_forward(const Problem& p, const T* x, const T* res, T* out, float* mea
   at::parallel_for(0, p.N * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / parts, q = t % parts;
-      nhwc_apply<T, A>(p, k, x, res, out, n, piece(p.S, parts, q), piece(p.S, parts, q + 1));
+      with_bf16_stores<T>([&](auto native) {
+        nhwc_apply<T, A, decltype(native)::value>(p, k, x, res, out, n, piece(p.S, parts, q), piece(p.S, parts, q + 1));
+      });
     }
   });
 }
