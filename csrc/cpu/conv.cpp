@@ -984,7 +984,10 @@ void bn_nchw_forward(const Problem& p, const T* x, T* out, float* mean, float* r
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t nc = t / parts, q = t % parts;
-      nchw_apply<T, A>(p, k, x, nullptr, out, nc / p.C, nc % p.C, piece(p.S, parts, q), piece(p.S, parts, q + 1));
+      with_bf16_stores<T>([&](auto native) {
+        nchw_apply<T, A, decltype(native)::value>(p, k, x, nullptr, out, nc / p.C, nc % p.C, piece(p.S, parts, q),
+                                                  piece(p.S, parts, q + 1));
+      });
     }
   });
 }
@@ -1107,34 +1110,37 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_backward(const Tensor& grad_ou
 // Elements per task: large enough to amortize the task, small enough to split a VAE plane between threads.
 constexpr int64_t kAffineGrain = 16384;
 
-template <typename T, Act A>
-void affine_nchw(const T* x, const T* res, T* out, const float* scale, const float* shift, int64_t C, int64_t S,
-                 int64_t begin, int64_t end, float negative_slope) {
+// Plain loops (no vec_steps lambda) so that store_out's bf16 instruction inlines: see nchw_apply.
+template <typename T, Act A, bool kNative>
+GENFAST_BF16_TARGET void affine_nchw(const T* x, const T* res, T* out, const float* scale, const float* shift,
+                                     int64_t C, int64_t S, int64_t begin, int64_t end, float negative_slope) {
   const Vec slope(negative_slope);
   for (int64_t i = begin; i < end;) {
     const int64_t plane = i / S, stop = std::min(end, (plane + 1) * S);
     const Vec a(scale[plane % C]), b(shift[plane % C]);
-    vec_steps(static_cast<int>(stop - i), [&](int j, int m) {
+    for (int j = 0, len = static_cast<int>(stop - i); j < len; j += Vec::size()) {
+      const int m = std::min<int>(Vec::size(), len - j);
       Vec h = load_float(x + i + j, m);
       if (res) h = h + load_float(res + i + j, m);
-      store_float(out + i + j, activate<A>(at::vec::fmadd(h, a, b), slope), m);
-    });
+      store_out<T, kNative>(out + i + j, activate<A>(at::vec::fmadd(h, a, b), slope), m);
+    }
     i = stop;
   }
 }
 
-template <typename T, Act A>
-void affine_rows(const T* x, const T* res, T* out, const float* scale, const float* shift, int64_t C,
-                 int64_t r0, int64_t r1, float negative_slope) {
+template <typename T, Act A, bool kNative>
+GENFAST_BF16_TARGET void affine_rows(const T* x, const T* res, T* out, const float* scale, const float* shift,
+                                     int64_t C, int64_t r0, int64_t r1, float negative_slope) {
   const Vec slope(negative_slope);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = r * C;
-    vec_steps(static_cast<int>(C), [&](int j, int m) {
+    for (int j = 0, len = static_cast<int>(C); j < len; j += Vec::size()) {
+      const int m = std::min<int>(Vec::size(), len - j);
       Vec h = load_float(x + off + j, m);
       if (res) h = h + load_float(res + off + j, m);
       const Vec y = at::vec::fmadd(h, Vec::loadu(scale + j, m), Vec::loadu(shift + j, m));
-      store_float(out + off + j, activate<A>(y, slope), m);
-    });
+      store_out<T, kNative>(out + off + j, activate<A>(y, slope), m);
+    }
   }
 }
 
@@ -1158,15 +1164,18 @@ Tensor channel_affine_act(const Tensor& x, const Tensor& scale, const Tensor& sh
     T* op = out.data_ptr<T>();
     dispatch_act(act, [&](auto act_tag) {
       constexpr Act A = decltype(act_tag)::value;
-      if (channels_last) {
-        at::parallel_for(0, N * S, std::max<int64_t>(1, kAffineGrain / C), [&](int64_t r0, int64_t r1) {
-          affine_rows<T, A>(xp, rp, op, a, b, C, r0, r1, slope);
-        });
-      } else {
-        at::parallel_for(0, numel, kAffineGrain, [&](int64_t begin, int64_t end) {
-          affine_nchw<T, A>(xp, rp, op, a, b, C, S, begin, end, slope);
-        });
-      }
+      with_bf16_stores<T>([&](auto native) {
+        constexpr bool kNative = decltype(native)::value;
+        if (channels_last) {
+          at::parallel_for(0, N * S, std::max<int64_t>(1, kAffineGrain / C), [&](int64_t r0, int64_t r1) {
+            affine_rows<T, A, kNative>(xp, rp, op, a, b, C, r0, r1, slope);
+          });
+        } else {
+          at::parallel_for(0, numel, kAffineGrain, [&](int64_t begin, int64_t end) {
+            affine_nchw<T, A, kNative>(xp, rp, op, a, b, C, S, begin, end, slope);
+          });
+        }
+      });
     });
   });
   return out;
