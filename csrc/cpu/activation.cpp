@@ -206,10 +206,25 @@ std::vector<int64_t> halved_sizes(const Tensor& x) {
   return sizes;
 }
 
+// The forward over rows [r_begin, r_end), bf16 stores as with_bf16_stores picks (common.h).
+template <typename T, Act A, bool kNative>
+GENFAST_BF16_TARGET void gated_rows(const T* xp, T* op, const float* bp, int64_t f, int64_t r_begin, int64_t r_end) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const T* h = xp + r * 2 * f;
+    T* o = op + r * f;
+    for (int j = 0, len = static_cast<int>(f); j < len; j += Vec::size()) {
+      const int k = std::min<int>(Vec::size(), len - j);
+      Vec hv, gv;
+      load_halves(h, f, bp, j, k, hv, gv);
+      store_out<T, kNative>(o + j, hv * activate<A>(gv), k);
+    }
+  }
+}
+
 Tensor gated_act(const Tensor& x, const OptTensor& bias, c10::string_view activation) {
   const Gate gate(x, bias, activation, "gated_act");
   const Act act = gate.act;
-  const int64_t two_f = gate.two_f, f = gate.f, rows = gate.rows;
+  const int64_t f = gate.f, rows = gate.rows;
   const float* bp = gate.bias_ptr();
   Tensor out = empty_output(halved_sizes(x), x.options());
   if (out.numel() == 0) return out;
@@ -219,16 +234,10 @@ Tensor gated_act(const Tensor& x, const OptTensor& bias, c10::string_view activa
     T* op = out.data_ptr<T>();
     dispatch_act(act, [&](auto act_tag) {
       constexpr Act A = decltype(act_tag)::value;
-      at::parallel_for(0, rows, grain_rows(f), [&](int64_t r_begin, int64_t r_end) {
-        for (int64_t r = r_begin; r < r_end; ++r) {
-          const T* h = xp + r * two_f;
-          T* o = op + r * f;
-          vec_steps(static_cast<int>(f), [&](int j, int k) {
-            Vec hv, gv;
-            load_halves(h, f, bp, j, k, hv, gv);
-            store_float(o + j, hv * activate<A>(gv), k);
-          });
-        }
+      with_bf16_stores<T>([&](auto native) {
+        at::parallel_for(0, rows, grain_rows(f), [&](int64_t r_begin, int64_t r_end) {
+          gated_rows<T, A, decltype(native)::value>(xp, op, bp, f, r_begin, r_end);
+        });
       });
     });
   });

@@ -143,4 +143,16 @@ GENFAST_BF16_TARGET inline void store_out(T* p, const Vec& v, int m) {
   }
 }
 
+// pass(std::true_type) where T is bf16 and the CPU has the instruction, else pass(std::false_type).
+// The kernels that take kNative are compiled with GENFAST_BF16_TARGET and store in plain loops: GCC
+// does not inline store_out into a lambda (vec_steps), which then called it once per vector.
+template <typename T, typename F>
+inline void with_bf16_stores(F&& pass) {
+  if (std::is_same_v<T, c10::BFloat16> && native_bf16()) {
+    pass(std::true_type{});
+  } else {
+    pass(std::false_type{});
+  }
+}
+
 }  // namespace genfast::cpu

@@ -298,7 +298,7 @@ GENFAST_BF16_TARGET void nchw_apply(const Problem& p, const Coefs& k, const T* x
     const T* xp = x + offset + i;
     const T* rp = res ? res + offset + i : nullptr;
     T* op = out + offset + i;
-    // a plain loop, not vec_steps: a lambda would not inline store_out's bf16 instruction
+    // a plain loop, not vec_steps: see with_bf16_stores
     for (int j = 0, len = static_cast<int>(stop - i); j < len; j += Vec::size()) {
       const int m = std::min<int>(Vec::size(), len - j);
       Vec y = activate<A>(at::vec::fmadd(load_float(xp + j, m) + d, a, b), slope);
@@ -306,16 +306,6 @@ GENFAST_BF16_TARGET void nchw_apply(const Problem& p, const Coefs& k, const T* x
       store_out<T, kNative>(op + j, y, m);
     }
     i = stop;
-  }
-}
-
-// A pass with bf16 output through vcvtneps2bf16 where the CPU has it (store_out).
-template <typename T, typename F>
-inline void with_bf16_stores(F&& pass) {
-  if (std::is_same_v<T, c10::BFloat16> && native_bf16()) {
-    pass(std::true_type{});
-  } else {
-    pass(std::false_type{});
   }
 }
 
@@ -452,7 +442,7 @@ GENFAST_BF16_TARGET void nhwc_apply(const Problem& p, const Coefs& k, const T* x
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t off = (n * p.S + r) * C + c0;
     if (r + ahead < r1) prefetch(x + off + ahead * C, (c1 - c0) * sizeof(T));
-    for (int j = 0, len = static_cast<int>(c1 - c0); j < len; j += Vec::size()) {  // no lambda: see nchw_apply
+    for (int j = 0, len = static_cast<int>(c1 - c0); j < len; j += Vec::size()) {  // see nchw_apply
       const int m = std::min<int>(Vec::size(), len - j);
       const Vec y0 = at::vec::fmadd(load_float(x + off + j, m) + Vec::loadu(d + j, m), Vec::loadu(a + j, m),
                                     Vec::loadu(b + j, m));
@@ -1110,7 +1100,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_backward(const Tensor& grad_ou
 // Elements per task: large enough to amortize the task, small enough to split a VAE plane between threads.
 constexpr int64_t kAffineGrain = 16384;
 
-// Plain loops (no vec_steps lambda) so that store_out's bf16 instruction inlines: see nchw_apply.
+// Plain loops (no vec_steps lambda): see with_bf16_stores.
 template <typename T, Act A, bool kNative>
 GENFAST_BF16_TARGET void affine_nchw(const T* x, const T* res, T* out, const float* scale, const float* shift,
                                      int64_t C, int64_t S, int64_t begin, int64_t end, float negative_slope) {
