@@ -148,11 +148,10 @@ GENFAST_BF16_TARGET inline void store_out(T* p, const Vec& v, int m) {
 // does not inline store_out into a lambda (vec_steps), which then called it once per vector.
 template <typename T, typename F>
 inline void with_bf16_stores(F&& pass) {
-  if (std::is_same_v<T, c10::BFloat16> && native_bf16()) {
-    pass(std::true_type{});
-  } else {
-    pass(std::false_type{});
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // other types: no second instantiation
+    if (native_bf16()) return pass(std::true_type{});
   }
+  pass(std::false_type{});
 }
 
 }  // namespace genfast::cpu
