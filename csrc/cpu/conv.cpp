@@ -37,12 +37,11 @@
 // An image whose rows can be cut into channel blocks of whole groups that fit
 // in L2 with at least 1 KB of each row goes block by block instead (UNet levels
 // of 16x16 and 8x8): statistics, groups and apply in one task, the apply's
-// read from L2; 2 threads, fp32: (2, 1280, 16, 16) 164-168 -> 153-157 us, (2, 1280,
-// 8, 8) 62-63 -> 53-54 us (NCHW 136 and 50).
-// (Tried and dropped: tasks of whole-group channel blocks over all rows, to
-// keep a block in L2; rows read at a stride of C defeat the hardware
-// prefetcher and the forward took 1.6x longer. Applying the rows in reverse,
-// for the rows left in L2, was slower too.)
+// read from L2; 2 threads, fp32: (2, 1280, 16, 16) 164-168 -> 153-157 us,
+// (2, 1280, 8, 8) 62-63 -> 53-54 us (NCHW 136 and 50). Narrower blocks lose:
+// rows read at a stride of C in runs of 128 B defeat the hardware prefetcher,
+// and at (2, 320, 64, 64) the forward took 1.6x longer. (Tried and dropped:
+// applying the rows in reverse, for the rows left in L2.)
 //
 // Statistics: exact two-pass mean and M2 per chunk of <= kChunk elements (the
 // second pass reads L1), chunks merged with Chan's formula, groups in double:
