@@ -467,8 +467,8 @@ def test_bad_input_raises_before_anything_runs(kwargs, error, match, monkeypatch
 # then the apply from L2) where a block's part of a row is at least 1 KB, else in row pieces
 # with the statistics merged across them: both paths, one and two threads, blocks that split
 # the groups unevenly (32 groups in 3 blocks), a block ending in a part vector ("tail": 530
-# channels) and the per-(n, c) inputs; and training-mode
-# batch norm over wide (N, C) rows, which takes the same kernels with a group per channel.
+# channels) and the per-(n, c) inputs; and training-mode batch norm over wide (N, C) rows,
+# which takes the same kernels with a group per channel.
 @pytest.mark.parametrize("shape, groups, dtype", [
     ((2, 1280, 16, 16), 32, torch.float32), ((2, 640, 5, 5), 32, torch.bfloat16), ((1, 96, 9, 7), 32, torch.float32),
     ((2, 530, 4, 3), 10, torch.float32)], ids=["blocks3", "bf16", "rows", "tail"])
