@@ -285,7 +285,7 @@ Moments nchw_moments(const Problem& p, const T* x, int64_t n, int64_t g, int64_t
   return m;
 }
 
-template <typename T, Act A, bool kNative = false>
+template <typename T, Act A, bool kNative>
 GENFAST_BF16_TARGET void nchw_apply(const Problem& p, const Coefs& k, const T* x, const T* res, T* out, int64_t n,
                                     int64_t g, int64_t begin, int64_t end) {
   const int64_t offset = (n * p.C + g * p.Cg) * p.S;
@@ -431,7 +431,7 @@ void nhwc_moments(const Problem& p, const T* x, int64_t n, int64_t r0, int64_t r
 // (2, 320, 64, 64) prefetching x 2 rows ahead made the apply about 15% faster.
 inline int64_t prefetch_rows(int64_t row_bytes) { return std::max<int64_t>(1, 2048 / row_bytes); }
 
-template <typename T, Act A, bool kNative = false>
+template <typename T, Act A, bool kNative>
 GENFAST_BF16_TARGET void nhwc_apply(const Problem& p, const Coefs& k, const T* x, const T* res, T* out, int64_t n,
                                     int64_t r0, int64_t r1, int64_t c0 = 0, int64_t c1 = -1) {
   const int64_t C = p.C, ahead = prefetch_rows(C * sizeof(T));
