@@ -42,7 +42,8 @@
 // once for two keys, two chains per row). Together, batch 8 x 4k on 2 threads:
 // fp8 cache 3.9-4.0 -> 3.3-3.5 ms, bf16 cache 5.2-5.5 -> 4.7-5.0 ms (AMD EPYC). pv_dot's
 // accumulators then stayed in its unpacks' lane order for the whole item (no
-// permutes per block): 1 thread, fp8, 6.9-7.6 -> 6.5-6.7 ms.
+// permutes per block): 1 thread, fp8, 6.9-7.6 -> 6.5-6.7 ms. Keys in fours for fp8 scores and value
+// bytes interleaved before their widening: 2 threads, fp8, 3.3-4.1 -> 2.9-3.0 ms (noisy hour).
 //
 // Bytes per decode step: the K and V rows of every valid position once,
 // 2 * L * nheads_k * headdim * sizeof(cache) per batch row; q and out are
@@ -334,39 +335,45 @@ const Fp8Bf16Tables& fp8_bf16_tables() {
   return t;
 }
 
-// The key row's D values as D / 32 vectors of bf16 pairs, in the dot order for fp8; tab holds
-// the fp8 tables (lo[0:64], lo[64:128], hi[0:64], hi[64:128]), loaded once by the caller.
+// 64 e4m3 bytes x as bf16 (exact): the low and the high byte of each value's bf16 looked up by its
+// magnitude (x's bits 0-6) in tab (lo[0:64], lo[64:128], hi[0:64], hi[64:128]), the sign or-ed into
+// the high byte, and the bytes interleaved: lo takes bytes 0-7 of each 128-bit lane, hi bytes 8-15.
+__attribute__((target("avx512bf16,avx512vbmi"))) inline void fp8_to_bf16(__m512i x, const __m512i* tab, __m512bh& lo,
+                                                                        __m512bh& hi) {
+  const __m512i l = _mm512_permutex2var_epi8(tab[0], x, tab[1]);
+  const __m512i h = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(tab[2], x, tab[3]), x,
+                                              _mm512_set1_epi8((char)0x80), 0xF8);  // h | (x & 0x80)
+  lo = (__m512bh)_mm512_unpacklo_epi8(l, h);
+  hi = (__m512bh)_mm512_unpackhi_epi8(l, h);
+}
+
+// The key row's D values as D / 32 vectors of bf16 pairs, in the dot order for fp8; tab: the fp8
+// tables, loaded once by the caller.
 template <typename TC, int D>
 __attribute__((target("avx512bf16,avx512vbmi"))) inline void dot_row(const TC* p, const __m512i* tab, __m512bh* k) {
   if constexpr (std::is_same_v<TC, c10::BFloat16>) {
     for (int c = 0; c < D / 32; ++c) k[c] = (__m512bh)_mm512_loadu_si512(p + c * 32);
   } else {
-    for (int c = 0; c < D / 64; ++c) {
-      const __m512i x = _mm512_loadu_si512(reinterpret_cast<const uint8_t*>(p) + c * 64);
-      const __m512i l = _mm512_permutex2var_epi8(tab[0], x, tab[1]);  // index bits 0-6: the magnitude
-      // the high byte, with x's sign bit: h | (x & 0x80)
-      const __m512i h = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(tab[2], x, tab[3]), x,
-                                                  _mm512_set1_epi8((char)0x80), 0xF8);
-      k[2 * c] = (__m512bh)_mm512_unpacklo_epi8(l, h);
-      k[2 * c + 1] = (__m512bh)_mm512_unpackhi_epi8(l, h);
-    }
+    for (int c = 0; c < D / 64; ++c)
+      fp8_to_bf16(_mm512_loadu_si512(reinterpret_cast<const uint8_t*>(p) + c * 64), tab, k[2 * c], k[2 * c + 1]);
   }
 }
 
 // The product vectors of nrow bf16 query rows with K key rows (k: NV vectors of bf16 pairs each) into
-// part[r * kBlockN + t]: per (row, key) two independent vdpbf16ps chains, summed.
-template <int NV, int K>
+// part[r * kBlockN + t]: per (row, key) C independent vdpbf16ps chains, summed.
+template <int NV, int K, int C>
 __attribute__((target("avx512bf16"))) inline void dot_keys(const uint16_t* q, int nrow, const __m512bh (*k)[NV],
                                                          __m512* part) {
   for (int r = 0; r < nrow; ++r) {
     const uint16_t* qr = q + r * NV * 32;
-    __m512 a[K][2];
-    for (int t = 0; t < K; ++t) a[t][0] = a[t][1] = _mm512_setzero_ps();
+    __m512 a[K][C];
+    for (int t = 0; t < K; ++t)
+      for (int i = 0; i < C; ++i) a[t][i] = _mm512_setzero_ps();
     for (int c = 0; c < NV; ++c) {
       const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + c * 32);
-      for (int t = 0; t < K; ++t) a[t][c % 2] = _mm512_dpbf16_ps(a[t][c % 2], k[t][c], qv);
+      for (int t = 0; t < K; ++t) a[t][c % C] = _mm512_dpbf16_ps(a[t][c % C], k[t][c], qv);
     }
-    for (int t = 0; t < K; ++t) part[r * kBlockN + t] = _mm512_add_ps(a[t][0], a[t][1]);
+    for (int t = 0; t < K; ++t) part[r * kBlockN + t] = C == 1 ? a[t][0] : _mm512_add_ps(a[t][0], a[t][C - 1]);
   }
 }
 
@@ -380,20 +387,24 @@ __attribute__((target("avx512bf16,avx512vbmi"))) void scores_dot(const uint16_t*
     for (int i = 0; i < 4; ++i) tab[i] = _mm512_load_si512((i < 2 ? t.lo : t.hi) + (i % 2) * 64);
   }
   constexpr int NV = D / 32;
+  // Keys in pairs with two chains each (bf16), or in fours with one (fp8): each query vector is
+  // loaded once for all of them. For fp8, fours took 1 thread from 6.1-6.5 to 5.7-6.0 ms (batch
+  // 8 x 4k, AMD EPYC); for bf16 they were 2-8% slower.
+  constexpr int K = std::is_same_v<TC, c10::BFloat16> ? 2 : 4;
   int j = 0;
-  for (; j + 2 <= n; j += 2) {  // keys in pairs: each query vector is loaded once for two keys
-    prefetch_row(next[j], D * sizeof(TC));
-    prefetch_row(next[j + 1], D * sizeof(TC));
-    __m512bh k[2][NV];
-    dot_row<TC, D>(kp[j], tab, k[0]);
-    dot_row<TC, D>(kp[j + 1], tab, k[1]);
-    dot_keys<NV, 2>(q, nrow, k, part + j);
+  for (; j + K <= n; j += K) {
+    __m512bh k[K][NV];
+    for (int t = 0; t < K; ++t) {
+      prefetch_row(next[j + t], D * sizeof(TC));
+      dot_row<TC, D>(kp[j + t], tab, k[t]);
+    }
+    dot_keys<NV, K, K == 4 ? 1 : 2>(q, nrow, k, part + j);
   }
-  if (j < n) {
+  for (; j < n; ++j) {
     prefetch_row(next[j], D * sizeof(TC));
     __m512bh k[1][NV];
     dot_row<TC, D>(kp[j], tab, k[0]);
-    dot_keys<NV, 1>(q, nrow, k, part + j);
+    dot_keys<NV, 1, 2>(q, nrow, k, part + j);
   }
   const __m512 sc = _mm512_set1_ps(scale);
   for (int r = 0; r < nrow; ++r) {
@@ -440,11 +451,11 @@ inline void pv_direct(float* acc, const float* p, const TC* const* vp, const TC*
 }
 
 // pv_dot's accumulators hold each 64 dims of a row in the lane order of its unpacks: stored
-// element e (vector e / 16) is dim pv_order(e) of the 64. run_item puts the rows in order once
-// at the item's end (pv_dot_to_natural).
+// element e (vector u = e / 16, 128-bit lane l, element i) is dim 16 l + 4 u + i of the 64.
+// run_item puts the rows in order once at the item's end (pv_dot_to_natural).
 inline int pv_order(int e) {
-  const int w = e / 32, h = (e / 16) % 2, i = e % 16;  // which dot_row vector, which unpack, which lane
-  return dot_order(w * 32 + (i / 4) * 8 + h * 4 + i % 4);
+  const int u = e / 16, l = (e / 4) % 4, i = e % 4;
+  return 16 * l + 4 * u + i;
 }
 
 template <int D>
@@ -463,10 +474,12 @@ void pv_dot_to_natural(float* acc, int rows) {
 
 // pv_direct() for an fp8 cache on CPUs with AVX512_BF16 (the decode that takes scores_dot): keys in
 // pairs, the probabilities (times 2^-8, the FMA path's scale of the values) rounded to bf16, as
-// flash-attention's P.V on a GPU rounds them to 16 bits; each value row widened to bf16 by
-// dot_row (exact), two rows' bf16 interleaved by word (unpacklo/hi: the pairs (v_j[d], v_j+1[d])),
-// and vdpbf16ps adds p_j v_j[d] + p_j+1 v_j+1[d] to lane d. The accumulators stay in the unpacks'
-// lane order (pv_order) for the whole item, so no row or accumulator is permuted per block.
+// flash-attention's P.V on a GPU rounds them to 16 bits. Two value rows' bytes are interleaved
+// first (unpacklo/hi_epi8: (v_j[d], v_j+1[d]) side by side), then widened to bf16 by the tables
+// (exact), so each 32-bit lane holds the pair (v_j[d], v_j+1[d]) and vdpbf16ps adds
+// p_j v_j[d] + p_j+1 v_j+1[d] to it: 12 shuffles per pair and 64 dims where widening each row
+// and interleaving the words took 14. The accumulators stay in the unpacks' lane order
+// (pv_order) for the whole item, so no row or accumulator is permuted per block.
 // (For a bf16 cache the same was slower: batch 8 x 4k on a 2-core AMD EPYC, 2 threads, 6.1-6.6
 // against 5.1-5.3 ms.)
 template <int D, int T>
@@ -491,17 +504,15 @@ __attribute__((target("avx512bf16,avx512vbmi"))) inline void pv_dot(float* acc, 
         prefetch_row(next[j], D);
         if (j + 1 < n) prefetch_row(next[j + 1], D);
       }
-      __m512bh x[2], y[2] = {(__m512bh)_mm512_setzero_si512(), (__m512bh)_mm512_setzero_si512()};
-      dot_row<c10::Float8_e4m3fn, 64>(vp[j] + c0, tab, x);
-      if (j + 1 < n) dot_row<c10::Float8_e4m3fn, 64>(vp[j + 1] + c0, tab, y);
-      __m512i v[4];
-      for (int w = 0; w < 2; ++w) {
-        v[2 * w] = _mm512_unpacklo_epi16((__m512i)x[w], (__m512i)y[w]);
-        v[2 * w + 1] = _mm512_unpackhi_epi16((__m512i)x[w], (__m512i)y[w]);
-      }
+      const __m512i x = _mm512_loadu_si512(reinterpret_cast<const uint8_t*>(vp[j] + c0));
+      const __m512i y = j + 1 < n ? _mm512_loadu_si512(reinterpret_cast<const uint8_t*>(vp[j + 1] + c0))
+                                  : _mm512_setzero_si512();
+      __m512bh v[4];
+      fp8_to_bf16(_mm512_unpacklo_epi8(x, y), tab, v[0], v[1]);
+      fp8_to_bf16(_mm512_unpackhi_epi8(x, y), tab, v[2], v[3]);
       for (int t = 0; t < T; ++t) {
         const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[t][j / 2]));
-        for (int u = 0; u < 4; ++u) a[t][u] = _mm512_dpbf16_ps(a[t][u], (__m512bh)v[u], pp);
+        for (int u = 0; u < 4; ++u) a[t][u] = _mm512_dpbf16_ps(a[t][u], v[u], pp);
       }
     }
     for (int t = 0; t < T; ++t)
