@@ -360,10 +360,11 @@ __attribute__((target("avx512bf16,avx512vbmi"))) inline void dot_row(const TC* p
 }
 
 // The product vectors of nrow bf16 query rows with K key rows (k: NV vectors of bf16 pairs each) into
-// part[r * kBlockN + t]: per (row, key) C independent vdpbf16ps chains, summed.
+// part[r * kBlockN + t]: per (row, key) C (1 or 2) independent vdpbf16ps chains, summed.
 template <int NV, int K, int C>
 __attribute__((target("avx512bf16"))) inline void dot_keys(const uint16_t* q, int nrow, const __m512bh (*k)[NV],
                                                          __m512* part) {
+  static_assert(C == 1 || C == 2);
   for (int r = 0; r < nrow; ++r) {
     const uint16_t* qr = q + r * NV * 32;
     __m512 a[K][C];
