@@ -82,6 +82,7 @@ group_norm_act_op = _ops.define(
     lambda x, num_groups, *_: (torch.empty_like(x), _stats_like(x, num_groups), _stats_like(x, num_groups)),
     backward=_group_norm_act_backward,
     setup_context=_group_norm_act_setup,
+    cpp_autograd=True,  # conv.cpp's GroupNormActFunction: this backward's gradients, a C++ node
 )
 
 

@@ -494,6 +494,41 @@ def test_cpp_channels_last_paths(shape, groups, dtype, threads):
     torch.testing.assert_close(bn, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("features", [(), ("affine",), ("add", "residual"), ("affine", "add", "scale_shift", "residual")])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpp_autograd_node(features, channels_last, monkeypatch):
+    """On the C++ backend a recorded call takes the op's C++ autograd node: the Python node's
+    gradients bit for bit, whichever inputs ask for one and whichever optionals are absent;
+    the statistics stay non-differentiable, and a double backward raises."""
+    if not genfast.backends()["cpp"][0]:
+        pytest.skip("no C++ backend")
+    shape = (2, 12, 7, 5)
+    t = make_inputs(shape, torch.float32, "cpu", channels_last, features, requires_grad=False)
+    grad = torch.randn(shape)
+    op = genfast.conv.group_norm_act_op
+    with genfast.use_backend("cpp"):
+        for wanted in [[name] for name in t] + [list(t)]:
+            runs = []
+            for cpp_node in (True, False):
+                monkeypatch.setattr(op, "cpp_autograd", cpp_node)
+                inputs = {k: v.detach().clone().requires_grad_(k in wanted) for k, v in t.items()}
+                out = group_norm_act(num_groups=3, activation="gelu", **inputs)
+                assert (type(out.grad_fn).__name__ == "CppFunction") == cpp_node
+                runs.append((out, torch.autograd.grad(out, [inputs[k] for k in wanted], grad)))
+            (out, grads), (out_py, grads_py) = runs
+            torch.testing.assert_close(out, out_py, rtol=0, atol=0)
+            for g, g_py in zip(grads, grads_py):
+                torch.testing.assert_close(g, g_py, rtol=0, atol=0)
+        monkeypatch.setattr(op, "cpp_autograd", True)
+        x = t["x"].detach().clone().requires_grad_()
+        _, mean, rstd = op(x, 3, None, None, 1e-5, "silu", 0.01, None, None, None)
+        assert not mean.requires_grad and not rstd.requires_grad
+        out = group_norm_act(x, 3)
+        (gx,) = torch.autograd.grad(out, x, grad.requires_grad_(), create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward"):
+            gx.sum().backward()
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 3), groups=st.integers(1, 4), cg=st.integers(1, 5),
        spatial=st.lists(st.integers(1, 17), min_size=0, max_size=3), channels_last=st.booleans(),

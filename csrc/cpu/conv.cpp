@@ -52,6 +52,8 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/string_view.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -1172,12 +1174,86 @@ Tensor channel_affine_act(const Tensor& x, const Tensor& scale, const Tensor& sh
 
 }  // namespace
 
+// group_norm_act with its autograd node in C++: what the Python layer calls on the CPU when autograd
+// records the call (genfast/_ops.py), in place of a Python autograd.Function, whose node costs more
+// host time than these kernels take at small sizes. The same gradients as genfast/conv.py's backward.
+struct GroupNormActFunction : torch::autograd::Function<GroupNormActFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
+                                                int64_t num_groups, const OptTensor& weight, const OptTensor& bias,
+                                                double eps, c10::string_view activation, double negative_slope,
+                                                const OptTensor& add, const OptTensor& scale_shift,
+                                                const OptTensor& residual) {
+    auto [out, mean, rstd] = group_norm_act(x, num_groups, weight, bias, eps, activation, negative_slope, add,
+                                            scale_shift, residual);
+    const auto opt = [](const OptTensor& t) { return t.has_value() ? *t : Tensor(); };
+    ctx->save_for_backward({x, opt(weight), opt(bias), opt(add), opt(scale_shift), mean, rstd});
+    ctx->saved_data["num_groups"] = num_groups;
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["given"] = static_cast<int64_t>(weight.has_value() | bias.has_value() << 1 |
+                                                    add.has_value() << 2 | scale_shift.has_value() << 3 |
+                                                    residual.has_value() << 4);
+    ctx->mark_non_differentiable({mean, rstd});  // returned for the backward only
+    ctx->set_materialize_grads(false);
+    return {out, mean, rstd};
+  }
+
+  // One gradient per forward argument: x, num_groups, weight, bias, eps, activation, negative_slope, add,
+  // scale_shift, residual. needs_input_grad counts the tensors given: x, then those of weight, bias,
+  // add, scale_shift and residual that were not None.
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list result(10);
+    const Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return result;  // only the statistics were used
+    const int64_t given = ctx->saved_data["given"].toInt();
+    bool need[5];  // weight, bias, add, scale_shift, residual
+    for (int i = 0, edge = 1; i < 5; ++i) need[i] = (given >> i & 1) && ctx->needs_input_grad(edge++);
+    const bool need_x = ctx->needs_input_grad(0), need_w = need[0], need_b = need[1], need_add = need[2],
+               need_ss = need[3];
+    if (need_x || need_w || need_b || need_add || need_ss) {
+      const auto saved = ctx->get_saved_variables();
+      const auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+      const std::string activation = ctx->saved_data["activation"].toStringRef();
+      auto [gx, gw, gb, gadd, gss] = group_norm_act_backward(
+          grad_out, saved[0], ctx->saved_data["num_groups"].toInt(), opt(saved[1]), opt(saved[2]), saved[5],
+          saved[6], activation, ctx->saved_data["negative_slope"].toDouble(), opt(saved[3]), opt(saved[4]));
+      if (need_x) result[0] = gx;
+      if (need_w) result[2] = gw;
+      if (need_b) result[3] = gb;
+      if (need_add) result[7] = gadd;
+      if (need_ss) result[8] = gss;
+      if (at::GradMode::is_enabled() && grad_out.requires_grad()) {
+        // create_graph: gradients whose own backward raises (Python's once_differentiable)
+        for (auto& r : result) {
+          if (r.defined()) r = r.detach().requires_grad_(true);
+        }
+        result = torch::autograd::DelayedError("group_norm_act: double backward is not supported", 10)
+                     .apply(std::move(result));
+      }
+    }
+    if (need[4]) result[9] = grad_out;
+    return result;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_act_autograd(const Tensor& x, int64_t num_groups,
+                                                           const OptTensor& weight, const OptTensor& bias, double eps,
+                                                           c10::string_view activation, double negative_slope,
+                                                           const OptTensor& add, const OptTensor& scale_shift,
+                                                           const OptTensor& residual) {
+  auto r = GroupNormActFunction::apply(x, num_groups, weight, bias, eps, activation, negative_slope, add, scale_shift,
+                                       residual);
+  return {r[0], r[1], r[2]};
+}
+
 TORCH_LIBRARY_FRAGMENT(genfast_cpu, m) {
   m.def("group_norm_act", &group_norm_act);
   m.def("group_norm_act_out(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, str activation, "
         "float negative_slope, Tensor? add, Tensor? scale_shift, Tensor? residual, Tensor(a!) out) -> (Tensor, Tensor)",
         &group_norm_act_out);
   m.def("group_norm_act_backward", &group_norm_act_backward);
+  m.def("group_norm_act_autograd", &group_norm_act_autograd);
   m.def("channel_affine_act", &channel_affine_act);
   m.def("batch_norm_act_train", &batch_norm_act_train);
   m.def("batch_norm_act_backward", &batch_norm_act_backward);
