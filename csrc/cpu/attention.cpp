@@ -980,7 +980,7 @@ void attend_lanes(const Problem& p) {
           const Vec mn = at::vec::maximum(m[u], cm[u]);
           msafe[u] = Vec::blendv(mn, Vec(0.f), mn == Vec(kNegInf));
           if (c0 > kmin) {
-            const Vec alpha = exp2_nonpos(at::vec::maximum(m[u] - msafe[u], Vec(-256.f)));
+            const Vec alpha = exp2_fast(at::vec::maximum(m[u] - msafe[u], Vec(-256.f)));
             l[u] = l[u] * alpha;
             for (int d = 0; d < D; ++d) {
               (Vec::loadu(acc.data() + (u * D + d) * V) * alpha).store(acc.data() + (u * D + d) * V);
@@ -992,7 +992,7 @@ void attend_lanes(const Problem& p) {
         auto prob = [&](int j, int u, auto masked) {
           Vec x = Vec::loadu(score_at(j, u)) - msafe[u];
           if constexpr (decltype(masked)::value) x = at::vec::maximum(x, Vec(-256.f));
-          const Vec e = exp2_nonpos(x);
+          const Vec e = exp2_fast(x);
           l[u] = l[u] + e;
           return e;
         };

@@ -58,9 +58,10 @@ inline Vec exp_fast(const Vec& x) {
 #endif
 }
 
-// 2^x for finite x <= 0 (clamp -inf first): f = x - floor(x) in [0, 1) by vreduceps, 2^f by a
-// degree-6 polynomial (relative error 9e-8, p(0) = 1), times 2^floor(x) by vscalefps: 8 ops.
-inline Vec exp2_nonpos(const Vec& x) {
+// 2^x for any x: f = x - floor(x) in [0, 1) by vreduceps, 2^f by a degree-6 polynomial (relative
+// error 9e-8, p(0) = 1), times 2^floor(x) by vscalefps: 8 ops. Overflow gives inf and underflow 0;
+// x = +-inf, whose reduction is 0, gives inf and 0; NaN propagates.
+inline Vec exp2_fast(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 p = _mm512_set1_ps(2.170272055e-4f);
@@ -73,6 +74,20 @@ inline Vec exp2_nonpos(const Vec& x) {
   return _mm512_scalef_ps(p, x);
 #else
   return (x * Vec(0.693147182f)).exp();
+#endif
+}
+
+// exp(-x) for a sigmoid 1 / (1 + exp(-x)), as 2^(x * -log2 e): 9 ops where exp_fast(-x) takes 14,
+// and no clamp (any x: exp2_fast). The product's rounding adds a relative error of up to
+// 6e-8 |x| to the result, which a sigmoid s carries only as the fraction 1 - s of it: silu's
+// worst error over x in [-90, 90] against fp64, as a fraction of 1 + |silu|, stayed 1.03e-7 (the
+// division's rounding) with either exp. Measured on AVX-512 (AMD EPYC, Zen 4), silu's loop over
+// 4096 fp32 values in L1: 4.26 -> 3.34 ns a vector.
+inline Vec exp_neg_fast(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return exp2_fast(x * Vec(-1.44269504f));
+#else
+  return x.neg().exp();
 #endif
 }
 

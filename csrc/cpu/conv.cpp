@@ -104,7 +104,7 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 template <Act A>
 inline Vec activate(const Vec& y, const Vec& slope) {
   if constexpr (A == Act::kSilu) {
-    return y / (Vec(1.f) + exp_fast(y.neg()));
+    return y / (Vec(1.f) + exp_neg_fast(y));
   } else if constexpr (A == Act::kGelu) {
     return Vec(0.5f) * y * (Vec(1.f) + (y * Vec(kSqrtHalf)).erf());
   } else if constexpr (A == Act::kRelu) {
@@ -120,7 +120,7 @@ inline Vec activate(const Vec& y, const Vec& slope) {
 template <Act A>
 inline Vec activate_grad(const Vec& y, const Vec& slope) {
   if constexpr (A == Act::kSilu) {
-    const Vec s = Vec(1.f) / (Vec(1.f) + exp_fast(y.neg()));
+    const Vec s = Vec(1.f) / (Vec(1.f) + exp_neg_fast(y));
     return s * (Vec(1.f) + y * (Vec(1.f) - s));
   } else if constexpr (A == Act::kGelu) {
     const Vec cdf = Vec(0.5f) * (Vec(1.f) + (y * Vec(kSqrtHalf)).erf());

@@ -63,7 +63,7 @@ inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; 
 inline Vec ones_where(const Vec& mask) { return mask & Vec(1.0f); }
 
 // exp(-d), the mass of a token d nats below the top, for d >= 0 (this path's
-// largest cost: an exp per token): common.h's exp2_nonpos of -d log2(e), 10
+// largest cost: an exp per token): common.h's exp2_fast of -d log2(e), 10
 // vector ops with the scaling and the clamp (the top token's mass is exactly
 // 1), against ~15 for ATen's exp_u20 (20 ulp). d = inf (and the NaN padding)
 // give 0. Not exp_fast: for d >= 0 this needs neither its two-sided clamp nor
@@ -72,7 +72,7 @@ inline Vec ones_where(const Vec& mask) { return mask & Vec(1.0f); }
 inline Vec exp_neg(const Vec& d) {
 #if defined(CPU_CAPABILITY_AVX512)
   // max(NaN, -200) is -200: the padding's exp is 2^-200 = 0 in fp32
-  return exp2_nonpos(Vec(_mm512_max_ps(_mm512_mul_ps(d, _mm512_set1_ps(-1.44269504f)), _mm512_set1_ps(-200.f))));
+  return exp2_fast(Vec(_mm512_max_ps(_mm512_mul_ps(d, _mm512_set1_ps(-1.44269504f)), _mm512_set1_ps(-200.f))));
 #else
   return (Vec(0.f) - d).exp_u20();
 #endif
