@@ -257,23 +257,6 @@ inline void row_vectors(const TC* p, __m512* k) {
   if constexpr (NV % 2) k[NV - 1] = vec16(p + (NV - 1) * 16);
 }
 
-// The 16 horizontal sums of v[0..15] as one vector (lane j = the sum of v[j]'s lanes): a
-// transposing tree of 46 vector ops where 16 separate reductions take 128.
-inline __m512 sum16(const __m512* v) {
-  __m512 t[8], u[4];
-  for (int j = 0; j < 8; ++j)  // lanes 0-7: v[j]'s halves added; 8-15: v[j + 8]'s
-    t[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[j], v[j + 8], 0x44), _mm512_shuffle_f32x4(v[j], v[j + 8], 0xEE));
-  for (int j = 0; j < 4; ++j)  // 128-bit groups: v[j], v[j + 8], v[j + 4], v[j + 12], 4 lanes each
-    u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(t[j], t[j + 4], 0x88), _mm512_shuffle_f32x4(t[j], t[j + 4], 0xDD));
-  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
-  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
-  const __m512 r = _mm512_add_ps(
-      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
-      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
-  // r's groups hold v[0-3], v[8-11], v[4-7], v[12-15]
-  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15), r);
-}
-
 // scores() for keys converted in registers where they are used, not through a widened buffer:
 // each key row is converted once and meets every query row (read from L1); each (row, key)
 // product vector is kept, and a row's 16 are summed at once (sum16), not one horizontal sum
