@@ -204,6 +204,25 @@ def test_every_activation(gn_backend, activation, channels_last, dtype):
     check_against_torch(tensors, groups, grad, out, grads, **kw)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_saturating_activation_arguments(gn_backend, activation, channels_last):
+    """Weights and biases that put the activation's argument where exp overflows or the sigmoid
+    saturates (|y| up to 1e4, and around 88, where exp(88.7) leaves fp32): limits, not NaN,
+    forward and backward, within the accuracy rule."""
+    shape, groups = (2, 8, 5, 3), 4
+    tensors = make_inputs(shape, torch.float32, gn_backend, channels_last, ("affine",), requires_grad=False)
+    tensors["weight"] = torch.tensor([1e4, 1.0, 1.0, 1.0, 5.0, 1.0, 1e-3, 0.0], device=gn_backend)
+    tensors["bias"] = torch.tensor([0.0, -200.0, -88.5, 88.5, -20.0, 0.5, 89.0, -95.0], device=gn_backend)
+    for v in tensors.values():
+        v.requires_grad_(True)
+    grad = torch.randn(shape, device=gn_backend)
+    out, grads = run_and_grad(lambda **t: group_norm_act(num_groups=groups, activation=activation, **t), tensors,
+                              grad)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads.values())
+    check_against_torch(tensors, groups, grad, out, grads, activation=activation)
+
+
 def test_large_group_split_within_groups(gn_backend):
     """One image, few groups of many elements: the C++ kernels and the Triton three-kernel
     path split each group; the Triton one-program path loops over a group's tiles."""
