@@ -37,7 +37,7 @@ def _params_like(x: torch.Tensor, *shape: int) -> torch.Tensor:
 
 group_norm_act_backward_op = _ops.define(
     "group_norm_act_backward(Tensor grad_out, Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor mean, "
-    "Tensor rstd, str activation, float negative_slope, Tensor? add, Tensor? scale_shift) "
+    "Tensor rstd, str activation, float negative_slope, Tensor? add, Tensor? scale_shift, Tensor? out) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "conv",
     lambda grad_out, x, num_groups, *_: (
@@ -47,13 +47,17 @@ group_norm_act_backward_op = _ops.define(
 
 
 def _group_norm_act_setup(ctx, inputs, output):
-    x, num_groups, weight, bias, _, activation, negative_slope, add, scale_shift, _ = inputs
-    _, mean, rstd = output
+    x, num_groups, weight, bias, _, activation, negative_slope, add, scale_shift, residual = inputs
+    out, mean, rstd = output
     # The statistics carry no gradient: no zero-filled tensors for them in the backward (a launch each).
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, bias, add, scale_shift, mean, rstd)
     ctx.num_groups, ctx.activation, ctx.negative_slope = num_groups, activation, negative_slope
+    # An fp32 SiLU's derivative can come from the output (act(y) itself without a residual): kept as a
+    # detached alias, not saved, so that changing out in place stays legal; used only while unchanged.
+    ctx.out = out.detach() if activation == "silu" and residual is None and x.dtype == torch.float32 else None
+    ctx.out_version = out._version
 
 
 def _group_norm_act_backward(ctx, grad_out, grad_mean, grad_rstd):
@@ -65,8 +69,10 @@ def _group_norm_act_backward(ctx, grad_out, grad_mean, grad_rstd):
         return tuple(grads)
     if any(need[i] for i in (0, 2, 3, 7, 8)):
         g = grad_out.contiguous(memory_format=memory_format(x))
+        out = ctx.out if ctx.out is not None and ctx.out._version == ctx.out_version else None
         gx, gw, gb, gadd, gss = group_norm_act_backward_op(
-            g, x, ctx.num_groups, weight, bias, mean, rstd, ctx.activation, ctx.negative_slope, add, scale_shift)
+            g, x, ctx.num_groups, weight, bias, mean, rstd, ctx.activation, ctx.negative_slope, add, scale_shift,
+            out)
         for i, t in ((0, gx), (2, gw), (3, gb), (7, gadd), (8, gss)):
             if need[i]:
                 grads[i] = t

@@ -732,7 +732,8 @@ def _group_norm_act_into(x, num_groups, weight, bias, eps, activation, negative_
 
 
 def group_norm_act_backward(grad_out, x, num_groups, weight, bias, mean, rstd, activation, negative_slope, add,
-                            scale_shift):
+                            scale_shift, out=None):
+    # out (the forward's output) is for the C++ kernel's SiLU derivative; these kernels evaluate it.
     n, c, s, cl = _layout(x)
     grad_x = torch.empty_like(x)
     # Every element of these is written by the kernels (the groups cover every channel).

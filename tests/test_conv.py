@@ -223,6 +223,19 @@ def test_saturating_activation_arguments(gn_backend, activation, channels_last):
     check_against_torch(tensors, groups, grad, out, grads, activation=activation)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_output_changed_in_place_before_backward(gn_backend, channels_last):
+    """The C++ backward takes an fp32 SiLU's derivative from the forward's output; an output the caller
+    changed in place (legal: the output is not a saved tensor) is not used, and the gradients stay right."""
+    shape, groups = (2, 8, 5, 3), 4
+    tensors = make_inputs(shape, torch.float32, gn_backend, channels_last, ("affine",))
+    grad = torch.randn(shape, device=gn_backend)
+    out = group_norm_act(num_groups=groups, **tensors)
+    out.mul_(2.0)
+    grads = dict(zip(tensors, torch.autograd.grad(out, list(tensors.values()), grad)))
+    check_against_torch(tensors, groups, 2 * grad, out / 2, grads)
+
+
 def test_large_group_split_within_groups(gn_backend):
     """One image, few groups of many elements: the C++ kernels and the Triton three-kernel
     path split each group; the Triton one-program path loops over a group's tiles."""
@@ -431,7 +444,8 @@ def test_opcheck(backend):
                                          ss.detach(), None)
     g = torch.randn_like(out)
     cases.append((ops.group_norm_act_backward.default,
-                  (g, x.detach(), 4, w.detach(), b.detach(), mean, rstd, "silu", 0.01, add.detach(), ss.detach())))
+                  (g, x.detach(), 4, w.detach(), b.detach(), mean, rstd, "silu", 0.01, add.detach(), ss.detach(),
+                   out)))
     cases.append((ops.group_norm_act_out.default, (x.detach(), 4, w.detach(), b.detach(), 1e-5, "silu", 0.01,
                                                    add.detach(), ss.detach(), res.detach(), torch.empty_like(out))))
     for op, args in cases:

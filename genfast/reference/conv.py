@@ -121,12 +121,14 @@ def group_norm_act_out(x, num_groups, weight, bias, eps, activation, negative_sl
 
 
 def group_norm_act_backward(grad_out, x, num_groups, weight, bias, mean, rstd, activation, negative_slope, add,
-                            scale_shift):
+                            scale_shift, out=None):
     """Gradients of group_norm_act's out (the residual's is grad_out itself).
 
     Returns (grad_x like x, grad_weight (C,), grad_bias (C,), grad_add (N, C),
     grad_scale_shift (N, 2C)), the last four in the compute dtype and computed
     whether or not the argument was given (weight and bias as ones and zeros).
+    out (the forward's output, where it is act(y) itself) lets a kernel skip the
+    activation's derivative; the reference evaluates it and ignores out.
     """
     cdt = compute_dtype(x.dtype)
     n, c = x.shape[:2]
