@@ -54,9 +54,11 @@ def _group_norm_act_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, bias, add, scale_shift, mean, rstd)
     ctx.num_groups, ctx.activation, ctx.negative_slope = num_groups, activation, negative_slope
-    # An fp32 SiLU's derivative can come from the output (act(y) itself without a residual): kept as a
-    # detached alias, not saved, so that changing out in place stays legal; used only while unchanged.
-    ctx.out = out.detach() if activation == "silu" and residual is None and x.dtype == torch.float32 else None
+    # The C++ kernel takes an fp32 SiLU's derivative from the output (act(y) itself without a residual):
+    # kept as a detached alias, not saved, so that changing out in place stays legal; used only while
+    # unchanged. (On the CPU only: the Triton kernels evaluate the derivative.)
+    usable = activation == "silu" and residual is None and x.dtype == torch.float32 and x.device.type == "cpu"
+    ctx.out = out.detach() if usable else None
     ctx.out_version = out._version
 
 
