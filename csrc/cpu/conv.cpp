@@ -838,11 +838,15 @@ void nchw_backward(const Problem& p, const Coefs& k, const float* rstd, const T*
 // With keep (x's layout, fp32), dy is also stored there for the apply pass.
 // Row by row, into fp32 per-channel accumulators (in L1): reading the rows in
 // order keeps the hardware prefetcher ahead, which a column of rows at a
-// stride of C did not with the activation derivative's work in between.
+// stride of C did not with the activation derivative's work in between. The
+// accumulators take kSumRows rows before they are added into the doubles (as
+// NCHW's vector lanes take 128 values of a chunk).
+constexpr int64_t kSumRows = 128;
+
 template <typename T, Act A>
 void nhwc_sums(const Problem& p, const Coefs& k, const T* x, const T* gout, int64_t n, int64_t r0, int64_t r1,
                double* s1, double* s2, double* s3, float* keep, const float* o) {
-  const int64_t C = p.C, R = rows_per_block(C);
+  const int64_t C = p.C, R = kSumRows;
   const float *a = k.a.data() + n * C, *d = k.d.data() + n * C, *b = k.b.data() + n * C;
   const Vec slope(p.slope);
   std::vector<float> acc(3 * C);
@@ -917,19 +921,26 @@ void nhwc_backward(const Problem& p, const Coefs& k, const float* rstd, const T*
                       base + 2 * C, keep, o);
     }
   });
+  // Per group: its channels' sums over the parts (in part order, whatever the threads), then its
+  // coefficients; the groups over the threads. With this and kSumRows (before: serial, and the
+  // doubles added every 4 * kChunk / C rows), the backward op over channels_last fp32 SiLU, 2 threads,
+  // median of nine runs (AMD EPYC): (2, 1280, 16, 16) 345 -> 271 us, (2, 1280, 8, 8) 122 -> 98 us.
   Sums s(p.N * C);
-  for (int64_t t = 0; t < p.N * parts; ++t) {
-    const int64_t n = t / parts;
-    const double* base = part.data() + t * 3 * C;
-    for (int64_t c = 0; c < C; ++c) {
-      s.s1[n * C + c] += base[c];
-      s.s2[n * C + c] += base[C + c];
-      s.s3[n * C + c] += base[2 * C + c];
-    }
-  }
   BackCoefs bc(p.N * C);
-  for (int64_t ng = 0; ng < p.N * p.G; ++ng)
-    finish_group_backward(p, ng / p.G, ng % p.G, s, rstd, bc, go.wpart, go.bpart, go.add, go.ss);
+  at::parallel_for(0, p.N * p.G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / p.G, g = ng % p.G;
+      for (int64_t q = 0; q < parts; ++q) {
+        const double* base = part.data() + (n * parts + q) * 3 * C;
+        for (int64_t c = g * p.Cg; c < (g + 1) * p.Cg; ++c) {
+          s.s1[n * C + c] += base[c];
+          s.s2[n * C + c] += base[C + c];
+          s.s3[n * C + c] += base[2 * C + c];
+        }
+      }
+      finish_group_backward(p, n, g, s, rstd, bc, go.wpart, go.bpart, go.add, go.ss);
+    }
+  });
   at::parallel_for(0, p.N * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / parts, q = t % parts;
