@@ -661,7 +661,8 @@ inline void channel_sums(const T* x, const T* gout, int64_t len, float a, float 
 // 16 channels' vector sums reduced at once by sum16 (46 ops where 16 horizontal sums take ~130). With
 // keep, dy goes there, channel after channel. For channels of at most kSmallChannel elements, where
 // the reductions are a share of the pass: the backward op at (2, 1280, 8, 8) fp32 NCHW, 1 thread,
-// took 10-20% fewer perf samples (AMD EPYC); at 16 x 16 and 32 x 32 the change was within the noise.
+// took 0-22% fewer perf samples in six alternations, least 466 -> 411 (AMD EPYC); at 16 x 16 and
+// 32 x 32 the change was within the noise.
 constexpr int64_t kSmallChannel = 256;
 
 template <typename T, Act A>
@@ -958,9 +959,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_backward(
   // planes of at most 32 x 32, takes its derivative from it (silu_grad_from_out), the rest ignore it.
   // With add, the forward's y used the group's mean in double (fold_group) and this one the saved
   // fp32 mean: where y is small their relative difference, and so s = out / y's error, is large. The
-  // backward op, 2 threads, fp32 (AMD EPYC): (2, 640, 32, 32) NCHW 350 -> 287 us, (2, 1280, 16, 16)
-  // 205-211 -> 170-174 us, channels_last 5-15% less; at 64 x 64 the third read stream cost what the
-  // exp saved (+2-4% NCHW).
+  // backward op, 2 threads, fp32 (AMD EPYC): (2, 640, 32, 32) NCHW 349-448 -> 287-434 us,
+  // (2, 1280, 16, 16) 186-211 -> 152-174 us, channels_last 5-15% less; at 64 x 64 the third read
+  // stream cost what the exp saved (+2-4% NCHW).
   const bool use_out = out.has_value() && out->defined() && p.act == Act::kSilu && x.scalar_type() == at::kFloat &&
                        !add.has_value() && p.S <= 1024;
   if (use_out)
