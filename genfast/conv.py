@@ -56,8 +56,10 @@ def _group_norm_act_setup(ctx, inputs, output):
     ctx.num_groups, ctx.activation, ctx.negative_slope = num_groups, activation, negative_slope
     # The C++ kernel takes an fp32 SiLU's derivative from the output (act(y) itself without a residual):
     # kept as a detached alias, not saved, so that changing out in place stays legal; used only while
-    # unchanged. (On the CPU only: the Triton kernels evaluate the derivative.)
-    usable = activation == "silu" and residual is None and x.dtype == torch.float32 and x.device.type == "cpu"
+    # unchanged. (On the CPU only: the Triton kernels evaluate the derivative. Not under torch.compile,
+    # which would save the alias, so that an in-place change of a compiled region's output would raise.)
+    usable = (activation == "silu" and residual is None and x.dtype == torch.float32 and x.device.type == "cpu"
+              and not torch.compiler.is_compiling())
     ctx.out = out.detach() if usable else None
     ctx.out_version = out._version
 

@@ -464,6 +464,19 @@ def test_torch_compile_fullgraph_resnet_block():
     assert_compiled_matches(block, args, args)
 
 
+def test_torch_compile_output_changed_in_place_before_backward():
+    """A compiled region's output changed in place before the backward: legal (as in eager), right
+    gradients; under torch.compile the backward does not keep the output for SiLU's derivative."""
+    torch._dynamo.reset()
+    t = make_inputs((2, 8, 5, 3), torch.float32, DEVICE, False, ("affine",))
+    grad = torch.randn(2, 8, 5, 3, device=DEVICE)
+    f = torch.compile(lambda x, w, b: group_norm_act(x, 4, w, b), fullgraph=True)
+    out = f(t["x"], t["weight"], t["bias"])
+    out.mul_(2.0)
+    grads = dict(zip(t, torch.autograd.grad(out, list(t.values()), grad)))
+    check_against_torch(t, 4, 2 * grad, out / 2, grads)
+
+
 def _never(*args):
     raise AssertionError("a kernel ran")
 
