@@ -47,21 +47,13 @@ group_norm_act_backward_op = _ops.define(
 
 
 def _group_norm_act_setup(ctx, inputs, output):
-    x, num_groups, weight, bias, _, activation, negative_slope, add, scale_shift, residual = inputs
-    out, mean, rstd = output
+    x, num_groups, weight, bias, _, activation, negative_slope, add, scale_shift, _ = inputs
+    _, mean, rstd = output
     # The statistics carry no gradient: no zero-filled tensors for them in the backward (a launch each).
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, bias, add, scale_shift, mean, rstd)
     ctx.num_groups, ctx.activation, ctx.negative_slope = num_groups, activation, negative_slope
-    # The C++ kernel takes an fp32 SiLU's derivative from the output (act(y) itself without a residual):
-    # kept as a detached alias, not saved, so that changing out in place stays legal; used only while
-    # unchanged. (On the CPU only: the Triton kernels evaluate the derivative. Not under torch.compile,
-    # which would save the alias, so that an in-place change of a compiled region's output would raise.)
-    usable = (activation == "silu" and residual is None and x.dtype == torch.float32 and x.device.type == "cpu"
-              and not torch.compiler.is_compiling())
-    ctx.out = out.detach() if usable else None
-    ctx.out_version = out._version
 
 
 def _group_norm_act_backward(ctx, grad_out, grad_mean, grad_rstd):
@@ -73,10 +65,12 @@ def _group_norm_act_backward(ctx, grad_out, grad_mean, grad_rstd):
         return tuple(grads)
     if any(need[i] for i in (0, 2, 3, 7, 8)):
         g = grad_out.contiguous(memory_format=memory_format(x))
-        out = ctx.out if ctx.out is not None and ctx.out._version == ctx.out_version else None
+        # No forward output: only the C++ autograd node (conv.cpp) keeps it, for SiLU's derivative. This
+        # node runs the Triton and reference kernels, which do not use it, and torch.compile's trace,
+        # which would save it, so that an in-place change of a compiled region's output would raise.
         gx, gw, gb, gadd, gss = group_norm_act_backward_op(
             g, x, ctx.num_groups, weight, bias, mean, rstd, ctx.activation, ctx.negative_slope, add, scale_shift,
-            out)
+            None)
         for i, t in ((0, gx), (2, gw), (3, gb), (7, gadd), (8, gss)):
             if need[i]:
                 grads[i] = t

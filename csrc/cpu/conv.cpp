@@ -950,20 +950,26 @@ void nhwc_backward(const Problem& p, const Coefs& k, const float* rstd, const T*
   });
 }
 
+// Whether group_norm_act_backward takes SiLU's derivative from the forward's output (given that output
+// is act(y) itself, without a residual): an fp32 SiLU without add, over planes of at most 32 x 32. With
+// add, the forward's y used the group's mean in double (fold_group) and the backward the saved fp32
+// mean: where y is small their relative difference, and so s = out / y's error, is large. The backward
+// op, 2 threads, fp32 (AMD EPYC): (2, 640, 32, 32) NCHW 349-448 -> 287-434 us, (2, 1280, 16, 16)
+// 186-211 -> 152-174 us, channels_last 5-15% less; at 64 x 64 the third read stream cost what the exp
+// saved (+2-4% NCHW).
+inline bool derivative_from_out(Act act, c10::ScalarType dtype, bool add, int64_t S) {
+  return act == Act::kSilu && dtype == at::kFloat && !add && S <= 1024;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> group_norm_act_backward(
     const Tensor& grad_out, const Tensor& x, int64_t num_groups, const OptTensor& weight, const OptTensor& bias,
     const Tensor& mean, const Tensor& rstd, c10::string_view activation, double negative_slope,
     const OptTensor& add, const OptTensor& scale_shift, const OptTensor& out) {
   const Problem p = make_problem(x, num_groups, weight, bias, add, scale_shift, 0.0, negative_slope, activation);
-  // out: the forward's output where it is act(y) itself (no residual); an fp32 SiLU without add, over
-  // planes of at most 32 x 32, takes its derivative from it (silu_grad_from_out), the rest ignore it.
-  // With add, the forward's y used the group's mean in double (fold_group) and this one the saved
-  // fp32 mean: where y is small their relative difference, and so s = out / y's error, is large. The
-  // backward op, 2 threads, fp32 (AMD EPYC): (2, 640, 32, 32) NCHW 349-448 -> 287-434 us,
-  // (2, 1280, 16, 16) 186-211 -> 152-174 us, channels_last 5-15% less; at 64 x 64 the third read
-  // stream cost what the exp saved (+2-4% NCHW).
-  const bool use_out = out.has_value() && out->defined() && p.act == Act::kSilu && x.scalar_type() == at::kFloat &&
-                       !add.has_value() && p.S <= 1024;
+  // out: the forward's output where it is act(y) itself (no residual), or null; used where
+  // derivative_from_out says, ignored elsewhere.
+  const bool use_out =
+      out.has_value() && out->defined() && derivative_from_out(p.act, x.scalar_type(), add.has_value(), p.S);
   if (use_out)
     TORCH_CHECK(out->scalar_type() == at::kFloat && out->sizes() == x.sizes() && out->strides() == x.strides(),
                 "group_norm_act_backward: out must have x's shape, strides and dtype");
@@ -1291,9 +1297,12 @@ struct GroupNormActFunction : torch::autograd::Function<GroupNormActFunction> {
     ctx->saved_data["given"] = static_cast<int64_t>(weight.has_value() | bias.has_value() << 1 |
                                                     add.has_value() << 2 | scale_shift.has_value() << 3 |
                                                     residual.has_value() << 4);
-    // SiLU's derivative from the output (fp32, act(y) itself): kept as a detached alias, not a saved
-    // variable, so that an in-place change of out stays legal; the backward uses it only if unchanged.
-    if (activation == "silu" && !residual.has_value() && x.scalar_type() == at::kFloat) {
+    // Where the backward takes SiLU's derivative from the output (act(y) itself: no residual), out is
+    // kept as a detached alias, not a saved variable, so that an in-place change of out stays legal;
+    // the backward uses it only if unchanged.
+    const int64_t S = x.dim() > 2 ? x.numel() / std::max<int64_t>(1, x.size(0) * x.size(1)) : 1;
+    if (!residual.has_value() &&
+        derivative_from_out(parse_activation(activation), x.scalar_type(), add.has_value(), S)) {
       ctx->saved_data["out"] = out.detach();
       ctx->saved_data["out_version"] = static_cast<int64_t>(out._version());
     }
