@@ -509,20 +509,22 @@ def test_bad_input_raises_before_anything_runs(kwargs, error, match, monkeypatch
         group_norm_act(torch.ones(2, 8, 5, 5, dtype=torch.int64), 4)
 
 
-# The C++ channels_last forward runs an image in channel blocks of whole groups (statistics,
-# then the apply from L2) where a block's part of a row is at least 1 KB, else in row pieces
-# with the statistics merged across them: both paths, one and two threads, blocks that split
-# the groups unevenly (32 groups in 3 blocks), a block ending in a part vector ("tail": 530
-# channels) and the per-(n, c) inputs; and training-mode batch norm over wide (N, C) rows,
-# which takes the same kernels with a group per channel.
+# The C++ channels_last forward and backward run an image in channel blocks of whole groups
+# (statistics or sums, then the apply from L2) where a block's part of a row is long enough, else
+# in row pieces with the statistics merged across them: both paths, one and two threads, blocks
+# that split the groups unevenly (32 groups in 3 or 5 blocks), a block ending in a part vector
+# ("tail": 530 channels), with the per-(n, c) inputs and with weight and bias alone (where the
+# fp32 SiLU backward takes the derivative from the output); and training-mode batch norm over wide
+# (N, C) rows, which takes the same kernels with a group per channel.
 @pytest.mark.parametrize("shape, groups, dtype", [
     ((2, 1280, 16, 16), 32, torch.float32), ((2, 640, 5, 5), 32, torch.bfloat16), ((1, 96, 9, 7), 32, torch.float32),
     ((2, 530, 4, 3), 10, torch.float32)], ids=["blocks3", "bf16", "rows", "tail"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_cpp_channels_last_paths(shape, groups, dtype, threads):
+@pytest.mark.parametrize("features", ["all", "affine"])
+def test_cpp_channels_last_paths(shape, groups, dtype, threads, features):
     if not genfast.backends()["cpp"][0]:
         pytest.skip("no C++ backend")
-    tensors = make_inputs(shape, dtype, "cpu", True, FEATURES["all"])
+    tensors = make_inputs(shape, dtype, "cpu", True, FEATURES[features])
     grad = torch.randn(shape).to(dtype)
     x2d = 2 * torch.randn(24, 1024) + 3
     previous = torch.get_num_threads()

@@ -502,18 +502,20 @@ inline void nhwc_finish_group(const Problem& p, int64_t n, int64_t g, int64_t pa
   finish_group(p, n, g, m, mean, rstd, k, var);
 }
 
-// Bytes of x one channel-block task reads twice: the second read comes from a core's L2.
-constexpr int64_t kL2Block = 512 * 1024;
+// Bytes of an image's streams (x and out forward; x, grad_out, the forward's output, dy and grad_x
+// backward) that one channel-block task may touch: about a core's L2.
+constexpr int64_t kL2Block = 1024 * 1024;
 
 // Channel blocks per image for tasks that each take whole groups of every row through
-// the three steps (moments, groups, apply), the apply reading the block back from L2;
-// 0 where a block's run of a row would be under 1 KB, which the hardware prefetcher does
-// not follow across rows at a stride of C (tried: 1.6x slower at (2, 320, 64, 64)).
-inline int64_t nhwc_channel_blocks(const Problem& p, int64_t itemsize) {
+// statistics (or sums), the groups' coefficients and the apply, the apply reading the block
+// back from L2: bytes per element of the task's streams, and of the row runs it reads;
+// 0 where a block's run of a row would be under min_run bytes, which the hardware prefetcher
+// does not follow across rows at a stride of C (tried: 1.6x slower at (2, 320, 64, 64)).
+inline int64_t nhwc_channel_blocks(const Problem& p, int64_t bytes, int64_t itemsize, int64_t min_run) {
   const int64_t threads = at::get_num_threads();
-  int64_t blocks = std::max((p.S * p.C * itemsize + kL2Block - 1) / kL2Block, (threads + p.N - 1) / p.N);
+  int64_t blocks = std::max((p.S * p.C * bytes + kL2Block - 1) / kL2Block, (threads + p.N - 1) / p.N);
   blocks = std::min(blocks, p.G);
-  if (p.C / blocks * itemsize < 1024 || p.N * blocks < threads) return 0;
+  if (p.C / blocks * itemsize < min_run || p.N * blocks < threads) return 0;
   return blocks;
 }
 
@@ -521,7 +523,7 @@ template <typename T, Act A>
 void nhwc_forward(const Problem& p, const T* x, const T* res, T* out, float* mean, float* rstd, Coefs& k,
                   float* var = nullptr) {
   const int64_t C = p.C;
-  if (const int64_t blocks = nhwc_channel_blocks(p, sizeof(T))) {
+  if (const int64_t blocks = nhwc_channel_blocks(p, 2 * sizeof(T), sizeof(T), 1024)) {
     std::vector<float> pm(p.N * C), pm2(p.N * C);
     at::parallel_for(0, p.N * blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
@@ -835,68 +837,78 @@ void nchw_backward(const Problem& p, const Coefs& k, const float* rstd, const T*
   });
 }
 
-// Rows [r0, r1) of image n: per-channel sums added into s1, s2, s3 (C doubles each).
-// With keep (x's layout, fp32), dy is also stored there for the apply pass.
-// Row by row, into fp32 per-channel accumulators (in L1): reading the rows in
-// order keeps the hardware prefetcher ahead, which a column of rows at a
-// stride of C did not with the activation derivative's work in between. The
-// accumulators take kSumRows rows before they are added into the doubles (as
-// NCHW's vector lanes take 128 values of a chunk).
+// Rows [r0, r1) of image n, channels [c0, c1): per-channel sums added into s1, s2, s3 (indexed by
+// channel). With keep, dy is also stored there (fp32) for the apply pass, row r's channels from
+// keep + (r - r0) * ks. Row by row, into fp32 per-channel accumulators (in L1): reading the rows in
+// order keeps the hardware prefetcher ahead, which a column of rows at a stride of C did not with
+// the activation derivative's work in between (it follows a block's runs of kBackwardRun bytes and
+// more: prefetching them changed nothing at (2, 1280, 16, 16)). The accumulators take kSumRows rows
+// before they are added into the doubles (as NCHW's vector lanes take 128 values of a chunk).
 constexpr int64_t kSumRows = 128;
 
 template <typename T, Act A>
 void nhwc_sums(const Problem& p, const Coefs& k, const T* x, const T* gout, int64_t n, int64_t r0, int64_t r1,
-               double* s1, double* s2, double* s3, float* keep, const float* o) {
-  const int64_t C = p.C, R = kSumRows;
-  const float *a = k.a.data() + n * C, *d = k.d.data() + n * C, *b = k.b.data() + n * C;
+               int64_t c0, int64_t c1, double* s1, double* s2, double* s3, float* keep, int64_t ks, const float* o) {
+  const int64_t C = p.C, W = c1 - c0, R = kSumRows;
+  const float *a = k.a.data() + n * C + c0, *d = k.d.data() + n * C + c0, *b = k.b.data() + n * C + c0;
   const Vec slope(p.slope);
-  std::vector<float> acc(3 * C);
-  float *a1 = acc.data(), *a2 = a1 + C, *a3 = a2 + C;
+  std::vector<float> acc(3 * W);
+  float *a1 = acc.data(), *a2 = a1 + W, *a3 = a2 + W;
   for (int64_t r = r0; r < r1; r += R) {  // fp32 within a block of rows, double across blocks
     const int64_t rows = std::min(R, r1 - r);
     std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t off = (n * p.S + r) * C, e = off + rows * C; off < e; off += C) {
-      vec_steps(static_cast<int>(C), [&](int j, int m) {
+    for (int64_t i = r; i < r + rows; ++i) {
+      const int64_t off = (n * p.S + i) * C + c0;
+      const float* orow = o ? o + off : nullptr;
+      float* kr = keep ? keep + (i - r0) * ks : nullptr;
+      vec_steps(static_cast<int>(W), [&](int j, int m) {
         const Vec xc = load_float(x + off + j, m) + Vec::loadu(d + j, m);
         const Vec dy = load_float(gout + off + j, m) *
-                       act_grad_at<T, A>(at::vec::fmadd(xc, Vec::loadu(a + j, m), Vec::loadu(b + j, m)),
-                                         o ? o + off : nullptr, j, m, slope);
+                       act_grad_at<T, A>(at::vec::fmadd(xc, Vec::loadu(a + j, m), Vec::loadu(b + j, m)), orow, j,
+                                         m, slope);
         (Vec::loadu(a1 + j, m) + dy).store(a1 + j, m);
         at::vec::fmadd(dy, xc, Vec::loadu(a2 + j, m)).store(a2 + j, m);
         (Vec::loadu(a3 + j, m) + xc).store(a3 + j, m);
-        if (keep) store_float(keep + off + j, dy, m);
+        if (kr) store_float(kr + j, dy, m);
       });
     }
-    for (int64_t c = 0; c < C; ++c) {
-      s1[c] += a1[c];
-      s2[c] += a2[c];
-      s3[c] += a3[c];
+    for (int64_t c = 0; c < W; ++c) {
+      s1[c0 + c] += a1[c];
+      s2[c0 + c] += a2[c];
+      s3[c0 + c] += a3[c];
     }
   }
 }
 
-// grad_x of rows [r0, r1) of image n. fp32 grad_x already holds dy (nhwc_sums
-// kept it there): the pass then reads x and dy, without the activation
-// derivative's exp and divide; otherwise it reads x and grad_out and
-// evaluates dy again.
+// grad_x of rows [r0, r1) of image n, channels [c0, c1). With dy (kept by nhwc_sums, row r's channels
+// from dy + (r - r0) * ds) the pass reads x and dy, without the activation derivative's exp and
+// divide; otherwise it reads x and grad_out and evaluates dy again. dy may be grad_x itself (fp32).
 template <typename T, Act A>
 void nhwc_grad_apply(const Problem& p, const Coefs& k, const BackCoefs& bc, const T* x, const T* gout, T* gx,
-                     int64_t n, int64_t r0, int64_t r1) {
-  const int64_t C = p.C, ahead = prefetch_rows(C * sizeof(T));
-  const float *a = k.a.data() + n * C, *d = k.d.data() + n * C, *b = k.b.data() + n * C;
-  const float *P = bc.p.data() + n * C, *Q = bc.q.data() + n * C, *R = bc.r.data() + n * C;
+                     int64_t n, int64_t r0, int64_t r1, int64_t c0, int64_t c1, const float* dy, int64_t ds) {
+  // Whole rows come from L3 or memory and are prefetched; a block's come from L2 (prefetching them
+  // cost 18% of the pass at (2, 1280, 8, 8)).
+  const int64_t C = p.C, W = c1 - c0, ahead = W == C ? prefetch_rows(C * sizeof(T)) : 0;
+  const int64_t nc = n * C + c0;
+  const float *a = k.a.data() + nc, *d = k.d.data() + nc, *b = k.b.data() + nc;
+  const float *P = bc.p.data() + nc, *Q = bc.q.data() + nc, *R = bc.r.data() + nc;
   const Vec slope(p.slope);
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t off = (n * p.S + r) * C;
-    if (r + ahead < r1) {
-      prefetch(x + off + ahead * C, C * sizeof(T));
-      prefetch((std::is_same_v<T, float> ? gx : gout) + off + ahead * C, C * sizeof(T));
+    const int64_t off = (n * p.S + r) * C + c0;
+    const float* dr = dy ? dy + (r - r0) * ds : nullptr;
+    if (ahead && r + ahead < r1) {
+      prefetch(x + off + ahead * C, W * sizeof(T));
+      if (dr) {
+        prefetch(dr + ahead * ds, W * sizeof(float));
+      } else {
+        prefetch(gout + off + ahead * C, W * sizeof(T));
+      }
     }
-    vec_steps(static_cast<int>(C), [&](int j, int m) {
+    vec_steps(static_cast<int>(W), [&](int j, int m) {
       const Vec vP = Vec::loadu(P + j, m), vQ = Vec::loadu(Q + j, m), vR = Vec::loadu(R + j, m);
-      if constexpr (std::is_same_v<T, float>) {
-        const Vec xc = Vec::loadu(x + off + j, m) + Vec::loadu(d + j, m);
-        store_float(gx + off + j, at::vec::fmadd(Vec::loadu(gx + off + j, m), vP, at::vec::fmadd(xc, vQ, vR)), m);
+      if (dr) {
+        const Vec xc = load_float(x + off + j, m) + Vec::loadu(d + j, m);
+        store_float(gx + off + j, at::vec::fmadd(Vec::loadu(dr + j, m), vP, at::vec::fmadd(xc, vQ, vR)), m);
       } else {
         store_float(gx + off + j,
                     grad_h<A>(load_float(x + off + j, m), load_float(gout + off + j, m), Vec::loadu(a + j, m),
@@ -907,27 +919,53 @@ void nhwc_grad_apply(const Problem& p, const Coefs& k, const BackCoefs& bc, cons
   }
 }
 
+// Channel blocks take an image's groups through sums, coefficients and apply in one task, with the
+// block's dy kept in a task buffer: the apply reads x and dy back from L2, and grad_x is written once,
+// where the row pieces below read x again from L3 or memory and (fp32) write dy into grad_x and read
+// it back. Blocks need runs of at least kBackwardRun bytes a row: (2, 1280, 16, 16) fp32 has 7 blocks
+// of 4-5 groups an image, runs of 640-800 B. At (2, 1280, 32, 32), 1 thread, 8 or 16 blocks an image
+// (larger than L2) took 1.2-1.5x the row pieces' time, 32 (runs of 160 B) 1.6-1.8x.
+constexpr int64_t kBackwardRun = 512;
+
 template <typename T, Act A>
 void nhwc_backward(const Problem& p, const Coefs& k, const float* rstd, const T* x, const T* gout, T* gx,
                    GradOut go, const float* o = nullptr) {
-  const int64_t parts = row_parts(p), C = p.C;
+  const int64_t C = p.C;
+  Sums s(p.N * C);
+  BackCoefs bc(p.N * C);
+  const int64_t bytes = 3 * sizeof(T) + sizeof(float) + (o ? sizeof(float) : 0);  // x, gout, gx, dy (, o)
+  if (const int64_t blocks = nhwc_channel_blocks(p, bytes, sizeof(T), kBackwardRun)) {
+    at::parallel_for(0, p.N * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> dy;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / blocks, g0 = piece(p.G, blocks, t % blocks), g1 = piece(p.G, blocks, t % blocks + 1);
+        const int64_t c0 = g0 * p.Cg, c1 = g1 * p.Cg;
+        dy.resize(p.S * (c1 - c0));
+        nhwc_sums<T, A>(p, k, x, gout, n, 0, p.S, c0, c1, s.s1.data() + n * C, s.s2.data() + n * C,
+                        s.s3.data() + n * C, dy.data(), c1 - c0, o);
+        for (int64_t g = g0; g < g1; ++g)
+          finish_group_backward(p, n, g, s, rstd, bc, go.wpart, go.bpart, go.add, go.ss);
+        nhwc_grad_apply<T, A>(p, k, bc, x, gout, gx, n, 0, p.S, c0, c1, dy.data(), c1 - c0);
+      }
+    });
+    return;
+  }
+  const int64_t parts = row_parts(p);
   float* keep = nullptr;
   if constexpr (std::is_same_v<T, float>) keep = gx;
   std::vector<double> part(p.N * parts * 3 * C, 0.0);
   at::parallel_for(0, p.N * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / parts, q = t % parts;
+      const int64_t n = t / parts, r0 = piece(p.S, parts, t % parts), r1 = piece(p.S, parts, t % parts + 1);
       double* base = part.data() + t * 3 * C;
-      nhwc_sums<T, A>(p, k, x, gout, n, piece(p.S, parts, q), piece(p.S, parts, q + 1), base, base + C,
-                      base + 2 * C, keep, o);
+      nhwc_sums<T, A>(p, k, x, gout, n, r0, r1, 0, C, base, base + C, base + 2 * C,
+                      keep ? keep + (n * p.S + r0) * C : nullptr, C, o);
     }
   });
   // Per group: its channels' sums over the parts (in part order, whatever the threads), then its
   // coefficients; the groups over the threads. With this and kSumRows (before: serial, and the
   // doubles added every 4 * kChunk / C rows), the backward op over channels_last fp32 SiLU, 2 threads,
   // median of nine runs (AMD EPYC): (2, 1280, 16, 16) 345 -> 271 us, (2, 1280, 8, 8) 122 -> 98 us.
-  Sums s(p.N * C);
-  BackCoefs bc(p.N * C);
   at::parallel_for(0, p.N * p.G, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / p.G, g = ng % p.G;
@@ -944,8 +982,9 @@ void nhwc_backward(const Problem& p, const Coefs& k, const float* rstd, const T*
   });
   at::parallel_for(0, p.N * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / parts, q = t % parts;
-      nhwc_grad_apply<T, A>(p, k, bc, x, gout, gx, n, piece(p.S, parts, q), piece(p.S, parts, q + 1));
+      const int64_t n = t / parts, r0 = piece(p.S, parts, t % parts), r1 = piece(p.S, parts, t % parts + 1);
+      nhwc_grad_apply<T, A>(p, k, bc, x, gout, gx, n, r0, r1, 0, C,
+                            keep ? keep + (n * p.S + r0) * C : nullptr, C);
     }
   });
 }
