@@ -450,23 +450,55 @@ void nhwc_moments(const Problem& p, const T* x, int64_t n, int64_t r0, int64_t r
 // (2, 320, 64, 64) prefetching x 2 rows ahead made the apply about 15% faster.
 inline int64_t prefetch_rows(int64_t row_bytes) { return std::max<int64_t>(1, 2048 / row_bytes); }
 
+// Rows [r0, r1) of image n, C channels each.
 template <typename T, Act A, bool kNative>
 GENFAST_BF16_TARGET void nhwc_apply(const Problem& p, const Coefs& k, const T* x, const T* res, T* out, int64_t n,
-                                    int64_t r0, int64_t r1, int64_t c0 = 0, int64_t c1 = -1) {
+                                    int64_t r0, int64_t r1) {
   const int64_t C = p.C, ahead = prefetch_rows(C * sizeof(T));
-  if (c1 < 0) c1 = C;
-  const float *a = k.a.data() + n * C + c0, *d = k.d.data() + n * C + c0, *b = k.b.data() + n * C + c0;
+  const float *a = k.a.data() + n * C, *d = k.d.data() + n * C, *b = k.b.data() + n * C;
   const Vec slope(p.slope);
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t off = (n * p.S + r) * C + c0;
-    if (r + ahead < r1) prefetch(x + off + ahead * C, (c1 - c0) * sizeof(T));
-    for (int j = 0, len = static_cast<int>(c1 - c0); j < len; j += Vec::size()) {  // see nchw_apply
+    const int64_t off = (n * p.S + r) * C;
+    if (r + ahead < r1) prefetch(x + off + ahead * C, C * sizeof(T));
+    for (int j = 0, len = static_cast<int>(C); j < len; j += Vec::size()) {  // see nchw_apply
       const int m = std::min<int>(Vec::size(), len - j);
       const Vec y0 = at::vec::fmadd(load_float(x + off + j, m) + Vec::loadu(d + j, m), Vec::loadu(a + j, m),
                                     Vec::loadu(b + j, m));
       Vec y = activate<A>(y0, slope);
       if (res) y = y + load_float(res + off + j, m);
       store_out<T, kNative>(out + off + j, y, m);
+    }
+  }
+}
+
+// nhwc_apply of all rows of image n, channels [c0, c1), for a block that is in L2: strips of
+// kStrip vectors of channels down the rows, their coefficients held in registers (the row apply
+// loads three per vector, which NCHW's apply does not).
+constexpr int kStrip = 4;
+
+template <typename T, Act A, bool kNative>
+GENFAST_BF16_TARGET void nhwc_apply_strips(const Problem& p, const Coefs& k, const T* x, const T* res, T* out,
+                                           int64_t n, int64_t c0, int64_t c1) {
+  constexpr int V = Vec::size();
+  const int64_t C = p.C;
+  const Vec slope(p.slope);
+  for (int64_t j = c0; j < c1; j += kStrip * V) {
+    Vec a[kStrip], d[kStrip], b[kStrip];
+    int m[kStrip];
+    for (int u = 0; u < kStrip; ++u) {
+      m[u] = static_cast<int>(std::clamp<int64_t>(c1 - j - u * V, 0, V));
+      const int64_t i = n * C + j + u * V;
+      if (m[u] == 0) break;
+      a[u] = Vec::loadu(&k.a[i], m[u]), d[u] = Vec::loadu(&k.d[i], m[u]), b[u] = Vec::loadu(&k.b[i], m[u]);
+    }
+    for (int64_t r = 0; r < p.S; ++r) {
+      const int64_t off = (n * p.S + r) * C + j;
+      for (int u = 0; u < kStrip; ++u) {
+        if (m[u] == 0) break;
+        Vec y = activate<A>(at::vec::fmadd(load_float(x + off + u * V, m[u]) + d[u], a[u], b[u]), slope);
+        if (res) y = y + load_float(res + off + u * V, m[u]);
+        store_out<T, kNative>(out + off + u * V, y, m[u]);
+      }
     }
   }
 }
@@ -531,7 +563,7 @@ void nhwc_forward(const Problem& p, const T* x, const T* res, T* out, float* mea
         nhwc_moments(p, x, n, 0, p.S, pm.data() + n * C, pm2.data() + n * C, g0 * p.Cg, g1 * p.Cg);
         for (int64_t g = g0; g < g1; ++g) nhwc_finish_group(p, n, g, 1, pm.data(), pm2.data(), mean, rstd, k, var);
         with_bf16_stores<T>([&](auto native) {
-          nhwc_apply<T, A, decltype(native)::value>(p, k, x, res, out, n, 0, p.S, g0 * p.Cg, g1 * p.Cg);
+          nhwc_apply_strips<T, A, decltype(native)::value>(p, k, x, res, out, n, g0 * p.Cg, g1 * p.Cg);
         });
       }
     });
@@ -880,35 +912,27 @@ void nhwc_sums(const Problem& p, const Coefs& k, const T* x, const T* gout, int6
   }
 }
 
-// grad_x of rows [r0, r1) of image n, channels [c0, c1). With dy (kept by nhwc_sums, row r's channels
-// from dy + (r - r0) * ds) the pass reads x and dy, without the activation derivative's exp and
-// divide; otherwise it reads x and grad_out and evaluates dy again. dy may be grad_x itself (fp32).
+// grad_x of rows [r0, r1) of image n. fp32 grad_x already holds dy (nhwc_sums kept it there): the
+// pass then reads x and dy, without the activation derivative's exp and divide; otherwise it reads x
+// and grad_out and evaluates dy again.
 template <typename T, Act A>
 void nhwc_grad_apply(const Problem& p, const Coefs& k, const BackCoefs& bc, const T* x, const T* gout, T* gx,
-                     int64_t n, int64_t r0, int64_t r1, int64_t c0, int64_t c1, const float* dy, int64_t ds) {
-  // Whole rows come from L3 or memory and are prefetched; a block's come from L2 (prefetching them
-  // cost 18% of the pass at (2, 1280, 8, 8)).
-  const int64_t C = p.C, W = c1 - c0, ahead = W == C ? prefetch_rows(C * sizeof(T)) : 0;
-  const int64_t nc = n * C + c0;
-  const float *a = k.a.data() + nc, *d = k.d.data() + nc, *b = k.b.data() + nc;
-  const float *P = bc.p.data() + nc, *Q = bc.q.data() + nc, *R = bc.r.data() + nc;
+                     int64_t n, int64_t r0, int64_t r1) {
+  const int64_t C = p.C, ahead = prefetch_rows(C * sizeof(T));
+  const float *a = k.a.data() + n * C, *d = k.d.data() + n * C, *b = k.b.data() + n * C;
+  const float *P = bc.p.data() + n * C, *Q = bc.q.data() + n * C, *R = bc.r.data() + n * C;
   const Vec slope(p.slope);
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t off = (n * p.S + r) * C + c0;
-    const float* dr = dy ? dy + (r - r0) * ds : nullptr;
-    if (ahead && r + ahead < r1) {
-      prefetch(x + off + ahead * C, W * sizeof(T));
-      if (dr) {
-        prefetch(dr + ahead * ds, W * sizeof(float));
-      } else {
-        prefetch(gout + off + ahead * C, W * sizeof(T));
-      }
+    const int64_t off = (n * p.S + r) * C;
+    if (r + ahead < r1) {
+      prefetch(x + off + ahead * C, C * sizeof(T));
+      prefetch((std::is_same_v<T, float> ? gx : gout) + off + ahead * C, C * sizeof(T));
     }
-    vec_steps(static_cast<int>(W), [&](int j, int m) {
+    vec_steps(static_cast<int>(C), [&](int j, int m) {
       const Vec vP = Vec::loadu(P + j, m), vQ = Vec::loadu(Q + j, m), vR = Vec::loadu(R + j, m);
-      if (dr) {
-        const Vec xc = load_float(x + off + j, m) + Vec::loadu(d + j, m);
-        store_float(gx + off + j, at::vec::fmadd(Vec::loadu(dr + j, m), vP, at::vec::fmadd(xc, vQ, vR)), m);
+      if constexpr (std::is_same_v<T, float>) {
+        const Vec xc = Vec::loadu(x + off + j, m) + Vec::loadu(d + j, m);
+        store_float(gx + off + j, at::vec::fmadd(Vec::loadu(gx + off + j, m), vP, at::vec::fmadd(xc, vQ, vR)), m);
       } else {
         store_float(gx + off + j,
                     grad_h<A>(load_float(x + off + j, m), load_float(gout + off + j, m), Vec::loadu(a + j, m),
@@ -916,6 +940,36 @@ void nhwc_grad_apply(const Problem& p, const Coefs& k, const BackCoefs& bc, cons
                     m);
       }
     });
+  }
+}
+
+// grad_x of all rows of image n, channels [c0, c1), from the block's dy (row r's channels at dy + r * W),
+// the block in L2: strips of kStrip vectors of channels down the rows, their coefficients in registers.
+template <typename T>
+void nhwc_grad_apply_strips(const Problem& p, const Coefs& k, const BackCoefs& bc, const T* x, const float* dy,
+                            T* gx, int64_t n, int64_t c0, int64_t c1) {
+  constexpr int V = Vec::size();
+  const int64_t C = p.C, W = c1 - c0;
+  for (int64_t j = c0; j < c1; j += kStrip * V) {
+    Vec d[kStrip], P[kStrip], Q[kStrip], R[kStrip];
+    int m[kStrip];
+    for (int u = 0; u < kStrip; ++u) {
+      m[u] = static_cast<int>(std::clamp<int64_t>(c1 - j - u * V, 0, V));
+      if (m[u] == 0) break;
+      const int64_t i = n * C + j + u * V;
+      d[u] = Vec::loadu(&k.d[i], m[u]), P[u] = Vec::loadu(&bc.p[i], m[u]);
+      Q[u] = Vec::loadu(&bc.q[i], m[u]), R[u] = Vec::loadu(&bc.r[i], m[u]);
+    }
+    for (int64_t r = 0; r < p.S; ++r) {
+      const int64_t off = (n * p.S + r) * C + j;
+      const float* dr = dy + r * W + (j - c0);
+      for (int u = 0; u < kStrip; ++u) {
+        if (m[u] == 0) break;
+        const Vec xc = load_float(x + off + u * V, m[u]) + d[u];
+        store_float(gx + off + u * V, at::vec::fmadd(Vec::loadu(dr + u * V, m[u]), P[u], at::vec::fmadd(xc, Q[u], R[u])),
+                    m[u]);
+      }
+    }
   }
 }
 
@@ -945,7 +999,7 @@ void nhwc_backward(const Problem& p, const Coefs& k, const float* rstd, const T*
                         s.s3.data() + n * C, dy.data(), c1 - c0, o);
         for (int64_t g = g0; g < g1; ++g)
           finish_group_backward(p, n, g, s, rstd, bc, go.wpart, go.bpart, go.add, go.ss);
-        nhwc_grad_apply<T, A>(p, k, bc, x, gout, gx, n, 0, p.S, c0, c1, dy.data(), c1 - c0);
+        nhwc_grad_apply_strips<T>(p, k, bc, x, dy.data(), gx, n, c0, c1);
       }
     });
     return;
@@ -983,8 +1037,7 @@ void nhwc_backward(const Problem& p, const Coefs& k, const float* rstd, const T*
   at::parallel_for(0, p.N * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / parts, r0 = piece(p.S, parts, t % parts), r1 = piece(p.S, parts, t % parts + 1);
-      nhwc_grad_apply<T, A>(p, k, bc, x, gout, gx, n, r0, r1, 0, C,
-                            keep ? keep + (n * p.S + r0) * C : nullptr, C);
+      nhwc_grad_apply<T, A>(p, k, bc, x, gout, gx, n, r0, r1);
     }
   });
 }
