@@ -515,7 +515,8 @@ def test_bad_input_raises_before_anything_runs(kwargs, error, match, monkeypatch
 # that split the groups unevenly (32 groups in 3 or 5 blocks), a block ending in a part vector
 # ("tail": 530 channels), with the per-(n, c) inputs and with weight and bias alone (where the
 # fp32 SiLU backward takes the derivative from the output); and training-mode batch norm over wide
-# (N, C) rows, which takes the same kernels with a group per channel.
+# (N, C) rows, forward and backward, which takes the same kernels with a group per channel (in two
+# channel blocks of 512 channels on two threads).
 @pytest.mark.parametrize("shape, groups, dtype", [
     ((2, 1280, 16, 16), 32, torch.float32), ((2, 640, 5, 5), 32, torch.bfloat16), ((1, 96, 9, 7), 32, torch.float32),
     ((2, 530, 4, 3), 10, torch.float32)], ids=["blocks3", "bf16", "rows", "tail"])
@@ -526,20 +527,25 @@ def test_cpp_channels_last_paths(shape, groups, dtype, threads, features):
         pytest.skip("no C++ backend")
     tensors = make_inputs(shape, dtype, "cpu", True, FEATURES[features])
     grad = torch.randn(shape).to(dtype)
-    x2d = 2 * torch.randn(24, 1024) + 3
+    x2d = (2 * torch.randn(24, 1024) + 3).requires_grad_()
+    w2d = (1 + 0.3 * torch.randn(1024)).requires_grad_()
+    g2d = torch.randn(24, 1024)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with genfast.use_backend("cpp"):
             out, grads = run_and_grad(lambda **t: group_norm_act(num_groups=groups, **t), tensors, grad)
-            bn = genfast.batch_norm_act(x2d, None, None, training=True, activation="silu")
+            bn = genfast.batch_norm_act(x2d, None, None, w2d, training=True, activation="silu")
+            bn_grads = torch.autograd.grad(bn, (x2d, w2d), g2d)
     finally:
         torch.set_num_threads(previous)
     assert out.is_contiguous(memory_format=torch.channels_last)
     check_against_torch(tensors, groups, grad, out, grads)
-    x64 = x2d.double()
-    ref = F.silu(F.batch_norm(x64, None, None, training=True)).float()
-    torch.testing.assert_close(bn, ref, rtol=1e-5, atol=1e-5)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x2d, w2d))
+    ref = F.silu(F.batch_norm(x64, None, None, w64, training=True))
+    torch.testing.assert_close(bn, ref.float(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(bn_grads, torch.autograd.grad(ref, (x64, w64), g2d.double())):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("features", [(), ("affine",), ("add", "residual"), ("affine", "add", "scale_shift", "residual")])
