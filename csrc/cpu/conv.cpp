@@ -66,6 +66,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -832,19 +833,19 @@ void nchw_backward(const Problem& p, const Coefs& k, const float* rstd, const T*
     // reads x and dy from L2 and skips the activation derivative's exp and divide.
     const bool keep = p.Cg * p.S <= kKeepDy;
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> dy(keep ? p.Cg * p.S : 0);
+      std::unique_ptr<float[]> dy(keep ? new float[p.Cg * p.S] : nullptr);  // written before it is read
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / p.G, g = ng % p.G, c0 = n * p.C + g * p.Cg;
         if (p.S <= kSmallChannel) {
-          small_channel_sums<T, A>(p, k, x, gout, c0, p.Cg, s, keep ? dy.data() : nullptr, o);
+          small_channel_sums<T, A>(p, k, x, gout, c0, p.Cg, s, keep ? dy.get() : nullptr, o);
         } else {
           for (int64_t nc = c0; nc < c0 + p.Cg; ++nc)
-            sums_of(nc, 0, p.S, s.s1[nc], s.s2[nc], s.s3[nc], keep ? dy.data() + (nc - c0) * p.S : nullptr);
+            sums_of(nc, 0, p.S, s.s1[nc], s.s2[nc], s.s3[nc], keep ? dy.get() + (nc - c0) * p.S : nullptr);
         }
         finish(n, g);
         for (int64_t nc = c0; nc < c0 + p.Cg; ++nc) {
           if (keep) {
-            nchw_grad_apply_kept<T>(p, k, bc, x, dy.data() + (nc - c0) * p.S, gx, nc);
+            nchw_grad_apply_kept<T>(p, k, bc, x, dy.get() + (nc - c0) * p.S, gx, nc);
           } else {
             nchw_grad_apply<T, A>(p, k, bc, x, gout, gx, nc, 0, p.S, o);
           }
@@ -997,16 +998,17 @@ void nhwc_backward(const Problem& p, const Coefs& k, const float* rstd, const T*
   const int64_t bytes = 3 * sizeof(T) + sizeof(float) + (o ? sizeof(float) : 0);  // x, gout, gx, dy (, o)
   if (const int64_t blocks = nhwc_channel_blocks(p, bytes, sizeof(T), kBackwardRun)) {
     at::parallel_for(0, p.N * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> dy;
+      // the widest block's dy, written by the sums before the apply reads it (not zero-filled)
+      const int64_t widest = (p.G + blocks - 1) / blocks * p.Cg;
+      const std::unique_ptr<float[]> dy(new float[p.S * widest]);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / blocks, g0 = piece(p.G, blocks, t % blocks), g1 = piece(p.G, blocks, t % blocks + 1);
         const int64_t c0 = g0 * p.Cg, c1 = g1 * p.Cg;
-        dy.resize(p.S * (c1 - c0));
         nhwc_sums<T, A>(p, k, x, gout, n, 0, p.S, c0, c1, s.s1.data() + n * C, s.s2.data() + n * C,
-                        s.s3.data() + n * C, dy.data(), c1 - c0, o);
+                        s.s3.data() + n * C, dy.get(), c1 - c0, o);
         for (int64_t g = g0; g < g1; ++g)
           finish_group_backward(p, n, g, s, rstd, bc, go.wpart, go.bpart, go.add, go.ss);
-        nhwc_grad_apply_strips<T>(p, k, bc, x, dy.data(), gx, n, c0, c1);
+        nhwc_grad_apply_strips<T>(p, k, bc, x, dy.get(), gx, n, c0, c1);
       }
     });
     return;
