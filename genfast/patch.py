@@ -41,8 +41,10 @@ What is fused (everything else runs as before):
   the CPU at inference the weight is packed once for oneDNN, the output handed
   back in the input's layout; other convs run as before.
 - ``nn.ConvTranspose2d`` to at most 4 channels (a generator's image layer, not
-  folded with a BatchNorm): on the CPU at fp32 inference it runs PyTorch's
-  GEMM + col2im kernel, which beats oneDNN's 1.1-2.5x there.
+  folded with a BatchNorm): on the CPU at fp32 inference it runs genfast's
+  kernel on a channels_last input, fused with the ``nn.Tanh`` that follows it
+  in a patched Sequential, else PyTorch's GEMM + col2im kernel, which beats
+  oneDNN's 1.1-2.5x there.
 
 Nothing is fused that genfast cannot reproduce: a norm or activation with hooks
 (or global module hooks), a subclass, a forward replaced by someone else, an
@@ -70,6 +72,7 @@ from torch.nn.modules import module as _module
 from . import _onednn
 from .activation import gated_act
 from .attention import attention
+from .backends import select as select_backend
 from .conv import group_norm_act
 from .nn import (
     GroupNormAct,
@@ -465,16 +468,31 @@ def _small_deconv_reason(m) -> str | None:
 
 
 def _small_deconv_forward(self, input, output_size=None):
-    """nn.ConvTranspose2d.forward to <= 4 channels, on the CPU at fp32 inference, through PyTorch's GEMM +
-    col2im kernel instead of oneDNN's (64 -> 3 channels, 4x4 stride 2, 32x32 -> 64x64 at batch 64:
-    5.7 against 12.9 ms; 1.1-2.5x over batches 1-64 and kernels 3-5 on an AMD EPYC; from 8 channels on
-    oneDNN's is faster); anything else runs the module's own forward."""
-    w, b = self.weight, self.bias
+    """nn.ConvTranspose2d.forward to <= 4 channels, on the CPU at fp32 inference: a channels_last input
+    (a patched generator's layout) through genfast's kernel (csrc/cpu/deconv.cpp), others through
+    PyTorch's GEMM + col2im kernel, both instead of oneDNN's. 64 -> 3 channels, 4x4 stride 2, 32x32 ->
+    64x64 at batch 64, 2 threads (AMD EPYC), with the Tanh after it: genfast's 3.5-3.6 ms, GEMM + col2im
+    and tanh 6.4-6.6, oneDNN's conv alone 11-13; GEMM + col2im is 1.1-2.5x oneDNN's over batches 1-64
+    and kernels 3-5, and from 8 channels on oneDNN's is faster. Anything else runs the module's own
+    forward."""
+    return _small_deconv(self, input, output_size, "none")
+
+
+def _small_deconv(conv, input, output_size, activation):
+    """conv(input) then the activation ("none" or "tanh"), the kernel picked as _small_deconv_forward says;
+    genfast's kernel applies the activation in the same pass."""
+    w, b = conv.weight, conv.bias
     if (output_size is None and input.dim() == 4 and input.dtype == torch.float32
             and _onednn.cpu_inference(input, w, b)):
-        return torch._C._nn.slow_conv_transpose2d(input, w, self.kernel_size, b, self.stride, self.padding,
-                                                  self.output_padding, self.dilation)
-    return type(self).forward(self, input, output_size)
+        if (input.is_contiguous(memory_format=torch.channels_last) and tuple(conv.dilation) == (1, 1)
+                and select_backend(input.device, input.dtype) == "cpp"):
+            return torch.ops.genfast_cpu.conv_transpose_few(input, w, b, list(conv.stride), list(conv.padding),
+                                                            list(conv.output_padding), activation)
+        y = torch._C._nn.slow_conv_transpose2d(input, w, conv.kernel_size, b, conv.stride, conv.padding,
+                                               conv.output_padding, conv.dilation)
+    else:
+        y = type(conv).forward(conv, input, output_size)
+    return y if activation == "none" else torch.tanh(y)
 
 
 # ---- nn.Sequential stacks (GAN generators) ----------------------------------------
@@ -615,11 +633,26 @@ class _InstanceNormAct:
         return instance_norm_module_act(self.norm, x, self.activation, self.negative_slope)
 
 
+class _DeconvTanh:
+    """One step of a patched Sequential: a ConvTranspose2d to a few channels and the Tanh after it (an image
+    generator's last layer), one pass over the output on the CPU (_small_deconv)."""
+
+    def __init__(self, conv, act):
+        self.conv, self.act = conv, act
+
+    def modules(self):
+        return [self.conv, self.act]
+
+    def __call__(self, x):
+        return _small_deconv(self.conv, x, None, "tanh")
+
+
 class _SequentialPlan:
     def __init__(self, seq, steps):
         self.children = tuple(seq._modules.values())
         self.steps = steps
-        self.fused = [m for s in steps if isinstance(s, (_BatchNormAct, _InstanceNormAct)) for m in s.modules()]
+        self.fused = [m for s in steps if isinstance(s, (_BatchNormAct, _InstanceNormAct, _DeconvTanh))
+                      for m in s.modules()]
 
     def live(self, seq) -> bool:
         return (tuple(seq._modules.values()) == self.children and not _global_hooks()
@@ -627,7 +660,8 @@ class _SequentialPlan:
 
 
 def _sequential_forward(self, input):
-    """nn.Sequential.forward with each [conv →] BatchNorm → activation or InstanceNorm → activation as one step."""
+    """nn.Sequential.forward with each [conv →] BatchNorm → activation, InstanceNorm → activation and
+    few-channel ConvTranspose2d → Tanh as one step."""
     plan = self.__dict__[_PLAN]
     if not plan.live(self):
         return type(self).forward(self, input)
@@ -645,6 +679,14 @@ def _plan_sequential(name, seq, report):
     while i < len(children):
         child_name, m = children[i]
         qual = f"{name}.{child_name}" if name else child_name
+        if (type(m) is nn.ConvTranspose2d and _small_deconv_reason(m) is None and i + 1 < len(children)
+                and type(children[i + 1][1]) is nn.Tanh):
+            steps.append(_DeconvTanh(m, children[i + 1][1]))
+            report.replaced.append(PatchEntry(qual, "ConvTranspose2d", (
+                f"{m.out_channels} output channels + Tanh: one pass (CPU fp32 inference)")))
+            fused_any = True
+            i += 2
+            continue
         if type(m) not in _SEQ_NORMS:
             steps.append(m)
             i += 1
@@ -783,8 +825,9 @@ def patch(model: nn.Module) -> PatchReport:
             steps = _plan_sequential(name, m, report)
             if steps is not None:
                 _replace_forward(m, _sequential_forward, _SequentialPlan(m, steps))
-                # a folded conv runs inside its step: its own forward stays as it is
-                covered.update(id(s.conv) for s in steps if isinstance(s, _BatchNormAct) and s.conv is not None)
+                # a folded conv (or one fused with its Tanh) runs inside its step: its own forward stays as it is
+                covered.update(id(s.conv) for s in steps
+                               if isinstance(s, (_BatchNormAct, _DeconvTanh)) and s.conv is not None)
         elif type(m) is nn.Linear and _onednn.HAS_LINEAR and id(m) not in covered and "forward" not in m.__dict__:
             _replace_forward(m, _linear_forward, _onednn.Linear())
             report.replaced.append(PatchEntry(name, "Linear", "weight packed for oneDNN (CPU inference, fp32/bf16)"))
@@ -796,7 +839,8 @@ def patch(model: nn.Module) -> PatchReport:
         elif type(m) is nn.ConvTranspose2d and id(m) not in covered and _small_deconv_reason(m) is None:
             _replace_forward(m, _small_deconv_forward, None)
             report.replaced.append(PatchEntry(name, "ConvTranspose2d", (
-                f"{m.out_channels} output channels: PyTorch's GEMM + col2im kernel (CPU fp32 inference)")))
+                f"{m.out_channels} output channels: genfast's kernel or PyTorch's GEMM + col2im "
+                "(CPU fp32 inference)")))
     for name, m in model.named_modules():
         if isinstance(m, _NORMS) and not isinstance(m, GroupNormAct) and id(m) not in covered:
             report.left.append(PatchEntry(name, type(m).__name__, "not in a block genfast recognizes"))

@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import genfast
@@ -325,13 +326,18 @@ def dcgan():
     return g
 
 
-def test_dcgan_eval_folds_batch_norm_into_the_conv():
+def test_dcgan_eval_folds_batch_norm_into_the_conv(monkeypatch):
+    calls = []
+    original = torch._C._nn.slow_conv_transpose2d
+    monkeypatch.setattr(torch._C._nn, "slow_conv_transpose2d", lambda *a: calls.append(1) or original(*a))
     g = dcgan().eval()
     _, report = compare(g, (torch.randn(3, 16, 1, 1),))
     assert names(report.replaced) == ["main.1", "main.4", "main.7"]
     assert all("folded into" in e.detail for e in report.replaced if e.kind == "BatchNorm2d")
-    assert names(report.replaced, "ConvTranspose2d") == ["main.9"]  # to 3 channels: GEMM + col2im
+    assert names(report.replaced, "ConvTranspose2d") == ["main.9"]  # to 3 channels, with the Tanh after it
     assert report.left == []
+    # the folded stages hand the last conv a channels_last input: genfast's kernel, the Tanh in its pass
+    assert calls == ([] if genfast.backends()["cpp"][0] else [1])
 
 
 def test_dcgan_eval_with_grad_and_training_use_batch_norm_act():
@@ -626,7 +632,8 @@ def test_folded_conv_runs_its_activation_as_a_post_op(act):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_small_conv_transpose_runs_gemm_col2im(channels_last, monkeypatch):
     """<= 4 output channels (odd geometry: stride 3, padding 2, output padding 1, dilation 2, bias), against fp64;
-    autograd, output_size, 5 channels and groups keep the module's own forward."""
+    autograd, output_size, 5 channels and groups keep the module's own forward. A channels_last input to the
+    undilated second conv (the first's output keeps the layout) runs genfast's kernel instead."""
     torch.manual_seed(0)
     calls = []
     original = torch._C._nn.slow_conv_transpose2d
@@ -639,18 +646,49 @@ def test_small_conv_transpose_runs_gemm_col2im(channels_last, monkeypatch):
             x = x.contiguous(memory_format=torch.channels_last)
         _, report = compare(seq, (x,))
         assert names(report.replaced, "ConvTranspose2d") == ["0", "2"]
-    assert len(calls) == 4
+    assert len(calls) == (2 if channels_last and genfast.backends()["cpp"][0] else 4)
+    calls.clear()
     genfast.patch(seq)
     x = torch.randn(2, 6, 7, 5, requires_grad=True)
     ref = copy.deepcopy(seq)
     genfast.unpatch(ref)
-    assert torch.equal(seq(x), ref(x)) and len(calls) == 4  # autograd: the module's own forward
+    assert torch.equal(seq(x), ref(x)) and calls == []  # autograd: the module's own forward
     with torch.no_grad():
         out_size = [a + 1 for a in ref[0](x).shape[-2:]]  # output_size asks for the extra output padding
         assert torch.equal(seq[0](x, output_size=out_size), ref[0](x, output_size=out_size))
-    assert len(calls) == 4
+    assert calls == []
     left = genfast.patch(nn.Sequential(nn.ConvTranspose2d(6, 5, 3), nn.ConvTranspose2d(6, 4, 3, groups=2)))
     assert left.replaced == []
+
+
+@pytest.mark.skipif(not genfast.backends()["cpp"][0], reason="the C++ backend is not live")
+@pytest.mark.parametrize("geometry", [
+    # (batch, Cin, H, W, Cout, kernel, stride, padding, output padding)
+    (2, 64, 8, 8, 3, 4, 2, 1, 0),  # DCGAN's last layer
+    (1, 37, 5, 7, 1, 3, 2, 0, 0),
+    (3, 20, 6, 5, 4, 5, 3, 2, 1),
+    (2, 16, 4, 4, 2, 4, 1, 0, 0),
+    (2, 3, 9, 9, 3, 2, 2, 0, 0),
+    (1, 17, 1, 1, 3, 4, 1, 0, 0),  # a 1x1 latent
+    (2, 33, 3, 11, 2, 1, 1, 0, 0),
+])
+@pytest.mark.parametrize("activation", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_transpose_few_kernel(geometry, activation, bias):
+    """csrc/cpu/deconv.cpp against fp64: every output element (the phases cover every column), within twice
+    PyTorch's own fp32 error; tanh fused; a channels_last input only."""
+    n, cin, h, w, cout, k, s, p, op = geometry
+    torch.manual_seed(0)
+    x = torch.randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cin, cout, k, k) / (cin * k) ** 0.5
+    b = torch.randn(cout) if bias else None
+    act = torch.tanh if activation == "tanh" else (lambda t: t)
+    ref = act(F.conv_transpose2d(x.double(), weight.double(), None if b is None else b.double(), s, p, op))
+    fp32 = act(F.conv_transpose2d(x, weight, b, s, p, op))
+    got = torch.ops.genfast_cpu.conv_transpose_few(x, weight, b, [s, s], [p, p], [op, op], activation)
+    assert got.shape == ref.shape and got.is_contiguous() and torch.isfinite(got).all()
+    err, err_torch = (got.double() - ref).abs().max().item(), (fp32.double() - ref).abs().max().item()
+    assert err <= 2 * err_torch + 1e-6, (err, err_torch)
 
 
 def test_patched_model_compiles_without_graph_breaks():
