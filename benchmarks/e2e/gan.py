@@ -9,7 +9,7 @@ numbers, as it would on a trained model).
   after a ConvTranspose2d is folded into the conv's weights, so a stage is the
   conv and a ReLU, run in channels_last on the CPU (the folded weights packed
   once for oneDNN, the ReLU as its post-op); the last ConvTranspose2d, to 3
-  channels, runs PyTorch's GEMM + col2im kernel there;
+  channels, and the Tanh after it run as one pass of genfast's kernel there;
 - eager: the same module unpatched, and again with the module and the latent in
   channels_last (the layout alone).
 
