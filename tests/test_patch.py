@@ -671,6 +671,7 @@ def test_small_conv_transpose_runs_gemm_col2im(channels_last, monkeypatch):
     (2, 3, 9, 9, 3, 2, 2, 0, 0),
     (1, 17, 1, 1, 3, 4, 1, 0, 0),  # a 1x1 latent
     (2, 33, 3, 11, 2, 1, 1, 0, 0),
+    (2, 5, 3, 4, 2, 17, 2, 3, 0),  # a kernel taller than the old 16-row limit
 ])
 @pytest.mark.parametrize("activation", ["none", "tanh"])
 @pytest.mark.parametrize("bias", [False, True])

@@ -70,11 +70,8 @@ template <int CO>
 void deconv_row(const Deconv& d, const float* x, const float* wp, const float* bias, const float* zeros, float* out,
                 int64_t n, int64_t oh) {
   constexpr int V = Vec::size();
-  int64_t khs[16], ihs[16], nkh = 0;  // the kernel rows that reach this output row
-  for (int64_t kh = 0; kh < d.KH && nkh < 16; ++kh) {
-    const int64_t t = oh + d.ph - kh;
-    if (t >= 0 && t % d.sh == 0 && t / d.sh < d.H) khs[nkh] = kh, ihs[nkh++] = t / d.sh;
-  }
+  // The kernel rows that reach this output row: kh = kh0 + i * sh reads input row ih0 - i.
+  const int64_t kh0 = (oh + d.ph) % d.sh, ih0 = (oh + d.ph - kh0) / d.sh;
   for (int64_t b = 0; b < d.sw; ++b) {
     // Phase b's columns ow0, ow0 + sw, ...: tap kw = b + j * sw of column ow0 + k * sw reads input
     // column ib0 + k - j.
@@ -83,15 +80,16 @@ void deconv_row(const Deconv& d, const float* x, const float* wp, const float* b
       Vec acc[kPix][CO];
       for (int q = 0; q < kPix; ++q)
         for (int co = 0; co < CO; ++co) acc[q][co] = Vec(0.f);
-      for (int64_t i = 0; i < nkh; ++i) {
-        const float* xrow = x + (n * d.H + ihs[i]) * d.W * d.Cin;
+      for (int64_t kh = kh0, ih = ih0; kh < d.KH; kh += d.sh, --ih) {
+        if (ih < 0 || ih >= d.H) continue;
+        const float* xrow = x + (n * d.H + ih) * d.W * d.Cin;
         for (int64_t kw = b, j = 0; kw < d.KW; kw += d.sw, ++j) {
           const float* px[kPix];  // the tap's input pixel for each of the kPix output pixels
           for (int q = 0; q < kPix; ++q) {
             const int64_t iw = ib + q - j;
             px[q] = g + q * d.sw < d.OW && iw >= 0 && iw < d.W ? xrow + iw * d.Cin : zeros;
           }
-          const float* w = wp + (khs[i] * d.KW + kw) * CO * d.Cin;
+          const float* w = wp + (kh * d.KW + kw) * CO * d.Cin;
           // the tap's CO weight vectors loaded once for the kPix pixels (whole vectors, then a tail)
           auto step = [&](int64_t c, int m) {
             Vec wv[CO];
@@ -160,26 +158,24 @@ Tensor conv_transpose_few(const Tensor& x, const Tensor& weight, const OptTensor
   d.OH = (d.H - 1) * d.sh - 2 * d.ph + d.KH + output_padding[0];
   d.OW = (d.W - 1) * d.sw - 2 * d.pw + d.KW + output_padding[1];
   TORCH_CHECK(d.OH > 0 && d.OW > 0, "conv_transpose_few: empty output");
-  TORCH_CHECK(d.KH <= 16, "conv_transpose_few: kernels up to 16 rows");
   Tensor out = empty_output({d.N, d.Cout, d.OH, d.OW}, x.options());
   if (d.N == 0) return out;
   // the weight as [kh][kw][co][ci]: a tap's Cin values per output channel, contiguous
   const int CO = static_cast<int>(d.Cout);
   const Tensor w = weight.contiguous();
-  std::vector<float> wp(d.KH * d.KW * CO * d.Cin), zeros(d.Cin, 0.f), b(kMaxCo, 0.f);
+  std::vector<float> wp(d.KH * d.KW * CO * d.Cin), zeros(d.Cin, 0.f);
   const float* ws = w.data_ptr<float>();
   for (int64_t ci = 0; ci < d.Cin; ++ci)
     for (int co = 0; co < CO; ++co)
       for (int64_t kh = 0; kh < d.KH; ++kh)
         for (int64_t kw = 0; kw < d.KW; ++kw)
           wp[((kh * d.KW + kw) * CO + co) * d.Cin + ci] = ws[((ci * CO + co) * d.KH + kh) * d.KW + kw];
+  alignas(64) float bias_lanes[kPix * kMaxCo] = {};  // bias of lane q * kMaxCo + co
   if (bias.has_value()) {
     const Tensor bc = bias->contiguous();
     TORCH_CHECK(bc.numel() == d.Cout && bc.scalar_type() == at::kFloat, "conv_transpose_few: bias must be (Cout,)");
-    for (int co = 0; co < CO; ++co) b[co] = bc.data_ptr<float>()[co];
+    for (int i = 0; i < kPix * kMaxCo; ++i) bias_lanes[i] = i % kMaxCo < CO ? bc.data_ptr<float>()[i % kMaxCo] : 0.f;
   }
-  alignas(64) float bias_lanes[kPix * kMaxCo];  // bias of lane q * kMaxCo + co
-  for (int i = 0; i < kPix * kMaxCo; ++i) bias_lanes[i] = b[i % kMaxCo];
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, d.N * d.OH, 1, [&](int64_t begin, int64_t end) {
