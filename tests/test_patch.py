@@ -692,6 +692,46 @@ def test_conv_transpose_few_kernel(geometry, activation, bias):
     assert err <= 2 * err_torch + 1e-6, (err, err_torch)
 
 
+@pytest.mark.skipif(not genfast.backends()["cpp"][0], reason="the C++ backend is not live")
+def test_conv_transpose_few_kernel_writes_every_element():
+    """An output block poisoned with NaN and handed back by the CPU pool (outputs of 8 MB or more) comes out
+    whole: the phases write every (pixel, channel)."""
+    torch.manual_seed(0)
+    x = torch.randn(128, 16, 32, 32).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(16, 4, 4, 4) / 8
+    run = lambda: torch.ops.genfast_cpu.conv_transpose_few(x, weight, None, [2, 2], [1, 1], [0, 0], "tanh")
+    first = run()
+    assert first.numel() * 4 >= 8 << 20
+    expected = first.clone()
+    first.fill_(float("nan"))
+    del first
+    torch.testing.assert_close(run(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not genfast.backends()["cpp"][0], reason="the C++ backend is not live")
+@pytest.mark.parametrize("bad", ["nchw", "fp64", "five_channels", "cin", "activation", "bias"])
+def test_conv_transpose_few_kernel_refuses_bad_input(bad):
+    """What genfast.patch never passes is refused with the argument named (the op is internal)."""
+    x = torch.randn(1, 6, 4, 4).contiguous(memory_format=torch.channels_last)
+    weight, bias, act = torch.randn(6, 3, 4, 4), None, "none"
+    if bad == "nchw":
+        x = x.contiguous()
+    elif bad == "fp64":
+        x, weight = x.double(), weight.double()
+    elif bad == "five_channels":
+        weight = torch.randn(6, 5, 4, 4)
+    elif bad == "cin":
+        weight = torch.randn(7, 3, 4, 4)
+    elif bad == "activation":
+        act = "relu"
+    else:
+        bias = torch.randn(4)
+    name = {"nchw": "x", "fp64": "x", "five_channels": "weight", "cin": "weight", "activation": "activation",
+            "bias": "bias"}[bad]
+    with pytest.raises(RuntimeError, match=f"conv_transpose_few: {name}"):
+        torch.ops.genfast_cpu.conv_transpose_few(x, weight, bias, [2, 2], [1, 1], [0, 0], act)
+
+
 def test_patched_model_compiles_without_graph_breaks():
     """torch.compile(fullgraph=True) of a patched model traces PyTorch's and genfast's ops (no fold cache,
     no packed weights: inductor does its own), and gives the eager patched model's output."""
